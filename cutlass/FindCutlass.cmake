@@ -1,0 +1,30 @@
+# Locates CUTLASS's C++ headers: CUTLASS_DIR (a checkout or an include dir), else the nvidia-cutlass
+# Python package (cutlass_library/source/include).
+set(CUTLASS_INCLUDE_DIR "" CACHE PATH "CUTLASS include directory")
+if(NOT CUTLASS_INCLUDE_DIR)
+  if(DEFINED ENV{CUTLASS_DIR})
+    set(_cutlass_root $ENV{CUTLASS_DIR})
+  elseif(CUTLASS_DIR)
+    set(_cutlass_root ${CUTLASS_DIR})
+  endif()
+  if(_cutlass_root)
+    if(EXISTS "${_cutlass_root}/include/cute/tensor.hpp")
+      set(CUTLASS_INCLUDE_DIR "${_cutlass_root}/include")
+    elseif(EXISTS "${_cutlass_root}/cute/tensor.hpp")
+      set(CUTLASS_INCLUDE_DIR "${_cutlass_root}")
+    endif()
+  endif()
+endif()
+if(NOT CUTLASS_INCLUDE_DIR)
+  execute_process(
+    COMMAND "${Python_EXECUTABLE}" -c
+            "import importlib.util as u, os; s = u.find_spec('cutlass_library'); print(os.path.join(os.path.dirname(s.origin), 'source', 'include') if s else '')"
+    OUTPUT_STRIP_TRAILING_WHITESPACE OUTPUT_VARIABLE _cutlass_pkg_inc ERROR_QUIET)
+  if(_cutlass_pkg_inc AND EXISTS "${_cutlass_pkg_inc}/cute/tensor.hpp")
+    set(CUTLASS_INCLUDE_DIR "${_cutlass_pkg_inc}")
+  endif()
+endif()
+if(NOT CUTLASS_INCLUDE_DIR)
+  message(FATAL_ERROR "CUTLASS headers not found: pip install nvidia-cutlass, or set CUTLASS_DIR")
+endif()
+message(STATUS "CUTLASS headers: ${CUTLASS_INCLUDE_DIR}")

@@ -1,0 +1,14 @@
+"""What each compiled kernel supports; ops.py validates against this at trace time.
+
+Edited by whoever lands a kernel: a capability listed here must be covered by GPU tests.
+"""
+
+# CUDA forward kernel: supported (K, V) head dims and whether it exists at all.
+CUDA_FWD_READY = False
+CUDA_FWD_HEAD_DIMS = frozenset({(64, 64), (128, 128), (256, 256)})
+CUDA_FWD_DTYPES = frozenset({"bfloat16", "float16", "float32"})
+
+# CUDA backward kernel. While False, gradients on the GPU come from the pure-JAX chunked backward
+# (with a one-time warning), never silently.
+CUDA_BWD_READY = False
+CUDA_BWD_HEAD_DIMS = frozenset({(64, 64), (128, 128)})

@@ -1,0 +1,246 @@
+"""``kda``: the public op. Validation (``_inputs``), dispatch to an implementation, and the
+``jax.custom_vjp`` around the FFI kernels (``flashkda_fwd`` / ``flashkda_bwd``).
+
+What the forward saves for the backward: only its inputs (q, k, v, g, beta, the gate parameters, the
+slot map and the initial state: (2·H·K + HV·(V + K + 1))·itemsize bytes per token plus the states); the
+backward recomputes the per-chunk states instead of storing them.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flashkda_jax import _capabilities as _caps
+from flashkda_jax import _ffi
+from flashkda_jax import _inputs
+from flashkda_jax import _workspace
+from flashkda_jax import reference as _reference
+
+IMPLEMENTATIONS = ("cuda", "cpu", "xla")
+
+
+def _gpu_visible() -> bool:
+    try:
+        return any(d.platform == "gpu" for d in jax.devices())
+    except RuntimeError:
+        return False
+
+
+def available_implementations() -> tuple[str, ...]:
+    """The implementations this install can run here: a subset of ``("cuda", "cpu", "xla")``."""
+    out = []
+    if _ffi.extension_has_cuda() and _caps.CUDA_FWD_READY and _gpu_visible():
+        out.append("cuda")
+    if _ffi.has_extension():
+        out.append("cpu")
+    out.append("xla")
+    return tuple(out)
+
+
+def _cuda_supports(core, opts) -> str | None:
+    """None when the CUDA forward kernel takes this problem, else the reason it does not."""
+    K, V = core.q.shape[-1], core.v.shape[-1]
+    if not _ffi.extension_has_cuda():
+        return "this install of flashkda_jax was built without CUDA"
+    if not _caps.CUDA_FWD_READY:
+        return "the CUDA forward kernel is not available in this build"
+    if (K, V) not in _caps.CUDA_FWD_HEAD_DIMS:
+        return f"head dims K={K}, V={V} are not supported by the CUDA kernel (supported: {sorted(_caps.CUDA_FWD_HEAD_DIMS)})"
+    if jnp.dtype(core.q.dtype).name not in _caps.CUDA_FWD_DTYPES:
+        return f"dtype {core.q.dtype} is not supported by the CUDA kernel"
+    return None
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(msg: str) -> None:
+    if msg not in _WARNED:
+        _WARNED.add(msg)
+        warnings.warn(msg, RuntimeWarning, stacklevel=4)
+
+
+def _select(implementation, core, opts) -> str:
+    if implementation is not None and implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"flashkda_jax.kda: implementation must be None or one of {IMPLEMENTATIONS}, "
+                         f"got {implementation!r}")
+    if implementation == "xla":
+        return "xla"
+    if implementation == "cpu":
+        if not _ffi.has_extension():
+            raise ValueError(f"flashkda_jax.kda: implementation='cpu' needs the compiled extension "
+                             f"({_ffi.extension_import_error()})")
+        return "cpu"
+    if implementation == "cuda":
+        why = _cuda_supports(core, opts)
+        if why is not None:
+            raise ValueError(f"flashkda_jax.kda: implementation='cuda': {why}")
+        return "cuda"
+    backend = jax.default_backend()
+    if backend == "gpu":
+        why = _cuda_supports(core, opts)
+        if why is None:
+            return "cuda"
+        _warn_once(f"flashkda_jax.kda: using the pure-JAX implementation on the GPU because {why}")
+        return "xla"
+    if backend == "cpu" and _ffi.has_extension():
+        return "cpu"
+    return "xla"
+
+
+# ----------------------------------------------------------------------------------------------------
+# FFI calls.
+# ----------------------------------------------------------------------------------------------------
+
+def _attrs(opts: _inputs.KdaOptions) -> dict:
+    return dict(scale=np.float32(opts.scale), gate_mode=np.int32(opts.gate_mode),
+                lower_bound=np.float32(opts.lower_bound), use_a_log=bool(opts.use_a_log),
+                qk_l2norm=bool(opts.qk_l2norm), beta_sigmoid=bool(opts.beta_sigmoid),
+                allow_neg_eigval=bool(opts.allow_neg_eigval), state_vk=bool(opts.state_vk))
+
+
+def _sizes(q, v, opts):
+    B, T, H, K = q.shape
+    HV, V = v.shape[2], v.shape[3]
+    return dict(B=B, T=T, H=H, HV=HV, K=K, V=V, S=opts.num_slots)
+
+
+def _state_struct(q, v, opts, present: bool):
+    cdt = _inputs.compute_dtype(q.dtype)
+    if not present:
+        return jax.ShapeDtypeStruct((0,), cdt)
+    B, HV, K, V = q.shape[0], v.shape[2], q.shape[3], v.shape[3]
+    kv = (V, K) if opts.state_vk else (K, V)
+    return jax.ShapeDtypeStruct((B, opts.num_slots, HV) + kv, cdt)
+
+
+def _empty_state(q):
+    return jnp.zeros((0,), _inputs.compute_dtype(q.dtype))
+
+
+def _ffi_forward(args, opts, impl):
+    q, k, v, g, beta, a_log, dt_bias, slot, init = args
+    sizes = _sizes(q, v, opts)
+    ws = _workspace.fwd_workspace_bytes(impl, opts=opts, **sizes)
+    out_types = (jax.ShapeDtypeStruct(v.shape, v.dtype),
+                 _state_struct(q, v, opts, opts.return_final_state),
+                 jax.ShapeDtypeStruct((ws,), jnp.uint8))
+    o, fin, _ = jax.ffi.ffi_call(_ffi.FWD_TARGET, out_types, vmap_method="broadcast_all")(
+        q, k, v, g, beta, a_log, dt_bias, slot, _empty_state(q) if init is None else init, **_attrs(opts))
+    return o, (fin if opts.return_final_state else None)
+
+
+def _ffi_backward(args, do, dfin, opts, impl):
+    q, k, v, g, beta, a_log, dt_bias, slot, init = args
+    sizes = _sizes(q, v, opts)
+    ws = _workspace.bwd_workspace_bytes(impl, opts=opts, **sizes)
+    f32 = jnp.float32
+    out_types = (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
+                 jax.ShapeDtypeStruct(v.shape, v.dtype), jax.ShapeDtypeStruct(g.shape, g.dtype),
+                 jax.ShapeDtypeStruct(beta.shape, beta.dtype), jax.ShapeDtypeStruct(a_log.shape, f32),
+                 jax.ShapeDtypeStruct(dt_bias.shape, f32),
+                 _state_struct(q, v, opts, init is not None),
+                 jax.ShapeDtypeStruct((ws,), jnp.uint8))
+    if dfin is None:
+        dfin = _empty_state(q)
+    outs = jax.ffi.ffi_call(_ffi.BWD_TARGET, out_types, vmap_method="broadcast_all")(
+        q, k, v, g, beta, a_log, dt_bias, slot, _empty_state(q) if init is None else init,
+        do.astype(v.dtype), dfin.astype(_inputs.compute_dtype(q.dtype)), **_attrs(opts))
+    dq, dk, dv, dg, dbeta, da, ddt, dinit, _ = outs
+    return dq, dk, dv, dg, dbeta, da, ddt, (dinit if init is not None else None)
+
+
+def _xla_core(args, opts):
+    return _reference.chunked_core(_inputs.CoreInputs(*args), opts)
+
+
+def _backward_impl(impl: str, q, v) -> str:
+    if impl != "cuda":
+        return impl
+    K, V = q.shape[-1], v.shape[-1]
+    if _caps.CUDA_BWD_READY and (K, V) in _caps.CUDA_BWD_HEAD_DIMS:
+        return "cuda"
+    _warn_once("flashkda_jax.kda: no CUDA backward kernel for this problem yet; the gradient runs the "
+               "pure-JAX chunked backward on the GPU (slow)")
+    return "xla"
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _kernel_core(args, opts, impl):
+    return _ffi_forward(args, opts, impl)
+
+
+def _kernel_core_fwd(args, opts, impl):
+    return _ffi_forward(args, opts, impl), args
+
+
+def _kernel_core_bwd(opts, impl, args, cts):
+    do, dfin = cts
+    q, v = args[0], args[2]
+    bimpl = _backward_impl(impl, q, v)
+    if bimpl == "xla":
+        _, vjp = jax.vjp(lambda *a: _xla_core(a, opts), *args)
+        grads = vjp((do, dfin))
+    else:
+        dq, dk, dv, dg, dbeta, da, ddt, dinit = _ffi_backward(args, do, dfin, opts, bimpl)
+        grads = (dq, dk, dv, dg, dbeta, da, ddt, None, dinit)
+    return (tuple(grads),)
+
+
+_kernel_core.defvjp(_kernel_core_fwd, _kernel_core_bwd)
+
+
+def run_core(core: _inputs.CoreInputs, opts: _inputs.KdaOptions, impl: str):
+    """The core op on canonical inputs with the chosen implementation -> (o, final_state or None)."""
+    if impl == "xla":
+        return _reference.chunked_core(core, opts)
+    B = core.q.shape[0]
+    # Gate parameters travel per batch row so that vmap's broadcast_all folds every operand into B;
+    # the transpose of this broadcast sums the per-row gradients the kernel returns.
+    a_log = jnp.broadcast_to(core.a_log, (B,) + core.a_log.shape)
+    dt_bias = jnp.broadcast_to(core.dt_bias, (B,) + core.dt_bias.shape)
+    args = (core.q, core.k, core.v, core.g, core.beta, a_log, dt_bias, core.slot, core.initial_state)
+    return _kernel_core(args, opts, impl)
+
+
+def kda(q, k, v, g, beta, *, scale=None, initial_state=None, segment_ids=None, max_segments=None,
+        cu_seqlens=None, return_final_state=False, qk_l2norm=False, beta_sigmoid=False,
+        allow_neg_eigval=False, gate="precomputed", A_log=None, dt_bias=None, lower_bound=None,
+        state_layout="kv", implementation=None):
+    """Kimi Delta Attention over whole sequences (chunked prefill / training).
+
+    Args:
+      q, k: ``[B, T, H, K]``. v: ``[B, T, HV, V]`` (HV a multiple of H: GVA). g: ``[B, T, HV, K]``, the
+        log-decay (``gate="precomputed"``, values <= 0) or the raw gate input of the in-kernel gate.
+        beta: ``[B, T, HV]`` (raw logits when ``beta_sigmoid``). bf16, fp16 or fp32 (fp64 on CPU/XLA);
+        g and beta are read in the dtype of q/k/v.
+      scale: query scale, default ``K ** -0.5``.
+      initial_state: fp32 ``[B, HV, K, V]``; with ``segment_ids`` ``[B, max_segments, HV, K, V]``; with
+        ``cu_seqlens`` ``[N, HV, K, V]``. ``state_layout="vk"`` swaps the last two axes.
+      segment_ids: int32 ``[B, T]``; a new sequence starts wherever the id changes, id 0 is padding
+        (zero output, no state change, zero gradients). State entry s of a row is its s-th sequence.
+      max_segments: static number of state slots per row with ``segment_ids`` (needed with states).
+        Sequences past it start from zero and keep no final state.
+      cu_seqlens: int ``[N+1]`` sequence boundaries along T (B must be 1), as in fla/FlashKDA.
+      return_final_state: also return the state after each sequence.
+      qk_l2norm, beta_sigmoid, allow_neg_eigval: fused pre-processing (DESIGN §2).
+      gate: "precomputed", "softplus" (``-exp(A_log) * softplus(g + dt_bias)``) or "bounded"
+        (``lower_bound * sigmoid(exp(A_log) * (g + dt_bias))``; A_log optional).
+      implementation: None (CUDA on GPU, C++ on CPU, else pure JAX), "cuda", "cpu" or "xla".
+
+    Returns:
+      ``(o, final_state)``: o ``[B, T, HV, V]`` in v's dtype; final_state as initial_state, or None.
+    """
+    core, opts = _inputs.prepare(
+        q, k, v, g, beta, scale=scale, initial_state=initial_state, segment_ids=segment_ids,
+        max_segments=max_segments, cu_seqlens=cu_seqlens, return_final_state=return_final_state,
+        qk_l2norm=qk_l2norm, beta_sigmoid=beta_sigmoid, allow_neg_eigval=allow_neg_eigval, gate=gate,
+        A_log=A_log, dt_bias=dt_bias, lower_bound=lower_bound, state_layout=state_layout)
+    impl = _select(implementation, core, opts)
+    o, fin = run_core(core, opts, impl)
+    return o, _inputs.restore_final_state(fin, opts)
