@@ -20,6 +20,7 @@ from flashkda_jax import _ffi
 from flashkda_jax import _inputs
 from flashkda_jax import _workspace
 from flashkda_jax import reference as _reference
+from flashkda_jax import sharding as _sharding
 
 IMPLEMENTATIONS = ("cuda", "cpu", "xla")
 
@@ -196,22 +197,17 @@ _kernel_core.defvjp(_kernel_core_fwd, _kernel_core_bwd)
 
 
 def run_core(core: _inputs.CoreInputs, opts: _inputs.KdaOptions, impl: str):
-    """The core op on canonical inputs with the chosen implementation -> (o, final_state or None)."""
-    if impl == "xla":
-        return _reference.chunked_core(core, opts)
-    B = core.q.shape[0]
-    # Gate parameters travel per batch row so that vmap's broadcast_all folds every operand into B;
-    # the transpose of this broadcast sums the per-row gradients the kernel returns.
-    a_log = jnp.broadcast_to(core.a_log, (B,) + core.a_log.shape)
-    dt_bias = jnp.broadcast_to(core.dt_bias, (B,) + core.dt_bias.shape)
-    args = (core.q, core.k, core.v, core.g, core.beta, a_log, dt_bias, core.slot, core.initial_state)
-    return _kernel_core(args, opts, impl)
+    """The core op on canonical inputs with the chosen implementation -> (o, final_state or None).
+
+    Partitionable under jit (batch, heads, sequence): see :mod:`flashkda_jax.sharding`.
+    """
+    return _sharding.core(core, opts, impl)
 
 
 def kda(q, k, v, g, beta, *, scale=None, initial_state=None, segment_ids=None, max_segments=None,
         cu_seqlens=None, return_final_state=False, qk_l2norm=False, beta_sigmoid=False,
         allow_neg_eigval=False, gate="precomputed", A_log=None, dt_bias=None, lower_bound=None,
-        state_layout="kv", implementation=None):
+        state_layout="kv", implementation=None, context_parallel_axis=None):
     """Kimi Delta Attention over whole sequences (chunked prefill / training).
 
     Args:
@@ -232,6 +228,10 @@ def kda(q, k, v, g, beta, *, scale=None, initial_state=None, segment_ids=None, m
       gate: "precomputed", "softplus" (``-exp(A_log) * softplus(g + dt_bias)``) or "bounded"
         (``lower_bound * sigmoid(exp(A_log) * (g + dt_bias))``; A_log optional).
       implementation: None (CUDA on GPU, C++ on CPU, else pure JAX), "cuda", "cpu" or "xla".
+      context_parallel_axis: a mesh axis name (or tuple of names): shard the sequence axis T over it
+        (context parallelism; needs a mesh in context, e.g. ``jax.set_mesh(mesh)``, and T divisible by
+        the axis size). Sharding T of the inputs by other means does the same; see
+        :mod:`flashkda_jax.sharding`.
 
     Returns:
       ``(o, final_state)``: o ``[B, T, HV, V]`` in v's dtype; final_state as initial_state, or None.
@@ -242,5 +242,7 @@ def kda(q, k, v, g, beta, *, scale=None, initial_state=None, segment_ids=None, m
         qk_l2norm=qk_l2norm, beta_sigmoid=beta_sigmoid, allow_neg_eigval=allow_neg_eigval, gate=gate,
         A_log=A_log, dt_bias=dt_bias, lower_bound=lower_bound, state_layout=state_layout)
     impl = _select(implementation, core, opts)
+    if context_parallel_axis is not None:
+        core = _sharding.constrain_context_parallel(core, context_parallel_axis)
     o, fin = run_core(core, opts, impl)
     return o, _inputs.restore_final_state(fin, opts)

@@ -1,0 +1,213 @@
+// Shared definitions of the chunked KDA forward on CUDA (flashkda_fwd): parameters, workspace layout and
+// the small tensor-core helpers (CuTe SM80 mma / ldmatrix / cp.async atoms) used by every kernel.
+//
+// Algorithm (DESIGN §2, chunk C = 64, chunks aligned to sequence starts so every chunk holds one sequence):
+//   plan     one CTA per batch row: sequence starts/ends from `slot`, lists of chunk starts (prep work),
+//            segment starts (recurrence work) and multi-segment sequences (combine work); zeroes the
+//            outputs of padding tokens.
+//   prep     fully parallel over (chunk, value head): gate activation, cumulative gate G, q/k l2norm,
+//            beta sigmoid, A_kk / A_qk with every decay formed as exp(G_i - G_j) (j <= i) or as a product
+//            of two factors <= 1 around a reference row (never exp(-G)), the WY solve
+//            (I + StrictTril(diag(beta) A_kk)) [W | U] = diag(beta) [exp(G) * K | V], and writes
+//            Qg = exp(G) * q, Kd = exp(G_last - G) * k, W, U, A_qk (bf16) and gamma = exp(G_last) (f32).
+//   phase 1  (only where sequences are split into segments to fill the GPU) for each non-last segment,
+//            its end state from the true start state (first segment) or the affine map S -> P S + H
+//            (later segments: P from the identity with U = 0, H from zero).
+//   phase 2  composes the maps in order: start state of every segment.
+//   phase 3  per (segment, value head, V block): R = U - W S; O = Qg S + A_qk R; S = gamma * S + Kd^T R.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+
+#include <cute/arch/copy_sm75.hpp>
+#include <cute/arch/copy_sm80.hpp>
+#include <cute/arch/mma_sm80.hpp>
+
+namespace flashkda {
+namespace fwd {
+
+constexpr int kChunk = 64;          // tokens per chunk
+constexpr int kSegMinChunks = 8;    // shortest segment a sequence is split into (chunks)
+constexpr int kTargetItems = 264;   // recurrence work items wanted to fill the GPU (2 x 132 SMs)
+constexpr int kThreads = 256;       // every compute kernel runs 8 warps
+
+// Column block of the recurrence kernel (per CTA) for a given K.
+inline constexpr int BlockV(int K) { return K >= 256 ? 32 : 64; }
+
+struct Params {
+  // problem
+  int B, T, H, HV, K, V, group;
+  int S_init;    // initial state slots (0 = none)
+  int S_final;   // final state slots (0 = not wanted)
+  int seglen;    // chunks per segment
+  int Lseg;      // tokens per segment (seglen * kChunk)
+  int NW, NG, NSPLIT;
+  int split;     // 1 if some sequence may be split into several segments
+  // options
+  float scale, lower_bound;
+  int gate_mode, use_a_log, qk_l2norm, beta_sigmoid, allow_neg, state_vk;
+  // operands
+  const void* q;
+  const void* k;
+  const void* v;
+  const void* g;
+  const void* beta;
+  const float* a_log;
+  const float* dt_bias;
+  const int* slot;
+  const float* init;
+  void* o;
+  float* final_state;
+  // workspace
+  __nv_bfloat16* Qg;   // [B, T, HV, K]
+  __nv_bfloat16* Kd;   // [B, T, HV, K]
+  __nv_bfloat16* W;    // [B, T, HV, K]
+  __nv_bfloat16* U;    // [B, T, HV, V]
+  __nv_bfloat16* Aqk;  // [B, T, HV, C]
+  float* gamma;        // [B, NG, HV, K]
+  float* HP;           // [B, NSPLIT, HV, K, V + K]
+  float* Sstart;       // [B, NSPLIT, HV, K, V]
+  int* seq_start;      // [B, T] scratch of the plan kernel
+  int* seq_end;        // [B, T]
+  int4* chunk_list;    // [B * T]  (b, t, seq_end, slot)
+  int4* seg_list;      // [B * T]  (b, t, seq_end, slot | first << 30)
+  int4* multi_list;    // [B * T]  (b, t, seq_end, slot)
+  int* counters;       // [4]
+};
+
+// Workspace layout; mirrored by flashkda_jax/_workspace.py (keep both in sync).
+struct Layout {
+  size_t qg, kd, w, u, aqk, gamma, hp, sstart, seq_start, seq_end, chunks, segs, multi, counters, total;
+  int NW, NG, NSPLIT, seglen, split;
+};
+
+inline size_t Align256(size_t x) { return (x + 255) / 256 * 256; }
+
+// Chunks per segment: split long sequences so that B * HV * (V / BV) * segments reaches kTargetItems.
+inline int ChooseSeglen(int64_t B, int64_t T, int64_t HV, int64_t K, int64_t V) {
+  const int64_t nw = (T + kChunk - 1) / kChunk;
+  const int64_t chains = B * HV * (V / BlockV(static_cast<int>(K)));
+  if (chains <= 0 || nw <= kSegMinChunks) return static_cast<int>(nw > 0 ? nw : 1);
+  int64_t nseg = (kTargetItems + chains - 1) / chains;
+  if (nseg <= 1) return static_cast<int>(nw);
+  int64_t sl = (nw + nseg - 1) / nseg;
+  if (sl < kSegMinChunks) sl = kSegMinChunks;
+  return static_cast<int>(sl);
+}
+
+inline Layout MakeLayout(int64_t B, int64_t T, int64_t HV, int64_t K, int64_t V, int64_t S) {
+  Layout l{};
+  l.NW = static_cast<int>((T + kChunk - 1) / kChunk);
+  l.NG = l.NW + static_cast<int>(S);
+  l.seglen = ChooseSeglen(B, T, HV, K, V);
+  l.split = l.seglen < l.NW ? 1 : 0;
+  const int64_t lseg = static_cast<int64_t>(l.seglen) * kChunk;
+  l.NSPLIT = l.split ? static_cast<int>((T + lseg - 1) / lseg + 1) : 0;
+  const size_t tok = static_cast<size_t>(B * T * HV);
+  size_t off = 0;
+  auto take = [&](size_t bytes) {
+    size_t at = off;
+    off += Align256(bytes);
+    return at;
+  };
+  l.qg = take(tok * K * 2);
+  l.kd = take(tok * K * 2);
+  l.w = take(tok * K * 2);
+  l.u = take(tok * V * 2);
+  l.aqk = take(tok * kChunk * 2);
+  l.gamma = take(static_cast<size_t>(B) * l.NG * HV * K * 4);
+  l.hp = take(static_cast<size_t>(B) * l.NSPLIT * HV * K * (V + K) * 4);
+  l.sstart = take(static_cast<size_t>(B) * l.NSPLIT * HV * K * V * 4);
+  l.seq_start = take(static_cast<size_t>(B * T) * 4);
+  l.seq_end = take(static_cast<size_t>(B * T) * 4);
+  l.chunks = take(static_cast<size_t>(B * T) * 16);
+  l.segs = take(static_cast<size_t>(B * T) * 16);
+  l.multi = take(static_cast<size_t>(B * T) * 16);
+  l.counters = take(64);
+  l.total = off;
+  return l;
+}
+
+// ------------------------------------------------------------------------------------------------
+// Device helpers
+// ------------------------------------------------------------------------------------------------
+
+template <typename T>
+__device__ __forceinline__ float ToF(T x);
+template <>
+__device__ __forceinline__ float ToF<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ float ToF<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <>
+__device__ __forceinline__ float ToF<__half>(__half x) { return __half2float(x); }
+
+template <typename T>
+__device__ __forceinline__ T FromF(float x);
+template <>
+__device__ __forceinline__ float FromF<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ __nv_bfloat16 FromF<__nv_bfloat16>(float x) { return __float2bfloat16(x); }
+template <>
+__device__ __forceinline__ __half FromF<__half>(float x) { return __float2half(x); }
+
+__device__ __forceinline__ uint32_t PackBF16(float lo, float hi) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+
+// Stores two adjacent outputs.
+template <typename T>
+__device__ __forceinline__ void Store2(T* p, float a, float b) {
+  p[0] = FromF<T>(a);
+  p[1] = FromF<T>(b);
+}
+template <>
+__device__ __forceinline__ void Store2<__nv_bfloat16>(__nv_bfloat16* p, float a, float b) {
+  *reinterpret_cast<__nv_bfloat162*>(p) = __floats2bfloat162_rn(a, b);
+}
+template <>
+__device__ __forceinline__ void Store2<__half>(__half* p, float a, float b) {
+  *reinterpret_cast<__half2*>(p) = __floats2half2_rn(a, b);
+}
+template <>
+__device__ __forceinline__ void Store2<float>(float* p, float a, float b) {
+  *reinterpret_cast<float2*>(p) = make_float2(a, b);
+}
+
+// D += A(16x16, bf16) * B(16x8, bf16), fp32 accumulate: CuTe's SM80 tensor-core atom.
+__device__ __forceinline__ void Mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  cute::SM80_16x8x16_F32BF16BF16F32_TN::fma(d[0], d[1], d[2], d[3], a[0], a[1], a[2], a[3], b0, b1, d[0], d[1],
+                                            d[2], d[3]);
+}
+
+__device__ __forceinline__ void Ldsm(const void* smem, uint32_t& r0, uint32_t& r1, uint32_t& r2, uint32_t& r3) {
+  cute::SM75_U32x4_LDSM_N::copy(*reinterpret_cast<const cute::uint128_t*>(smem), r0, r1, r2, r3);
+}
+__device__ __forceinline__ void LdsmT(const void* smem, uint32_t& r0, uint32_t& r1, uint32_t& r2, uint32_t& r3) {
+  cute::SM75_U16x8_LDSM_T::copy(*reinterpret_cast<const cute::uint128_t*>(smem), r0, r1, r2, r3);
+}
+
+// 16-byte async global->shared copy; zero-fills when !pred.
+__device__ __forceinline__ void CpAsync16(void* smem, const void* gmem, bool pred) {
+  cute::SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<cute::uint128_t, cute::uint128_t>::copy(
+      *reinterpret_cast<const cute::uint128_t*>(gmem), *reinterpret_cast<cute::uint128_t*>(smem), pred);
+}
+__device__ __forceinline__ void CpAsyncCommit() { cute::cp_async_fence(); }
+template <int N>
+__device__ __forceinline__ void CpAsyncWait() {
+  cute::cp_async_wait<N>();
+}
+
+__device__ __forceinline__ float WarpSum(float x) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+  return x;
+}
+
+}  // namespace fwd
+}  // namespace flashkda

@@ -1,0 +1,335 @@
+// flashkda_fwd, stage "prep": everything inside a chunk, fully parallel over (chunk, value head).
+// See kda_fwd_common.cuh for the algorithm and the workspace it writes.
+#include "kda_fwd_common.cuh"
+#include "kda_fwd_launch.h"
+
+namespace flashkda {
+namespace fwd {
+namespace {
+
+using bf16 = __nv_bfloat16;
+
+template <typename T, int N>
+__device__ __forceinline__ void LoadVec(const T* p, float (&out)[N]) {
+  constexpr int kBytes = N * static_cast<int>(sizeof(T));
+  if constexpr (kBytes % 16 == 0) {
+    constexpr int E = 16 / sizeof(T);
+#pragma unroll
+    for (int i = 0; i < kBytes / 16; ++i) {
+      uint4 u = reinterpret_cast<const uint4*>(p)[i];
+      const T* e = reinterpret_cast<const T*>(&u);
+#pragma unroll
+      for (int j = 0; j < E; ++j) out[i * E + j] = ToF<T>(e[j]);
+    }
+  } else if constexpr (kBytes % 8 == 0) {
+    constexpr int E = 8 / sizeof(T);
+#pragma unroll
+    for (int i = 0; i < kBytes / 8; ++i) {
+      uint2 u = reinterpret_cast<const uint2*>(p)[i];
+      const T* e = reinterpret_cast<const T*>(&u);
+#pragma unroll
+      for (int j = 0; j < E; ++j) out[i * E + j] = ToF<T>(e[j]);
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < N; ++i) out[i] = ToF<T>(p[i]);
+  }
+}
+
+__device__ __forceinline__ float Softplus(float x) { return fmaxf(x, 0.f) + log1pf(__expf(-fabsf(x))); }
+__device__ __forceinline__ float Sigmoid(float x) { return 1.f / (1.f + __expf(-x)); }
+__device__ __forceinline__ float Bf(bf16 x) { return __bfloat162float(x); }
+
+// Off-diagonal 16x16 blocks (I, J), I > J, handled by warps 0..5.
+__constant__ int kPairI[6] = {1, 2, 3, 2, 3, 3};
+__constant__ int kPairJ[6] = {0, 0, 0, 1, 1, 2};
+
+template <int K>
+struct PrepSmem {
+  static constexpr int C = kChunk;
+  static constexpr int KP = K + 8;   // bf16 row pitch of q, k
+  static constexpr int GP = K + 4;   // f32 row pitch of G
+  static constexpr int AP = C + 1;   // f32 row pitch of A_kk, A_qk
+  static size_t Bytes(int V) {
+    return static_cast<size_t>(2 * C * KP) * 2 + static_cast<size_t>(C * GP) * 4 + static_cast<size_t>(2 * C * AP) * 4 +
+           C * 4 + 256 * 4 + static_cast<size_t>(C * (V + 8)) * 2;
+  }
+};
+
+template <int K, typename TIn>
+__global__ void __launch_bounds__(kThreads, 1) PrepKernel(Params p) {
+  using SM = PrepSmem<K>;
+  constexpr int C = kChunk, KP = SM::KP, GP = SM::GP, AP = SM::AP;
+  constexpr int PL = K / 32;  // channels per lane
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int V = p.V, VP = V + 8;
+  bf16* sQ = reinterpret_cast<bf16*>(smem);
+  bf16* sK = sQ + C * KP;
+  float* sG = reinterpret_cast<float*>(sK + C * KP);
+  float* sAkk = sG + C * GP;
+  float* sAqk = sAkk + C * AP;
+  float* sBeta = sAqk + C * AP;
+  float* sTot = sBeta + C;
+  bf16* sV = reinterpret_cast<bf16*>(sTot + 256);
+
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int HV = p.HV;
+  const int nitems = p.counters[0] * HV;
+  const TIn* gq = static_cast<const TIn*>(p.q);
+  const TIn* gk = static_cast<const TIn*>(p.k);
+  const TIn* gv = static_cast<const TIn*>(p.v);
+  const TIn* gg = static_cast<const TIn*>(p.g);
+  const TIn* gb = static_cast<const TIn*>(p.beta);
+
+  for (int it = blockIdx.x; it < nitems; it += gridDim.x) {
+    const int ci = it / HV, hv = it - ci * HV;
+    const int4 e = p.chunk_list[ci];
+    const int b = e.x, cs = e.y, send = e.z, s = e.w;
+    const int L = min(C, send - cs);
+    const int h = hv / p.group;
+
+    for (int i = tid; i < C * AP; i += kThreads) {
+      sAkk[i] = 0.f;
+      sAqk[i] = 0.f;
+    }
+    // ---- load + pre-process one row per warp step ----
+    float a_coef = 1.f;
+    if (p.gate_mode != 0 && (p.gate_mode == 1 || p.use_a_log)) a_coef = __expf(p.a_log[(size_t)b * HV + hv]);
+    for (int r = warp; r < C; r += kThreads / 32) {
+      const bool valid = r < L;
+      const size_t tok = (size_t)b * p.T + cs + r;
+      float qv[PL], kv[PL], gvv[PL];
+      if (valid) {
+        LoadVec<TIn, PL>(gq + (tok * p.H + h) * K + lane * PL, qv);
+        LoadVec<TIn, PL>(gk + (tok * p.H + h) * K + lane * PL, kv);
+        LoadVec<TIn, PL>(gg + (tok * HV + hv) * K + lane * PL, gvv);
+      } else {
+#pragma unroll
+        for (int i = 0; i < PL; ++i) qv[i] = kv[i] = gvv[i] = 0.f;
+      }
+      float qs = p.scale, ks = 1.f;
+      if (p.qk_l2norm) {
+        float sq = 0.f, sk = 0.f;
+#pragma unroll
+        for (int i = 0; i < PL; ++i) {
+          sq += qv[i] * qv[i];
+          sk += kv[i] * kv[i];
+        }
+        sq = WarpSum(sq);
+        sk = WarpSum(sk);
+        qs *= rsqrtf(sq + 1e-6f);
+        ks = rsqrtf(sk + 1e-6f);
+      }
+#pragma unroll
+      for (int i = 0; i < PL; ++i) {
+        const int c = lane * PL + i;
+        sQ[r * KP + c] = __float2bfloat16(qv[i] * qs);
+        sK[r * KP + c] = __float2bfloat16(kv[i] * ks);
+        float x = gvv[i];
+        if (p.gate_mode != 0) {
+          x += p.dt_bias[((size_t)b * HV + hv) * K + c];
+          if (p.gate_mode == 1) {
+            x = -a_coef * Softplus(x);
+          } else {
+            if (p.use_a_log) x *= a_coef;
+            x = p.lower_bound * Sigmoid(x);
+          }
+        }
+        sG[r * GP + c] = valid ? x : 0.f;
+      }
+      for (int c = lane; c < V; c += 32) {
+        sV[r * VP + c] = valid ? __float2bfloat16(ToF<TIn>(gv[(tok * HV + hv) * V + c])) : __float2bfloat16(0.f);
+      }
+      if (lane == 0) {
+        float bt = valid ? ToF<TIn>(gb[tok * HV + hv]) : 0.f;
+        if (valid && p.beta_sigmoid) {
+          bt = Sigmoid(bt);
+          if (p.allow_neg) bt *= 2.f;
+        }
+        sBeta[r] = bt;
+      }
+    }
+    __syncthreads();
+    // ---- cumulative gate G (inclusive) per channel ----
+    {
+      constexpr int P = kThreads / K, RP = C / P;
+      const int c = tid % K, part = tid / K;
+      float acc[RP];
+      float run = 0.f;
+#pragma unroll
+      for (int i = 0; i < RP; ++i) {
+        run += sG[(part * RP + i) * GP + c];
+        acc[i] = run;
+      }
+      sTot[part * K + c] = run;
+      __syncthreads();
+      float off = 0.f;
+      for (int pp = 0; pp < part; ++pp) off += sTot[pp * K + c];
+#pragma unroll
+      for (int i = 0; i < RP; ++i) sG[(part * RP + i) * GP + c] = acc[i] + off;
+    }
+    __syncthreads();
+    // ---- A_kk (beta-scaled, strictly lower) and A_qk (lower incl. diagonal) ----
+    if (warp < 6) {
+      // Off-diagonal block (I, J): both factors exp(G_i - G_r), exp(G_r - G_j) are <= 1 with r the last row of J.
+      const int I = kPairI[warp], J = kPairJ[warp];
+      const int r = 16 * J + 15;
+      const int gr = lane >> 2, t4 = lane & 3;
+      float akk[2][4], aqk[2][4];
+#pragma unroll
+      for (int n = 0; n < 2; ++n)
+#pragma unroll
+        for (int q = 0; q < 4; ++q) akk[n][q] = aqk[n][q] = 0.f;
+#pragma unroll 2
+      for (int kk = 0; kk < K / 16; ++kk) {
+        uint32_t ak[4], aq[4];
+#pragma unroll
+        for (int m = 0; m < 4; ++m) {
+          const int i = 16 * I + gr + 8 * (m & 1);
+          const int c = kk * 16 + 2 * t4 + 8 * (m >> 1);
+          const float e0 = __expf(sG[i * GP + c] - sG[r * GP + c]);
+          const float e1 = __expf(sG[i * GP + c + 1] - sG[r * GP + c + 1]);
+          ak[m] = PackBF16(Bf(sK[i * KP + c]) * e0, Bf(sK[i * KP + c + 1]) * e1);
+          aq[m] = PackBF16(Bf(sQ[i * KP + c]) * e0, Bf(sQ[i * KP + c + 1]) * e1);
+        }
+#pragma unroll
+        for (int n = 0; n < 2; ++n) {
+          const int j = 16 * J + 8 * n + gr;
+          uint32_t bb[2];
+#pragma unroll
+          for (int hh = 0; hh < 2; ++hh) {
+            const int c = kk * 16 + 2 * t4 + 8 * hh;
+            const float e0 = __expf(sG[r * GP + c] - sG[j * GP + c]);
+            const float e1 = __expf(sG[r * GP + c + 1] - sG[j * GP + c + 1]);
+            bb[hh] = PackBF16(Bf(sK[j * KP + c]) * e0, Bf(sK[j * KP + c + 1]) * e1);
+          }
+          Mma(akk[n], ak, bb[0], bb[1]);
+          Mma(aqk[n], aq, bb[0], bb[1]);
+        }
+      }
+#pragma unroll
+      for (int n = 0; n < 2; ++n)
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+          const int row = 16 * I + gr + 8 * hh;
+          const int col = 16 * J + 8 * n + 2 * t4;
+          sAkk[row * AP + col] = sBeta[row] * akk[n][2 * hh];
+          sAkk[row * AP + col + 1] = sBeta[row] * akk[n][2 * hh + 1];
+          sAqk[row * AP + col] = aqk[n][2 * hh];
+          sAqk[row * AP + col + 1] = aqk[n][2 * hh + 1];
+        }
+    }
+    // Diagonal 16x16 blocks: exact pairwise decays exp(G_i - G_j), j <= i.
+    for (int pi = (warp + 2) & 7; pi < 4 * 136; pi += 8) {
+      const int I = pi / 136, q = pi - I * 136;
+      int li = static_cast<int>((sqrtf(8.f * q + 1.f) - 1.f) * 0.5f);
+      while ((li + 1) * (li + 2) / 2 <= q) ++li;
+      while (li * (li + 1) / 2 > q) --li;
+      const int lj = q - li * (li + 1) / 2;
+      const int i = 16 * I + li, j = 16 * I + lj;
+      float skk = 0.f, sqk = 0.f;
+#pragma unroll
+      for (int c = lane; c < K; c += 32) {
+        const float kj = Bf(sK[j * KP + c]) * __expf(sG[i * GP + c] - sG[j * GP + c]);
+        skk += Bf(sK[i * KP + c]) * kj;
+        sqk += Bf(sQ[i * KP + c]) * kj;
+      }
+      skk = WarpSum(skk);
+      sqk = WarpSum(sqk);
+      if (lane == 0) {
+        if (i > j) sAkk[i * AP + j] = sBeta[i] * skk;
+        sAqk[i * AP + j] = sqk;
+      }
+    }
+    __syncthreads();
+    // ---- WY solve, one column of [W | U] per thread: (I + A_kk) x = beta * [exp(G) k | v] ----
+    for (int col = tid; col < K + V; col += kThreads) {
+      const bool isW = col < K;
+      float x[C];
+#pragma unroll
+      for (int i = 0; i < C; ++i) {
+        const float rhs = isW ? Bf(sK[i * KP + col]) * __expf(sG[i * GP + col]) : Bf(sV[i * VP + col - K]);
+        x[i] = sBeta[i] * rhs;
+      }
+#pragma unroll
+      for (int j = 0; j < C; ++j) {
+        const float xj = x[j];
+#pragma unroll
+        for (int i = j + 1; i < C; ++i) x[i] -= sAkk[i * AP + j] * xj;
+      }
+      bf16* dst = isW ? p.W : p.U;
+      const int dim = isW ? K : V;
+      const int cc = isW ? col : col - K;
+#pragma unroll
+      for (int i = 0; i < C; ++i) {
+        if (i < L) dst[(((size_t)b * p.T + cs + i) * HV + hv) * dim + cc] = __float2bfloat16(x[i]);
+      }
+    }
+    // ---- Qg = exp(G) q, Kd = exp(G_last - G) k, A_qk rows, gamma = exp(G_last) ----
+    const float* gl = sG + (C - 1) * GP;  // rows >= L carry g = 0, so row C-1 holds G_last
+    for (int idx = tid; idx < L * (K / 8); idx += kThreads) {
+      const int r = idx / (K / 8), c0 = (idx - r * (K / 8)) * 8;
+      uint32_t qw[4], kw[4];
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        const int c = c0 + 2 * u;
+        const float g0 = sG[r * GP + c], g1 = sG[r * GP + c + 1];
+        qw[u] = PackBF16(Bf(sQ[r * KP + c]) * __expf(g0), Bf(sQ[r * KP + c + 1]) * __expf(g1));
+        kw[u] = PackBF16(Bf(sK[r * KP + c]) * __expf(gl[c] - g0), Bf(sK[r * KP + c + 1]) * __expf(gl[c + 1] - g1));
+      }
+      const size_t o = (((size_t)b * p.T + cs + r) * HV + hv) * K + c0;
+      *reinterpret_cast<uint4*>(p.Qg + o) = make_uint4(qw[0], qw[1], qw[2], qw[3]);
+      *reinterpret_cast<uint4*>(p.Kd + o) = make_uint4(kw[0], kw[1], kw[2], kw[3]);
+    }
+    for (int idx = tid; idx < L * (C / 8); idx += kThreads) {
+      const int r = idx / (C / 8), c0 = (idx - r * (C / 8)) * 8;
+      uint32_t aw[4];
+#pragma unroll
+      for (int u = 0; u < 4; ++u) aw[u] = PackBF16(sAqk[r * AP + c0 + 2 * u], sAqk[r * AP + c0 + 2 * u + 1]);
+      *reinterpret_cast<uint4*>(p.Aqk + (((size_t)b * p.T + cs + r) * HV + hv) * C + c0) =
+          make_uint4(aw[0], aw[1], aw[2], aw[3]);
+    }
+    const bool last = cs + C >= send;
+    const int gidx = !last ? (cs + C - 1) / C : (s < p.S_final ? p.NW + s : -1);
+    if (gidx >= 0) {
+      for (int c = tid; c < K; c += kThreads) p.gamma[(((size_t)b * p.NG + gidx) * HV + hv) * K + c] = __expf(gl[c]);
+    }
+    __syncthreads();
+  }
+}
+
+template <int K, typename TIn>
+cudaError_t LaunchPrepK(const Params& p, cudaStream_t stream, int nsm) {
+  const size_t smem = PrepSmem<K>::Bytes(p.V);
+  auto kernel = PrepKernel<K, TIn>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  if (err != cudaSuccess) return err;
+  int occ = 1;
+  cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, kernel, kThreads, smem);
+  if (occ < 1) occ = 1;
+  const long long items = static_cast<long long>(p.B) * p.T * p.HV;  // bound on (chunk, head) items
+  long long grid = static_cast<long long>(nsm) * occ * 4;
+  if (grid > items) grid = items;
+  if (grid < 1) grid = 1;
+  kernel<<<static_cast<int>(grid), kThreads, smem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+template <typename TIn>
+cudaError_t LaunchPrep(const Params& p, cudaStream_t stream, int nsm) {
+  switch (p.K) {
+    case 64: return LaunchPrepK<64, TIn>(p, stream, nsm);
+    case 128: return LaunchPrepK<128, TIn>(p, stream, nsm);
+    case 256: return LaunchPrepK<256, TIn>(p, stream, nsm);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+template cudaError_t LaunchPrep<__nv_bfloat16>(const Params&, cudaStream_t, int);
+template cudaError_t LaunchPrep<__half>(const Params&, cudaStream_t, int);
+template cudaError_t LaunchPrep<float>(const Params&, cudaStream_t, int);
+
+}  // namespace fwd
+}  // namespace flashkda

@@ -1,0 +1,455 @@
+// flashkda_fwd, stages "phase 1" / "phase 3": the chunk recurrence over a segment, one CTA per
+// (segment, value head, block of BV state columns), state in registers (fp32, as mma accumulators) with a
+// bf16 copy in shared memory, chunk operands double-buffered through cp.async; tensor cores through CuTe's
+// SM80 mma atom. Also "phase 2", the in-order composition of segment maps.
+#include "kda_fwd_common.cuh"
+#include "kda_fwd_launch.h"
+
+namespace flashkda {
+namespace fwd {
+namespace {
+
+using bf16 = __nv_bfloat16;
+
+__device__ __forceinline__ float Bf(bf16 x) { return __bfloat162float(x); }
+
+template <int K, int BV, int STAGES, bool kOut>
+struct RecurSmem {
+  static constexpr int C = kChunk, KP = K + 8, VP = BV + 8, AP = C + 8;
+  static constexpr size_t kW = static_cast<size_t>(STAGES) * C * KP;  // elements per operand
+  static constexpr size_t Bytes() {
+    return (kW * (kOut ? 3 : 2) + static_cast<size_t>(STAGES) * C * VP + (kOut ? static_cast<size_t>(STAGES) * C * AP : 0) +
+            static_cast<size_t>(K) * VP + static_cast<size_t>(C) * VP) *
+               2 +
+           static_cast<size_t>(STAGES) * K * 4;
+  }
+};
+
+template <int K, int BV, int STAGES, typename TOut, bool kOut>
+__global__ void __launch_bounds__(kThreads, 1) RecurKernel(Params p) {
+  using SM = RecurSmem<K, BV, STAGES, kOut>;
+  constexpr int C = kChunk, KP = SM::KP, VP = SM::VP, AP = SM::AP;
+  constexpr int NT = BV / 8, NTW = NT / 2;  // steps 1/2: 4 warps along rows x 2 along columns
+  constexpr int MT3 = K / 16, WM3 = MT3 < 8 ? MT3 : 8, WN3 = 8 / WM3, MTW3 = MT3 / WM3, NTW3 = NT / WN3;
+  static_assert(NTW % 2 == 0 && NTW3 % 2 == 0, "column tiles come in pairs");
+  extern __shared__ __align__(16) unsigned char smem[];
+  bf16* sW = reinterpret_cast<bf16*>(smem);
+  bf16* sKd = sW + SM::kW;
+  bf16* sQ = sKd + SM::kW;
+  bf16* sU = sQ + (kOut ? SM::kW : 0);
+  bf16* sA = sU + STAGES * C * VP;
+  bf16* sS = sA + (kOut ? STAGES * C * AP : 0);
+  bf16* sR = sS + K * VP;
+  float* sGam = reinterpret_cast<float*>(sR + C * VP);
+
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int gr = lane >> 2, t4 = lane & 3;
+  const int mt = warp & 3, nt0 = (warp >> 2) * NTW;
+  const int wm3 = warp % WM3, wn3 = warp / WM3;
+  const int HV = p.HV, V = p.V;
+  const int NCB = kOut ? V / BV : (V + K) / BV;
+  const int nitems = p.counters[1] * HV * NCB;
+
+  float st[MTW3][NTW3][4];
+
+  for (int it = blockIdx.x; it < nitems; it += gridDim.x) {
+    const int cb = it % NCB;
+    const int rest = it / NCB;
+    const int hv = rest % HV;
+    const int si = rest / HV;
+    const int4 e = p.seg_list[si];
+    const int b = e.x, t0 = e.y, send = e.z, s = e.w & 0x3fffffff;
+    const bool first = (e.w >> 30) & 1;
+    const bool last_seg = t0 + p.Lseg >= send;
+    const int col0 = cb * BV;
+    const bool pcols = col0 >= V;
+    if (!kOut && (last_seg || (pcols && first))) continue;
+    const int tend = min(t0 + p.Lseg, send);
+    const int nch = (tend - t0 + C - 1) / C;
+    const bool write_final = kOut && last_seg && s < p.S_final;
+
+    // ---- start state ----
+    {
+      const float* src = nullptr;
+      bool vk = false;
+      if (first) {
+        if (s < p.S_init) src = p.init + (((size_t)b * p.S_init + s) * HV + hv) * K * V;
+        vk = p.state_vk;
+      } else if (kOut) {
+        const int pidx = (t0 - 1) / p.Lseg;  // index of the previous (full) segment
+        src = p.Sstart + (((size_t)b * p.NSPLIT + pidx) * HV + hv) * K * V;
+      }
+#pragma unroll
+      for (int mi = 0; mi < MTW3; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < NTW3; ++ni)
+#pragma unroll
+          for (int q = 0; q < 4; ++q) {
+            const int row = (wm3 + WM3 * mi) * 16 + gr + 8 * (q >> 1);
+            const int gc = col0 + (wn3 * NTW3 + ni) * 8 + 2 * t4 + (q & 1);
+            float val = 0.f;
+            if (kOut || first) {
+              if (src) val = vk ? src[(size_t)gc * K + row] : src[(size_t)row * V + gc];
+            } else if (pcols) {
+              val = (row == gc - V) ? 1.f : 0.f;
+            }
+            st[mi][ni][q] = val;
+          }
+    }
+
+    auto load_chunk = [&](int c, int stg) {
+      const int cs = t0 + c * C;
+      const int L = min(C, send - cs);
+      const size_t tb = (size_t)b * p.T + cs;
+      for (int idx = tid; idx < C * (K / 8); idx += kThreads) {
+        const int r = idx / (K / 8), v8 = idx - r * (K / 8);
+        const bool ok = r < L;
+        const size_t go = ((tb + (ok ? r : 0)) * HV + hv) * K + v8 * 8;
+        const int so = (stg * C + r) * KP + v8 * 8;
+        CpAsync16(sW + so, p.W + go, ok);
+        CpAsync16(sKd + so, p.Kd + go, ok);
+        if (kOut) CpAsync16(sQ + so, p.Qg + go, ok);
+      }
+      if (!pcols) {
+        for (int idx = tid; idx < C * (BV / 8); idx += kThreads) {
+          const int r = idx / (BV / 8), v8 = idx - r * (BV / 8);
+          const bool ok = r < L;
+          CpAsync16(sU + (stg * C + r) * VP + v8 * 8, p.U + ((tb + (ok ? r : 0)) * HV + hv) * V + col0 + v8 * 8, ok);
+        }
+      }
+      if (kOut) {
+        for (int idx = tid; idx < C * (C / 8); idx += kThreads) {
+          const int r = idx / (C / 8), v8 = idx - r * (C / 8);
+          const bool ok = r < L;
+          CpAsync16(sA + (stg * C + r) * AP + v8 * 8, p.Aqk + ((tb + (ok ? r : 0)) * HV + hv) * C + v8 * 8, ok);
+        }
+      }
+      const bool lastc = cs + C >= send;
+      const int gidx = !lastc ? (cs + C - 1) / C : (s < p.S_final ? p.NW + s : -1);
+      if (gidx >= 0) {
+        for (int idx = tid; idx < K / 4; idx += kThreads) {
+          CpAsync16(sGam + stg * K + idx * 4, p.gamma + (((size_t)b * p.NG + gidx) * HV + hv) * K + idx * 4, true);
+        }
+      }
+      CpAsyncCommit();
+    };
+
+    auto store_state_smem = [&]() {
+#pragma unroll
+      for (int mi = 0; mi < MTW3; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < NTW3; ++ni)
+#pragma unroll
+          for (int hh = 0; hh < 2; ++hh) {
+            const int row = (wm3 + WM3 * mi) * 16 + gr + 8 * hh;
+            const int col = (wn3 * NTW3 + ni) * 8 + 2 * t4;
+            *reinterpret_cast<uint32_t*>(sS + row * VP + col) = PackBF16(st[mi][ni][2 * hh], st[mi][ni][2 * hh + 1]);
+          }
+    };
+
+    __syncthreads();  // the previous item is done with shared memory
+    load_chunk(0, 0);
+    store_state_smem();
+
+    for (int c = 0; c < nch; ++c) {
+      const int stg = STAGES == 2 ? (c & 1) : 0;
+      if constexpr (STAGES == 2) {
+        if (c + 1 < nch) {
+          load_chunk(c + 1, stg ^ 1);
+          CpAsyncWait<1>();
+        } else {
+          CpAsyncWait<0>();
+        }
+      } else {
+        if (c > 0) load_chunk(c, 0);
+        CpAsyncWait<0>();
+      }
+      __syncthreads();  // A: chunk operands and sS visible
+      const int cs = t0 + c * C;
+      const int L = min(C, send - cs);
+      const bool lastc = cs + C >= send;
+      const bool update = !kOut || !lastc || write_final;
+
+      // ---- step 1: R = U - W S (rows: 16 per warp, columns: NTW tiles per warp) ----
+      {
+        float acc[NTW][4];
+#pragma unroll
+        for (int ni = 0; ni < NTW; ++ni)
+#pragma unroll
+          for (int q = 0; q < 4; ++q) acc[ni][q] = 0.f;
+        const bf16* a_base = sW + (stg * C + mt * 16 + (lane & 15)) * KP + (lane >> 4) * 8;
+        const bf16* b_base = sS + ((lane & 7) + ((lane >> 3) & 1) * 8) * VP + nt0 * 8 + (lane >> 4) * 8;
+#pragma unroll
+        for (int kk = 0; kk < K / 16; ++kk) {
+          uint32_t a[4];
+          Ldsm(a_base + kk * 16, a[0], a[1], a[2], a[3]);
+#pragma unroll
+          for (int np = 0; np < NTW / 2; ++np) {
+            uint32_t b0, b1, b2, b3;
+            LdsmT(b_base + kk * 16 * VP + np * 16, b0, b1, b2, b3);
+            Mma(acc[2 * np], a, b0, b1);
+            Mma(acc[2 * np + 1], a, b2, b3);
+          }
+        }
+#pragma unroll
+        for (int ni = 0; ni < NTW; ++ni)
+#pragma unroll
+          for (int hh = 0; hh < 2; ++hh) {
+            const int row = mt * 16 + gr + 8 * hh;
+            const int col = (nt0 + ni) * 8 + 2 * t4;
+            float u0 = 0.f, u1 = 0.f;
+            if (!pcols) {
+              const __nv_bfloat162 u = *reinterpret_cast<const __nv_bfloat162*>(sU + (stg * C + row) * VP + col);
+              u0 = __low2float(u);
+              u1 = __high2float(u);
+            }
+            *reinterpret_cast<uint32_t*>(sR + row * VP + col) = PackBF16(u0 - acc[ni][2 * hh], u1 - acc[ni][2 * hh + 1]);
+          }
+      }
+      __syncthreads();  // B: R visible
+
+      // ---- step 2: O = Qg S + A_qk R ----
+      if constexpr (kOut) {
+        float acc[NTW][4];
+#pragma unroll
+        for (int ni = 0; ni < NTW; ++ni)
+#pragma unroll
+          for (int q = 0; q < 4; ++q) acc[ni][q] = 0.f;
+        const bf16* a_base = sQ + (stg * C + mt * 16 + (lane & 15)) * KP + (lane >> 4) * 8;
+        const bf16* b_base = sS + ((lane & 7) + ((lane >> 3) & 1) * 8) * VP + nt0 * 8 + (lane >> 4) * 8;
+#pragma unroll
+        for (int kk = 0; kk < K / 16; ++kk) {
+          uint32_t a[4];
+          Ldsm(a_base + kk * 16, a[0], a[1], a[2], a[3]);
+#pragma unroll
+          for (int np = 0; np < NTW / 2; ++np) {
+            uint32_t b0, b1, b2, b3;
+            LdsmT(b_base + kk * 16 * VP + np * 16, b0, b1, b2, b3);
+            Mma(acc[2 * np], a, b0, b1);
+            Mma(acc[2 * np + 1], a, b2, b3);
+          }
+        }
+        const bf16* aa_base = sA + (stg * C + mt * 16 + (lane & 15)) * AP + (lane >> 4) * 8;
+        const bf16* rb_base = sR + ((lane & 7) + ((lane >> 3) & 1) * 8) * VP + nt0 * 8 + (lane >> 4) * 8;
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) {
+          if (kk <= mt) {
+            uint32_t a[4];
+            Ldsm(aa_base + kk * 16, a[0], a[1], a[2], a[3]);
+#pragma unroll
+            for (int np = 0; np < NTW / 2; ++np) {
+              uint32_t b0, b1, b2, b3;
+              LdsmT(rb_base + kk * 16 * VP + np * 16, b0, b1, b2, b3);
+              Mma(acc[2 * np], a, b0, b1);
+              Mma(acc[2 * np + 1], a, b2, b3);
+            }
+          }
+        }
+        TOut* out = static_cast<TOut*>(p.o);
+#pragma unroll
+        for (int ni = 0; ni < NTW; ++ni)
+#pragma unroll
+          for (int hh = 0; hh < 2; ++hh) {
+            const int row = mt * 16 + gr + 8 * hh;
+            const int col = (nt0 + ni) * 8 + 2 * t4;
+            if (row < L) {
+              Store2<TOut>(out + (((size_t)b * p.T + cs + row) * HV + hv) * V + col0 + col, acc[ni][2 * hh],
+                           acc[ni][2 * hh + 1]);
+            }
+          }
+      }
+
+      // ---- step 3: S = gamma * S + Kd^T R ----
+      if (update) {
+#pragma unroll
+        for (int mi = 0; mi < MTW3; ++mi)
+#pragma unroll
+          for (int hh = 0; hh < 2; ++hh) {
+            const float gm = sGam[stg * K + (wm3 + WM3 * mi) * 16 + gr + 8 * hh];
+#pragma unroll
+            for (int ni = 0; ni < NTW3; ++ni) {
+              st[mi][ni][2 * hh] *= gm;
+              st[mi][ni][2 * hh + 1] *= gm;
+            }
+          }
+        const bf16* ka_base = sKd + (stg * C + (lane & 7) + (lane >> 4) * 8) * KP + ((lane >> 3) & 1) * 8;
+        const bf16* rb_base = sR + ((lane & 7) + ((lane >> 3) & 1) * 8) * VP + wn3 * NTW3 * 8 + (lane >> 4) * 8;
+#pragma unroll
+        for (int kk = 0; kk < C / 16; ++kk) {
+          uint32_t a[MTW3][4];
+#pragma unroll
+          for (int mi = 0; mi < MTW3; ++mi) {
+            LdsmT(ka_base + kk * 16 * KP + (wm3 + WM3 * mi) * 16, a[mi][0], a[mi][1], a[mi][2], a[mi][3]);
+          }
+#pragma unroll
+          for (int np = 0; np < NTW3 / 2; ++np) {
+            uint32_t b0, b1, b2, b3;
+            LdsmT(rb_base + kk * 16 * VP + np * 16, b0, b1, b2, b3);
+#pragma unroll
+            for (int mi = 0; mi < MTW3; ++mi) {
+              Mma(st[mi][2 * np], a[mi], b0, b1);
+              Mma(st[mi][2 * np + 1], a[mi], b2, b3);
+            }
+          }
+        }
+      }
+      __syncthreads();  // C: everyone is done with sS, sR and this stage
+      if (update && c + 1 < nch) store_state_smem();
+    }
+
+    // ---- end state ----
+    float* dst = nullptr;
+    size_t ld = 0;
+    bool vk = false;
+    if (kOut) {
+      if (write_final) {
+        dst = p.final_state + (((size_t)b * p.S_final + s) * HV + hv) * K * V;
+        ld = V;
+        vk = p.state_vk;
+      }
+    } else {
+      const int idx = (t0 + p.Lseg - 1) / p.Lseg;
+      if (first) {
+        dst = p.Sstart + (((size_t)b * p.NSPLIT + idx) * HV + hv) * K * V;
+        ld = V;
+      } else {
+        dst = p.HP + (((size_t)b * p.NSPLIT + idx) * HV + hv) * K * (V + K);
+        ld = V + K;
+      }
+    }
+    if (dst) {
+#pragma unroll
+      for (int mi = 0; mi < MTW3; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < NTW3; ++ni)
+#pragma unroll
+          for (int q = 0; q < 4; ++q) {
+            const int row = (wm3 + WM3 * mi) * 16 + gr + 8 * (q >> 1);
+            const int gc = col0 + (wn3 * NTW3 + ni) * 8 + 2 * t4 + (q & 1);
+            if (vk) {
+              dst[(size_t)gc * K + row] = st[mi][ni][q];
+            } else {
+              dst[(size_t)row * ld + gc] = st[mi][ni][q];
+            }
+          }
+    }
+  }
+}
+
+template <int K, int BV, int STAGES, typename TOut, bool kOut>
+cudaError_t LaunchRecurK(const Params& p, cudaStream_t stream, int nsm) {
+  constexpr size_t smem = RecurSmem<K, BV, STAGES, kOut>::Bytes();
+  auto kernel = RecurKernel<K, BV, STAGES, TOut, kOut>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  if (err != cudaSuccess) return err;
+  int occ = 1;
+  cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, kernel, kThreads, smem);
+  if (occ < 1) occ = 1;
+  const int ncb = kOut ? p.V / BV : (p.V + K) / BV;
+  const long long items = static_cast<long long>(p.B) * p.T * p.HV * ncb;  // bound on (segment, head, block) items
+  long long grid = static_cast<long long>(nsm) * occ;
+  if (grid > items) grid = items;
+  if (grid < 1) grid = 1;
+  kernel<<<static_cast<int>(grid), kThreads, smem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <int K, typename TOut>
+cudaError_t LaunchRecurK2(const Params& p, bool phase3, cudaStream_t stream, int nsm) {
+  constexpr int BV = BlockV(K);
+  constexpr int STAGES = K >= 256 ? 1 : 2;
+  return phase3 ? LaunchRecurK<K, BV, STAGES, TOut, true>(p, stream, nsm)
+                : LaunchRecurK<K, BV, STAGES, float, false>(p, stream, nsm);  // no outputs: one instance
+}
+
+// ---- phase 2: S_{j+1} = P_j S_j + H_j over the segments of each split sequence, fp32 ----
+template <int K>
+__global__ void __launch_bounds__(kThreads) CombineKernel(Params p) {
+  constexpr int CB = 16;             // state columns per CTA
+  constexpr int G = kThreads / K;    // column groups
+  constexpr int CPT = CB / G;        // columns per thread
+  __shared__ float sS[K][CB];
+  const int r = threadIdx.x % K, cg = threadIdx.x / K;
+  const int HV = p.HV, V = p.V;
+  const int NCB = V / CB;
+  const int nitems = p.counters[2] * HV * NCB;
+  for (int it = blockIdx.x; it < nitems; it += gridDim.x) {
+    const int cb = it % NCB;
+    const int hv = (it / NCB) % HV;
+    const int mi = it / NCB / HV;
+    const int4 e = p.multi_list[mi];
+    const int b = e.x, ss = e.y, send = e.z;
+    const int c0 = cb * CB + cg * CPT;
+    __syncthreads();
+    {
+      const float* s1 = p.Sstart + (((size_t)b * p.NSPLIT + (ss + p.Lseg - 1) / p.Lseg) * HV + hv) * K * V;
+#pragma unroll
+      for (int c = 0; c < CPT; ++c) sS[r][cg * CPT + c] = s1[(size_t)r * V + c0 + c];
+    }
+    __syncthreads();
+    for (int tj = ss + p.Lseg; tj + p.Lseg < send; tj += p.Lseg) {
+      const int idx = (tj + p.Lseg - 1) / p.Lseg;
+      const float* hp = p.HP + (((size_t)b * p.NSPLIT + idx) * HV + hv) * K * (V + K) + (size_t)r * (V + K);
+      float acc[CPT];
+#pragma unroll
+      for (int c = 0; c < CPT; ++c) acc[c] = hp[c0 + c];
+      const float* prow = hp + V;
+#pragma unroll 4
+      for (int m = 0; m < K; m += 4) {
+        const float4 pm = *reinterpret_cast<const float4*>(prow + m);
+#pragma unroll
+        for (int c = 0; c < CPT; ++c) {
+          acc[c] += pm.x * sS[m][cg * CPT + c];
+          acc[c] += pm.y * sS[m + 1][cg * CPT + c];
+          acc[c] += pm.z * sS[m + 2][cg * CPT + c];
+          acc[c] += pm.w * sS[m + 3][cg * CPT + c];
+        }
+      }
+      float* dst = p.Sstart + (((size_t)b * p.NSPLIT + idx) * HV + hv) * K * V + (size_t)r * V;
+#pragma unroll
+      for (int c = 0; c < CPT; ++c) dst[c0 + c] = acc[c];
+      __syncthreads();
+#pragma unroll
+      for (int c = 0; c < CPT; ++c) sS[r][cg * CPT + c] = acc[c];
+      __syncthreads();
+    }
+  }
+}
+
+template <int K>
+cudaError_t LaunchCombineK(const Params& p, cudaStream_t stream, int nsm) {
+  long long items = static_cast<long long>(p.B) * p.T / p.Lseg * p.HV * (p.V / 16);
+  long long grid = static_cast<long long>(nsm) * 4;
+  if (grid > items) grid = items;
+  if (grid < 1) grid = 1;
+  CombineKernel<K><<<static_cast<int>(grid), kThreads, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+template <typename TOut>
+cudaError_t LaunchRecur(const Params& p, bool phase3, cudaStream_t stream, int nsm) {
+  switch (p.K) {
+    case 64: return LaunchRecurK2<64, TOut>(p, phase3, stream, nsm);
+    case 128: return LaunchRecurK2<128, TOut>(p, phase3, stream, nsm);
+    case 256: return LaunchRecurK2<256, TOut>(p, phase3, stream, nsm);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+template cudaError_t LaunchRecur<__nv_bfloat16>(const Params&, bool, cudaStream_t, int);
+template cudaError_t LaunchRecur<__half>(const Params&, bool, cudaStream_t, int);
+template cudaError_t LaunchRecur<float>(const Params&, bool, cudaStream_t, int);
+
+cudaError_t LaunchCombine(const Params& p, cudaStream_t stream, int nsm) {
+  switch (p.K) {
+    case 64: return LaunchCombineK<64>(p, stream, nsm);
+    case 128: return LaunchCombineK<128>(p, stream, nsm);
+    case 256: return LaunchCombineK<256>(p, stream, nsm);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace fwd
+}  // namespace flashkda

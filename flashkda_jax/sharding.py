@@ -1,0 +1,547 @@
+"""Sharded KDA: the core op under ``jax.jit`` with a ``Mesh`` + ``NamedSharding``, and context parallelism.
+
+How ``kda`` partitions
+----------------------
+
+:func:`core` (what :func:`flashkda_jax.ops.run_core` calls) wraps the core op of every implementation
+(the CUDA / CPU FFI kernels and the pure-JAX chunked program) in a ``jax.custom_vjp`` whose forward and
+backward are each one :class:`jax.experimental.custom_partitioning.custom_partitioning` op with a Shardy
+sharding rule. Every operand is per batch row (``A_log``/``dt_bias`` are broadcast to ``[B, ...]``), so
+
+- the batch axis ``b`` may be sharded: each device runs its rows, no communication;
+- the head axis may be sharded (tensor parallel): q/k heads ``h`` and value heads ``hv = (h r)``
+  (``r = HV / H``, the GVA group) are one compound factor, so a device holds q/k head block j together
+  with the value heads that read it; no communication;
+- the sequence axis ``t`` may be sharded (context parallel, see below): only small per-device state maps
+  travel;
+- the head dims ``k``, ``v``, the state-slot axis ``s`` and the GVA group ``r`` are never split
+  (``need_replication``).
+
+Gradients of ``A_log``/``dt_bias`` come back per row and are summed over rows by the transpose of the
+broadcast (an all-reduce of ``[HV]``/``[HV, K]`` over data-parallel devices, as for any parameter).
+
+Nothing changes in user code: ``jax.jit(loss)`` with inputs placed by ``NamedSharding`` partitions. On one
+device, and inside ``shard_map`` (all mesh axes manual), the op lowers to its plain per-device body. vmap
+folds the mapped axes into the batch axis (``custom_vmap``), as the FFI call's ``broadcast_all`` does.
+
+Context parallelism
+-------------------
+
+When ``t`` is sharded over mesh axes (say ``"cp"``, n devices), device i holds tokens
+``[i·T/n, (i+1)·T/n)``. Per head, the state of a sequence after a slice is an affine map of its state
+before it, ``X ↦ P·X + H`` with ``P = ∏ (I − β k kᵀ) Diag(exp g)`` (K×K). Each device
+
+1. runs its slice with a zero carried state (state of the sequence that crosses the boundary into it):
+   ``H_i``, the state of the sequence crossing into the next device;
+2. runs the same recurrence with ``v = 0`` from the identity (a K×K "state"): ``P_i``, kept only when
+   the whole slice belongs to the sequence coming from the previous device (a sequence boundary inside
+   the slice resets the dependence: ``P_i = 0``);
+3. all-gathers the small ``(P_j, H_j)`` over the cp axes and composes them in order,
+   ``X_j = P_j X_{j-1} + H_j``, to get its true incoming state ``X_{i-1}``;
+4. reruns its slice from the true incoming state (this run's outputs and states are the result).
+
+Sequence boundaries come from the global slot map (segment ids / cu_seqlens); the sequence continuing
+from the previous device and the one running into the next device get two extra local state slots, so
+any ``max_segments`` (even none) works. Final states of sequences ending on a device are summed over the
+cp axes (each slot ends on exactly one device). The backward is jax's AD of this per-device program
+inside the backward op (the transpose of the all-gather is a reduce-scatter: the state cotangents flow
+from later devices to earlier ones). Cost: forward ≈ 3 passes (one of them with V = K), backward ≈ 3.
+
+Turn it on by sharding T of the inputs, or with ``kda(..., context_parallel_axis="cp")`` which places a
+sharding constraint on T (needs a mesh in context: ``jax.set_mesh(mesh)``, ``with
+jax.sharding.use_mesh(mesh):`` or ``with mesh:``; other axes stay as propagated).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.custom_batching import custom_vmap
+from jax.experimental.custom_partitioning import custom_partitioning
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from flashkda_jax import _inputs
+from flashkda_jax import preprocess as _pre
+from flashkda_jax import reference as _reference
+
+__all__ = ["core", "constrain_context_parallel"]
+
+_HI = jax.lax.Precision.HIGHEST
+
+
+# ----------------------------------------------------------------------------------------------------
+# Per-device bodies (no partitioning): the core op of one implementation on local shapes.
+#
+# args = (q, k, v, g, beta, a_log [B, HV], dt_bias [B, HV, K], slot [B, T], init [B, S, HV, ., .] | None)
+# ----------------------------------------------------------------------------------------------------
+
+def _ops():
+    from flashkda_jax import ops  # late: ops imports this module
+    return ops
+
+
+def _xla_fwd(args, opts):
+    """Pure-JAX chunked core with per-row gate parameters (differentiable by jax AD)."""
+    q, k, v, g, beta, a_rows, dt_rows, slot, init = args
+    if opts.gate != "precomputed":
+        cdt = _inputs.compute_dtype(q.dtype)
+        g = jax.vmap(lambda gg, a, d: _pre.effective_gate(gg.astype(cdt), a.astype(cdt), d.astype(cdt), opts))(
+            g, a_rows, dt_rows)
+        opts = dataclasses.replace(opts, gate="precomputed", use_a_log=False)
+    HV, K = v.shape[2], q.shape[3]
+    core = _inputs.CoreInputs(q=q, k=k, v=v, g=g, beta=beta, a_log=jnp.zeros((HV,), jnp.float32),
+                              dt_bias=jnp.zeros((HV, K), jnp.float32), slot=slot, initial_state=init)
+    return _reference.chunked_core(core, opts)
+
+
+def _core_fwd(args, opts, impl):
+    if impl == "xla":
+        return _xla_fwd(args, opts)
+    return _ops()._ffi_forward(args, opts, impl)
+
+
+def _xla_bwd(args, do, dfin, opts):
+    q, k, v, g, beta, a, dt, slot, init = args
+
+    def f(q, k, v, g, beta, a, dt, init):
+        return _xla_fwd((q, k, v, g, beta, a, dt, slot, init), opts)
+
+    _, vjp = jax.vjp(f, q, k, v, g, beta, a, dt, init)
+    return vjp((do, dfin))
+
+
+def _core_bwd(args, do, dfin, opts, impl):
+    """-> (dq, dk, dv, dg, dbeta, da_rows, ddt_rows, dinit | None)."""
+    ops = _ops()
+    bimpl = impl if impl == "xla" else ops._backward_impl(impl, args[0], args[2])
+    if bimpl == "xla":
+        return tuple(_xla_bwd(args, do, dfin, opts))
+    return tuple(ops._ffi_backward(args, do, dfin, opts, bimpl))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _local_core(args, opts, impl):
+    """The differentiable per-device core (used inside context parallelism)."""
+    return _core_fwd(args, opts, impl)
+
+
+def _local_core_fwd(args, opts, impl):
+    return _core_fwd(args, opts, impl), args
+
+
+def _local_core_bwd(opts, impl, args, cts):
+    do, dfin = cts
+    dq, dk, dv, dg, dbeta, da, ddt, dinit = _core_bwd(args, do, dfin, opts, impl)
+    return ((dq, dk, dv, dg, dbeta, da, ddt, None, dinit),)
+
+
+_local_core.defvjp(_local_core_fwd, _local_core_bwd)
+
+
+def _diff_core(args, opts, impl):
+    return _xla_fwd(args, opts) if impl == "xla" else _local_core(args, opts, impl)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Context parallelism: the per-device program when T is sharded over `axes`.
+# ----------------------------------------------------------------------------------------------------
+
+def _cp_plan(slot, S, axes):
+    """Integer bookkeeping of one device's slice (nothing differentiable)."""
+    n = jax.lax.psum(1, axes)
+    i = jax.lax.axis_index(axes)
+    first, last = slot[:, 0], slot[:, -1]
+    firsts = jax.lax.all_gather(first, axes)              # [n, B]
+    lasts = jax.lax.all_gather(last, axes)
+    prev_last = jnp.where(i > 0, lasts[jnp.maximum(i - 1, 0)], -1)
+    next_first = jnp.where(i < n - 1, firsts[jnp.minimum(i + 1, n - 1)], -1)
+    cont = (first >= 0) & (first == prev_last)             # [B] the first sequence comes from device i-1
+    spans = cont & (last == first)                         # the whole slice is that sequence
+    is_c = cont[:, None] & (slot == first[:, None])
+    is_l = ~is_c & (last >= 0)[:, None] & (slot == last[:, None])
+    # Local slots: 0..S-1 as given, S = the continuing sequence, S+1 = the trailing sequence, others
+    # (past max_segments) shifted beyond so they start from zero and keep no state.
+    lslot = jnp.where(is_c, S, jnp.where(is_l, S + 1, jnp.where(slot >= S, slot + 2, slot))).astype(jnp.int32)
+    nxt = jnp.concatenate([slot[:, 1:], next_first[:, None]], axis=1)
+    ends = (slot >= 0) & (slot != nxt)                     # global sequence ends inside this slice
+    return dict(n=n, i=i, first=first, last=last, cont=cont, spans=spans, is_c=is_c, lslot=lslot, ends=ends)
+
+
+def _cp_local(fargs, slot, plan, opts, impl, axes):
+    """(o, final-state contributions [B, S, HV, K, V] (kv) or None) of this device's slice."""
+    q, k, v, g, beta, a, dt, init = fargs
+    B, Tl, HV, V = v.shape
+    K = q.shape[-1]
+    cdt = _inputs.compute_dtype(q.dtype)
+    S = opts.num_slots
+    if init is not None:
+        base = jnp.swapaxes(init, -1, -2) if opts.state_vk else init
+        base = base.astype(cdt)
+    else:
+        base = jnp.zeros((B, S, HV, K, V), cdt)
+    last = plan["last"]
+    has_last_init = (last >= 0) & (last < S)
+    if S > 0:
+        last_init = jnp.take_along_axis(base, jnp.clip(last, 0, S - 1)[:, None, None, None, None], axis=1)[:, 0]
+        last_init = last_init * has_last_init[:, None, None, None].astype(cdt)
+    else:
+        last_init = jnp.zeros((B, HV, K, V), cdt)
+    lopts = dataclasses.replace(opts, num_slots=S + 2, return_final_state=True, state_layout="kv",
+                                state_mode="segments")
+    lslot = plan["lslot"]
+
+    def run(carry):
+        init_l = jnp.concatenate([base, carry[:, None], last_init[:, None]], axis=1)
+        return _diff_core((q, k, v, g, beta, a, dt, lslot, init_l), lopts, impl)
+
+    # 1. zero carried state: the state handed to the next device, from a zero incoming state.
+    _, fin0 = run(jnp.zeros((B, HV, K, V), cdt))
+    spans = plan["spans"]
+    h_out = jnp.where(spans[:, None, None, None], fin0[:, S], fin0[:, S + 1])
+    # 2. the linear part for the sequence continuing through the whole slice: v = 0 from the identity.
+    popts = dataclasses.replace(lopts, num_slots=1)
+    pslot = jnp.where(plan["is_c"], 0, -1).astype(jnp.int32)
+    eye = jnp.broadcast_to(jnp.eye(K, dtype=cdt), (B, 1, HV, K, K))
+    _, pfin = _diff_core((q, k, jnp.zeros((B, Tl, HV, K), v.dtype), g, beta, a, dt, pslot, eye), popts, impl)
+    p_map = jnp.where(spans[:, None, None, None], pfin[:, 0], 0.0)
+    # 3. compose the maps of all devices in order: X_j = P_j X_{j-1} + H_j.
+    ps = jax.lax.all_gather(p_map, axes)                    # [n, B, HV, K, K]
+    hs = jax.lax.all_gather(h_out, axes)                    # [n, B, HV, K, V]
+
+    def step(x, ph):
+        p, h = ph
+        return jnp.einsum("bhkl,bhlv->bhkv", p, x, precision=_HI) + h, x
+
+    _, xs_in = jax.lax.scan(step, jnp.zeros((B, HV, K, V), cdt), (ps, hs))   # xs_in[j] = X_{j-1}
+    carry = jax.lax.dynamic_index_in_dim(xs_in, plan["i"], axis=0, keepdims=False)
+    carry = jnp.where(plan["cont"][:, None, None, None], carry, 0.0)
+    # 4. the true run.
+    o, fin = run(carry)
+    if not opts.return_final_state:
+        return o, None
+    # Final state of every global slot whose sequence ends in this slice.
+    hit = (slot[:, None, :] == jnp.arange(S)[None, :, None]) & plan["ends"][:, None, :]   # [B, S, Tl]
+    holder = jnp.max(jnp.where(hit, lslot[:, None, :], -1), axis=-1)                      # [B, S]
+    has = holder >= 0
+    contrib = jnp.take_along_axis(fin, jnp.clip(holder, 0, S + 1)[:, :, None, None, None], axis=1)
+    contrib = jnp.where(has[:, :, None, None, None], contrib, 0.0)
+    return o, (contrib, has)
+
+
+def _final_hits(slot, plan, S):
+    """[B, S] bool: the sequence of global slot s ends in this slice."""
+    hit = (slot[:, None, :] == jnp.arange(S)[None, :, None]) & plan["ends"][:, None, :]
+    return jnp.any(hit, axis=-1)
+
+
+def _to_layout(state_kv, opts):
+    return jnp.swapaxes(state_kv, -1, -2) if opts.state_vk else state_kv
+
+
+def _cp_fwd(args, opts, impl, axes):
+    q, k, v, g, beta, a, dt, slot, init = args
+    plan = _cp_plan(slot, opts.num_slots, axes)
+    o, extra = _cp_local((q, k, v, g, beta, a, dt, init), slot, plan, opts, impl, axes)
+    if extra is None:
+        return o, None
+    contrib, has = extra
+    reached = jax.lax.psum(has.astype(jnp.int32), axes) > 0
+    fin = jax.lax.psum(contrib, axes)
+    if init is not None:
+        base = jnp.swapaxes(init, -1, -2) if opts.state_vk else init
+        fin = jnp.where(reached[:, :, None, None, None], fin, base.astype(fin.dtype))
+    return o, _to_layout(fin, opts)
+
+
+def _cp_bwd(args, do, dfin, opts, impl, axes):
+    q, k, v, g, beta, a, dt, slot, init = args
+    plan = _cp_plan(slot, opts.num_slots, axes)
+
+    def f(*fargs):
+        o, extra = _cp_local(fargs, slot, plan, opts, impl, axes)
+        return (o, None) if extra is None else (o, extra[0])
+
+    (_, contrib), vjp = jax.vjp(f, q, k, v, g, beta, a, dt, init)
+    dfin_kv = None
+    if contrib is not None:
+        dfin_kv = jnp.swapaxes(dfin, -1, -2) if opts.state_vk else dfin
+        dfin_kv = dfin_kv.astype(contrib.dtype)
+    dq, dk, dv, dg, dbeta, da, ddt, dinit = vjp((do, dfin_kv))
+    # Inputs replicated over the cp axes: every device saw part of their use.
+    da, ddt = jax.lax.psum((da, ddt), axes)
+    if init is not None:
+        dinit = jax.lax.psum(dinit, axes)
+        if dfin_kv is not None:
+            reached = jax.lax.psum(_final_hits(slot, plan, opts.num_slots).astype(jnp.int32), axes) > 0
+            dinit = dinit + jnp.where(reached[:, :, None, None, None], 0.0, _to_layout(dfin_kv, opts)).astype(dinit.dtype)
+    return dq, dk, dv, dg, dbeta, da, ddt, dinit
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sharding rule and partitioning callbacks.
+# ----------------------------------------------------------------------------------------------------
+
+def _shape(t):
+    from jax._src.lib.mlir import ir
+    return tuple(ir.RankedTensorType(t).shape)
+
+
+def _rule(num_args, has_init, has_ct_fin, H, HV, opts, backward):
+    hv = "h" if H == HV else "(h r)"
+    st = f"b s {hv} d k" if opts.state_vk else f"b s {hv} k d"
+    q = "b t h k"
+    v = f"b t {hv} d"
+    g = f"b t {hv} k"
+    beta = f"b t {hv}"
+    a = f"b {hv}"
+    dt = f"b {hv} k"
+    ins = [q, q, v, g, beta, a, dt, "b t"] + ([st] if has_init else [])
+    if not backward:
+        outs = [v] + ([st] if opts.return_final_state else [])
+    else:
+        ins += [v] + ([st] if has_ct_fin else [])
+        outs = [q, q, v, g, beta, a, dt] + ([st] if has_init else [])
+    assert len(ins) == num_args, (ins, num_args)
+    kw = dict(need_replication_factors=("k", "d", "s") + (("r",) if H != HV else ()))
+    if H != HV:
+        kw["r"] = HV // H
+    return ", ".join(ins) + " -> " + ", ".join(outs), kw
+
+
+def _fwd_rule(opts, impl, mesh, operand_types, result_types):
+    del impl, mesh, result_types
+    H, HV = _shape(operand_types[0])[2], _shape(operand_types[2])[2]
+    return _rule(len(operand_types), len(operand_types) == 9, False, H, HV, opts, backward=False)
+
+
+def _bwd_rule(opts, impl, mesh, operand_types, result_types):
+    del impl, mesh
+    H, HV = _shape(operand_types[0])[2], _shape(operand_types[2])[2]
+    has_init = len(result_types) == 8
+    n_fixed = 8 + int(has_init) + 1
+    return _rule(len(operand_types), has_init, len(operand_types) > n_fixed, H, HV, opts, backward=True)
+
+
+def _entry_axes(spec, dim):
+    if spec is None or dim >= len(spec) or spec[dim] is None:
+        return ()
+    e = spec[dim]
+    return tuple(e) if isinstance(e, (tuple, list)) else (e,)
+
+
+def _spec_of(x):
+    s = getattr(x, "sharding", None)
+    return getattr(s, "spec", None)
+
+
+def _axes_size(mesh, axes):
+    return int(math.prod(mesh.shape[a] for a in axes))
+
+
+def _plan_shardings(mesh, arg_shapes, result_shape):
+    """Decide the (b, t, h) mesh axes from the operands/results Shardy gave us."""
+    args = arg_shapes[0]
+    q, v = args[0], args[2]
+    o = result_shape[0]
+    B, T, H, _ = q.shape
+    cands = [_spec_of(q), _spec_of(v), _spec_of(args[3]), _spec_of(o)]
+
+    def pick(dim, size):
+        for sp in cands:
+            ax = _entry_axes(sp, dim)
+            if ax:
+                return ax if size % _axes_size(mesh, ax) == 0 else ()
+        return ()
+
+    b = pick(0, B)
+    t = tuple(a for a in pick(1, T) if a not in b)
+    if t and T % _axes_size(mesh, t):
+        t = ()
+    h = tuple(a for a in pick(2, H) if a not in b and a not in t)
+    if h and H % _axes_size(mesh, h):
+        h = ()
+    return b, t, h
+
+
+def _e(axes):
+    if not axes:
+        return None
+    return axes[0] if len(axes) == 1 else tuple(axes)
+
+
+def _specs(mesh, b, t, h):
+    B, Tt, Hh = _e(b), _e(t), _e(h)
+    ns = lambda *e: NamedSharding(mesh, P(*e))
+    return dict(q=ns(B, Tt, Hh, None), beta=ns(B, Tt, Hh), a=ns(B, Hh), dt=ns(B, Hh, None),
+                slot=ns(B, Tt), st=ns(B, None, Hh, None, None))
+
+
+def _arg_shardings(sp, args):
+    init = args[8]
+    return (sp["q"], sp["q"], sp["q"], sp["q"], sp["beta"], sp["a"], sp["dt"], sp["slot"],
+            None if init is None else sp["st"])
+
+
+def _fwd_partition(opts, impl, mesh, arg_shapes, result_shape):
+    b, t, h = _plan_shardings(mesh, arg_shapes, result_shape)
+    sp = _specs(mesh, b, t, h)
+    args = arg_shapes[0]
+    in_sh = (_arg_shardings(sp, args),)
+    out_sh = (sp["q"], sp["st"] if result_shape[1] is not None else None)
+
+    def lower(args):
+        if t:
+            return _cp_fwd(args, opts, impl, t)
+        return _core_fwd(args, opts, impl)
+
+    return mesh, lower, out_sh, in_sh
+
+
+def _bwd_partition(opts, impl, mesh, arg_shapes, result_shape):
+    args, do, dfin = arg_shapes
+    b, t, h = _plan_shardings(mesh, (args,), (do,))
+    sp = _specs(mesh, b, t, h)
+    in_sh = (_arg_shardings(sp, args), sp["q"], None if dfin is None else sp["st"])
+    out_sh = (sp["q"], sp["q"], sp["q"], sp["q"], sp["beta"], sp["a"], sp["dt"],
+              None if result_shape[7] is None else sp["st"])
+
+    def lower(args, do, dfin):
+        if t:
+            return _cp_bwd(args, do, dfin, opts, impl, t)
+        return _core_bwd(args, do, dfin, opts, impl)
+
+    return mesh, lower, out_sh, in_sh
+
+
+def _fwd_body(opts, impl, args):
+    return _core_fwd(args, opts, impl)
+
+
+def _bwd_body(opts, impl, args, do, dfin):
+    return _core_bwd(args, do, dfin, opts, impl)
+
+
+_fwd_op = custom_partitioning(_fwd_body, static_argnums=(0, 1))
+_fwd_op.def_partition(partition=_fwd_partition, sharding_rule=_fwd_rule)
+_bwd_op = custom_partitioning(_bwd_body, static_argnums=(0, 1))
+_bwd_op.def_partition(partition=_bwd_partition, sharding_rule=_bwd_rule)
+
+
+# ----------------------------------------------------------------------------------------------------
+# vmap: fold mapped axes into the batch axis (every operand is per row).
+# ----------------------------------------------------------------------------------------------------
+
+def _fold(x, batched, n):
+    if x is None:
+        return None
+    if not batched:
+        x = jnp.broadcast_to(x, (n,) + x.shape)
+    return x.reshape((n * x.shape[1],) + x.shape[2:])
+
+
+def _unfold(y, n):
+    return None if y is None else y.reshape((n, y.shape[0] // n) + y.shape[1:])
+
+
+@functools.lru_cache(maxsize=None)
+def _vmappable(kind, opts, impl):
+    op = _fwd_op if kind == "fwd" else _bwd_op
+
+    def fn(*xs):
+        return op(opts, impl, *xs)
+
+    f = custom_vmap(fn)
+
+    @f.def_vmap
+    def rule(axis_size, in_batched, *xs):
+        flat, tree = jax.tree_util.tree_flatten(xs)
+        flags = jax.tree_util.tree_leaves(in_batched)
+        assert len(flags) == len(flat)
+        folded = jax.tree_util.tree_unflatten(tree, [_fold(x, bt, axis_size) for x, bt in zip(flat, flags)])
+        out = f(*folded)
+        out = jax.tree_util.tree_map(lambda y: _unfold(y, axis_size), out)
+        return out, jax.tree_util.tree_map(lambda _: True, out)
+
+    return f
+
+
+# ----------------------------------------------------------------------------------------------------
+# The differentiable, partitionable core.
+# ----------------------------------------------------------------------------------------------------
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _sharded_core(args, opts, impl):
+    return _vmappable("fwd", opts, impl)(args)
+
+
+def _sharded_core_fwd(args, opts, impl):
+    return _vmappable("fwd", opts, impl)(args), args
+
+
+def _sharded_core_bwd(opts, impl, args, cts):
+    do, dfin = cts
+    if not opts.return_final_state:
+        dfin = None
+    elif dfin is not None:
+        dfin = dfin.astype(_inputs.compute_dtype(args[0].dtype))
+    do = do.astype(args[2].dtype)
+    dq, dk, dv, dg, dbeta, da, ddt, dinit = _vmappable("bwd", opts, impl)(args, do, dfin)
+    return ((dq, dk, dv, dg, dbeta, da, ddt, None, dinit),)
+
+
+_sharded_core.defvjp(_sharded_core_fwd, _sharded_core_bwd)
+
+
+def core(c: _inputs.CoreInputs, opts: _inputs.KdaOptions, impl: str):
+    """The core op on canonical inputs, partitionable under jit -> (o, final_state or None)."""
+    B = c.q.shape[0]
+    a_rows = jnp.broadcast_to(c.a_log.astype(jnp.float32), (B,) + c.a_log.shape)
+    dt_rows = jnp.broadcast_to(c.dt_bias.astype(jnp.float32), (B,) + c.dt_bias.shape)
+    args = (c.q, c.k, c.v, c.g, c.beta, a_rows, dt_rows, c.slot, c.initial_state)
+    o, fin = _sharded_core(args, opts, impl)
+    return o, (fin if opts.return_final_state else None)
+
+
+# ----------------------------------------------------------------------------------------------------
+# context_parallel_axis
+# ----------------------------------------------------------------------------------------------------
+
+def _context_mesh():
+    am = jax.sharding.get_abstract_mesh()
+    if am is not None and not am.empty:
+        return am
+    from jax._src import mesh as mesh_lib
+    pm = mesh_lib.thread_resources.env.physical_mesh
+    return None if pm.empty else pm
+
+
+def constrain_context_parallel(c: _inputs.CoreInputs, axis):
+    """Shards the sequence axis of the canonical inputs over the mesh axis (or axes) ``axis``."""
+    mesh = _context_mesh()
+    axes = tuple(axis) if isinstance(axis, (tuple, list)) else (axis,)
+    if mesh is None:
+        raise ValueError("flashkda_jax.kda: context_parallel_axis needs a mesh in context "
+                         "(jax.set_mesh(mesh), `with jax.sharding.use_mesh(mesh):` or `with mesh:`)")
+    for a in axes:
+        if a not in mesh.axis_names:
+            raise ValueError(f"flashkda_jax.kda: context_parallel_axis {a!r} is not an axis of the mesh "
+                             f"{tuple(mesh.axis_names)}")
+    n = int(math.prod(dict(zip(mesh.axis_names, mesh.axis_sizes))[a] for a in axes))
+    T = c.q.shape[1]
+    if T % n:
+        raise ValueError(f"flashkda_jax.kda: context parallelism over {axes} ({n} devices) needs T divisible "
+                         f"by {n}, got T={T}")
+    if n == 1:
+        return c
+    U = P.UNCONSTRAINED
+    ax = _e(axes)
+    wsc = jax.lax.with_sharding_constraint
+    seq = lambda x: wsc(x, P(*((U, ax) + (U,) * (x.ndim - 2))))
+    return dataclasses.replace(c, q=seq(c.q), k=seq(c.k), v=seq(c.v), g=seq(c.g), beta=seq(c.beta),
+                               slot=seq(c.slot))

@@ -1,0 +1,81 @@
+"""Shared helpers for the test suite: random KDA problems and error measures."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def rel_err(out, ref) -> float:
+    out = np.asarray(jnp.asarray(out, jnp.float64) if out.dtype == jnp.float64 else jnp.asarray(out, jnp.float32), np.float64)
+    ref = np.asarray(ref, np.float64)
+    den = np.linalg.norm(ref)
+    return float(np.linalg.norm(out - ref) / (den if den > 0 else 1.0))
+
+
+def make_problem(seed, B=2, T=37, H=2, HV=None, K=16, V=8, dtype=jnp.float32, gate="precomputed",
+                 strong=False, with_a_log=True, with_dt_bias=True):
+    """Fresh random inputs (never zeros) and the gate kwargs for one gate mode."""
+    HV = HV or H
+    ks = jax.random.split(jax.random.PRNGKey(seed), 9)
+    q = jax.random.normal(ks[0], (B, T, H, K), jnp.float32)
+    k = jax.random.normal(ks[1], (B, T, H, K), jnp.float32)
+    v = jax.random.normal(ks[2], (B, T, HV, V), jnp.float32)
+    if gate == "precomputed":
+        g = -jnp.exp(jax.random.normal(ks[3], (B, T, HV, K)) - 1.0)
+        if strong:
+            g = g * 1e4
+    else:
+        g = jax.random.normal(ks[3], (B, T, HV, K)) * (30.0 if strong else 1.0)
+    beta = jax.random.normal(ks[4], (B, T, HV), jnp.float32)
+    kw = {}
+    if gate != "precomputed":
+        kw["gate"] = gate
+        if with_a_log:
+            kw["A_log"] = jax.random.normal(ks[5], (HV,)) * 0.5 + (3.0 if strong else 0.0)
+        if with_dt_bias:
+            kw["dt_bias"] = jax.random.normal(ks[6], (HV, K)) * 0.5
+        if gate == "bounded":
+            kw["lower_bound"] = -5.0
+    cast = lambda x: x.astype(dtype)
+    return (cast(q), cast(k), cast(v), cast(g), cast(beta)), kw
+
+
+def random_state(seed, shape, dtype=jnp.float32):
+    return (0.5 * jax.random.normal(jax.random.PRNGKey(seed + 1000), shape)).astype(dtype)
+
+
+def ragged_segments(B, T, seed=0):
+    """Segment ids with padding, a length-1 sequence, repeated ids split by padding, and long runs."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for b in range(B):
+        row = []
+        nid = 1
+        while len(row) < T:
+            kind = rng.integers(0, 4)
+            n = {0: 1, 1: int(rng.integers(2, 6)), 2: int(rng.integers(8, 30)), 3: int(rng.integers(1, 4))}[kind]
+            val = 0 if kind == 3 else nid
+            if kind != 3:
+                nid += 1
+            row.extend([val] * n)
+        rows.append(row[:T])
+    return jnp.asarray(np.array(rows, np.int32))
+
+
+def split_by_segments(seg_row):
+    """[(start, end)] of each sequence (non-padding run) of one row, in order."""
+    seg_row = np.asarray(seg_row)
+    out = []
+    t = 0
+    T = len(seg_row)
+    while t < T:
+        if seg_row[t] == 0:
+            t += 1
+            continue
+        s = t
+        while t < T and seg_row[t] == seg_row[s]:
+            t += 1
+        out.append((s, t))
+    return out

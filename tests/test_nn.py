@@ -1,0 +1,286 @@
+"""flashkda_jax.nn.KimiDeltaAttention: ragged batches, decode cache, transformations, errors."""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flashkda_jax import available_implementations
+from flashkda_jax.nn import KimiDeltaAttention, short_conv
+
+HIDDEN = 24
+SMALL = dict(num_heads=2, head_dim=8, num_v_heads=4, expand_v=0.5, implementation="xla")
+
+
+def _layer(**kw):
+    cfg = dict(SMALL)
+    cfg.update(kw)
+    return KimiDeltaAttention(**cfg)
+
+
+def _x(seed, B, T, dtype=jnp.float32):
+    return jax.random.normal(jax.random.PRNGKey(seed), (B, T, HIDDEN), jnp.float32).astype(dtype)
+
+
+def _rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def _pack(seqs, rows, T):
+    """Packs sequences ([L, hidden] arrays) into rows with segment ids.
+
+    rows: per row, a list of (seq index, segment id) or ("pad", n); returns x [B, T, hidden], seg [B, T]
+    and the (row, start) of each sequence.
+    """
+    B = len(rows)
+    x = np.zeros((B, T, HIDDEN), np.float32)
+    seg = np.zeros((B, T), np.int32)
+    where = {}
+    for b, items in enumerate(rows):
+        t = 0
+        for item in items:
+            if item[0] == "pad":
+                # padding carries garbage on purpose: it must not leak
+                x[b, t: t + item[1]] = 7.0
+                t += item[1]
+                continue
+            i, sid = item
+            L = seqs[i].shape[0]
+            x[b, t: t + L] = seqs[i]
+            seg[b, t: t + L] = sid
+            where[i] = (b, t)
+            t += L
+        assert t <= T
+        x[b, t:] = -3.0
+    return jnp.asarray(x), jnp.asarray(seg), where
+
+
+LENS = [9, 1, 14, 5, 3, 20]
+ROWS = [
+    [(0, 1), (1, 2), ("pad", 2), (2, 2)],        # id 2 split by padding -> two sequences
+    [("pad", 3), (3, 5), (4, 5), (5, 1)],        # repeated id back to back is ONE sequence: keep them apart
+]
+
+
+def _rows():
+    # (4, 5) directly after (3, 5) would merge them; use distinct ids there instead.
+    return [ROWS[0], [("pad", 3), (3, 5), (4, 6), ("pad", 1), (5, 1)]]
+
+
+@pytest.fixture(scope="module")
+def packed():
+    T = 33
+    seqs = [np.asarray(_x(100 + i, 1, L)[0]) for i, L in enumerate(LENS)]
+    x, seg, where = _pack(seqs, _rows(), T)
+    layer = _layer()
+    params = layer.init(jax.random.PRNGKey(0), x, seg)
+    return layer, params, seqs, x, seg, where
+
+
+def test_param_names_and_shapes():
+    layer = _layer(conv_bias=True)
+    p = layer.init(jax.random.PRNGKey(0), _x(0, 1, 5))["params"]
+    shapes = jax.tree.map(lambda a: a.shape, p)
+    H, K, HV, Vd = 2, 8, 4, 4
+    assert shapes == {
+        "q_proj": {"kernel": (HIDDEN, H * K)}, "k_proj": {"kernel": (HIDDEN, H * K)},
+        "v_proj": {"kernel": (HIDDEN, HV * Vd)},
+        "q_conv1d": {"kernel": (4, H * K), "bias": (H * K,)}, "k_conv1d": {"kernel": (4, H * K), "bias": (H * K,)},
+        "v_conv1d": {"kernel": (4, HV * Vd), "bias": (HV * Vd,)},
+        "f_proj": {"0": {"kernel": (HIDDEN, Vd)}, "1": {"kernel": (Vd, HV * K)}},
+        "b_proj": {"kernel": (HIDDEN, HV)}, "A_log": (HV,), "dt_bias": (HV * K,),
+        "g_proj": {"0": {"kernel": (HIDDEN, Vd)}, "1": {"kernel": (Vd, HV * Vd), "bias": (HV * Vd,)}},
+        "o_norm": {"scale": (Vd,)}, "o_proj": {"kernel": (HV * Vd, HIDDEN)},
+    }
+    assert p["A_log"].dtype == jnp.float32 and p["dt_bias"].dtype == jnp.float32
+    a = np.exp(np.asarray(p["A_log"]))
+    assert np.all((a >= 1) & (a <= 16))
+    dt = np.log1p(np.exp(np.asarray(p["dt_bias"])))   # softplus(dt_bias) = dt in [1e-3, 0.1]
+    assert np.all((dt >= 1e-3 - 1e-6) & (dt <= 0.1 + 1e-6))
+
+
+def test_packed_equals_one_by_one(packed):
+    layer, params, seqs, x, seg, where = packed
+    y = layer.apply(params, x, seg)
+    assert np.all(np.isfinite(np.asarray(y)))
+    covered = np.zeros(seg.shape, bool)
+    for i, s in enumerate(seqs):
+        b, t = where[i]
+        ref = layer.apply(params, jnp.asarray(s)[None])[0]
+        L = s.shape[0]
+        assert _rel(y[b, t: t + L], ref) < 1e-5, i
+        covered[b, t: t + L] = True
+    # padding outputs are exactly zero
+    assert np.all(np.asarray(y)[~covered] == 0)
+
+
+def test_packed_gradients_equal_sum_of_one_by_one(packed):
+    layer, params, seqs, x, seg, where = packed
+    w = jax.random.normal(jax.random.PRNGKey(5), x.shape)
+
+    def loss_packed(p, x):
+        return jnp.sum(layer.apply(p, x, seg) * w)
+
+    gp, gx = jax.grad(loss_packed, argnums=(0, 1))(params, x)
+
+    def loss_one(p, s, wi):
+        return jnp.sum(layer.apply(p, s[None])[0] * wi)
+
+    total = jax.tree.map(jnp.zeros_like, params)
+    for i, s in enumerate(seqs):
+        b, t = where[i]
+        L = s.shape[0]
+        gi, gxi = jax.grad(loss_one, argnums=(0, 1))(params, jnp.asarray(s), w[b, t: t + L])
+        total = jax.tree.map(jnp.add, total, gi)
+        assert _rel(gx[b, t: t + L], gxi) < 1e-4, i
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(gp), jax.tree.leaves(total)):
+        assert _rel(a, b) < 1e-4, jax.tree_util.keystr(path)
+    # padding gets no gradient
+    print(np.abs(np.asarray(gx)).max(-1))
+    assert np.all(np.asarray(gx)[np.asarray(seg) == 0] == 0)
+
+
+def test_short_conv_never_mixes_sequences():
+    W, D = 4, 3
+    x = jax.random.normal(jax.random.PRNGKey(0), (1, 10, D))
+    kern = jax.random.normal(jax.random.PRNGKey(1), (W, D))
+    seg = jnp.asarray([[1, 1, 1, 2, 2, 0, 2, 2, 2, 2]], jnp.int32)
+    from flashkda_jax.segments import slots_from_segment_ids
+    y = short_conv(x, kern, None, slots_from_segment_ids(seg))
+    for a, b in ((0, 3), (3, 5), (6, 10)):
+        ref = short_conv(x[:, a:b], kern, None, None)
+        np.testing.assert_allclose(y[:, a:b], ref, rtol=1e-6, atol=1e-6)
+    assert float(jnp.abs(y[0, 5]).max()) == 0.0
+
+
+def _decode_run(layer, params, x, seg, splits):
+    """Runs x through the decode cache in pieces [splits] -> concatenated outputs."""
+    B = x.shape[0]
+    cache = layer.init(jax.random.PRNGKey(9), x[:, :1], decode=True)["cache"]
+    step = jax.jit(lambda c, xi, si: layer.apply({"params": params["params"], "cache": c}, xi, si,
+                                                 decode=True, mutable=["cache"]))
+    outs, t = [], 0
+    for n in splits:
+        y, upd = step(cache, x[:, t: t + n], None if seg is None else seg[:, t: t + n])
+        cache = upd["cache"]
+        outs.append(y)
+        t += n
+    assert t == x.shape[1]
+    return jnp.concatenate(outs, axis=1), cache
+
+
+@pytest.mark.parametrize("gate", ["softplus", "bounded"])
+def test_decode_equals_full_pass(gate):
+    kw = dict(gate=gate, lower_bound=-5.0) if gate == "bounded" else {}
+    layer = _layer(**kw)
+    B, T = 2, 13
+    x = _x(3, B, T)
+    params = layer.init(jax.random.PRNGKey(0), x)
+    full = layer.apply(params, x)
+    # prefill 7 tokens, then one at a time (also a prefill split in two)
+    y, cache = _decode_run(layer, params, x, None, [7] + [1] * 6)
+    assert _rel(y, full) < 1e-5
+    y2, _ = _decode_run(layer, params, x, None, [2, 5, 1, 1, 4])
+    assert _rel(y2, full) < 1e-5
+    assert cache["recurrent_state"].shape == (B, 4, 8, 4)
+    assert cache["conv_state_q"].shape == (B, 3, 16)
+
+
+def test_decode_with_padded_prompts():
+    """Left- and right-padded prompts of different lengths, then decoding: each row == its own sequence."""
+    layer = _layer()
+    T = 10
+    x = _x(4, 2, T)
+    params = layer.init(jax.random.PRNGKey(0), x)
+    seg = jnp.asarray([[0, 0, 0, 1, 1, 1, 1, 1, 1, 1],        # left padding, prompt of 7 (prefill 6 + 1)
+                       [1, 1, 1, 1, 0, 0, 0, 0, 0, 0]], jnp.int32)  # right padding, prompt of 4
+    pre = 6
+    cache = layer.init(jax.random.PRNGKey(9), x[:, :1], decode=True)["cache"]
+    apply = lambda c, xi, si: layer.apply({"params": params["params"], "cache": c}, xi, si,
+                                          decode=True, mutable=["cache"])
+    y_pre, upd = apply(cache, x[:, :pre], seg[:, :pre])
+    y_rest, _ = apply(upd["cache"], x[:, pre:], seg[:, pre:])
+    y = jnp.concatenate([y_pre, y_rest], 1)
+    for b in range(2):
+        m = np.asarray(seg[b]) != 0
+        ref = layer.apply(params, x[b: b + 1, m])[0]
+        assert _rel(y[b, m], ref) < 1e-5, b
+        assert np.all(np.asarray(y[b, ~m]) == 0)
+
+
+def test_jit_grad_remat_and_bf16():
+    layer = _layer()
+    x = _x(1, 2, 11)
+    seg = jnp.asarray([[1] * 6 + [2] * 5, [3] * 9 + [0, 0]], jnp.int32)
+    params = layer.init(jax.random.PRNGKey(0), x, seg)
+
+    def loss(p, mod):
+        return jnp.mean(mod.apply(p, x, seg) ** 2)
+
+    g_plain = jax.jit(jax.grad(functools.partial(loss, mod=layer)))(params)
+    RematKDA = nn.remat(KimiDeltaAttention)
+    cfg = dict(SMALL)
+    g_remat = jax.jit(jax.grad(functools.partial(loss, mod=RematKDA(**cfg))))(params)
+    for a, b in zip(jax.tree.leaves(g_plain), jax.tree.leaves(g_remat)):
+        assert _rel(a, b) < 1e-6
+    assert all(np.all(np.isfinite(np.asarray(a))) for a in jax.tree.leaves(g_plain))
+
+    # bf16 computation with fp32 params, and bf16 params
+    yb = _layer(dtype=jnp.bfloat16).apply(params, x, seg)
+    assert yb.dtype == jnp.bfloat16
+    assert _rel(yb, layer.apply(params, x, seg)) < 3e-2
+    pb = _layer(param_dtype=jnp.bfloat16).init(jax.random.PRNGKey(0), x.astype(jnp.bfloat16))
+    assert pb["params"]["q_proj"]["kernel"].dtype == jnp.bfloat16
+    assert pb["params"]["A_log"].dtype == jnp.float32
+
+
+def test_default_implementation_matches_xla():
+    """implementation=None (the kernels where built) gives the xla program's outputs and gradients."""
+    x = _x(2, 2, 21)
+    seg = jnp.asarray([[1] * 8 + [2] * 13, [1] * 17 + [0] * 4], jnp.int32)
+    ref_layer = _layer()
+    layer = _layer(implementation=None)
+    params = ref_layer.init(jax.random.PRNGKey(0), x, seg)
+    f = lambda mod: jax.value_and_grad(lambda p: jnp.sum(jnp.sin(mod.apply(p, x, seg))))(params)
+    (l0, g0), (l1, g1) = f(ref_layer), f(layer)
+    assert abs(float(l0) - float(l1)) <= 1e-4 * max(1.0, abs(float(l0)))
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
+        assert _rel(a, b) < 1e-4
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(num_heads=3, num_v_heads=4), "multiple of num_heads"),
+    (dict(gate="bounded"), "needs lower_bound"),
+    (dict(gate="bounded", lower_bound=1.0), "must be negative"),
+    (dict(lower_bound=-5.0), "only used by gate='bounded'"),
+    (dict(gate="relu"), "gate must be one of"),
+    (dict(expand_v=0.3), "must be a positive integer"),
+    (dict(implementation="tpu"), "implementation must be"),
+    (dict(hidden_size=99), "hidden_size=99"),
+])
+def test_bad_configs_raise(kw, match):
+    with pytest.raises(ValueError, match=match):
+        _layer(**kw).init(jax.random.PRNGKey(0), _x(0, 1, 4))
+
+
+def test_bad_inputs_raise():
+    layer = _layer()
+    x = _x(0, 2, 5)
+    params = layer.init(jax.random.PRNGKey(0), x)
+    with pytest.raises(ValueError, match="segment_ids must be int32"):
+        layer.apply(params, x, jnp.ones((2, 5), jnp.float32))
+    with pytest.raises(ValueError, match=r"segment_ids must be \[B, T\]"):
+        layer.apply(params, x, jnp.ones((2, 4), jnp.int32))
+    with pytest.raises(ValueError, match=r"x must be \[B, T, hidden\]"):
+        layer.apply(params, x[0])
+    cache = layer.init(jax.random.PRNGKey(0), x[:1, :1], decode=True)["cache"]
+    with pytest.raises(ValueError, match="cache holds 1 rows"):
+        layer.apply({"params": params["params"], "cache": cache}, x, decode=True, mutable=["cache"])
+
+
+def test_available_implementations_listed():
+    assert "xla" in available_implementations()
