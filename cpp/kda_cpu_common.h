@@ -4,7 +4,7 @@
 // I/O, and a deterministic parallel-for over XLA's CPU thread pool.
 //
 // The recurrence is column-separable: column v of the state S (K x V) only ever meets column v of v, o and
-// the residual. The kernels therefore walk the state in blocks of kVB(Acc) columns, K x kVB, small enough
+// the residual. The kernels therefore walk the state in blocks of VB columns (Cfg::VB), K x VB, small enough
 // to stay in L1 while the tokens stream past.
 #pragma once
 
@@ -112,27 +112,71 @@ template <> struct Cvt<F16> {
 };
 
 // ------------------------------------------------------------------------------------------------
-// SIMD: 32-byte vectors of Acc (8 floats / 4 doubles); a state block is kR of them wide.
+// SIMD. A kernel configuration: accumulation type, vector width in bytes, vectors per state-block row.
 // ------------------------------------------------------------------------------------------------
 
-template <class T> struct VecOf {
-  typedef T type __attribute__((vector_size(32)));
-  static constexpr int W = 32 / int(sizeof(T));
+template <class T, int Bytes> struct VecN {
+  typedef T type __attribute__((vector_size(Bytes)));
 };
-constexpr int kR = 4;  // vectors per state block row
-template <class Acc> constexpr int kVB() { return VecOf<Acc>::W * kR; }
+template <class AccT, int Bytes, int Rows> struct Cfg {
+  using Acc = AccT;
+  using V = typename VecN<AccT, Bytes>::type;
+  static constexpr int W = Bytes / int(sizeof(AccT));  // lanes
+  static constexpr int R = Rows;                       // vectors per block row
+  static constexpr int VB = W * Rows;                  // state block width (V columns)
+};
 
 template <class V, class T> FKDA_INLINE V VLoad(const T* p) { V v; std::memcpy(&v, p, sizeof(V)); return v; }
 template <class V, class T> FKDA_INLINE void VStore(T* p, V v) { std::memcpy(p, &v, sizeof(V)); }
 template <class V, class T> FKDA_INLINE V VSplat(T s) { V v = {}; return v + s; }
-template <class T, class V> FKDA_INLINE T HSum(V v) {
-  constexpr int W = int(sizeof(V) / sizeof(T));
-  T s[W];
-  std::memcpy(s, &v, sizeof(V));
-  // Pairwise, fixed order.
-  for (int w = W / 2; w >= 1; w /= 2)
-    for (int l = 0; l < w; ++l) s[l] += s[l + w];
-  return s[0];
+// Horizontal sums in a fixed order.
+#if defined(__clang__)
+#define FKDA_SHUFFLE2(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#define FKDA_SHUFFLE1(a, ...) __builtin_shufflevector(a, a, __VA_ARGS__)
+#else
+#define FKDA_SHUFFLE2(a, b, ...) __builtin_shuffle(a, b, (I4){__VA_ARGS__})
+#define FKDA_SHUFFLE1(a, ...) __builtin_shuffle(a, (I4){__VA_ARGS__})
+#endif
+
+template <class T> struct Half;
+template <> struct Half<float> {
+  typedef float type __attribute__((vector_size(16)));
+  typedef int32_t itype __attribute__((vector_size(16)));
+};
+template <> struct Half<double> {
+  typedef double type __attribute__((vector_size(16)));
+  typedef int64_t itype __attribute__((vector_size(16)));
+};
+
+// (sum of a's lanes, sum of b's lanes) for two vectors of 16 bytes or more, in a fixed order.
+template <class T, class V> FKDA_INLINE void HSum2(V a, V b, T* sa, T* sb) {
+  if constexpr (sizeof(V) > 16) {
+    using Hv = typename VecN<T, int(sizeof(V) / 2)>::type;
+    Hv alo, ahi, blo, bhi;
+    std::memcpy(&alo, &a, sizeof(Hv));
+    std::memcpy(&ahi, reinterpret_cast<const char*>(&a) + sizeof(Hv), sizeof(Hv));
+    std::memcpy(&blo, &b, sizeof(Hv));
+    std::memcpy(&bhi, reinterpret_cast<const char*>(&b) + sizeof(Hv), sizeof(Hv));
+    HSum2<T, Hv>(alo + ahi, blo + bhi, sa, sb);
+  } else {
+    using I4 = typename Half<T>::itype;
+    const V x = a, y = b;
+    if constexpr (sizeof(T) == 4) {
+      V u = FKDA_SHUFFLE2(x, y, 0, 1, 4, 5) + FKDA_SHUFFLE2(x, y, 2, 3, 6, 7);  // x0+x2 x1+x3 y0+y2 y1+y3
+      V w = u + FKDA_SHUFFLE1(u, 1, 0, 3, 2);
+      *sa = w[0];
+      *sb = w[2];
+    } else {
+      V u = FKDA_SHUFFLE2(x, y, 0, 2) + FKDA_SHUFFLE2(x, y, 1, 3);
+      *sa = u[0];
+      *sb = u[1];
+    }
+  }
+}
+template <class T, class V> FKDA_INLINE T HSum(V a) {
+  T x, y;
+  HSum2<T, V>(a, a, &x, &y);
+  return x;
 }
 
 // Dot product of two contiguous arrays with 8 interleaved partial sums (vectorises without -ffast-math).
@@ -519,16 +563,24 @@ template <class Fn> inline ffi::Error DispatchDtype(const char* op, ffi::DataTyp
   }
 }
 
-// 0: generic, 1: AVX2+FMA, 2: AVX-512 (F, VL, DQ).
+// 0: generic, 1: AVX2+FMA, 2: AVX-512 (F, VL, DQ). FLASHKDA_CPU_ISA=generic|avx2 caps it (for tests).
 inline int CpuLevel() {
 #if FKDA_X86_DISPATCH
   static const int level = [] {
+    int cap = 2;
+    if (const char* env = std::getenv("FLASHKDA_CPU_ISA")) {
+      const std::string isa(env);
+      if (isa == "generic") cap = 0;
+      else if (isa == "avx2") cap = 1;
+    }
+    return std::min(cap, [] {
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
         __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
       return 2;
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return 1;
     return 0;
+    }());
   }();
   return level;
 #else

@@ -1,6 +1,6 @@
 // CPU handler of flashkda_fwd: the token-by-token recurrence, vectorised along V.
 //
-// Work items are (batch row, value head, V-column range); each keeps its K x kVB state blocks in cache,
+// Work items are (batch row, value head, V-column range); each keeps its K x VB state blocks in cache,
 // pre-processes kTc tokens at a time (l2norm, scale, gate, beta, all in the accumulation type), then runs
 // the recurrence block by block:
 //   S' = diag(a) S;  r = v - S'^T k;  S = S' + beta k r^T;  o = S^T q.
@@ -26,28 +26,27 @@ struct FwdArgs {
 };
 
 // One token on one K x VB state block. v and o are VB wide (zero padded beyond V).
-template <class Acc>
+template <class C, class Acc = typename C::Acc>
 FKDA_INLINE void FwdToken(Acc* FKDA_RESTRICT S, int64_t K, const Acc* FKDA_RESTRICT q,
                           const Acc* FKDA_RESTRICT k, const Acc* FKDA_RESTRICT a, Acc beta,
                           const Acc* FKDA_RESTRICT v, Acc* FKDA_RESTRICT o) {
-  using V = typename VecOf<Acc>::type;
-  constexpr int W = VecOf<Acc>::W;
-  constexpr int VB = kVB<Acc>();
-  V acc[kR];
-  for (int r = 0; r < kR; ++r) acc[r] = V{};
+  using V = typename C::V;
+  constexpr int W = C::W, R = C::R, VB = C::VB;
+  V acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = V{};
   for (int64_t i = 0; i < K; ++i) {
     Acc* row = S + i * VB;
     const V ai = VSplat<V>(a[i]);
     const V ki = VSplat<V>(k[i]);
-    for (int r = 0; r < kR; ++r) {
+    for (int r = 0; r < R; ++r) {
       V x = VLoad<V>(row + r * W) * ai;
       VStore(row + r * W, x);
       acc[r] += ki * x;
     }
   }
-  V u[kR];
+  V u[R];
   const V bv = VSplat<V>(beta);
-  for (int r = 0; r < kR; ++r) {
+  for (int r = 0; r < R; ++r) {
     u[r] = (VLoad<V>(v + r * W) - acc[r]) * bv;
     acc[r] = V{};
   }
@@ -55,21 +54,22 @@ FKDA_INLINE void FwdToken(Acc* FKDA_RESTRICT S, int64_t K, const Acc* FKDA_RESTR
     Acc* row = S + i * VB;
     const V ki = VSplat<V>(k[i]);
     const V qi = VSplat<V>(q[i]);
-    for (int r = 0; r < kR; ++r) {
+    for (int r = 0; r < R; ++r) {
       V x = VLoad<V>(row + r * W) + ki * u[r];
       VStore(row + r * W, x);
       acc[r] += qi * x;
     }
   }
-  for (int r = 0; r < kR; ++r) VStore(o + r * W, acc[r]);
+  for (int r = 0; r < R; ++r) VStore(o + r * W, acc[r]);
 }
 
-template <class In, class Acc>
+template <class In, class C>
 FKDA_INLINE void FwdTask(const FwdArgs& A, int64_t task) {
+  using Acc = typename C::Acc;
   const Problem& P = A.P;
   const KdaShape& s = P.s;
   const int64_t T = s.T, HV = s.HV, K = s.K, V = s.V;
-  constexpr int VB = kVB<Acc>();
+  constexpr int VB = C::VB;
   const int64_t split = task % A.nsplit;
   const int64_t bh = task / A.nsplit;
   const int64_t b = bh / HV, hv = bh % HV;
@@ -122,7 +122,7 @@ FKDA_INLINE void FwdTask(const FwdArgs& A, int64_t task) {
           continue;
         }
         if (f & kStart) LoadStateBlock<Acc>(init_mat(slot[t]), vk, K, V, cb, nc, VB, Sb);
-        FwdToken<Acc>(Sb, K, qe.data() + j * K, ke.data() + j * K, ae.data() + j * K, be[j],
+        FwdToken<C>(Sb, K, qe.data() + j * K, ke.data() + j * K, ae.data() + j * K, be[j],
                       ve.data() + j * VB, orow);
         if (f & kEnd) {
           if (Acc* dst = fin_mat(slot[t])) StoreStateBlock<Acc>(dst, vk, K, V, cb, nc, VB, Sb, false);
@@ -137,25 +137,32 @@ FKDA_INLINE void FwdTask(const FwdArgs& A, int64_t task) {
   }
 }
 
-template <class In, class Acc> void FwdTaskGeneric(const FwdArgs& A, int64_t t) { FwdTask<In, Acc>(A, t); }
+template <class In, class C> void FwdTaskGeneric(const FwdArgs& A, int64_t t) { FwdTask<In, C>(A, t); }
 #if FKDA_X86_DISPATCH
-template <class In, class Acc> FKDA_TARGET_AVX2 void FwdTaskAvx2(const FwdArgs& A, int64_t t) {
-  FwdTask<In, Acc>(A, t);
+template <class In, class C> FKDA_TARGET_AVX2 void FwdTaskAvx2(const FwdArgs& A, int64_t t) {
+  FwdTask<In, C>(A, t);
 }
-template <class In, class Acc> FKDA_TARGET_AVX512 void FwdTaskAvx512(const FwdArgs& A, int64_t t) {
-  FwdTask<In, Acc>(A, t);
+template <class In, class C> FKDA_TARGET_AVX512 void FwdTaskAvx512(const FwdArgs& A, int64_t t) {
+  FwdTask<In, C>(A, t);
 }
 #endif
 
-template <class In, class Acc> auto PickFwd() -> void (*)(const FwdArgs&, int64_t) {
+using TaskFn = void (*)(const FwdArgs&, int64_t);
+struct Picked {
+  TaskFn fn;
+  int VB;
+};
+
+template <class In, class Acc> Picked PickFwd() {
 #if FKDA_X86_DISPATCH
   switch (CpuLevel()) {
-    case 2: return &FwdTaskAvx512<In, Acc>;
-    case 1: return &FwdTaskAvx2<In, Acc>;
+    case 2: { using C = Cfg<Acc, 64, 4>; return Picked{&FwdTaskAvx512<In, C>, C::VB}; }
+    case 1: { using C = Cfg<Acc, 32, 4>; return Picked{&FwdTaskAvx2<In, C>, C::VB}; }
     default: break;
   }
 #endif
-  return &FwdTaskGeneric<In, Acc>;
+  using C = Cfg<Acc, 16, 4>;
+  return Picked{&FwdTaskGeneric<In, C>, C::VB};
 }
 
 ffi::Error KdaFwd(ffi::ThreadPool& pool, FLASHKDA_FWD_PARAMS) {
@@ -185,7 +192,8 @@ ffi::Error KdaFwd(ffi::ThreadPool& pool, FLASHKDA_FWD_PARAMS) {
   return DispatchDtype(op, s.dtype, [&](auto tag) -> ffi::Error {
     using In = typename decltype(tag)::In;
     using Acc = typename decltype(tag)::Acc;
-    constexpr int VB = kVB<Acc>();
+    const Picked picked = PickFwd<In, Acc>();
+    const int64_t VB = picked.VB;
     A.nvb = (s.V + VB - 1) / VB;
     int64_t threads = 1;
     try {
@@ -196,7 +204,7 @@ ffi::Error KdaFwd(ffi::ThreadPool& pool, FLASHKDA_FWD_PARAMS) {
     const int64_t pairs = s.B * s.HV;
     A.nsplit = 1;
     while (A.nsplit < A.nvb && pairs * A.nsplit < 2 * threads) ++A.nsplit;
-    auto fn = PickFwd<In, Acc>();
+    TaskFn fn = picked.fn;
     const FwdArgs& args = A;
     return ParallelFor(pool, pairs * A.nsplit, [&args, fn](int64_t i) { fn(args, i); });
   });

@@ -50,16 +50,17 @@ struct PrepSmem {
   static constexpr int KP = K + 8;   // bf16 row pitch of q, k
   static constexpr int GP = K + 4;   // f32 row pitch of G
   static constexpr int AP = C + 1;   // f32 row pitch of A_kk, A_qk
+  static constexpr int QP = C + 8;   // bf16 row pitch of A_qk
   static size_t Bytes(int V) {
-    return static_cast<size_t>(2 * C * KP) * 2 + static_cast<size_t>(C * GP) * 4 + static_cast<size_t>(2 * C * AP) * 4 +
-           C * 4 + 256 * 4 + static_cast<size_t>(C * (V + 8)) * 2;
+    return static_cast<size_t>(2 * C * KP) * 2 + static_cast<size_t>(C * GP) * 4 + static_cast<size_t>(C * AP) * 4 +
+           static_cast<size_t>(C * QP) * 2 + C * 4 + 256 * 4 + static_cast<size_t>(C * (V + 8)) * 2;
   }
 };
 
 template <int K, typename TIn>
-__global__ void __launch_bounds__(kThreads, 1) PrepKernel(Params p) {
+__global__ void __launch_bounds__(kThreads, K <= 128 ? 2 : 1) PrepKernel(Params p) {
   using SM = PrepSmem<K>;
-  constexpr int C = kChunk, KP = SM::KP, GP = SM::GP, AP = SM::AP;
+  constexpr int C = kChunk, KP = SM::KP, GP = SM::GP, AP = SM::AP, QP = SM::QP;
   constexpr int PL = K / 32;  // channels per lane
   extern __shared__ __align__(16) unsigned char smem[];
   const int V = p.V, VP = V + 8;
@@ -67,8 +68,8 @@ __global__ void __launch_bounds__(kThreads, 1) PrepKernel(Params p) {
   bf16* sK = sQ + C * KP;
   float* sG = reinterpret_cast<float*>(sK + C * KP);
   float* sAkk = sG + C * GP;
-  float* sAqk = sAkk + C * AP;
-  float* sBeta = sAqk + C * AP;
+  bf16* sAqk = reinterpret_cast<bf16*>(sAkk + C * AP);
+  float* sBeta = reinterpret_cast<float*>(sAqk + C * QP);
   float* sTot = sBeta + C;
   bf16* sV = reinterpret_cast<bf16*>(sTot + 256);
 
@@ -88,65 +89,89 @@ __global__ void __launch_bounds__(kThreads, 1) PrepKernel(Params p) {
     const int L = min(C, send - cs);
     const int h = hv / p.group;
 
-    for (int i = tid; i < C * AP; i += kThreads) {
-      sAkk[i] = 0.f;
-      sAqk[i] = 0.f;
-    }
+    for (int i = tid; i < C * AP; i += kThreads) sAkk[i] = 0.f;
+    for (int i = tid; i < C * QP / 2; i += kThreads) reinterpret_cast<uint32_t*>(sAqk)[i] = 0u;
     // ---- load + pre-process one row per warp step ----
     float a_coef = 1.f;
     if (p.gate_mode != 0 && (p.gate_mode == 1 || p.use_a_log)) a_coef = __expf(p.a_log[(size_t)b * HV + hv]);
-    for (int r = warp; r < C; r += kThreads / 32) {
-      const bool valid = r < L;
-      const size_t tok = (size_t)b * p.T + cs + r;
-      float qv[PL], kv[PL], gvv[PL];
-      if (valid) {
-        LoadVec<TIn, PL>(gq + (tok * p.H + h) * K + lane * PL, qv);
-        LoadVec<TIn, PL>(gk + (tok * p.H + h) * K + lane * PL, kv);
-        LoadVec<TIn, PL>(gg + (tok * HV + hv) * K + lane * PL, gvv);
-      } else {
+    float dtb[PL];
 #pragma unroll
-        for (int i = 0; i < PL; ++i) qv[i] = kv[i] = gvv[i] = 0.f;
+    for (int i = 0; i < PL; ++i) dtb[i] = p.gate_mode != 0 ? p.dt_bias[((size_t)b * HV + hv) * K + lane * PL + i] : 0.f;
+    constexpr int RB = 4;                 // rows per warp whose loads are in flight together
+    constexpr int VPL = 8;                // v elements per lane (V <= 256)
+#pragma unroll 1
+    for (int r0 = warp; r0 < C; r0 += RB * (kThreads / 32)) {
+      float qv[RB][PL], kv[RB][PL], gvv[RB][PL], vv[RB][VPL], bt[RB];
+#pragma unroll
+      for (int u = 0; u < RB; ++u) {
+        const int r = r0 + u * (kThreads / 32);
+        const bool valid = r < L;
+        const size_t tok = (size_t)b * p.T + cs + (valid ? r : 0);
+        if (valid) {
+          LoadVec<TIn, PL>(gq + (tok * p.H + h) * K + lane * PL, qv[u]);
+          LoadVec<TIn, PL>(gk + (tok * p.H + h) * K + lane * PL, kv[u]);
+          LoadVec<TIn, PL>(gg + (tok * HV + hv) * K + lane * PL, gvv[u]);
+#pragma unroll
+          for (int i = 0; i < VPL; ++i) {
+            const int c = lane + 32 * i;
+            vv[u][i] = c < V ? ToF<TIn>(gv[(tok * HV + hv) * V + c]) : 0.f;
+          }
+          bt[u] = ToF<TIn>(gb[tok * HV + hv]);
+        } else {
+#pragma unroll
+          for (int i = 0; i < PL; ++i) qv[u][i] = kv[u][i] = gvv[u][i] = 0.f;
+#pragma unroll
+          for (int i = 0; i < VPL; ++i) vv[u][i] = 0.f;
+          bt[u] = 0.f;
+        }
       }
-      float qs = p.scale, ks = 1.f;
-      if (p.qk_l2norm) {
-        float sq = 0.f, sk = 0.f;
+#pragma unroll
+      for (int u = 0; u < RB; ++u) {
+        const int r = r0 + u * (kThreads / 32);
+        const bool valid = r < L;
+        float qs = p.scale, ks = 1.f;
+        if (p.qk_l2norm) {
+          float sq = 0.f, sk = 0.f;
+#pragma unroll
+          for (int i = 0; i < PL; ++i) {
+            sq += qv[u][i] * qv[u][i];
+            sk += kv[u][i] * kv[u][i];
+          }
+          sq = WarpSum(sq);
+          sk = WarpSum(sk);
+          qs *= rsqrtf(sq + 1e-6f);
+          ks = rsqrtf(sk + 1e-6f);
+        }
 #pragma unroll
         for (int i = 0; i < PL; ++i) {
-          sq += qv[i] * qv[i];
-          sk += kv[i] * kv[i];
-        }
-        sq = WarpSum(sq);
-        sk = WarpSum(sk);
-        qs *= rsqrtf(sq + 1e-6f);
-        ks = rsqrtf(sk + 1e-6f);
-      }
-#pragma unroll
-      for (int i = 0; i < PL; ++i) {
-        const int c = lane * PL + i;
-        sQ[r * KP + c] = __float2bfloat16(qv[i] * qs);
-        sK[r * KP + c] = __float2bfloat16(kv[i] * ks);
-        float x = gvv[i];
-        if (p.gate_mode != 0) {
-          x += p.dt_bias[((size_t)b * HV + hv) * K + c];
-          if (p.gate_mode == 1) {
-            x = -a_coef * Softplus(x);
-          } else {
-            if (p.use_a_log) x *= a_coef;
-            x = p.lower_bound * Sigmoid(x);
+          const int c = lane * PL + i;
+          sQ[r * KP + c] = __float2bfloat16(qv[u][i] * qs);
+          sK[r * KP + c] = __float2bfloat16(kv[u][i] * ks);
+          float x = gvv[u][i];
+          if (p.gate_mode != 0) {
+            x += dtb[i];
+            if (p.gate_mode == 1) {
+              x = -a_coef * Softplus(x);
+            } else {
+              if (p.use_a_log) x *= a_coef;
+              x = p.lower_bound * Sigmoid(x);
+            }
           }
+          sG[r * GP + c] = valid ? x : 0.f;
         }
-        sG[r * GP + c] = valid ? x : 0.f;
-      }
-      for (int c = lane; c < V; c += 32) {
-        sV[r * VP + c] = valid ? __float2bfloat16(ToF<TIn>(gv[(tok * HV + hv) * V + c])) : __float2bfloat16(0.f);
-      }
-      if (lane == 0) {
-        float bt = valid ? ToF<TIn>(gb[tok * HV + hv]) : 0.f;
-        if (valid && p.beta_sigmoid) {
-          bt = Sigmoid(bt);
-          if (p.allow_neg) bt *= 2.f;
+#pragma unroll
+        for (int i = 0; i < VPL; ++i) {
+          const int c = lane + 32 * i;
+          if (c < V) sV[r * VP + c] = __float2bfloat16(vv[u][i]);
         }
-        sBeta[r] = bt;
+        if (lane == 0) {
+          float bb = bt[u];
+          if (valid && p.beta_sigmoid) {
+            bb = Sigmoid(bb);
+            if (p.allow_neg) bb *= 2.f;
+          }
+          sBeta[r] = bb;
+        }
       }
     }
     __syncthreads();
@@ -170,75 +195,89 @@ __global__ void __launch_bounds__(kThreads, 1) PrepKernel(Params p) {
     }
     __syncthreads();
     // ---- A_kk (beta-scaled, strictly lower) and A_qk (lower incl. diagonal) ----
-    if (warp < 6) {
-      // Off-diagonal block (I, J): both factors exp(G_i - G_r), exp(G_r - G_j) are <= 1 with r the last row of J.
-      const int I = kPairI[warp], J = kPairJ[warp];
-      const int r = 16 * J + 15;
-      const int gr = lane >> 2, t4 = lane & 3;
-      float akk[2][4], aqk[2][4];
+    // Ten 16x16 block tasks: 6 off-diagonal (I > J) with reference row r = last row of J (both decay
+    // factors <= 1), 4 diagonal with r = row 7 of the block when the block's total decay stays below e^80
+    // (factors within bf16/fp32 range), else exact pairwise decays.
+    for (int task = warp; task < 10; task += kThreads / 32) {
+      const bool diag = task >= 6;
+      const int I = diag ? task - 6 : kPairI[task];
+      const int J = diag ? I : kPairJ[task];
+      const int r = diag ? 16 * I + 7 : 16 * J + 15;
+      bool fast = true;
+      if (diag) {
+        float m = 0.f;
+        for (int c = lane; c < K; c += 32) m = fmaxf(m, sG[(16 * I) * GP + c] - sG[(16 * I + 15) * GP + c]);
 #pragma unroll
-      for (int n = 0; n < 2; ++n)
+        for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+        fast = m <= 80.f;
+      }
+      if (fast) {
+        const int gr = lane >> 2, t4 = lane & 3;
+        float akk[2][4], aqk[2][4];
 #pragma unroll
-        for (int q = 0; q < 4; ++q) akk[n][q] = aqk[n][q] = 0.f;
+        for (int n = 0; n < 2; ++n)
+#pragma unroll
+          for (int q = 0; q < 4; ++q) akk[n][q] = aqk[n][q] = 0.f;
 #pragma unroll 2
-      for (int kk = 0; kk < K / 16; ++kk) {
-        uint32_t ak[4], aq[4];
+        for (int kk = 0; kk < K / 16; ++kk) {
+          uint32_t ak[4], aq[4];
 #pragma unroll
-        for (int m = 0; m < 4; ++m) {
-          const int i = 16 * I + gr + 8 * (m & 1);
-          const int c = kk * 16 + 2 * t4 + 8 * (m >> 1);
-          const float e0 = __expf(sG[i * GP + c] - sG[r * GP + c]);
-          const float e1 = __expf(sG[i * GP + c + 1] - sG[r * GP + c + 1]);
-          ak[m] = PackBF16(Bf(sK[i * KP + c]) * e0, Bf(sK[i * KP + c + 1]) * e1);
-          aq[m] = PackBF16(Bf(sQ[i * KP + c]) * e0, Bf(sQ[i * KP + c + 1]) * e1);
-        }
-#pragma unroll
-        for (int n = 0; n < 2; ++n) {
-          const int j = 16 * J + 8 * n + gr;
-          uint32_t bb[2];
-#pragma unroll
-          for (int hh = 0; hh < 2; ++hh) {
-            const int c = kk * 16 + 2 * t4 + 8 * hh;
-            const float e0 = __expf(sG[r * GP + c] - sG[j * GP + c]);
-            const float e1 = __expf(sG[r * GP + c + 1] - sG[j * GP + c + 1]);
-            bb[hh] = PackBF16(Bf(sK[j * KP + c]) * e0, Bf(sK[j * KP + c + 1]) * e1);
+          for (int m = 0; m < 4; ++m) {
+            const int i = 16 * I + gr + 8 * (m & 1);
+            const int c = kk * 16 + 2 * t4 + 8 * (m >> 1);
+            const float e0 = __expf(sG[i * GP + c] - sG[r * GP + c]);
+            const float e1 = __expf(sG[i * GP + c + 1] - sG[r * GP + c + 1]);
+            ak[m] = PackBF16(Bf(sK[i * KP + c]) * e0, Bf(sK[i * KP + c + 1]) * e1);
+            aq[m] = PackBF16(Bf(sQ[i * KP + c]) * e0, Bf(sQ[i * KP + c + 1]) * e1);
           }
-          Mma(akk[n], ak, bb[0], bb[1]);
-          Mma(aqk[n], aq, bb[0], bb[1]);
+#pragma unroll
+          for (int n = 0; n < 2; ++n) {
+            const int j = 16 * J + 8 * n + gr;
+            uint32_t bb[2];
+#pragma unroll
+            for (int hh = 0; hh < 2; ++hh) {
+              const int c = kk * 16 + 2 * t4 + 8 * hh;
+              const float e0 = __expf(sG[r * GP + c] - sG[j * GP + c]);
+              const float e1 = __expf(sG[r * GP + c + 1] - sG[j * GP + c + 1]);
+              bb[hh] = PackBF16(Bf(sK[j * KP + c]) * e0, Bf(sK[j * KP + c + 1]) * e1);
+            }
+            Mma(akk[n], ak, bb[0], bb[1]);
+            Mma(aqk[n], aq, bb[0], bb[1]);
+          }
         }
-      }
 #pragma unroll
-      for (int n = 0; n < 2; ++n)
+        for (int n = 0; n < 2; ++n)
 #pragma unroll
-        for (int hh = 0; hh < 2; ++hh) {
-          const int row = 16 * I + gr + 8 * hh;
-          const int col = 16 * J + 8 * n + 2 * t4;
-          sAkk[row * AP + col] = sBeta[row] * akk[n][2 * hh];
-          sAkk[row * AP + col + 1] = sBeta[row] * akk[n][2 * hh + 1];
-          sAqk[row * AP + col] = aqk[n][2 * hh];
-          sAqk[row * AP + col + 1] = aqk[n][2 * hh + 1];
+          for (int hh = 0; hh < 2; ++hh)
+#pragma unroll
+            for (int e2 = 0; e2 < 2; ++e2) {
+              const int row = 16 * I + gr + 8 * hh;
+              const int col = 16 * J + 8 * n + 2 * t4 + e2;
+              if (!diag || col < row) sAkk[row * AP + col] = sBeta[row] * akk[n][2 * hh + e2];
+              if (!diag || col <= row) sAqk[row * QP + col] = __float2bfloat16(aqk[n][2 * hh + e2]);
+            }
+      } else {
+        // Exact pairwise decays exp(G_i - G_j), j <= i (strong gates).
+        for (int q = 0; q < 136; ++q) {
+          int li = static_cast<int>((sqrtf(8.f * q + 1.f) - 1.f) * 0.5f);
+          while ((li + 1) * (li + 2) / 2 <= q) ++li;
+          while (li * (li + 1) / 2 > q) --li;
+          const int lj = q - li * (li + 1) / 2;
+          const int i = 16 * I + li, j = 16 * I + lj;
+          float skk = 0.f, sqk = 0.f;
+#pragma unroll
+          for (int c = lane; c < K; c += 32) {
+            const float kj = Bf(sK[j * KP + c]) * __expf(sG[i * GP + c] - sG[j * GP + c]);
+            skk += Bf(sK[i * KP + c]) * kj;
+            sqk += Bf(sQ[i * KP + c]) * kj;
+          }
+          skk = WarpSum(skk);
+          sqk = WarpSum(sqk);
+          if (lane == 0) {
+            if (i > j) sAkk[i * AP + j] = sBeta[i] * skk;
+            sAqk[i * QP + j] = __float2bfloat16(sqk);
+          }
         }
-    }
-    // Diagonal 16x16 blocks: exact pairwise decays exp(G_i - G_j), j <= i.
-    for (int pi = (warp + 2) & 7; pi < 4 * 136; pi += 8) {
-      const int I = pi / 136, q = pi - I * 136;
-      int li = static_cast<int>((sqrtf(8.f * q + 1.f) - 1.f) * 0.5f);
-      while ((li + 1) * (li + 2) / 2 <= q) ++li;
-      while (li * (li + 1) / 2 > q) --li;
-      const int lj = q - li * (li + 1) / 2;
-      const int i = 16 * I + li, j = 16 * I + lj;
-      float skk = 0.f, sqk = 0.f;
-#pragma unroll
-      for (int c = lane; c < K; c += 32) {
-        const float kj = Bf(sK[j * KP + c]) * __expf(sG[i * GP + c] - sG[j * GP + c]);
-        skk += Bf(sK[i * KP + c]) * kj;
-        sqk += Bf(sQ[i * KP + c]) * kj;
-      }
-      skk = WarpSum(skk);
-      sqk = WarpSum(sqk);
-      if (lane == 0) {
-        if (i > j) sAkk[i * AP + j] = sBeta[i] * skk;
-        sAqk[i * AP + j] = sqk;
       }
     }
     __syncthreads();
@@ -283,11 +322,8 @@ __global__ void __launch_bounds__(kThreads, 1) PrepKernel(Params p) {
     }
     for (int idx = tid; idx < L * (C / 8); idx += kThreads) {
       const int r = idx / (C / 8), c0 = (idx - r * (C / 8)) * 8;
-      uint32_t aw[4];
-#pragma unroll
-      for (int u = 0; u < 4; ++u) aw[u] = PackBF16(sAqk[r * AP + c0 + 2 * u], sAqk[r * AP + c0 + 2 * u + 1]);
       *reinterpret_cast<uint4*>(p.Aqk + (((size_t)b * p.T + cs + r) * HV + hv) * C + c0) =
-          make_uint4(aw[0], aw[1], aw[2], aw[3]);
+          *reinterpret_cast<const uint4*>(sAqk + r * QP + c0);
     }
     const bool last = cs + C >= send;
     const int gidx = !last ? (cs + C - 1) / C : (s < p.S_final ? p.NW + s : -1);

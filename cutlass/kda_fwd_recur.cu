@@ -363,13 +363,24 @@ cudaError_t LaunchRecurK2(const Params& p, bool phase3, cudaStream_t stream, int
 }
 
 // ---- phase 2: S_{j+1} = P_j S_j + H_j over the segments of each split sequence, fp32 ----
+// One CTA per (split sequence, head, 16 state columns); P_j streams through shared memory in column tiles.
+template <int K>
+struct CombineSmem {
+  static constexpr int CB = 16, MT = 64, MP = MT + 4;
+  static constexpr size_t Bytes() { return (static_cast<size_t>(K) * CB + static_cast<size_t>(K) * MP) * 4; }
+};
+
 template <int K>
 __global__ void __launch_bounds__(kThreads) CombineKernel(Params p) {
-  constexpr int CB = 16;             // state columns per CTA
+  using SM = CombineSmem<K>;
+  constexpr int CB = SM::CB, MT = SM::MT, MP = SM::MP;
   constexpr int G = kThreads / K;    // column groups
   constexpr int CPT = CB / G;        // columns per thread
-  __shared__ float sS[K][CB];
-  const int r = threadIdx.x % K, cg = threadIdx.x / K;
+  extern __shared__ __align__(16) unsigned char smem[];
+  float* sS = reinterpret_cast<float*>(smem);  // [K][CB]
+  float* sP = sS + K * CB;                     // [K][MP]
+  const int tid = threadIdx.x;
+  const int r = tid % K, cg = tid / K;
   const int HV = p.HV, V = p.V;
   const int NCB = V / CB;
   const int nitems = p.counters[2] * HV * NCB;
@@ -384,33 +395,43 @@ __global__ void __launch_bounds__(kThreads) CombineKernel(Params p) {
     {
       const float* s1 = p.Sstart + (((size_t)b * p.NSPLIT + (ss + p.Lseg - 1) / p.Lseg) * HV + hv) * K * V;
 #pragma unroll
-      for (int c = 0; c < CPT; ++c) sS[r][cg * CPT + c] = s1[(size_t)r * V + c0 + c];
+      for (int c = 0; c < CPT; ++c) sS[r * CB + cg * CPT + c] = s1[(size_t)r * V + c0 + c];
     }
     __syncthreads();
     for (int tj = ss + p.Lseg; tj + p.Lseg < send; tj += p.Lseg) {
       const int idx = (tj + p.Lseg - 1) / p.Lseg;
-      const float* hp = p.HP + (((size_t)b * p.NSPLIT + idx) * HV + hv) * K * (V + K) + (size_t)r * (V + K);
+      const float* hp = p.HP + (((size_t)b * p.NSPLIT + idx) * HV + hv) * K * (V + K);
       float acc[CPT];
 #pragma unroll
-      for (int c = 0; c < CPT; ++c) acc[c] = hp[c0 + c];
-      const float* prow = hp + V;
-#pragma unroll 4
-      for (int m = 0; m < K; m += 4) {
-        const float4 pm = *reinterpret_cast<const float4*>(prow + m);
-#pragma unroll
-        for (int c = 0; c < CPT; ++c) {
-          acc[c] += pm.x * sS[m][cg * CPT + c];
-          acc[c] += pm.y * sS[m + 1][cg * CPT + c];
-          acc[c] += pm.z * sS[m + 2][cg * CPT + c];
-          acc[c] += pm.w * sS[m + 3][cg * CPT + c];
+      for (int c = 0; c < CPT; ++c) acc[c] = hp[(size_t)r * (V + K) + c0 + c];
+      for (int m0 = 0; m0 < K; m0 += MT) {
+        // P[:, m0:m0+MT] -> sP
+        for (int v = tid; v < K * (MT / 4); v += kThreads) {
+          const int rr = v / (MT / 4), q4 = v - rr * (MT / 4);
+          CpAsync16(sP + rr * MP + q4 * 4, hp + (size_t)rr * (V + K) + V + m0 + q4 * 4, true);
         }
+        CpAsyncCommit();
+        CpAsyncWait<0>();
+        __syncthreads();
+#pragma unroll 4
+        for (int m = 0; m < MT; m += 4) {
+          const float4 pm = *reinterpret_cast<const float4*>(sP + r * MP + m);
+#pragma unroll
+          for (int c = 0; c < CPT; ++c) {
+            const int col = cg * CPT + c;
+            acc[c] += pm.x * sS[(m0 + m) * CB + col];
+            acc[c] += pm.y * sS[(m0 + m + 1) * CB + col];
+            acc[c] += pm.z * sS[(m0 + m + 2) * CB + col];
+            acc[c] += pm.w * sS[(m0 + m + 3) * CB + col];
+          }
+        }
+        __syncthreads();
       }
       float* dst = p.Sstart + (((size_t)b * p.NSPLIT + idx) * HV + hv) * K * V + (size_t)r * V;
 #pragma unroll
       for (int c = 0; c < CPT; ++c) dst[c0 + c] = acc[c];
-      __syncthreads();
 #pragma unroll
-      for (int c = 0; c < CPT; ++c) sS[r][cg * CPT + c] = acc[c];
+      for (int c = 0; c < CPT; ++c) sS[r * CB + cg * CPT + c] = acc[c];
       __syncthreads();
     }
   }
@@ -418,11 +439,15 @@ __global__ void __launch_bounds__(kThreads) CombineKernel(Params p) {
 
 template <int K>
 cudaError_t LaunchCombineK(const Params& p, cudaStream_t stream, int nsm) {
-  long long items = static_cast<long long>(p.B) * p.T / p.Lseg * p.HV * (p.V / 16);
+  constexpr size_t smem = CombineSmem<K>::Bytes();
+  auto kernel = CombineKernel<K>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  if (err != cudaSuccess) return err;
+  long long items = static_cast<long long>(p.B) * (p.T / p.Lseg + 1) * p.HV * (p.V / 16);
   long long grid = static_cast<long long>(nsm) * 4;
   if (grid > items) grid = items;
   if (grid < 1) grid = 1;
-  CombineKernel<K><<<static_cast<int>(grid), kThreads, 0, stream>>>(p);
+  kernel<<<static_cast<int>(grid), kThreads, smem, stream>>>(p);
   return cudaGetLastError();
 }
 

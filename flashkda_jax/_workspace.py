@@ -1,11 +1,70 @@
 """Workspace sizes (bytes) of the FFI ops, per platform. Handlers get it as their last (u8) result, so that
 they never allocate and stay CUDA-graph safe. Must be linear in B (vmap multiplies the buffer by the
-batch of the vmapped axis)."""
+batch of the vmapped axis).
+
+The CUDA forward layout mirrors ``flashkda::fwd::MakeLayout`` in ``cutlass/kda_fwd_common.cuh``; keep both
+in sync (the handler checks that the buffer it gets is large enough). Its per-row size never grows with B
+(more rows only lengthen the segments sequences are split into), so ``bytes(n * B) <= n * bytes(B)``.
+"""
 
 from __future__ import annotations
 
+# Constants of cutlass/kda_fwd_common.cuh.
+_CHUNK = 64
+_SEG_MIN_CHUNKS = 8
+_TARGET_ITEMS = 264
+
+
+def _align256(x: int) -> int:
+    return (x + 255) // 256 * 256
+
+
+def _block_v(K: int) -> int:
+    return 32 if K >= 256 else 64
+
+
+def cuda_fwd_seglen(B: int, T: int, HV: int, K: int, V: int) -> int:
+    """Chunks per segment that the CUDA forward splits long sequences into (ChooseSeglen)."""
+    nw = -(-T // _CHUNK)
+    chains = B * HV * (V // _block_v(K))
+    if chains <= 0 or nw <= _SEG_MIN_CHUNKS:
+        return max(nw, 1)
+    nseg = -(-_TARGET_ITEMS // chains)
+    if nseg <= 1:
+        return nw
+    return max(-(-nw // nseg), _SEG_MIN_CHUNKS)
+
+
+def cuda_fwd_workspace_bytes(B: int, T: int, HV: int, K: int, V: int, S: int) -> int:
+    nw = -(-T // _CHUNK)
+    ng = nw + S
+    seglen = cuda_fwd_seglen(B, T, HV, K, V)
+    split = seglen < nw
+    lseg = seglen * _CHUNK
+    nsplit = (-(-T // lseg) + 1) if split else 0
+    tok = B * T * HV
+    sizes = [
+        tok * K * 2,               # Qg
+        tok * K * 2,               # Kd
+        tok * K * 2,               # W
+        tok * V * 2,               # U
+        tok * _CHUNK * 2,          # A_qk rows
+        B * ng * HV * K * 4,       # gamma per chunk
+        B * nsplit * HV * K * (V + K) * 4,  # segment maps [H | P]
+        B * nsplit * HV * K * V * 4,        # segment start states
+        B * T * 4,                 # sequence start per token
+        B * T * 4,                 # sequence end per start
+        B * T * 16,                # chunk list
+        B * T * 16,                # segment list
+        B * T * 16,                # split-sequence list
+        64,                        # counters
+    ]
+    return sum(_align256(s) for s in sizes)
+
 
 def fwd_workspace_bytes(platform: str, *, B: int, T: int, H: int, HV: int, K: int, V: int, S: int, opts) -> int:
+    if platform == "cuda":
+        return cuda_fwd_workspace_bytes(B, T, HV, K, V, S)
     return 0
 
 

@@ -378,8 +378,11 @@ class KimiDeltaAttention(nn.Module):
             slot = None
         else:
             x_in = x
-            slot = _segments.slots_from_segment_ids(segment_ids) if segment_ids is not None else None
-            kda_seg = segment_ids
+            slot, kda_seg = None, segment_ids
+            if segment_ids is not None:
+                slot = _segments.slots_from_segment_ids(segment_ids)
+                # Padding inputs enter nothing (and get exactly zero gradient).
+                x_in = jnp.where((segment_ids != 0)[..., None], x, 0)
 
         q, k, v = q_proj(x_in), k_proj(x_in), v_proj(x_in)
         if self.use_short_conv:

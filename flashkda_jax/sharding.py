@@ -308,10 +308,13 @@ def _rule(num_args, has_init, has_ct_fin, H, HV, opts, backward):
         ins += [v] + ([st] if has_ct_fin else [])
         outs = [q, q, v, g, beta, a, dt] + ([st] if has_init else [])
     assert len(ins) == num_args, (ins, num_args)
-    kw = dict(need_replication_factors=("k", "d", "s") + (("r",) if H != HV else ()))
+    rule = ", ".join(ins) + " -> " + ", ".join(outs)
+    order = list(dict.fromkeys(rule.replace("(", " ").replace(")", " ").replace(",", " ").replace("->", " ").split()))
+    # Shardy wants special factors in the order factors first appear in the rule.
+    kw = dict(need_replication_factors=tuple(f for f in order if f in ("k", "d", "s", "r")))
     if H != HV:
         kw["r"] = HV // H
-    return ", ".join(ins) + " -> " + ", ".join(outs), kw
+    return rule, kw
 
 
 def _fwd_rule(opts, impl, mesh, operand_types, result_types):

@@ -1,0 +1,184 @@
+"""GPU forward benchmark (DESIGN §6): flashkda_jax.kda (CUDA) vs fla's Triton chunk_kda, same process.
+
+Shapes: bf16, K=V=128, bounded gate (lower_bound -5, A_log, dt_bias), q/k l2norm and beta sigmoid in
+kernel, fp32 initial and final state. Prints one table (ms, ratio, memory-traffic floor) last.
+
+    python benchmarks/bench_gpu.py [--cases b1-t8k-h16,...] [--xla] [--reps 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+os.environ.setdefault("FLA_FLASH_KDA", "0")
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import flashkda_jax as F
+from flashkda_jax import _capabilities as _caps
+
+CASES = {
+    "b1-t8k-h16": (1, 8192, 16, None),
+    "b1-t32k-h16": (1, 32768, 16, None),
+    "b8-t4k-h16": (8, 4096, 16, None),
+    "b1-t8k-h64": (1, 8192, 64, None),
+    "b1-t8k-h96": (1, 8192, 96, None),
+    "varlen-32k-h16": (1, 32768, 16, [8000, 300, 12000, 5, 12463]),
+    "varlen-8k-h64": (1, 8192, 64, [1300, 547, 2048, 963, 271, 3063]),
+}
+FLA_REF_MS = {"b1-t8k-h16": 0.83, "b1-t32k-h16": 2.5, "b8-t4k-h16": 2.2, "b1-t8k-h64": 2.1,
+              "b1-t8k-h96": 3.2, "varlen-32k-h16": 2.2, "varlen-8k-h64": 2.2}
+TARGET = {"b1-t8k-h16": 1.5, "b1-t32k-h16": 1.5, "b8-t4k-h16": 2.5, "b1-t8k-h64": 2.0, "b1-t8k-h96": 2.5,
+          "varlen-32k-h16": 1.5, "varlen-8k-h64": 2.0}
+K = V = 128
+
+
+def make_inputs(B, T, H, lens, seed=0):
+    ks = jax.random.split(jax.random.PRNGKey(seed), 8)
+    bf = jnp.bfloat16
+    q = jax.random.normal(ks[0], (B, T, H, K), bf)
+    k = jax.random.normal(ks[1], (B, T, H, K), bf)
+    v = jax.random.normal(ks[2], (B, T, H, V), bf)
+    g = jax.random.normal(ks[3], (B, T, H, K), bf)
+    beta = jax.random.normal(ks[4], (B, T, H), bf)
+    A_log = jax.random.normal(ks[5], (H,), jnp.float32) * 0.5
+    dt_bias = jax.random.normal(ks[6], (H, K), jnp.float32) * 0.5
+    N = B if lens is None else len(lens)
+    h0 = 0.1 * jax.random.normal(ks[7], (N, H, K, V), jnp.float32)
+    cu = None if lens is None else jnp.asarray(np.concatenate([[0], np.cumsum(lens)]).astype(np.int32))
+    return (q, k, v, g, beta), dict(A_log=A_log, dt_bias=dt_bias, h0=h0, cu=cu)
+
+
+def jax_fn(impl, varlen):
+    def f(q, k, v, g, beta, A_log, dt_bias, h0, cu):
+        kw = dict(gate="bounded", lower_bound=-5.0, A_log=A_log, dt_bias=dt_bias, qk_l2norm=True,
+                  beta_sigmoid=True, initial_state=h0, return_final_state=True, implementation=impl)
+        if varlen:
+            kw["cu_seqlens"] = cu
+        return F.kda(q, k, v, g, beta, **kw)
+    return jax.jit(f)
+
+
+def time_jax(f, args, reps, inner=10):
+    out = f(*args)
+    jax.block_until_ready(out)
+    for _ in range(3):
+        jax.block_until_ready(f(*args))
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            out = f(*args)
+        jax.block_until_ready(out)
+        ts.append((time.perf_counter() - t0) / inner * 1e3)
+    return statistics.median(ts), out
+
+
+def time_fla(B, T, H, lens, reps):
+    try:
+        import torch
+        from fla.ops.kda import chunk_kda
+    except Exception as e:  # pragma: no cover
+        return None, f"fla unavailable: {e}"
+    dev = "cuda"
+    torch.manual_seed(0)
+    bf = torch.bfloat16
+    q = torch.randn(B, T, H, K, device=dev, dtype=bf)
+    k = torch.randn(B, T, H, K, device=dev, dtype=bf)
+    v = torch.randn(B, T, H, V, device=dev, dtype=bf)
+    g = torch.randn(B, T, H, K, device=dev, dtype=bf)
+    beta = torch.randn(B, T, H, device=dev, dtype=bf)
+    A_log = torch.randn(H, device=dev) * 0.5
+    dt_bias = torch.randn(H * K, device=dev) * 0.5
+    N = B if lens is None else len(lens)
+    h0 = torch.randn(N, H, K, V, device=dev) * 0.1
+    cu = None
+    if lens is not None:
+        cu = torch.tensor(np.concatenate([[0], np.cumsum(lens)]), device=dev, dtype=torch.long)
+
+    def run():
+        return chunk_kda(q, k, v, g, beta, initial_state=h0, output_final_state=True,
+                         use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True, use_beta_sigmoid_in_kernel=True,
+                         safe_gate=True, lower_bound=-5.0, A_log=A_log, dt_bias=dt_bias, cu_seqlens=cu)
+
+    with torch.no_grad():
+        for _ in range(5):
+            run()
+        torch.cuda.synchronize()
+        ts = []
+        for _ in range(reps):
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            for _ in range(10):
+                run()
+            e.record()
+            torch.cuda.synchronize()
+            ts.append(s.elapsed_time(e) / 10)
+    return statistics.median(ts), None
+
+
+def copy_bandwidth():
+    x = jnp.ones((256, 1024, 1024), jnp.float32)  # 1 GiB
+    f = jax.jit(lambda a: a * 1.0001)
+    jax.block_until_ready(f(x))
+    ts = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        jax.block_until_ready(f(x))
+        ts.append(time.perf_counter() - t0)
+    return 2 * x.nbytes / min(ts)
+
+
+def floor_bytes(B, T, H, N):
+    tok = B * T * H
+    return tok * (2 * K * 2 + V * 2 + K * 2 + 2 + V * 2) + 2 * N * H * K * V * 4
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--cases", default=",".join(CASES))
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--xla", action="store_true", help="also time the pure-JAX chunked program")
+    ap.add_argument("--no-fla", action="store_true")
+    a = ap.parse_args()
+    if not _caps.CUDA_FWD_READY:
+        _caps.CUDA_FWD_READY = True
+    dev = jax.devices()[0]
+    print(f"device: {dev.device_kind}", flush=True)
+    bw = copy_bandwidth()
+    print(f"copy bandwidth: {bw / 1e12:.2f} TB/s", flush=True)
+    rows = []
+    for name in a.cases.split(","):
+        B, T, H, lens = CASES[name]
+        args, extra = make_inputs(B, T, H, lens)
+        fargs = args + (extra["A_log"], extra["dt_bias"], extra["h0"], extra["cu"])
+        ms, out = time_jax(jax_fn("cuda", lens is not None), fargs, a.reps)
+        xla_ms = None
+        if a.xla:
+            xla_ms, _ = time_jax(jax_fn("xla", lens is not None), fargs, max(3, a.reps // 4), inner=2)
+        fla_ms, why = (None, "skipped") if a.no_fla else time_fla(B, T, H, lens, a.reps)
+        if why and not a.no_fla:
+            print(why)
+        N = B if lens is None else len(lens)
+        fl = floor_bytes(B, T, H, N) / bw * 1e3
+        rows.append((name, ms, fla_ms, xla_ms, fl))
+        print(f"{name}: cuda {ms:.3f} ms  fla {fla_ms if fla_ms is None else round(fla_ms, 3)} ms", flush=True)
+        del out
+    print()
+    print(f"{'case':16s} {'cuda ms':>8s} {'fla ms':>8s} {'fla/cuda':>8s} {'target':>6s} {'xla ms':>8s} {'floor ms':>8s}")
+    for name, ms, fla_ms, xla_ms, fl in rows:
+        ratio = f"{fla_ms / ms:8.2f}" if fla_ms else f"{'-':>8s}"
+        xs = f"{xla_ms:8.3f}" if xla_ms else f"{'-':>8s}"
+        fs = f"{fla_ms:8.3f}" if fla_ms else f"{'-':>8s}"
+        print(f"{name:16s} {ms:8.3f} {fs} {ratio} {TARGET[name]:6.1f} {xs} {fl:8.3f}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

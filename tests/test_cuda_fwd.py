@@ -1,0 +1,200 @@
+"""The CUDA forward kernel (flashkda_fwd on GPU) against the fp32 oracle. Skipped without a GPU."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kda_testing import rel_err, random_state
+
+
+def _has_gpu() -> bool:
+    try:
+        return any(d.platform == "gpu" for d in jax.devices())
+    except RuntimeError:
+        return False
+
+
+pytestmark = pytest.mark.skipif(not _has_gpu(), reason="needs a GPU")
+
+if _has_gpu():
+    import flashkda_jax as F
+    from flashkda_jax import _capabilities as _caps
+    from flashkda_jax import _ffi
+    from flashkda_jax import reference as R
+
+    if not _ffi.extension_has_cuda():
+        pytestmark = pytest.mark.skip(reason="extension built without CUDA")
+    else:
+        _caps.CUDA_FWD_READY = True  # this file tests the kernel itself
+
+BF16_TOL = 5e-3
+FP32_TOL = 5e-3  # the kernel's tensor-core operands are bf16 whatever the input dtype
+
+
+def _inputs(seed, B, T, H, HV, K, V, dtype, gate="bounded", strong=False):
+    ks = jax.random.split(jax.random.PRNGKey(seed), 8)
+    q = jax.random.normal(ks[0], (B, T, H, K), jnp.float32)
+    k = jax.random.normal(ks[1], (B, T, H, K), jnp.float32)
+    v = jax.random.normal(ks[2], (B, T, HV, V), jnp.float32)
+    beta = jax.random.normal(ks[4], (B, T, HV), jnp.float32)
+    kw = dict(qk_l2norm=True, beta_sigmoid=True)
+    if gate == "precomputed":
+        g = -jnp.exp(jax.random.normal(ks[3], (B, T, HV, K)) - 2.0)
+        if strong:
+            g = g * 1e4
+    else:
+        g = jax.random.normal(ks[3], (B, T, HV, K)) * (30.0 if strong else 1.0)
+        kw["gate"] = gate
+        kw["A_log"] = jax.random.normal(ks[5], (HV,)) * 0.5 + (3.0 if strong else -1.0)
+        kw["dt_bias"] = jax.random.normal(ks[6], (HV, K)) * 0.5
+        if gate == "bounded":
+            kw["lower_bound"] = -5.0
+    c = lambda x: x.astype(dtype)
+    return (c(q), c(k), c(v), c(g), c(beta)), kw
+
+
+def _run(args, impl, **kw):
+    return jax.jit(lambda *a: F.kda(*a, implementation=impl, **kw))(*args)
+
+
+def _ref(args, **kw):
+    return jax.jit(lambda *a: R.kda_recurrent(*[x.astype(jnp.float32) for x in a], **kw))(*args)
+
+
+def _check(out, ref, tol, what=""):
+    o, fin = out
+    ro, rfin = ref
+    assert np.all(np.isfinite(np.asarray(o, np.float32))), what
+    e = rel_err(o, ro)
+    assert e <= tol, f"{what} o rel err {e}"
+    if rfin is not None:
+        ef = rel_err(fin, rfin)
+        assert ef <= tol, f"{what} final state rel err {ef}"
+
+
+@pytest.mark.parametrize("gate", ["precomputed", "softplus", "bounded"])
+@pytest.mark.parametrize("KV", [64, 128])
+def test_gates_gva_states(gate, KV):
+    B, T, H, HV = 2, 200, 2, 4
+    args, kw = _inputs(1, B, T, H, HV, KV, KV, jnp.bfloat16, gate)
+    init = random_state(3, (B, HV, KV, KV))
+    kw.update(initial_state=init, return_final_state=True)
+    _check(_run(args, "cuda", **kw), _ref(args, **kw), BF16_TOL, f"{gate} K={KV}")
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.float32])
+def test_dtypes(dtype):
+    B, T, H, HV, K = 1, 150, 2, 2, 128
+    args, kw = _inputs(2, B, T, H, HV, K, K, dtype, "softplus")
+    kw.update(return_final_state=True, allow_neg_eigval=True, scale=0.2)
+    out = _run(args, "cuda", **kw)
+    assert out[0].dtype == dtype
+    _check(out, _ref(args, **kw), FP32_TOL if dtype == jnp.float32 else BF16_TOL, str(dtype))
+
+
+def test_head_dim_256():
+    B, T, H, HV, K = 1, 130, 1, 2, 256
+    args, kw = _inputs(4, B, T, H, HV, K, K, jnp.bfloat16, "bounded")
+    kw.update(initial_state=random_state(5, (B, HV, K, K)), return_final_state=True)
+    _check(_run(args, "cuda", **kw), _ref(args, **kw), BF16_TOL, "K=256")
+
+
+def test_state_layout_vk_no_l2norm():
+    B, T, H, HV, K = 2, 96, 2, 2, 64
+    args, kw = _inputs(6, B, T, H, HV, K, K, jnp.bfloat16, "precomputed")
+    q, k, v, g, beta = args
+    # unit-norm keys without in-kernel l2norm (the delta rule is stable for |k| = 1, beta in (0, 1)).
+    kf = k.astype(jnp.float32)
+    k = (kf / jnp.linalg.norm(kf, axis=-1, keepdims=True)).astype(jnp.bfloat16)
+    args = (q, k, v, g, beta)
+    kw.update(qk_l2norm=False, state_layout="vk", initial_state=random_state(7, (B, HV, K, K)),
+              return_final_state=True)
+    _check(_run(args, "cuda", **kw), _ref(args, **kw), BF16_TOL, "vk")
+
+
+def test_strong_gates_finite():
+    for gate in ("precomputed", "softplus"):
+        B, T, H, HV, K = 1, 140, 1, 2, 128
+        args, kw = _inputs(8, B, T, H, HV, K, K, jnp.bfloat16, gate, strong=True)
+        kw.update(initial_state=random_state(9, (B, HV, K, K)), return_final_state=True)
+        _check(_run(args, "cuda", **kw), _ref(args, **kw), BF16_TOL, f"strong {gate}")
+
+
+def _segments(B, T, seed):
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(B):
+        row, nid = [], 1
+        while len(row) < T:
+            kind = rng.integers(0, 5)
+            n = {0: 1, 1: int(rng.integers(2, 20)), 2: int(rng.integers(40, 150)), 3: int(rng.integers(1, 5)),
+                 4: int(rng.integers(60, 70))}[kind]
+            if kind == 3:
+                row.extend([0] * n)
+            else:
+                row.extend([nid] * n)
+                nid += 1
+        rows.append(row[:T])
+    return jnp.asarray(np.array(rows, np.int32))
+
+
+def test_segment_ids_ragged():
+    B, T, H, HV, K = 2, 400, 1, 2, 128
+    args, kw = _inputs(10, B, T, H, HV, K, K, jnp.bfloat16, "bounded")
+    seg = _segments(B, T, 11)
+    S = 6  # fewer slots than sequences: later sequences start from zero and keep no state
+    kw.update(segment_ids=seg, max_segments=S, initial_state=random_state(12, (B, S, HV, K, K)),
+              return_final_state=True)
+    out = _run(args, "cuda", **kw)
+    ref = _ref(args, **kw)
+    _check(out, ref, BF16_TOL, "segments")
+    pad = np.asarray(seg) == 0
+    assert np.all(np.asarray(out[0], np.float32)[pad] == 0.0)
+
+
+def test_cu_seqlens_with_empty_sequence():
+    T, H, HV, K = 300, 2, 2, 64
+    args, kw = _inputs(13, 1, T, H, HV, K, K, jnp.bfloat16, "softplus")
+    cu = jnp.asarray([0, 70, 70, 71, 200, 290], jnp.int32)  # empty, length-1, tail padding
+    N = cu.shape[0] - 1
+    kw.update(cu_seqlens=cu, initial_state=random_state(14, (N, HV, K, K)), return_final_state=True)
+    _check(_run(args, "cuda", **kw), _ref(args, **kw), BF16_TOL, "cu_seqlens")
+
+
+@pytest.mark.parametrize("K", [64, 128])
+def test_long_sequence_split(K):
+    # Few (B x HV) chains: the kernel splits the sequence into segments and composes their maps.
+    B, T, H, HV = 1, 3000, 1, 2
+    args, kw = _inputs(15, B, T, H, HV, K, K, jnp.bfloat16, "bounded")
+    kw.update(initial_state=random_state(16, (B, HV, K, K)), return_final_state=True)
+    _check(_run(args, "cuda", **kw), _ref(args, **kw), BF16_TOL, "split")
+
+
+def test_split_varlen_and_deterministic():
+    T, H, HV, K = 2500, 1, 1, 128
+    args, kw = _inputs(17, 1, T, H, HV, K, K, jnp.bfloat16, "bounded")
+    cu = jnp.asarray([0, 1100, 1105, 2400], jnp.int32)
+    kw.update(cu_seqlens=cu, initial_state=random_state(18, (3, HV, K, K)), return_final_state=True)
+    out1 = _run(args, "cuda", **kw)
+    out2 = _run(args, "cuda", **kw)
+    _check(out1, _ref(args, **kw), BF16_TOL, "split varlen")
+    assert np.array_equal(np.asarray(out1[0], np.float32), np.asarray(out2[0], np.float32))
+    assert np.array_equal(np.asarray(out1[1]), np.asarray(out2[1]))
+
+
+def test_short_and_vmap():
+    B, T, H, HV, K = 3, 1, 1, 2, 64
+    args, kw = _inputs(19, B, T, H, HV, K, K, jnp.bfloat16, "bounded")
+    kw.update(return_final_state=True)
+    _check(_run(args, "cuda", **kw), _ref(args, **kw), BF16_TOL, "T=1")
+    # vmap over an extra leading axis of every operand.
+    args, kw = _inputs(20, 2, 70, 1, 1, K, K, jnp.bfloat16, "bounded")
+    stacked = tuple(jnp.stack([a, a[::-1]]) for a in args)
+    f = jax.jit(jax.vmap(lambda *a: F.kda(*a, implementation="cuda", **kw)[0]))
+    out = f(*stacked)
+    for i in range(2):
+        ref = _ref(tuple(s[i] for s in stacked), **kw)[0]
+        assert rel_err(out[i], ref) <= BF16_TOL
