@@ -3,6 +3,7 @@
 q/k l2norm and beta sigmoid in kernel, fp32 state.
 
 Prints, per N: the state read+write floor (2·N·H·K·V·4 bytes over the measured copy bandwidth) and
+  jit-noop   the same loop around a jitted call that does (almost) nothing: the host dispatch floor
   jit-call   wall time per call of a jitted kda_decode in a Python loop (state donated; async dispatch,
              so this is max(host dispatch, device time)); the number a serving loop sees per layer call
   device     per-step time of a jitted, unrolled scan of 32 decode steps with the state carried
@@ -107,6 +108,19 @@ def time_jax(kda_decode, N, cold: bool):
         state.block_until_ready()
         reps.append((time.perf_counter() - t) / n)
     out["jit"] = statistics.median(reps) * 1e6
+    # Host dispatch floor: a jitted call with the same arguments that does (almost) nothing.
+    f0 = jax.jit(lambda q, k, v, g, b, s: (v + 1, s), donate_argnums=(5,))
+    for _ in range(20):
+        o, state = f0(q, k, v, g, beta, state)
+    state.block_until_ready()
+    reps = []
+    for _ in range(5):
+        t = time.perf_counter()
+        for _ in range(200):
+            o, state = f0(q, k, v, g, beta, state)
+        state.block_until_ready()
+        reps.append((time.perf_counter() - t) / 200)
+    out["noop"] = statistics.median(reps) * 1e6
 
     # device: STEPS decode steps unrolled inside one jit, distinct inputs per step.
     xs = inputs(jax.random.PRNGKey(4), N, steps=STEPS)
@@ -216,12 +230,20 @@ def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, nargs="+", default=[1, 64, 256])
     ap.add_argument("--check", action="store_true", help="compare with the oracle first")
+    ap.add_argument("--bv", type=int, default=0, help="force the CUDA kernel's strip width (16, 32, 64)")
+    ap.add_argument("--no-fla", action="store_true")
     args = ap.parse_args(argv)
+    if args.bv:
+        import os
+        os.environ["FLASHKDA_DECODE_BV"] = str(args.bv)
     from flashkda_jax import reference
     from flashkda_jax.decode import kda_decode, _select  # noqa: F401
 
     dev = jax.devices()[0]
-    print(f"device: {dev.device_kind} ({dev.platform}); jax {jax.__version__}")
+    from flashkda_jax import _inputs
+    core, _ = _inputs.prepare(*inputs(jax.random.PRNGKey(0), 1), qk_l2norm=True)
+    print(f"device: {dev.device_kind} ({dev.platform}); jax {jax.__version__}; "
+          f"implementation: {_select(None, core)}; FLASHKDA_DECODE_BV={args.bv or 'auto'}")
     if args.check:
         check(kda_decode, reference)
     bw = copy_bandwidth()
@@ -233,17 +255,18 @@ def main(argv=None):
         cold = STEPS * state_bytes <= 4 * 2 ** 30  # N=256: 8 GiB of pool, skipped (already L2-cold)
         r = {"N": N, "MB": state_bytes / 2 ** 20, "floor": floor}
         r.update(time_jax(kda_decode, N, cold=cold))
-        r.update(time_fla(N))
+        if not args.no_fla:
+            r.update(time_fla(N))
         rows.append(r)
         print(r, flush=True)
     fmt = lambda x: f"{x:9.1f}" if isinstance(x, float) else f"{'-':>9}"
     print()
-    print(f"{'N':>4} {'state MB':>9} {'floor us':>9} {'jit-call':>9} {'device':>9} {'cold':>9} "
+    print(f"{'N':>4} {'state MB':>9} {'floor us':>9} {'jit-noop':>9} {'jit-call':>9} {'device':>9} {'cold':>9} "
           f"{'fla':>9} {'fla-bench':>9} {'dev/floor':>9} {'fla/dev':>8}")
     for r in rows:
         ratio = r["device"] / r["floor"]
         vs = r["fla"] / r["device"] if "fla" in r else None
-        print(f"{r['N']:>4} {r['MB']:>9.1f} {fmt(r['floor'])} {fmt(r['jit'])} {fmt(r['device'])} "
+        print(f"{r['N']:>4} {r['MB']:>9.1f} {fmt(r['floor'])} {fmt(r['noop'])} {fmt(r['jit'])} {fmt(r['device'])} "
               f"{fmt(r.get('cold'))} {fmt(r.get('fla'))} {fmt(r.get('fla_bench'))} {ratio:>9.2f} "
               f"{(f'{vs:8.2f}' if vs else '       -')}")
     for r in rows:

@@ -56,14 +56,23 @@ def make_inputs(B, T, H, lens, seed=0):
     return (q, k, v, g, beta), dict(A_log=A_log, dt_bias=dt_bias, h0=h0, cu=cu)
 
 
-def jax_fn(impl, varlen):
+def jax_fn(impl, varlen, gate="bounded", grad=False):
     def f(q, k, v, g, beta, A_log, dt_bias, h0, cu):
-        kw = dict(gate="bounded", lower_bound=-5.0, A_log=A_log, dt_bias=dt_bias, qk_l2norm=True,
+        kw = dict(gate=gate, A_log=A_log, dt_bias=dt_bias, qk_l2norm=True,
                   beta_sigmoid=True, initial_state=h0, return_final_state=True, implementation=impl)
+        if gate == "bounded":
+            kw["lower_bound"] = -5.0
         if varlen:
             kw["cu_seqlens"] = cu
         return F.kda(q, k, v, g, beta, **kw)
-    return jax.jit(f)
+    if not grad:
+        return jax.jit(f)
+
+    def loss(q, k, v, g, beta, A_log, dt_bias, h0, cu):
+        o, s = f(q, k, v, g, beta, A_log, dt_bias, h0, cu)
+        return jnp.sum(o.astype(jnp.float32)) + jnp.sum(s)
+    # fwd+bwd: gradients of every float input, as fla's backward produces them.
+    return jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4, 5, 6, 7)))
 
 
 def time_jax(f, args, reps, inner=10):
@@ -81,7 +90,7 @@ def time_jax(f, args, reps, inner=10):
     return statistics.median(ts), out
 
 
-def time_fla(B, T, H, lens, reps):
+def time_fla(B, T, H, lens, reps, gate="bounded", grad=False):
     try:
         import torch
         from fla.ops.kda import chunk_kda
@@ -90,25 +99,36 @@ def time_fla(B, T, H, lens, reps):
     dev = "cuda"
     torch.manual_seed(0)
     bf = torch.bfloat16
-    q = torch.randn(B, T, H, K, device=dev, dtype=bf)
-    k = torch.randn(B, T, H, K, device=dev, dtype=bf)
-    v = torch.randn(B, T, H, V, device=dev, dtype=bf)
-    g = torch.randn(B, T, H, K, device=dev, dtype=bf)
-    beta = torch.randn(B, T, H, device=dev, dtype=bf)
-    A_log = torch.randn(H, device=dev) * 0.5
-    dt_bias = torch.randn(H * K, device=dev) * 0.5
+    rg = dict(requires_grad=grad)
+    q = torch.randn(B, T, H, K, device=dev, dtype=bf, **rg)
+    k = torch.randn(B, T, H, K, device=dev, dtype=bf, **rg)
+    v = torch.randn(B, T, H, V, device=dev, dtype=bf, **rg)
+    g = torch.randn(B, T, H, K, device=dev, dtype=bf, **rg)
+    beta = torch.randn(B, T, H, device=dev, dtype=bf, **rg)
+    A_log = (torch.randn(H, device=dev) * 0.5).requires_grad_(grad)
+    dt_bias = (torch.randn(H * K, device=dev) * 0.5).requires_grad_(grad)
     N = B if lens is None else len(lens)
-    h0 = torch.randn(N, H, K, V, device=dev) * 0.1
+    h0 = (torch.randn(N, H, K, V, device=dev) * 0.1).requires_grad_(grad)
     cu = None
     if lens is not None:
         cu = torch.tensor(np.concatenate([[0], np.cumsum(lens)]), device=dev, dtype=torch.long)
 
-    def run():
+    gate_kw = dict(safe_gate=True, lower_bound=-5.0) if gate == "bounded" else {}
+
+    def fwd():
         return chunk_kda(q, k, v, g, beta, initial_state=h0, output_final_state=True,
                          use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True, use_beta_sigmoid_in_kernel=True,
-                         safe_gate=True, lower_bound=-5.0, A_log=A_log, dt_bias=dt_bias, cu_seqlens=cu)
+                         A_log=A_log, dt_bias=dt_bias, cu_seqlens=cu, **gate_kw)
 
-    with torch.no_grad():
+    def run():
+        if not grad:
+            return fwd()
+        o, s = fwd()
+        (o.float().sum() + s.sum()).backward()
+        for t in (q, k, v, g, beta, A_log, dt_bias, h0):
+            t.grad = None
+
+    with (torch.no_grad() if not grad else torch.enable_grad()):
         for _ in range(5):
             run()
         torch.cuda.synchronize()
@@ -147,11 +167,13 @@ def main():
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--xla", action="store_true", help="also time the pure-JAX chunked program")
     ap.add_argument("--no-fla", action="store_true")
+    ap.add_argument("--gate", choices=["bounded", "softplus"], default="bounded")
+    ap.add_argument("--grad", action="store_true", help="time fwd+bwd (jax.grad / torch backward)")
     a = ap.parse_args()
     if not _caps.CUDA_FWD_READY:
         _caps.CUDA_FWD_READY = True
     dev = jax.devices()[0]
-    print(f"device: {dev.device_kind}", flush=True)
+    print(f"device: {dev.device_kind}; gate={a.gate}; {'fwd+bwd' if a.grad else 'fwd'}", flush=True)
     bw = copy_bandwidth()
     print(f"copy bandwidth: {bw / 1e12:.2f} TB/s", flush=True)
     rows = []
@@ -159,11 +181,11 @@ def main():
         B, T, H, lens = CASES[name]
         args, extra = make_inputs(B, T, H, lens)
         fargs = args + (extra["A_log"], extra["dt_bias"], extra["h0"], extra["cu"])
-        ms, out = time_jax(jax_fn("cuda", lens is not None), fargs, a.reps)
+        ms, out = time_jax(jax_fn("cuda", lens is not None, a.gate, a.grad), fargs, a.reps)
         xla_ms = None
         if a.xla:
-            xla_ms, _ = time_jax(jax_fn("xla", lens is not None), fargs, max(3, a.reps // 4), inner=2)
-        fla_ms, why = (None, "skipped") if a.no_fla else time_fla(B, T, H, lens, a.reps)
+            xla_ms, _ = time_jax(jax_fn("xla", lens is not None, a.gate, a.grad), fargs, max(3, a.reps // 4), inner=2)
+        fla_ms, why = (None, "skipped") if a.no_fla else time_fla(B, T, H, lens, a.reps, a.gate, a.grad)
         if why and not a.no_fla:
             print(why)
         N = B if lens is None else len(lens)

@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
 # One GPU check: install the carried wheels (.whl: nvidia-cutlass, fla-core), build the package with CUDA,
-# run the GPU tests and the forward benchmark table. Logs go to $1 (default /tmp/gpu_check); a short
-# summary is printed last. Extra env: BENCH_ARGS (passed to bench_gpu.py), TESTS (pytest -k expression).
+# run the GPU tests and the benchmark tables. Logs go to $1 (default /tmp/gpu_check); a short summary is
+# printed last.
+#   STAGES   which parts to run (default "build tests bench"): build, tests, bench, softplus, grad, decode
+#   BENCH_ARGS  extra args for bench_gpu.py (e.g. "--reps 10 --cases b1-t8k-h16")
+#   TESTS    pytest -k expression for the GPU test files
 set -uo pipefail
 LOG=${1:-/tmp/gpu_check}
+STAGES=${STAGES:-build tests bench}
 mkdir -p "$LOG"
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -12,20 +16,41 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv >"$LOG/gpu.txt" 2>&1
-t0=$(date +%s)
-CUT=$(python3 -c "import cutlass_library,os;print(os.path.join(os.path.dirname(cutlass_library.__file__),'source','include'))" 2>/dev/null)
-FLASHKDA_CUDA=ON python3 -m pip install --no-build-isolation --no-deps -q ${CUT:+-C cmake.define.CUTLASS_INCLUDE_DIR=$CUT} . >"$LOG/build.log" 2>&1
-build_rc=$?
-t1=$(date +%s)
-test_rc=-1; bench_rc=-1
-if [ $build_rc -eq 0 ]; then
-  (cd tests && timeout 240 python3 -m pytest -q -rs test_cuda_fwd.py ${TESTS:+-k "$TESTS"} >"$LOG/tests.log" 2>&1); test_rc=$?
-  timeout 200 python3 benchmarks/bench_gpu.py ${BENCH_ARGS:-} >"$LOG/bench.log" 2>&1; bench_rc=$?
+has() { [[ " $STAGES " == *" $1 "* ]]; }
+summary=()
+if has build; then
+  t0=$(date +%s)
+  CUT=$(python3 -c "import cutlass_library,os;print(os.path.join(os.path.dirname(cutlass_library.__file__),'source','include'))" 2>/dev/null)
+  FLASHKDA_CUDA=ON python3 -m pip install --no-build-isolation --no-deps -q ${CUT:+-C cmake.define.CUTLASS_INCLUDE_DIR=$CUT} . >"$LOG/build.log" 2>&1
+  rc=$?
+  summary+=("build rc=$rc ($(( $(date +%s) - t0 )) s)")
+  if [ $rc -ne 0 ]; then grep -E "error|Error" "$LOG/build.log" | head -30; cat "$LOG/gpu.txt"; exit 1; fi
 fi
-echo "==== build rc=$build_rc ($((t1 - t0)) s)"
-[ $build_rc -ne 0 ] && grep -E "error|Error" "$LOG/build.log" | head -30
-echo "==== tests rc=$test_rc"
-[ -f "$LOG/tests.log" ] && grep -E "passed|failed|Error|error|assert" "$LOG/tests.log" | tail -25
-echo "==== bench rc=$bench_rc"
-[ -f "$LOG/bench.log" ] && tail -14 "$LOG/bench.log"
+if has tests; then
+  (cd tests && timeout 400 python3 -m pytest -q -rs -p no:cacheprovider test_cuda_fwd.py test_nn_fla_gpu.py \
+     ${TESTS:+-k "$TESTS"} >"$LOG/tests_gpu.log" 2>&1
+   timeout 400 python3 -m pytest -q -rs -p no:cacheprovider test_kda.py test_decode.py -k "cuda" \
+     >"$LOG/tests_cuda_impl.log" 2>&1)
+  summary+=("tests: $(tail -1 "$LOG/tests_gpu.log") | $(tail -1 "$LOG/tests_cuda_impl.log")")
+fi
+bench() {  # name, args...
+  local name=$1; shift
+  timeout 280 python3 benchmarks/bench_gpu.py ${BENCH_ARGS:-} "$@" >"$LOG/$name.log" 2>&1
+  summary+=("$name rc=$?")
+}
+has bench && bench bench_bounded --gate bounded
+has softplus && bench bench_softplus --gate softplus
+has grad && bench bench_grad --gate bounded --grad --xla
+if has decode; then
+  timeout 200 python3 benchmarks/bench_decode.py --check >"$LOG/bench_decode.log" 2>&1
+  summary+=("bench_decode rc=$?")
+fi
+echo "==== summary"
+printf '%s\n' "${summary[@]}"
+for f in tests_gpu tests_cuda_impl; do
+  [ -f "$LOG/$f.log" ] && grep -E "^(FAILED|ERROR)" "$LOG/$f.log" | head -15
+done
+for f in bench_bounded bench_softplus bench_grad bench_decode; do
+  [ -f "$LOG/$f.log" ] && { echo "---- $f"; tail -10 "$LOG/$f.log"; }
+done
 cat "$LOG/gpu.txt"

@@ -156,7 +156,7 @@ struct Picked {
 template <class In, class Acc> Picked PickFwd() {
 #if FKDA_X86_DISPATCH
   switch (CpuLevel()) {
-    case 2: { using C = Cfg<Acc, 64, 4>; return Picked{&FwdTaskAvx512<In, C>, C::VB}; }
+    case 2: { using C = Cfg<Acc, 64, 2>; return Picked{&FwdTaskAvx512<In, C>, C::VB}; }
     case 1: { using C = Cfg<Acc, 32, 4>; return Picked{&FwdTaskAvx2<In, C>, C::VB}; }
     default: break;
   }

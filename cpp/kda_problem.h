@@ -135,8 +135,9 @@ inline ffi::Error DecodeShape(const ffi::AnyBuffer& q, const ffi::AnyBuffer& k, 
 
 // Number of state slots of an optional state buffer [..., S, HV, K, V] (0 when the buffer is empty).
 inline int64_t StateSlots(const ffi::AnyBuffer& state, const KdaShape& s) {
-  if (state.element_count() == 0) return 0;
-  return static_cast<int64_t>(state.element_count()) / (s.B * s.HV * s.K * s.V);
+  const int64_t per = s.B * s.HV * s.K * s.V;
+  if (state.element_count() == 0 || per <= 0) return 0;
+  return static_cast<int64_t>(state.element_count()) / per;
 }
 
 }  // namespace flashkda

@@ -18,6 +18,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstdlib>
 
 #include "kda_bindings.h"
 #include "kda_decode_binding.h"
@@ -100,9 +101,9 @@ __device__ __forceinline__ void LoadTokens(const DecodeParams& p, Smem<K, BV>& s
     kv[i] = Cvt<X>::ld(k + lane + 32 * i);
     gv[i] = Cvt<X>::ld(g + lane + 32 * i);
   }
-  const int64_t vcol = v0 + lane;
-  float vv = 0.f;
-  if (lane < BV && vcol < p.V) vv = Cvt<X>::ld(static_cast<const X*>(p.v) + ((row * p.T + t) * p.HV + hv) * p.V + vcol);
+  const X* vrow = static_cast<const X*>(p.v) + ((row * p.T + t) * p.HV + hv) * p.V;
+#pragma unroll
+  for (int c = lane; c < BV; c += 32) sm.v[warp][c] = v0 + c < p.V ? Cvt<X>::ld(vrow + v0 + c) : 0.f;
   float bt = Cvt<X>::ld(static_cast<const X*>(p.beta) + (row * p.T + t) * p.HV + hv);
   float qs = p.scale, ks = 1.f;
   if (p.qk_l2norm) {
@@ -139,7 +140,6 @@ __device__ __forceinline__ void LoadTokens(const DecodeParams& p, Smem<K, BV>& s
     sm.alpha[warp][kk] = __expf(x);
   }
   dot = WarpSum(dot);
-  if (lane < BV) sm.v[warp][lane] = vv;
   if (lane == 0) {
     if (p.beta_sigmoid) {
       bt = Sigmoid(bt);
@@ -156,8 +156,17 @@ __device__ __forceinline__ void StoreOut(const DecodeParams& p, int64_t row, int
   Cvt<X>::st(static_cast<X*>(p.o) + ((row * p.T + t) * p.HV + hv) * p.V + col, x);
 }
 
+// Resident CTAs per SM the register allocation must allow: the state strip is BV * K / 256 floats per
+// thread, and the more CTAs (state bytes) in flight per SM, the closer a memory-bound launch gets to HBM
+// bandwidth.
+template <int K, int BV>
+constexpr int MinBlocks() {
+  constexpr int f = BV * K / kThreads;
+  return f <= 16 ? 4 : (f <= 32 ? 3 : 2);
+}
+
 template <typename X, int K, int BV, bool VK>
-__global__ void __launch_bounds__(kThreads) KdaDecodeKernel(const DecodeParams p) {
+__global__ void __launch_bounds__(kThreads, MinBlocks<K, BV>()) KdaDecodeKernel(const DecodeParams p) {
   __shared__ Smem<K, BV> sm;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t blk = blockIdx.x;
@@ -336,12 +345,28 @@ cudaError_t Launch(cudaStream_t stream, DecodeParams p, int64_t blocks) {
   return cudaGetLastError();
 }
 
-// blocks: (row, head) pairs. Few of them: narrow strips (BV = 16) for more CTAs in flight.
+// Strip width BV (value columns per CTA): 16 when there are few (row, head) pairs (N=1 decode: more
+// CTAs in flight), 64 for large launches (more state bytes in flight per thread), else 32.
+// FLASHKDA_DECODE_BV=16|32|64 in the environment forces one (read once; a tuning knob for benchmarks).
+inline int ForcedBv() {
+  static const int bv = [] {
+    const char* e = std::getenv("FLASHKDA_DECODE_BV");
+    const int v = e ? std::atoi(e) : 0;
+    return (v == 16 || v == 32 || v == 64) ? v : 0;
+  }();
+  return bv;
+}
+
 template <typename X, int K, bool VK>
 cudaError_t LaunchK(cudaStream_t stream, const DecodeParams& p, int64_t pairs) {
+  const int64_t ctas32 = pairs * ((p.V + 31) / 32);
+  int bv = ctas32 < 264 ? 16 : (ctas32 >= 1056 ? 64 : 32);
+  if (ForcedBv() != 0) bv = ForcedBv();
   if constexpr (K >= 64) {
-    const int64_t wide_ctas = pairs * ((p.V + 31) / 32);
-    if (wide_ctas < 264) return Launch<X, K, 16, VK>(stream, p, pairs);
+    if (bv == 16) return Launch<X, K, 16, VK>(stream, p, pairs);
+  }
+  if constexpr (K <= 128) {
+    if (bv == 64) return Launch<X, K, 64, VK>(stream, p, pairs);
   }
   return Launch<X, K, 32, VK>(stream, p, pairs);
 }

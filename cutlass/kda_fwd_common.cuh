@@ -33,7 +33,9 @@ namespace fwd {
 
 constexpr int kChunk = 64;          // tokens per chunk
 constexpr int kSegMinChunks = 8;    // shortest segment a sequence is split into (chunks)
-constexpr int kTargetItems = 264;   // recurrence work items wanted to fill the GPU (2 x 132 SMs)
+constexpr int kSms = 132;           // SMs assumed by ChooseSeglen (H100/H200)
+// Recurrence CTAs resident at once: two per SM for K <= 128 (single-stage, <= 128 registers), else one.
+inline constexpr int Slots(int K) { return K <= 128 ? 2 * kSms : kSms; }
 constexpr int kThreads = 256;       // every compute kernel runs 8 warps
 
 // Column block of the recurrence kernel (per CTA) for a given K.
@@ -88,23 +90,40 @@ struct Layout {
 
 inline size_t Align256(size_t x) { return (x + 255) / 256 * 256; }
 
-// Chunks per segment: split long sequences so that B * HV * (V / BV) * segments reaches kTargetItems.
+// Chunks per segment. Splitting a sequence into n segments runs phase 1 (segment maps: V columns for the
+// first segment, V + K for the middle ones) and phase 3 (outputs) over chunks of n-times shorter
+// segments; pick n minimising (rounds of Slots(K) resident CTAs) x (chunks per segment + 2) over both phases.
 inline int ChooseSeglen(int64_t B, int64_t T, int64_t HV, int64_t K, int64_t V) {
   const int64_t nw = (T + kChunk - 1) / kChunk;
   const int64_t chains = B * HV * (V / BlockV(static_cast<int>(K)));
-  if (chains <= 0 || nw <= kSegMinChunks) return static_cast<int>(nw > 0 ? nw : 1);
-  int64_t nseg = (kTargetItems + chains - 1) / chains;
-  if (nseg <= 1) return static_cast<int>(nw);
-  int64_t sl = (nw + nseg - 1) / nseg;
-  if (sl < kSegMinChunks) sl = kSegMinChunks;
-  return static_cast<int>(sl);
+  // K = 256 is supported, not tuned: its sequences are never split (the split path is tested for K <= 128).
+  if (chains <= 0 || nw <= kSegMinChunks || K > 128) return static_cast<int>(nw > 0 ? nw : 1);
+  int64_t best_len = nw, best_cost = -1;
+  for (int64_t n = 1; n <= 64; ++n) {
+    int64_t len = (nw + n - 1) / n;
+    if (len < kSegMinChunks) len = kSegMinChunks;
+    const int64_t ns = (nw + len - 1) / len;
+    if (n > 1 && ns < 2) break;
+    const int64_t items3 = ns * chains;
+    const int64_t items1 = ns > 1 ? chains + (ns - 2) * chains * 2 : 0;
+    const int64_t slots = Slots(static_cast<int>(K));
+    const int64_t rounds = (items3 + slots - 1) / slots + (items1 + slots - 1) / slots;
+    const int64_t cost = rounds * (len + 2);
+    if (best_cost < 0 || cost < best_cost) {
+      best_cost = cost;
+      best_len = ns > 1 ? len : nw;
+    }
+  }
+  return static_cast<int>(best_len);
 }
 
-inline Layout MakeLayout(int64_t B, int64_t T, int64_t HV, int64_t K, int64_t V, int64_t S) {
+// no_split: one segment per sequence (the smallest layout; used when the buffer was sized for fewer rows,
+// e.g. under vmap, and the preferred split does not fit).
+inline Layout MakeLayout(int64_t B, int64_t T, int64_t HV, int64_t K, int64_t V, int64_t S, bool no_split = false) {
   Layout l{};
   l.NW = static_cast<int>((T + kChunk - 1) / kChunk);
   l.NG = l.NW + static_cast<int>(S);
-  l.seglen = ChooseSeglen(B, T, HV, K, V);
+  l.seglen = no_split ? (l.NW > 0 ? l.NW : 1) : ChooseSeglen(B, T, HV, K, V);
   l.split = l.seglen < l.NW ? 1 : 0;
   const int64_t lseg = static_cast<int64_t>(l.seglen) * kChunk;
   l.NSPLIT = l.split ? static_cast<int>((T + lseg - 1) / lseg + 1) : 0;

@@ -49,7 +49,7 @@ struct PrepSmem {
   static constexpr int C = kChunk;
   static constexpr int KP = K + 8;   // bf16 row pitch of q, k
   static constexpr int GP = K + 4;   // f32 row pitch of G
-  static constexpr int AP = C + 1;   // f32 row pitch of A_kk, A_qk
+  static constexpr int AP = C + 4;   // f32 row pitch of A_kk^T (16-byte rows)
   static constexpr int QP = C + 8;   // bf16 row pitch of A_qk
   static size_t Bytes(int V) {
     return static_cast<size_t>(2 * C * KP) * 2 + static_cast<size_t>(C * GP) * 4 + static_cast<size_t>(C * AP) * 4 +
@@ -194,7 +194,7 @@ __global__ void __launch_bounds__(kThreads, K <= 128 ? 2 : 1) PrepKernel(Params 
       for (int i = 0; i < RP; ++i) sG[(part * RP + i) * GP + c] = acc[i] + off;
     }
     __syncthreads();
-    // ---- A_kk (beta-scaled, strictly lower) and A_qk (lower incl. diagonal) ----
+    // ---- A_kk (beta-scaled, strictly lower, stored transposed) and A_qk (lower incl. diagonal) ----
     // Ten 16x16 block tasks: 6 off-diagonal (I > J) with reference row r = last row of J (both decay
     // factors <= 1), 4 diagonal with r = row 7 of the block when the block's total decay stays below e^80
     // (factors within bf16/fp32 range), else exact pairwise decays.
@@ -253,7 +253,7 @@ __global__ void __launch_bounds__(kThreads, K <= 128 ? 2 : 1) PrepKernel(Params 
             for (int e2 = 0; e2 < 2; ++e2) {
               const int row = 16 * I + gr + 8 * hh;
               const int col = 16 * J + 8 * n + 2 * t4 + e2;
-              if (!diag || col < row) sAkk[row * AP + col] = sBeta[row] * akk[n][2 * hh + e2];
+              if (!diag || col < row) sAkk[col * AP + row] = sBeta[row] * akk[n][2 * hh + e2];
               if (!diag || col <= row) sAqk[row * QP + col] = __float2bfloat16(aqk[n][2 * hh + e2]);
             }
       } else {
@@ -274,7 +274,7 @@ __global__ void __launch_bounds__(kThreads, K <= 128 ? 2 : 1) PrepKernel(Params 
           skk = WarpSum(skk);
           sqk = WarpSum(sqk);
           if (lane == 0) {
-            if (i > j) sAkk[i * AP + j] = sBeta[i] * skk;
+            if (i > j) sAkk[j * AP + i] = sBeta[i] * skk;
             sAqk[i * QP + j] = __float2bfloat16(sqk);
           }
         }
@@ -290,11 +290,18 @@ __global__ void __launch_bounds__(kThreads, K <= 128 ? 2 : 1) PrepKernel(Params 
         const float rhs = isW ? Bf(sK[i * KP + col]) * __expf(sG[i * GP + col]) : Bf(sV[i * VP + col - K]);
         x[i] = sBeta[i] * rhs;
       }
+      // Right-looking substitution; A_kk is stored transposed so that column j is 16-byte loads.
 #pragma unroll
       for (int j = 0; j < C; ++j) {
         const float xj = x[j];
 #pragma unroll
-        for (int i = j + 1; i < C; ++i) x[i] -= sAkk[i * AP + j] * xj;
+        for (int i4 = (j + 1) / 4 * 4; i4 < C; i4 += 4) {
+          const float4 a = *reinterpret_cast<const float4*>(sAkk + j * AP + i4);
+          if (i4 + 0 > j) x[i4 + 0] -= a.x * xj;
+          if (i4 + 1 > j) x[i4 + 1] -= a.y * xj;
+          if (i4 + 2 > j) x[i4 + 2] -= a.z * xj;
+          if (i4 + 3 > j) x[i4 + 3] -= a.w * xj;
+        }
       }
       bf16* dst = isW ? p.W : p.U;
       const int dim = isW ? K : V;

@@ -26,7 +26,7 @@ struct RecurSmem {
 };
 
 template <int K, int BV, int STAGES, typename TOut, bool kOut>
-__global__ void __launch_bounds__(kThreads, 1) RecurKernel(Params p) {
+__global__ void __launch_bounds__(kThreads, STAGES == 1 && K <= 128 ? 2 : 1) RecurKernel(Params p) {
   using SM = RecurSmem<K, BV, STAGES, kOut>;
   constexpr int C = kChunk, KP = SM::KP, VP = SM::VP, AP = SM::AP;
   constexpr int NT = BV / 8, NTW = NT / 2;  // steps 1/2: 4 warps along rows x 2 along columns
@@ -357,7 +357,7 @@ cudaError_t LaunchRecurK(const Params& p, cudaStream_t stream, int nsm) {
 template <int K, typename TOut>
 cudaError_t LaunchRecurK2(const Params& p, bool phase3, cudaStream_t stream, int nsm) {
   constexpr int BV = BlockV(K);
-  constexpr int STAGES = K >= 256 ? 1 : 2;
+  constexpr int STAGES = 1;  // single stage: two CTAs per SM (K <= 128) overlap instead
   return phase3 ? LaunchRecurK<K, BV, STAGES, TOut, true>(p, stream, nsm)
                 : LaunchRecurK<K, BV, STAGES, float, false>(p, stream, nsm);  // no outputs: one instance
 }

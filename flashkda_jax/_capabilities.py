@@ -4,7 +4,7 @@ Edited by whoever lands a kernel: a capability listed here must be covered by GP
 """
 
 # CUDA forward kernel: supported (K, V) head dims and whether it exists at all.
-CUDA_FWD_READY = False
+CUDA_FWD_READY = True
 CUDA_FWD_HEAD_DIMS = frozenset({(64, 64), (128, 128), (256, 256)})
 CUDA_FWD_DTYPES = frozenset({"bfloat16", "float16", "float32"})
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 # Constants of cutlass/kda_fwd_common.cuh.
 _CHUNK = 64
 _SEG_MIN_CHUNKS = 8
-_TARGET_ITEMS = 264
+_SMS = 132
 
 
 def _align256(x: int) -> int:
@@ -27,12 +27,22 @@ def cuda_fwd_seglen(B: int, T: int, HV: int, K: int, V: int) -> int:
     """Chunks per segment that the CUDA forward splits long sequences into (ChooseSeglen)."""
     nw = -(-T // _CHUNK)
     chains = B * HV * (V // _block_v(K))
-    if chains <= 0 or nw <= _SEG_MIN_CHUNKS:
+    if chains <= 0 or nw <= _SEG_MIN_CHUNKS or K > 128:  # K = 256: never split (untuned)
         return max(nw, 1)
-    nseg = -(-_TARGET_ITEMS // chains)
-    if nseg <= 1:
-        return nw
-    return max(-(-nw // nseg), _SEG_MIN_CHUNKS)
+    best_len, best_cost = nw, -1
+    for n in range(1, 65):
+        ln = max(-(-nw // n), _SEG_MIN_CHUNKS)
+        ns = -(-nw // ln)
+        if n > 1 and ns < 2:
+            break
+        items3 = ns * chains
+        items1 = chains + (ns - 2) * chains * 2 if ns > 1 else 0
+        slots = 2 * _SMS if K <= 128 else _SMS
+        rounds = -(-items3 // slots) + -(-items1 // slots)
+        cost = rounds * (ln + 2)
+        if best_cost < 0 or cost < best_cost:
+            best_cost, best_len = cost, (ln if ns > 1 else nw)
+    return best_len
 
 
 def cuda_fwd_workspace_bytes(B: int, T: int, HV: int, K: int, V: int, S: int) -> int:

@@ -103,8 +103,9 @@ def _expected_fla_shapes(cfg: Mapping[str, Any]) -> dict[str, tuple]:
     return s
 
 
-def _strip(state_dict: Mapping[str, Any], prefix: str) -> dict[str, Any]:
-    return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+def _strip(state_dict: Mapping[str, Any], prefix: str) -> dict[str, np.ndarray]:
+    """The entries under prefix, prefix removed, as numpy arrays."""
+    return {k[len(prefix):]: _to_numpy(v) for k, v in state_dict.items() if k.startswith(prefix)}
 
 
 def _shape(x) -> tuple:
@@ -117,7 +118,10 @@ def infer_config(state_dict: Mapping[str, Any], prefix: str = "") -> dict:
 
     (Not recoverable from shapes, so not returned: gate / lower_bound, allow_neg_eigval, norm_eps.)
     """
-    sd = _strip(state_dict, prefix)
+    return _infer(_strip(state_dict, prefix), prefix)
+
+
+def _infer(sd: Mapping[str, np.ndarray], prefix: str) -> dict:
     for need in ("q_proj.weight", "v_proj.weight", "A_log", "dt_bias", "o_norm.weight"):
         if need not in sd:
             raise _err(f"{prefix + need!r} is missing: not a KimiDeltaAttention state dict"
@@ -140,10 +144,9 @@ def infer_config(state_dict: Mapping[str, Any], prefix: str = "") -> dict:
                    "an older fla KimiDeltaAttention whose gate/beta were per q/k head (before native GVA); "
                    "only layers with num_v_heads == num_heads convert from that layout")
     use_conv = "q_conv1d.weight" in sd
-    cfg = dict(hidden_size=hidden, num_heads=H, head_dim=K, num_v_heads=HV, expand_v=Vd / K,
+    return dict(hidden_size=hidden, num_heads=H, head_dim=K, num_v_heads=HV, expand_v=Vd / K,
                use_short_conv=use_conv, conv_size=_shape(sd["q_conv1d.weight"])[-1] if use_conv else 4,
                conv_bias=use_conv and "q_conv1d.bias" in sd)
-    return cfg
 
 
 def from_fla(state_dict: Mapping[str, Any], *, prefix: str = "", dtype=None, strict: bool = True) -> dict:
@@ -152,8 +155,8 @@ def from_fla(state_dict: Mapping[str, Any], *, prefix: str = "", dtype=None, str
     dtype: dtype of the converted weights (default: as stored; A_log and dt_bias are always float32).
     strict: raise on names under ``prefix`` that the layer does not have (missing names always raise).
     """
-    cfg = infer_config(state_dict, prefix)
     sd = _strip(state_dict, prefix)
+    cfg = _infer(sd, prefix)
     want = _expected_fla_shapes(cfg)
     mapping = _mapping(cfg)
     names = {n for n, _, _ in mapping}
@@ -165,7 +168,7 @@ def from_fla(state_dict: Mapping[str, Any], *, prefix: str = "", dtype=None, str
         raise _err(f"unexpected names in the state dict: {[prefix + e for e in extra]} (strict=False ignores them)")
     params: dict = {}
     for name, path, kind in mapping:
-        a = _to_numpy(sd[name])
+        a = sd[name]
         if _shape(a) != want[name] and not (name == "dt_bias" and int(np.prod(a.shape)) == int(np.prod(want[name]))):
             raise _err(f"{prefix + name} has shape {_shape(a)}, expected {want[name]} for {cfg}")
         if kind == "linear":

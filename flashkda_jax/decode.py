@@ -11,6 +11,7 @@ runs everywhere else.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -92,6 +93,16 @@ def _cuda_supports(core) -> str | None:
     return None
 
 
+_WARNED: set = set()
+
+
+def _warn_once(msg: str) -> None:
+    # Falling back is allowed, but never silently: it is slower.
+    if msg not in _WARNED:
+        _WARNED.add(msg)
+        warnings.warn(msg, RuntimeWarning, stacklevel=4)
+
+
 def _select(implementation, core) -> str:
     if implementation is not None and implementation not in IMPLEMENTATIONS:
         raise _err(f"implementation must be None or one of {IMPLEMENTATIONS}, got {implementation!r}")
@@ -108,7 +119,11 @@ def _select(implementation, core) -> str:
         return "cuda"
     platform = _platform()
     if platform in ("gpu", "cuda"):
-        return "cuda" if _cuda_supports(core) is None else "xla"
+        why = _cuda_supports(core)
+        if why is None:
+            return "cuda"
+        _warn_once(f"flashkda_jax.kda_decode: using the pure-JAX implementation on the GPU because {why}")
+        return "xla"
     if platform == "cpu" and _ffi.has_extension():
         return "cpu"
     return "xla"

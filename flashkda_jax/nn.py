@@ -358,6 +358,10 @@ class KimiDeltaAttention(nn.Module):
         if decode:
             cdtype = self.dtype if self.dtype is not None else jnp.result_type(x.dtype, self.param_dtype)
             have_cache = self.has_variable("cache", "recurrent_state")
+            if not have_cache and not self.is_initializing():
+                raise _err("decode=True reads the 'cache' collection: create it with "
+                           "layer.init(key, x, decode=True) (or jax.eval_shape of that, zero-filled) and call "
+                           "layer.apply({'params': ..., 'cache': ...}, x, decode=True, mutable=['cache'])")
             conv_states = None
             if self.use_short_conv:
                 conv_states = [self.variable("cache", f"conv_state_{n}", jnp.zeros, (B, W - 1, d), cdtype)

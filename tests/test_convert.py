@@ -169,7 +169,7 @@ def test_converted_layer_matches_fla_math(cfg, gate):
     x = np.random.default_rng(1).standard_normal((2, 7, cfg["hidden_size"]))
     lb = -5.0 if gate == "bounded" else None
     ref = fla_forward_numpy(sd, cfg, x, gate=gate, lower_bound=lb)
-    layer = KimiDeltaAttention(**cfg, gate=gate, lower_bound=lb, implementation="xla")
+    layer = KimiDeltaAttention(**cfg, gate=gate, lower_bound=lb)
     y = np.asarray(layer.apply(convert.from_fla(sd), jnp.asarray(x, jnp.float32)), np.float64)
     err = np.linalg.norm(y - ref) / np.linalg.norm(ref)
     assert err < 1e-4, err

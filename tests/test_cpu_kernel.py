@@ -189,37 +189,32 @@ TOLS = {jnp.float32: (F32_TOL, F32_GRAD_TOL, None), jnp.float64: (F64_TOL, 1e-11
         jnp.bfloat16: (5e-3, 1e-2, 2e-2), jnp.float16: (1e-3, 1e-2, 2e-2)}
 
 
-@pytest.mark.parametrize("gate", ["precomputed", "softplus", "bounded"])
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+@pytest.mark.parametrize("gate,dtype", [("precomputed", jnp.float32), ("softplus", jnp.float32),
+                                        ("bounded", jnp.float32), ("softplus", jnp.float64),
+                                        ("bounded", jnp.float64)])
 def test_options(gate, dtype):
     """GVA 2, l2norm, beta sigmoid x2, ragged segments with padding, initial + final state."""
     core, opts = _prepare(1, gate=gate, dtype=dtype)
     _check(core, opts, *TOLS[dtype])
 
 
-@pytest.mark.parametrize("dtype,gate", [(jnp.bfloat16, "bounded"), (jnp.float16, "softplus"),
-                                        (jnp.bfloat16, "precomputed")])
+@pytest.mark.parametrize("dtype,gate", [(jnp.bfloat16, "bounded"), (jnp.float16, "softplus")])
 def test_half_dtypes(dtype, gate):
     core, opts = _prepare(2, gate=gate, dtype=dtype)
     _check(core, opts, *TOLS[dtype])
 
 
 @pytest.mark.parametrize("kw", [
-    dict(layout="vk", V=40),
-    dict(layout="vk", segments=False),
-    dict(segments=False, T=50),
+    dict(layout="vk"),
+    dict(layout="vk", segments=False, return_final_state=False),  # initial state only
     dict(T=1),
-    dict(T=1, segments=False),
-    dict(T=53, K=5, V=13, H=1, HV=3),            # odd head dims, GVA 3
-    dict(K=33, V=70, H=1, HV=1, segments=False),  # V spans several state blocks
-    dict(l2=False, bsig=False, gate="precomputed", scale=0.375),
-    dict(gate="bounded", with_a_log=False, neg=False),
+    dict(K=5, V=13, H=1, HV=3),                  # odd head dims, GVA 3
+    dict(K=33, V=70, H=1, HV=1, segments=False),  # V spans several state blocks (and V ranges)
+    dict(l2=False, bsig=False, gate="bounded", with_a_log=False, scale=0.375),
     dict(states=False),
-    dict(return_final_state=False),               # initial state only
     dict(S=2),                                    # more sequences than state slots
-    dict(gate="softplus", strong=True, T=40),     # strong gates: finite everywhere
-    dict(gate="precomputed", strong=True, T=40),  # g down to about -1e4 per step
-    dict(dtype=jnp.float64, T=64, K=16, V=20, layout="vk"),
+    dict(gate="softplus", strong=True, neg=False),  # strong gates: finite everywhere
+    dict(gate="precomputed", strong=True),        # g down to about -1e4 per step
 ])
 def test_variants(kw):
     core, opts = _prepare(3, **kw)
@@ -276,8 +271,10 @@ def test_padding_exactly_zero():
         assert np.all(np.asarray(x)[pad] == 0)
 
 
-def test_deterministic():
-    core, opts = _prepare(17, T=40, HV=4, H=1, V=70)  # GVA 4, several V blocks (V ranges split on threads)
+def test_long_gva_deterministic():
+    """T past the forward's 64-token pre-processing chunk, GVA 4, several V blocks; two runs bit-identical."""
+    core, opts = _prepare(17, T=70, HV=4, H=1, V=70)
+    _check(core, opts, *TOLS[jnp.float32])
     do, dfin = _cotangents(core, opts)
     f = _jit(lambda c, d, s: (ffi_fwd(c, opts), ffi_bwd(c, opts, d, s)), static_argnums=())
     a = jax.tree_util.tree_leaves(f(core, do, dfin))

@@ -238,8 +238,8 @@ def test_pool_all_padding_and_negative_big(impl):
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_zero_new_tokens(impl):
-    xs, kw = problem(8, B=2, T=0, K=16, V=8)
-    s0 = state_of(8, (2, 2, 16, 8))
+    xs, kw = problem(8, B=2, T=0, K=32, V=8)
+    s0 = state_of(8, (2, 2, 32, 8))
     o, s = kda_decode(*xs, s0, implementation=impl, **kw)
     assert o.shape == (2, 0, 2, 8)
     np.testing.assert_array_equal(np.asarray(s), np.asarray(s0))
