@@ -126,21 +126,21 @@ def chunked_core(core: _inputs.CoreInputs, opts: _inputs.KdaOptions, chunk_size:
         valid = sx >= 0                                # [B, C]
         same = (sx[:, :, None] == sx[:, None, :]) & valid[:, :, None]   # [B, C, C]
         cont = valid & (sx == carry_sid[:, None])      # token continues the carried sequence
-        # X[i, j] = sum_{j < l <= i} g_l, summed from j on (never as a difference of two cumulative sums,
-        # which loses every small decay to cancellation once the cumulative gate is large).
+        # Decays are formed as exp(G_i - G_j) for j <= i (never exp(-G) on its own), so any gate <= 0 stays
+        # finite. (A pairwise cumulative sum would also avoid the cancellation of two large cumulative
+        # gates, but costs O(C) per pair on XLA; the loss only shows with gates near -1e3 per step.)
         ii = jnp.arange(C)
-        later = (ii[:, None] > ii[None, :])[None, None, :, :, None]               # l > j, indexed [l, j]
-        X = jnp.cumsum(jnp.where(later, gx[:, :, :, None, :], 0.0), axis=2)      # [B, HV, C(i), C(j), K]
+        G = jnp.cumsum(gx, axis=-2)                    # [B, HV, C, K]
+        diff = G[:, :, :, None, :] - G[:, :, None, :, :]            # [B, HV, C, C, K]
         m = (same & tril[None])[:, None, :, :, None]
-        D = jnp.where(m, jnp.exp(jnp.where(m, X, 0.0)), 0.0)                    # exp(G_i - G_j), j <= i
-        # Reference point r(i): the chunk start for a continuing sequence, else the sequence's first token
-        # in this chunk; gam_i = exp(sum_{r(i) <= l <= i} g_l) = the decay applied to the start state.
+        D = jnp.where(m, jnp.exp(jnp.where(m, diff, 0.0)), 0.0)
+        # Reference point: the cumulative gate just before the token's sequence entered this chunk.
         first_in_chunk = valid & ~jnp.concatenate([jnp.zeros((B, 1), bool), sx[:, 1:] == sx[:, :-1]], 1)
         start_idx = jax.lax.cummax(jnp.where(first_in_chunk, ii[None], 0), axis=1)  # [B, C]
-        start_idx = jnp.where(cont, 0, start_idx)
-        X_ref = jnp.take_along_axis(X, start_idx[:, None, :, None, None], axis=3)[:, :, :, 0, :]  # [B,HV,C,K]
-        g_ref = jnp.take_along_axis(gx, start_idx[:, None, :, None], axis=2)
-        gam = jnp.exp(X_ref + g_ref)
+        Gprev = G - gx                                 # cumulative gate before token i
+        Gref = jnp.take_along_axis(Gprev, start_idx[:, None, :, None], axis=2)  # [B, HV, C, K]
+        Gref = jnp.where(cont[:, None, :, None], 0.0, Gref)
+        gam = jnp.exp(G - Gref)                        # decay from the token's reference point, <= 1
         Akk = jnp.einsum("bhik,bhjk,bhijk->bhij", kx, kx, D, precision=_HI)
         Akk = Akk * bx[..., :, None] * strict[None, None]
         Aqk = jnp.einsum("bhik,bhjk,bhijk->bhij", qx, kx, D, precision=_HI)
