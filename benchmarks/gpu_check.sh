@@ -3,7 +3,8 @@
 # run the GPU tests and the benchmark tables. Logs go to $1 (default /tmp/gpu_check); a short summary is
 # printed last.
 #   STAGES   which parts to run (default "build tests bench"): build, tests, bench, softplus, grad, decode
-#   BENCH_ARGS  extra args for bench_gpu.py (e.g. "--reps 10 --cases b1-t8k-h16")
+#   BENCH_ARGS  extra args for bench_gpu.py's forward tables (e.g. "--reps 10 --cases b1-t8k-h16")
+#   GRAD_ARGS   extra args for the fwd+bwd table
 #   TESTS    pytest -k expression for the GPU test files
 set -uo pipefail
 LOG=${1:-/tmp/gpu_check}
@@ -33,14 +34,14 @@ if has tests; then
      >"$LOG/tests_cuda_impl.log" 2>&1)
   summary+=("tests: $(tail -1 "$LOG/tests_gpu.log") | $(tail -1 "$LOG/tests_cuda_impl.log")")
 fi
-bench() {  # name, args...
+bench() {  # name, extra args (BENCH_ARGS, then GRAD_ARGS for the fwd+bwd table)...
   local name=$1; shift
-  timeout 280 python3 benchmarks/bench_gpu.py ${BENCH_ARGS:-} "$@" >"$LOG/$name.log" 2>&1
+  timeout ${BENCH_TIMEOUT:-280} python3 benchmarks/bench_gpu.py "$@" >"$LOG/$name.log" 2>&1
   summary+=("$name rc=$?")
 }
-has bench && bench bench_bounded --gate bounded
-has softplus && bench bench_softplus --gate softplus
-has grad && bench bench_grad --gate bounded --grad --xla
+has bench && bench bench_bounded ${BENCH_ARGS:-} --gate bounded
+has softplus && bench bench_softplus ${BENCH_ARGS:-} --gate softplus
+has grad && bench bench_grad ${GRAD_ARGS:-} --gate bounded --grad --xla
 if has decode; then
   timeout 200 python3 benchmarks/bench_decode.py --check >"$LOG/bench_decode.log" 2>&1
   summary+=("bench_decode rc=$?")

@@ -48,8 +48,8 @@ inside the backward op (the transpose of the all-gather is a reduce-scatter: the
 from later devices to earlier ones). Cost: forward ≈ 3 passes (one of them with V = K), backward ≈ 3.
 
 Turn it on by sharding T of the inputs, or with ``kda(..., context_parallel_axis="cp")`` which places a
-sharding constraint on T (needs a mesh in context: ``jax.set_mesh(mesh)``, ``with
-jax.sharding.use_mesh(mesh):`` or ``with mesh:``; other axes stay as propagated).
+sharding constraint on T (needs a mesh in context: ``with jax.set_mesh(mesh):`` or
+``with mesh:``; other axes stay as propagated).
 """
 
 from __future__ import annotations
@@ -530,7 +530,7 @@ def constrain_context_parallel(c: _inputs.CoreInputs, axis):
     axes = tuple(axis) if isinstance(axis, (tuple, list)) else (axis,)
     if mesh is None:
         raise ValueError("flashkda_jax.kda: context_parallel_axis needs a mesh in context "
-                         "(jax.set_mesh(mesh), `with jax.sharding.use_mesh(mesh):` or `with mesh:`)")
+                         "(`with jax.set_mesh(mesh):` or `with mesh:`)")
     for a in axes:
         if a not in mesh.axis_names:
             raise ValueError(f"flashkda_jax.kda: context_parallel_axis {a!r} is not an axis of the mesh "

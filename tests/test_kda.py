@@ -26,6 +26,11 @@ def grad_tol(impl, dtype, name=""):
     return 2e-3 if impl == "cuda" else 1e-4
 
 
+def hd(impl, n):
+    """Head dim for a test: small on CPU/XLA, the smallest the CUDA kernel takes on the GPU."""
+    return 64 if impl == "cuda" else n
+
+
 def test_available_implementations():
     assert "xla" in IMPLS
     assert IMPLS == sorted(IMPLS, key=["cuda", "cpu", "xla"].index)
@@ -37,7 +42,7 @@ def test_available_implementations():
 @pytest.mark.parametrize("layout", ["kv", "vk"])
 def test_forward_matches_oracle(impl, gate, heads, layout):
     H, HV = heads
-    B, T, K, V = 2, 45, 16, 8
+    B, T, K, V = 2, 45, hd(impl, 16), hd(impl, 8)
     (q, k, v, g, beta), kw = make_problem(10, B=B, T=T, H=H, HV=HV, K=K, V=V, gate=gate)
     shape = (B, HV, K, V) if layout == "kv" else (B, HV, V, K)
     kw.update(qk_l2norm=True, beta_sigmoid=True, initial_state=random_state(10, shape),
@@ -53,7 +58,7 @@ def test_forward_matches_oracle(impl, gate, heads, layout):
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("T", [1, 2, 17, 130])
 def test_forward_lengths_and_plain_options(impl, T):
-    (q, k, v, g, beta), kw = make_problem(11, B=1, T=T, H=2, K=16, V=16)
+    (q, k, v, g, beta), kw = make_problem(11, B=1, T=T, H=2, K=hd(impl, 16), V=hd(impl, 16))
     beta = jax.nn.sigmoid(beta)  # raw beta in (0, 1), no in-kernel sigmoid, no l2norm
     q, k = q * 0.25, k * 0.25
     o_ref, _ = R.kda_recurrent(q, k, v, g, beta)
@@ -65,9 +70,10 @@ def test_forward_lengths_and_plain_options(impl, T):
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_half_precision_inputs(impl, dtype):
-    (q, k, v, g, beta), kw = make_problem(12, B=1, T=70, H=2, HV=4, K=32, V=32, gate="bounded", dtype=dtype)
+    (q, k, v, g, beta), kw = make_problem(12, B=1, T=70, H=2, HV=4, K=hd(impl, 32), V=hd(impl, 32), gate="bounded",
+                                          dtype=dtype)
     kw.update(qk_l2norm=True, beta_sigmoid=True, return_final_state=True,
-              initial_state=random_state(12, (1, 4, 32, 32)))
+              initial_state=random_state(12, (1, 4, hd(impl, 32), hd(impl, 32))))
     up = [x.astype(jnp.float32) for x in (q, k, v, g, beta)]
     o_ref, s_ref = R.kda_recurrent(*up, **kw)
     o, s = F.kda(q, k, v, g, beta, implementation=impl, **kw)
@@ -79,7 +85,8 @@ def test_half_precision_inputs(impl, dtype):
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("gate", ["precomputed", "softplus"])
 def test_strong_gates_finite(impl, gate):
-    (q, k, v, g, beta), kw = make_problem(13, B=1, T=64, H=2, K=16, V=16, gate=gate, strong=True)
+    (q, k, v, g, beta), kw = make_problem(13, B=1, T=64, H=2, K=hd(impl, 16), V=hd(impl, 16), gate=gate,
+                                          strong=True)
     kw.update(qk_l2norm=True, beta_sigmoid=True, return_final_state=True)
     o, s = F.kda(q, k, v, g, beta, implementation=impl, **kw)
     o_ref, s_ref = R.kda_recurrent(q, k, v, g, beta, **kw)
@@ -89,7 +96,8 @@ def test_strong_gates_finite(impl, gate):
     assert rel_err(o, o_ref) < max(5e-4, fwd_tol(impl, jnp.float32))
 
 
-def _seg_problem(seed, B=2, T=80, H=1, HV=2, K=16, V=8):
+def _seg_problem(seed, impl, B=2, T=80, H=1, HV=2, K=16, V=8):
+    K, V = hd(impl, K), hd(impl, V)
     (q, k, v, g, beta), kw = make_problem(seed, B=B, T=T, H=H, HV=HV, K=K, V=V, gate="softplus")
     kw.update(qk_l2norm=True, beta_sigmoid=True)
     return (q, k, v, g, beta), kw, ragged_segments(B, T, seed=seed)
@@ -98,8 +106,8 @@ def _seg_problem(seed, B=2, T=80, H=1, HV=2, K=16, V=8):
 @pytest.mark.parametrize("impl", IMPLS)
 def test_packed_equals_separate_sequences(impl):
     """Outputs, final states and gradients of a packed batch == each sequence run on its own."""
-    (q, k, v, g, beta), kw, seg = _seg_problem(14)
-    B, T, HV, K, V = 2, 80, 2, 16, 8
+    (q, k, v, g, beta), kw, seg = _seg_problem(14, impl)
+    B, T, HV, K, V = 2, 80, 2, hd(impl, 16), hd(impl, 8)
     S = 16
     h0 = random_state(14, (B, S, HV, K, V))
     w = jax.random.normal(jax.random.PRNGKey(1), v.shape)
@@ -136,7 +144,7 @@ def test_packed_equals_separate_sequences(impl):
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_padding_gets_zero_output_and_gradient(impl):
-    (q, k, v, g, beta), kw, seg = _seg_problem(15)
+    (q, k, v, g, beta), kw, seg = _seg_problem(15, impl)
     pad = (seg == 0)
     assert bool(pad.any())
 
@@ -154,11 +162,11 @@ def test_padding_gets_zero_output_and_gradient(impl):
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_cu_seqlens_matches_segment_ids(impl):
-    (q, k, v, g, beta), kw = make_problem(16, B=1, T=60, H=2, K=16, V=16, gate="bounded")
+    (q, k, v, g, beta), kw = make_problem(16, B=1, T=60, H=2, K=hd(impl, 16), V=hd(impl, 16), gate="bounded")
     kw.update(beta_sigmoid=True, qk_l2norm=True)
     cu = jnp.array([0, 9, 9, 10, 52], jnp.int32)
     seg = jnp.asarray(np.repeat(np.array([1, 3, 4, 0], np.int32), [9, 1, 42, 8])[None])
-    h0 = random_state(16, (4, 2, 16, 16))
+    h0 = random_state(16, (4, 2, hd(impl, 16), hd(impl, 16)))
     o1, s1 = F.kda(q, k, v, g, beta, cu_seqlens=cu, initial_state=h0, return_final_state=True,
                    implementation=impl, **kw)
     o_ref, s_ref = R.kda_recurrent(q, k, v, g, beta, cu_seqlens=cu, initial_state=h0, return_final_state=True, **kw)
@@ -172,7 +180,7 @@ def test_cu_seqlens_matches_segment_ids(impl):
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("gate", ["precomputed", "softplus", "bounded"])
 def test_gradients_match_oracle(impl, gate):
-    B, T, H, HV, K, V = 1, 33, 1, 2, 8, 8
+    B, T, H, HV, K, V = 1, 33, 1, 2, hd(impl, 8), hd(impl, 8)
     (q, k, v, g, beta), kw = make_problem(17, B=B, T=T, H=H, HV=HV, K=K, V=V, gate=gate)
     h0 = random_state(17, (B, HV, K, V))
     w = jax.random.normal(jax.random.PRNGKey(3), (B, T, HV, V))
@@ -213,7 +221,7 @@ def test_check_grads_float64(impl):
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_vmap_and_checkpoint(impl):
-    (q, k, v, g, beta), kw = make_problem(19, B=2, T=20, H=2, K=8, V=8, gate="softplus")
+    (q, k, v, g, beta), kw = make_problem(19, B=2, T=20, H=2, K=hd(impl, 8), V=hd(impl, 8), gate="softplus")
     kw.update(qk_l2norm=True, beta_sigmoid=True)
     stack = lambda x: jnp.stack([x, x[::-1] * 0.5])
     qs, ks_, vs, gs, bs = map(stack, (q, k, v, g, beta))
@@ -240,7 +248,7 @@ def test_vmap_and_checkpoint(impl):
 def test_segment_replay_under_jit():
     """One compiled call serves new segment ids of the same shape (no host-side shape derivation)."""
     impl = IMPLS[0]
-    (q, k, v, g, beta), kw, _ = _seg_problem(20)
+    (q, k, v, g, beta), kw, _ = _seg_problem(20, impl)
     f = jax.jit(lambda seg: F.kda(q, k, v, g, beta, segment_ids=seg, implementation=impl, **kw)[0])
     for seed in (1, 2):
         seg = ragged_segments(2, 80, seed=seed + 40)

@@ -1,0 +1,194 @@
+"""Sharded-KDA checks on 8 CPU host devices, run in a subprocess by tests/test_sharding.py.
+
+jax fixes the number of CPU devices when it first initialises a backend, and the rest of the test suite
+does that with one device, so these checks run in a fresh interpreter:
+
+    python tests/sharding_worker.py [--impl xla|cpu] [--cases batch,heads,...]
+
+It prints one JSON line per case: {"case", "ok", "errors": {...}, "collectives": [...], "msg"}.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import re  # noqa: E402
+import sys  # noqa: E402
+import traceback  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))  # the checkout's flashkda_jax first
+sys.path.insert(0, HERE)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import Mesh, NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+jax.config.update("jax_enable_x64", False)
+
+import flashkda_jax as F  # noqa: E402
+from kda_testing import random_state, rel_err  # noqa: E402
+
+
+def avoid_lapack_trsm_deadlock():
+    """Work around a jaxlib CPU deadlock: LAPACK trsm (``solve_triangular``) splits its batch over the
+    intra-op thread pool and blocks waiting for it; with many host devices (or many concurrent thunks)
+    on a machine with few cores every pool thread ends up waiting and nothing runs. The pure-JAX chunked
+    program calls ``solve_triangular`` per chunk; here it gets a forward substitution in plain XLA ops."""
+    orig = jax.scipy.linalg.solve_triangular
+
+    def solve(a, b, trans=0, lower=False, unit_diagonal=False, **kw):
+        if trans != 0 or not lower or kw:
+            return orig(a, b, trans=trans, lower=lower, unit_diagonal=unit_diagonal, **kw)
+        n = a.shape[-1]
+        diag = jnp.ones(a.shape[:-1], a.dtype) if unit_diagonal else jnp.diagonal(a, axis1=-2, axis2=-1)
+        strict = jnp.tril(a, -1)
+
+        def row(i, x):
+            xi = (b[..., i, :] - jnp.einsum("...j,...jn->...n", strict[..., i, :], x,
+                                             precision=jax.lax.Precision.HIGHEST)) / diag[..., i, None]
+            return x.at[..., i, :].set(xi)
+
+        return jax.lax.fori_loop(0, n, row, jnp.zeros(jnp.broadcast_shapes(a.shape[:-2], b.shape[:-2]) + b.shape[-2:],
+                                                       jnp.result_type(a, b)))
+
+    jax.scipy.linalg.solve_triangular = solve
+
+
+# ----------------------------------------------------------------------------------------------------
+# Problems.
+# ----------------------------------------------------------------------------------------------------
+
+T_GLOBAL = 64  # distinct from every other dimension below, so gathered sequences show up in the HLO
+
+
+def problem(seed, B, T, H, HV, K=16, V=8, S=None):
+    ks = jax.random.split(jax.random.PRNGKey(seed), 12)
+    q = jax.random.normal(ks[0], (B, T, H, K))
+    k = jax.random.normal(ks[1], (B, T, H, K))
+    v = jax.random.normal(ks[2], (B, T, HV, V))
+    g = jax.random.normal(ks[3], (B, T, HV, K))
+    beta = jax.random.normal(ks[4], (B, T, HV))
+    A = jax.random.normal(ks[5], (HV,)) * 0.5
+    dt = jax.random.normal(ks[6], (HV, K)) * 0.5
+    wo = jax.random.normal(ks[7], (B, T, HV, V))
+    return dict(q=q, k=k, v=v, g=g, beta=beta, A=A, dt=dt, wo=wo, ks=ks)
+
+
+def segments_crossing(B, T, n):
+    """Segment ids whose sequences cross the boundaries of n equal slices of T, with padding, a
+    sequence spanning several slices, one starting exactly at a boundary, length-1 sequences."""
+    L = T // n
+    rows = []
+    for b in range(B):
+        ids = np.zeros(T, np.int32)
+        cuts = sorted({0, L // 2, L + 3, 3 * L, 3 * L + 1, 4 * L, 5 * L - 2, T - 1 - b, T})
+        nid = 1
+        for s, e in zip(cuts[:-1], cuts[1:]):
+            ids[s:e] = nid
+            nid += 1
+        ids[2 * L + 2: 2 * L + 5] = 0          # padding inside a long sequence splits it
+        ids[6 * L - 1: 6 * L + 1] = 0          # padding across a boundary
+        rows.append(ids)
+    return jnp.asarray(np.stack(rows))
+
+
+def make_loss(kw, cp_axis=None, impl="xla"):
+    def loss(q, k, v, g, beta, A, dt, h0, seg, wo, wf):
+        o, fin = F.kda(q, k, v, g, beta, gate="softplus", A_log=A, dt_bias=dt, initial_state=h0,
+                       segment_ids=seg, return_final_state=True, implementation=impl,
+                       context_parallel_axis=cp_axis, **kw)
+        val = jnp.sum(o.astype(jnp.float32) * wo) + jnp.sum(fin * wf)
+        return val, (o, fin)
+
+    return jax.jit(jax.value_and_grad(loss, argnums=tuple(range(8)), has_aux=True))
+
+
+_COLL = re.compile(r"\b(all-gather|all-to-all|collective-permute|all-reduce|reduce-scatter)(?:-start)?\(")
+_SHAPE = re.compile(r"\b(\w+)\[([\d,]*)\]")
+
+
+def collectives(hlo_text):
+    """[(op, dtype, dims)] for every collective of the compiled HLO (one entry per tuple element)."""
+    out = []
+    for line in hlo_text.splitlines():
+        m = _COLL.search(line)
+        if not m or "=" not in line[: m.start()]:
+            continue
+        lhs = line[line.index("=") + 1: m.start()]
+        for dt, dims in _SHAPE.findall(lhs):
+            out.append((m.group(1), dt, tuple(int(d) for d in dims.split(",") if d)))
+    return out
+
+
+def run_case(name, mesh, specs, dims, cp_axis=None, impl="xla", kw=None):
+    kw = dict(kw or {})
+    B, T, H, HV = dims
+    p = problem(sum(map(ord, name)), B, T, H, HV)
+    S = 6
+    seg = segments_crossing(B, T, 8)
+    h0 = random_state(3, (B, S, HV, 16, 8))
+    wf = random_state(4, (B, S, HV, 16, 8))
+    args = (p["q"], p["k"], p["v"], p["g"], p["beta"], p["A"], p["dt"], h0, seg, p["wo"], wf)
+    kw.setdefault("max_segments", S)
+    ref_fn = make_loss(kw, None, impl)
+    (val_r, (o_r, fin_r)), gr = ref_fn(*args)
+
+    put = lambda x, s: jax.device_put(x, NamedSharding(mesh, s))
+    sargs = tuple(put(x, s) for x, s in zip(args, specs))
+    fn = make_loss(kw, cp_axis, impl)
+    with jax.set_mesh(mesh):
+        (val, (o, fin)), gs = fn(*sargs)
+        hlo = fn.lower(*sargs).compile().as_text()
+    errors = {"o": rel_err(o, o_r), "final_state": rel_err(fin, fin_r)}
+    for nm, a, b in zip(("dq", "dk", "dv", "dg", "dbeta", "dA_log", "ddt_bias", "dh0"), gs, gr):
+        errors[nm] = rel_err(a, b)
+    colls = collectives(hlo)
+    return dict(errors=errors, collectives=colls, o_sharding=str(o.sharding.spec), T=T)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--impl", default="xla")
+    ap.add_argument("--cases", default="batch,heads,batch_heads,context,data_context")
+    a = ap.parse_args()
+    if a.impl == "xla" or jax.default_backend() == "cpu":
+        avoid_lapack_trsm_deadlock()
+    devs = np.array(jax.devices())
+    assert devs.size == 8, devs
+    T = T_GLOBAL
+    R = P()
+    cases = {
+        # name: (mesh axes, mesh shape, specs of (q,k,v,g,beta,A,dt,h0,seg,wo,wf), dims (B,T,H,HV), cp axis)
+        "batch": ((("dp",), (8,)), [P("dp")] * 5 + [R, R, P("dp"), P("dp"), P("dp"), P("dp")], (8, T, 2, 4), None),
+        "heads": ((("tp",), (4,)), [P(None, None, "tp")] * 5 + [P("tp"), P("tp"), P(None, None, "tp"), R,
+                                                                P(None, None, "tp"), P(None, None, "tp")],
+                  (2, T, 4, 8), None),
+        "batch_heads": ((("dp", "tp"), (2, 4)), [P("dp", None, "tp")] * 5 + [P("tp"), P("tp"), P("dp", None, "tp"),
+                                                                            P("dp"), P("dp", None, "tp"),
+                                                                            P("dp", None, "tp")],
+                        (2, T, 4, 8), None),
+        "context": ((("cp",), (8,)), [R] * 11, (2, T, 2, 4), "cp"),
+        "data_context": ((("dp", "cp"), (2, 4)), [P("dp", "cp")] * 5 + [R, R, P("dp"), P("dp", "cp"),
+                                                                       P("dp", "cp"), P("dp")],
+                         (2, T, 2, 4), "cp"),
+    }
+    for name in a.cases.split(","):
+        (axes, shape), specs, dims, cp = cases[name]
+        mesh = Mesh(devs[: int(np.prod(shape))].reshape(shape), axes)
+        try:
+            res = run_case(name, mesh, specs, dims, cp_axis=cp, impl=a.impl)
+            res.update(case=name, ok=True)
+        except Exception as e:  # reported to the parent test
+            res = dict(case=name, ok=False, msg="".join(traceback.format_exception(e))[-4000:])
+        print("RESULT " + json.dumps(res), flush=True)
+
+
+if __name__ == "__main__":
+    main()
