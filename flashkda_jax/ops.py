@@ -8,7 +8,6 @@ backward recomputes the per-chunk states instead of storing them.
 
 from __future__ import annotations
 
-import functools
 import warnings
 
 import jax
@@ -156,10 +155,6 @@ def _ffi_backward(args, do, dfin, opts, impl):
     return dq, dk, dv, dg, dbeta, da, ddt, (dinit if init is not None else None)
 
 
-def _xla_core(args, opts):
-    return _reference.chunked_core(_inputs.CoreInputs(*args), opts)
-
-
 def _backward_impl(impl: str, q, v) -> str:
     if impl != "cuda":
         return impl
@@ -169,31 +164,6 @@ def _backward_impl(impl: str, q, v) -> str:
     _warn_once("flashkda_jax.kda: no CUDA backward kernel for this problem yet; the gradient runs the "
                "pure-JAX chunked backward on the GPU (slow)")
     return "xla"
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
-def _kernel_core(args, opts, impl):
-    return _ffi_forward(args, opts, impl)
-
-
-def _kernel_core_fwd(args, opts, impl):
-    return _ffi_forward(args, opts, impl), args
-
-
-def _kernel_core_bwd(opts, impl, args, cts):
-    do, dfin = cts
-    q, v = args[0], args[2]
-    bimpl = _backward_impl(impl, q, v)
-    if bimpl == "xla":
-        _, vjp = jax.vjp(lambda *a: _xla_core(a, opts), *args)
-        grads = vjp((do, dfin))
-    else:
-        dq, dk, dv, dg, dbeta, da, ddt, dinit = _ffi_backward(args, do, dfin, opts, bimpl)
-        grads = (dq, dk, dv, dg, dbeta, da, ddt, None, dinit)
-    return (tuple(grads),)
-
-
-_kernel_core.defvjp(_kernel_core_fwd, _kernel_core_bwd)
 
 
 def run_core(core: _inputs.CoreInputs, opts: _inputs.KdaOptions, impl: str):

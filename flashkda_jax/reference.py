@@ -130,6 +130,8 @@ def chunked_core(core: _inputs.CoreInputs, opts: _inputs.KdaOptions, chunk_size:
         # finite. (A pairwise cumulative sum would also avoid the cancellation of two large cumulative
         # gates, but costs O(C) per pair on XLA; the loss only shows with gates near -1e3 per step.)
         ii = jnp.arange(C)
+        # Padding gates are zeroed so that no gradient reaches them through cancelling differences.
+        gx = jnp.where(valid[:, None, :, None], gx, 0.0)
         G = jnp.cumsum(gx, axis=-2)                    # [B, HV, C, K]
         diff = G[:, :, :, None, :] - G[:, :, None, :, :]            # [B, HV, C, C, K]
         m = (same & tril[None])[:, None, :, :, None]

@@ -1,0 +1,125 @@
+"""Sharded KDA under jax.jit (batch, heads, batch+heads, context parallel, data+context parallel).
+
+The multi-device checks need 8 CPU host devices, which jax only gives to a process that asks before it
+initialises its backend; the rest of the suite already initialised jax with one device, so they run in a
+subprocess (tests/sharding_worker.py) once per session, and each case here asserts on its report.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import flashkda_jax as F
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+T_GLOBAL = 64
+CASES = ("batch", "heads", "batch_heads", "context", "data_context")
+TOL = 2e-5  # fp32; context parallelism reassociates the state sums
+
+
+@pytest.fixture(scope="module")
+def reports():
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)
+    env["JAX_PLATFORMS"] = "cpu"
+    impl = os.environ.get("FLASHKDA_SHARDING_IMPL", "xla")
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "sharding_worker.py"), "--impl", impl,
+                           "--cases", ",".join(CASES)],
+                          capture_output=True, text=True, timeout=900, env=env, cwd=os.path.dirname(HERE))
+    out = {}
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            r = json.loads(line[len("RESULT "):])
+            out[r["case"]] = r
+    if not out:
+        pytest.fail(f"sharding worker produced no results (rc={proc.returncode}):\n{proc.stderr[-4000:]}")
+    return out
+
+
+def _get(reports, case):
+    r = reports.get(case)
+    assert r is not None, f"no report for {case}"
+    assert r["ok"], r.get("msg")
+    return r
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_same_outputs_and_gradients_as_unsharded(reports, case):
+    r = _get(reports, case)
+    bad = {k: v for k, v in r["errors"].items() if not v < TOL}
+    assert not bad, f"{case}: relative errors vs the unsharded call above {TOL}: {bad}"
+
+
+@pytest.mark.parametrize("case", ("batch", "heads", "batch_heads"))
+def test_batch_and_head_sharding_do_not_communicate(reports, case):
+    r = _get(reports, case)
+    for op, dt, dims in r["collectives"]:
+        # Only the all-reduce of the loss and of the A_log / dt_bias gradients (summed over rows).
+        assert op == "all-reduce", (case, op, dt, dims)
+        assert T_GLOBAL not in dims and len(dims) <= 2, (case, op, dt, dims)
+
+
+@pytest.mark.parametrize("case", ("context", "data_context"))
+def test_context_parallel_moves_only_state_maps(reports, case):
+    r = _get(reports, case)
+    assert "'cp'" in r["o_sharding"], r["o_sharding"]
+    for op, dt, dims in r["collectives"]:
+        if not dt.startswith(("f", "bf")):
+            continue  # segment ids / slots (int32) and their bookkeeping
+        assert T_GLOBAL not in dims, (case, op, dt, dims)           # no gathered sequence of q/k/v/g
+        if op in ("all-gather", "reduce-scatter"):
+            assert len(dims) == 5 and dims[-2] == 16 and dims[-1] in (16, 8), (case, op, dims)  # [n,B,HV,K,K|V]
+
+
+# ----------------------------------------------------------------------------------------------------
+# In-process (one device).
+# ----------------------------------------------------------------------------------------------------
+
+def _small(seed=0, B=2, T=12, H=2, HV=4, K=8, V=4):
+    ks = jax.random.split(jax.random.PRNGKey(seed), 5)
+    q = jax.random.normal(ks[0], (B, T, H, K))
+    k = jax.random.normal(ks[1], (B, T, H, K))
+    v = jax.random.normal(ks[2], (B, T, HV, V))
+    g = -jnp.exp(jax.random.normal(ks[3], (B, T, HV, K)) - 1.0)
+    beta = jax.nn.sigmoid(jax.random.normal(ks[4], (B, T, HV)))
+    return q, k, v, g, beta
+
+
+def test_vmap_and_grad_fold_into_batch():
+    q, k, v, g, beta = _small()
+    xs = [jnp.stack([x, 0.5 * x]) for x in (q, k, v, g, beta)]
+
+    def f(q, k, v, g, beta):
+        return jnp.sum(F.kda(q, k, v, g, beta, implementation="xla")[0] ** 2)
+
+    vals, grads = jax.vmap(jax.value_and_grad(f, argnums=(0, 2)))(*xs)
+    for i in range(2):
+        val, gr = jax.value_and_grad(f, argnums=(0, 2))(*[x[i] for x in xs])
+        np.testing.assert_allclose(vals[i], val, rtol=1e-5)
+        for a, b in zip(gr, grads):
+            np.testing.assert_allclose(b[i], a, rtol=1e-4, atol=1e-6)
+
+
+def test_context_parallel_axis_needs_a_mesh():
+    q, k, v, g, beta = _small()
+    with pytest.raises(ValueError, match="context_parallel_axis needs a mesh"):
+        F.kda(q, k, v, g, beta, implementation="xla", context_parallel_axis="cp")
+
+
+def test_context_parallel_axis_on_one_device_is_a_no_op():
+    q, k, v, g, beta = _small()
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("cp",))
+    o_ref, _ = F.kda(q, k, v, g, beta, implementation="xla")
+    with jax.set_mesh(mesh):
+        o, _ = jax.jit(lambda *a: F.kda(*a, implementation="xla", context_parallel_axis="cp"))(q, k, v, g, beta)
+        with pytest.raises(ValueError, match="not an axis of the mesh"):
+            F.kda(q, k, v, g, beta, implementation="xla", context_parallel_axis="sp")
+    np.testing.assert_allclose(o, o_ref, rtol=1e-6, atol=1e-6)
