@@ -13,6 +13,9 @@ if command -v nvcc >/dev/null 2>&1 || [ -x /usr/local/cuda/bin/nvcc ]; then
   # Only the headers are needed; the package's Python deps (cuda-python, scipy, ...) are not.
   $PIP install -q --no-deps "nvidia-cutlass==4.2.0.0"
   export PATH="$PATH:/usr/local/cuda/bin"
+  # With nvcc present the CUDA sources must build (CI has nvcc and no GPU): no silent CPU-only fallback.
+  export FLASHKDA_CUDA=${FLASHKDA_CUDA:-ON}
+  export CUDACXX=${CUDACXX:-$(command -v nvcc)}
 fi
 $PIP install -q --no-build-isolation --no-deps .
-echo "flashkda-jax installed in $VENV"
+echo "flashkda-jax installed in $VENV (CUDA handlers: $("$VENV/bin/python" -c 'import flashkda_jax._ffi as f; print(f.extension_has_cuda())'))"
