@@ -18,4 +18,6 @@ if command -v nvcc >/dev/null 2>&1 || [ -x /usr/local/cuda/bin/nvcc ]; then
   export CUDACXX=${CUDACXX:-$(command -v nvcc)}
 fi
 $PIP install -q --no-build-isolation --no-deps .
-echo "flashkda-jax installed in $VENV (CUDA handlers: $("$VENV/bin/python" -c 'import flashkda_jax._ffi as f; print(f.extension_has_cuda())'))"
+# (checked from / so that the installed package, not this source tree, is imported)
+PYBIN=$(cd "$VENV/bin" && pwd)/python
+echo "flashkda-jax installed in $VENV (CUDA handlers: $(cd / && "$PYBIN" -c 'import flashkda_jax._ffi as f; print(f.extension_has_cuda())'))"
