@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Optional
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -51,6 +50,13 @@ class KdaOptions:
     @property
     def state_vk(self) -> bool:
         return self.state_layout == "vk"
+
+    def ffi_attrs(self) -> dict:
+        """The attributes every FFI op takes (FLASHKDA_BIND_OPTIONS in cpp/kda_problem.h)."""
+        return dict(scale=np.float32(self.scale), gate_mode=np.int32(self.gate_mode),
+                    lower_bound=np.float32(self.lower_bound), use_a_log=bool(self.use_a_log),
+                    qk_l2norm=bool(self.qk_l2norm), beta_sigmoid=bool(self.beta_sigmoid),
+                    allow_neg_eigval=bool(self.allow_neg_eigval), state_vk=bool(self.state_vk))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,19 +11,18 @@ runs everywhere else.
 from __future__ import annotations
 
 import dataclasses
-import warnings
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from flashkda_jax import _dispatch
 from flashkda_jax import _ffi
 from flashkda_jax import _inputs
 from flashkda_jax import reference as _reference
 
 __all__ = ["kda_decode", "CUDA_DECODE_HEAD_DIMS"]
 
-IMPLEMENTATIONS = ("cuda", "cpu", "xla")
+IMPLEMENTATIONS = _dispatch.IMPLEMENTATIONS
 # Key head dims the CUDA decode kernel is compiled for (any V that is a multiple of 4).
 CUDA_DECODE_HEAD_DIMS = (32, 64, 128, 256)
 CUDA_DECODE_DTYPES = ("bfloat16", "float16", "float32")
@@ -93,47 +92,8 @@ def _cuda_supports(core) -> str | None:
     return None
 
 
-_WARNED: set = set()
-
-
-def _warn_once(msg: str) -> None:
-    # Falling back is allowed, but never silently: it is slower.
-    if msg not in _WARNED:
-        _WARNED.add(msg)
-        warnings.warn(msg, RuntimeWarning, stacklevel=4)
-
-
 def _select(implementation, core) -> str:
-    if implementation is not None and implementation not in IMPLEMENTATIONS:
-        raise _err(f"implementation must be None or one of {IMPLEMENTATIONS}, got {implementation!r}")
-    if implementation == "xla":
-        return "xla"
-    if implementation == "cpu":
-        if not _ffi.has_extension():
-            raise _err(f"implementation='cpu' needs the compiled extension ({_ffi.extension_import_error()})")
-        return "cpu"
-    if implementation == "cuda":
-        why = _cuda_supports(core)
-        if why is not None:
-            raise _err(f"implementation='cuda': {why}")
-        return "cuda"
-    platform = _platform()
-    if platform in ("gpu", "cuda"):
-        why = _cuda_supports(core)
-        if why is None:
-            return "cuda"
-        _warn_once(f"flashkda_jax.kda_decode: using the pure-JAX implementation on the GPU because {why}")
-        return "xla"
-    if platform == "cpu" and _ffi.has_extension():
-        return "cpu"
-    return "xla"
-
-
-def _attrs(opts: _inputs.KdaOptions) -> dict:
-    return dict(scale=np.float32(opts.scale), gate_mode=np.int32(opts.gate_mode),
-                lower_bound=np.float32(opts.lower_bound), use_a_log=bool(opts.use_a_log),
-                qk_l2norm=bool(opts.qk_l2norm), beta_sigmoid=bool(opts.beta_sigmoid),
-                allow_neg_eigval=bool(opts.allow_neg_eigval), state_vk=bool(opts.state_vk))
+    return _dispatch.select("kda_decode", implementation, _platform(), lambda: _cuda_supports(core))
 
 
 def _ffi_decode(core, state, indices, opts):
@@ -143,7 +103,7 @@ def _ffi_decode(core, state, indices, opts):
     call = jax.ffi.ffi_call(_ffi.DECODE_TARGET, out_types, vmap_method="broadcast_all",
                             input_output_aliases={8: 1})
     return call(core.q, core.k, core.v, core.g, core.beta, core.a_log, core.dt_bias, idx, state,
-                **_attrs(opts))
+                **opts.ffi_attrs())
 
 
 def _xla_decode(core, state, indices, opts):

@@ -8,20 +8,17 @@ backward recomputes the per-chunk states instead of storing them.
 
 from __future__ import annotations
 
-import warnings
-
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from flashkda_jax import _capabilities as _caps
+from flashkda_jax import _dispatch
 from flashkda_jax import _ffi
 from flashkda_jax import _inputs
 from flashkda_jax import _workspace
-from flashkda_jax import reference as _reference
 from flashkda_jax import sharding as _sharding
 
-IMPLEMENTATIONS = ("cuda", "cpu", "xla")
+IMPLEMENTATIONS = _dispatch.IMPLEMENTATIONS
 
 
 def _gpu_visible() -> bool:
@@ -56,53 +53,13 @@ def _cuda_supports(core, opts) -> str | None:
     return None
 
 
-_WARNED: set[str] = set()
-
-
-def _warn_once(msg: str) -> None:
-    if msg not in _WARNED:
-        _WARNED.add(msg)
-        warnings.warn(msg, RuntimeWarning, stacklevel=4)
-
-
 def _select(implementation, core, opts) -> str:
-    if implementation is not None and implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"flashkda_jax.kda: implementation must be None or one of {IMPLEMENTATIONS}, "
-                         f"got {implementation!r}")
-    if implementation == "xla":
-        return "xla"
-    if implementation == "cpu":
-        if not _ffi.has_extension():
-            raise ValueError(f"flashkda_jax.kda: implementation='cpu' needs the compiled extension "
-                             f"({_ffi.extension_import_error()})")
-        return "cpu"
-    if implementation == "cuda":
-        why = _cuda_supports(core, opts)
-        if why is not None:
-            raise ValueError(f"flashkda_jax.kda: implementation='cuda': {why}")
-        return "cuda"
-    backend = jax.default_backend()
-    if backend == "gpu":
-        why = _cuda_supports(core, opts)
-        if why is None:
-            return "cuda"
-        _warn_once(f"flashkda_jax.kda: using the pure-JAX implementation on the GPU because {why}")
-        return "xla"
-    if backend == "cpu" and _ffi.has_extension():
-        return "cpu"
-    return "xla"
+    return _dispatch.select("kda", implementation, jax.default_backend(), lambda: _cuda_supports(core, opts))
 
 
 # ----------------------------------------------------------------------------------------------------
 # FFI calls.
 # ----------------------------------------------------------------------------------------------------
-
-def _attrs(opts: _inputs.KdaOptions) -> dict:
-    return dict(scale=np.float32(opts.scale), gate_mode=np.int32(opts.gate_mode),
-                lower_bound=np.float32(opts.lower_bound), use_a_log=bool(opts.use_a_log),
-                qk_l2norm=bool(opts.qk_l2norm), beta_sigmoid=bool(opts.beta_sigmoid),
-                allow_neg_eigval=bool(opts.allow_neg_eigval), state_vk=bool(opts.state_vk))
-
 
 def _sizes(q, v, opts):
     B, T, H, K = q.shape
@@ -131,7 +88,7 @@ def _ffi_forward(args, opts, impl):
                  _state_struct(q, v, opts, opts.return_final_state),
                  jax.ShapeDtypeStruct((ws,), jnp.uint8))
     o, fin, _ = jax.ffi.ffi_call(_ffi.FWD_TARGET, out_types, vmap_method="broadcast_all")(
-        q, k, v, g, beta, a_log, dt_bias, slot, _empty_state(q) if init is None else init, **_attrs(opts))
+        q, k, v, g, beta, a_log, dt_bias, slot, _empty_state(q) if init is None else init, **opts.ffi_attrs())
     return o, (fin if opts.return_final_state else None)
 
 
@@ -150,7 +107,7 @@ def _ffi_backward(args, do, dfin, opts, impl):
         dfin = _empty_state(q)
     outs = jax.ffi.ffi_call(_ffi.BWD_TARGET, out_types, vmap_method="broadcast_all")(
         q, k, v, g, beta, a_log, dt_bias, slot, _empty_state(q) if init is None else init,
-        do.astype(v.dtype), dfin.astype(_inputs.compute_dtype(q.dtype)), **_attrs(opts))
+        do.astype(v.dtype), dfin.astype(_inputs.compute_dtype(q.dtype)), **opts.ffi_attrs())
     dq, dk, dv, dg, dbeta, da, ddt, dinit, _ = outs
     return dq, dk, dv, dg, dbeta, da, ddt, (dinit if init is not None else None)
 
@@ -161,7 +118,7 @@ def _backward_impl(impl: str, q, v) -> str:
     K, V = q.shape[-1], v.shape[-1]
     if _caps.CUDA_BWD_READY and (K, V) in _caps.CUDA_BWD_HEAD_DIMS:
         return "cuda"
-    _warn_once("flashkda_jax.kda: no CUDA backward kernel for this problem yet; the gradient runs the "
+    _dispatch.warn_once("flashkda_jax.kda: no CUDA backward kernel for this problem yet; the gradient runs the "
                "pure-JAX chunked backward on the GPU (slow)")
     return "xla"
 

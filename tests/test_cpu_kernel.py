@@ -32,13 +32,6 @@ F64_TOL = 1e-12
 # Direct FFI calls on canonical inputs.
 # ----------------------------------------------------------------------------------------------------
 
-def _attrs(opts):
-    return dict(scale=np.float32(opts.scale), gate_mode=np.int32(opts.gate_mode),
-                lower_bound=np.float32(opts.lower_bound), use_a_log=bool(opts.use_a_log),
-                qk_l2norm=bool(opts.qk_l2norm), beta_sigmoid=bool(opts.beta_sigmoid),
-                allow_neg_eigval=bool(opts.allow_neg_eigval), state_vk=bool(opts.state_vk))
-
-
 def _rows(core):
     B = core.q.shape[0]
     return (jnp.broadcast_to(core.a_log, (B,) + core.a_log.shape),
@@ -67,7 +60,7 @@ def ffi_fwd(core, opts):
             jax.ShapeDtypeStruct((0,), jnp.uint8))
     o, fin, _ = jax.ffi.ffi_call("flashkda_fwd", outs)(
         core.q, core.k, core.v, core.g, core.beta, a_rows, dt_rows, core.slot, _init_operand(core),
-        **_attrs(opts))
+        **opts.ffi_attrs())
     return o, (fin if opts.return_final_state else None)
 
 
@@ -84,7 +77,7 @@ def ffi_bwd(core, opts, do, dfin):
         dfin = jnp.zeros((0,), _inputs.compute_dtype(core.q.dtype))
     res = jax.ffi.ffi_call("flashkda_bwd", outs)(
         core.q, core.k, core.v, core.g, core.beta, a_rows, dt_rows, core.slot, _init_operand(core), do, dfin,
-        **_attrs(opts))
+        **opts.ffi_attrs())
     return res[:8]
 
 
