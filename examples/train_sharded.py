@@ -83,12 +83,6 @@ def main():
     ap.add_argument("--implementation", default=None, help="cpu / xla (default: best available)")
     a = ap.parse_args()
     impl = a.implementation or ("cpu" if "cpu" in F.available_implementations() else "xla")
-    if impl == "xla":
-        # jaxlib's LAPACK trsm can deadlock its thread pool with many host devices on a small machine;
-        # see tests/sharding_worker.py.
-        sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
-        from sharding_worker import avoid_lapack_trsm_deadlock
-        avoid_lapack_trsm_deadlock()
 
     devs = np.array(jax.devices()[: a.dp * a.cp]).reshape(a.dp, a.cp)
     mesh = Mesh(devs, ("dp", "cp"))

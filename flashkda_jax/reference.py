@@ -83,6 +83,44 @@ def recurrent_core(core: _inputs.CoreInputs, opts: _inputs.KdaOptions):
 # carried state, one whose sequence starts inside it reads its slot's initial state.
 # ----------------------------------------------------------------------------------------------------
 
+def _inverse_by_substitution(a):
+    """(I + a)^-1 for strictly lower-triangular a [..., C, C]: forward substitution in plain XLA ops."""
+    C = a.shape[-1]
+    eye = jnp.eye(C, dtype=a.dtype)
+
+    def row(i, x):
+        xi = eye[i] - jnp.einsum("...j,...jn->...n", a[..., i, :], x, precision=_HI)
+        return x.at[..., i, :].set(xi)
+
+    return jax.lax.fori_loop(0, C, row, jnp.zeros_like(a))
+
+
+def _inverse_by_trsm(a):
+    eye = jnp.eye(a.shape[-1], dtype=a.dtype)
+    return jax.scipy.linalg.solve_triangular(eye + a, jnp.broadcast_to(eye, a.shape), lower=True,
+                                             unit_diagonal=True)
+
+
+@jax.custom_jvp
+def unit_lower_inverse(a):
+    """(I + a)^-1 for a strictly lower-triangular a [..., C, C] (the upper part and diagonal are ignored).
+
+    On CPU this is a forward substitution: jaxlib's LAPACK trsm splits its batch over the intra-op
+    thread pool and blocks on it, which deadlocks when several thunks (or host devices) share a pool on
+    a machine with few cores. Elsewhere it is the backend's triangular solve.
+    """
+    a = jnp.tril(a, -1)
+    return jax.lax.platform_dependent(a, cpu=_inverse_by_substitution, default=_inverse_by_trsm)
+
+
+@unit_lower_inverse.defjvp
+def _unit_lower_inverse_jvp(primals, tangents):
+    (a,), (da,) = primals, tangents
+    x = unit_lower_inverse(a)
+    dx = -jnp.einsum("...ij,...jk,...kl->...il", x, jnp.tril(da, -1), x, precision=_HI)
+    return x, dx
+
+
 def chunked_core(core: _inputs.CoreInputs, opts: _inputs.KdaOptions, chunk_size: int = 64):
     q, k, v, g, beta = _pre.effective_inputs(core, opts)
     cdt = q.dtype
@@ -117,7 +155,6 @@ def chunked_core(core: _inputs.CoreInputs, opts: _inputs.KdaOptions, chunk_size:
 
     tril = jnp.tril(jnp.ones((C, C), bool))
     strict = jnp.tril(jnp.ones((C, C), bool), -1)
-    eye = jnp.eye(C, dtype=cdt)
     slots_range = jnp.arange(S)
 
     def body(carry, xs):
@@ -147,8 +184,7 @@ def chunked_core(core: _inputs.CoreInputs, opts: _inputs.KdaOptions, chunk_size:
         Akk = Akk * bx[..., :, None] * strict[None, None]
         Aqk = jnp.einsum("bhik,bhjk,bhijk->bhij", qx, kx, D, precision=_HI)
         # M = (I + Akk)^-1 diag(beta);  W = M (gam * K), U = M V
-        Tinv = jax.scipy.linalg.solve_triangular(eye + Akk, jnp.broadcast_to(eye, Akk.shape),
-                                                 lower=True, unit_diagonal=True)
+        Tinv = unit_lower_inverse(Akk)
         W = jnp.einsum("bhij,bhjk->bhik", Tinv, bx[..., None] * gam * kx, precision=_HI)
         U = jnp.einsum("bhij,bhjv->bhiv", Tinv, bx[..., None] * vx, precision=_HI)
         # Per-token start state: carried state or the slot's initial state.

@@ -36,31 +36,6 @@ import flashkda_jax as F  # noqa: E402
 from kda_testing import random_state, rel_err  # noqa: E402
 
 
-def avoid_lapack_trsm_deadlock():
-    """Work around a jaxlib CPU deadlock: LAPACK trsm (``solve_triangular``) splits its batch over the
-    intra-op thread pool and blocks waiting for it; with many host devices (or many concurrent thunks)
-    on a machine with few cores every pool thread ends up waiting and nothing runs. The pure-JAX chunked
-    program calls ``solve_triangular`` per chunk; here it gets a forward substitution in plain XLA ops."""
-    orig = jax.scipy.linalg.solve_triangular
-
-    def solve(a, b, trans=0, lower=False, unit_diagonal=False, **kw):
-        if trans != 0 or not lower or kw:
-            return orig(a, b, trans=trans, lower=lower, unit_diagonal=unit_diagonal, **kw)
-        n = a.shape[-1]
-        diag = jnp.ones(a.shape[:-1], a.dtype) if unit_diagonal else jnp.diagonal(a, axis1=-2, axis2=-1)
-        strict = jnp.tril(a, -1)
-
-        def row(i, x):
-            xi = (b[..., i, :] - jnp.einsum("...j,...jn->...n", strict[..., i, :], x,
-                                             precision=jax.lax.Precision.HIGHEST)) / diag[..., i, None]
-            return x.at[..., i, :].set(xi)
-
-        return jax.lax.fori_loop(0, n, row, jnp.zeros(jnp.broadcast_shapes(a.shape[:-2], b.shape[:-2]) + b.shape[-2:],
-                                                       jnp.result_type(a, b)))
-
-    jax.scipy.linalg.solve_triangular = solve
-
-
 # ----------------------------------------------------------------------------------------------------
 # Problems.
 # ----------------------------------------------------------------------------------------------------
@@ -158,8 +133,6 @@ def main():
     ap.add_argument("--impl", default="xla")
     ap.add_argument("--cases", default="batch,heads,batch_heads,context,data_context")
     a = ap.parse_args()
-    if a.impl == "xla" or jax.default_backend() == "cpu":
-        avoid_lapack_trsm_deadlock()
     devs = np.array(jax.devices())
     assert devs.size == 8, devs
     T = T_GLOBAL

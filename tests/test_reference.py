@@ -1,6 +1,8 @@
 """The pure-JAX programs: the oracle against an independent NumPy float64 loop, the chunked (xla)
 program against the oracle in every option."""
 
+import re
+
 import jax
 import jax.test_util  # noqa: F401  (check_grads)
 import jax.numpy as jnp
@@ -117,3 +119,23 @@ def test_check_grads_float64():
         f = lambda q, k, v, g, beta: R.kda_chunked(q, k, v, g, beta, chunk_size=4, beta_sigmoid=True,
                                                    qk_l2norm=True, **kw)[0]
         jax.test_util.check_grads(f, (q, k, v, g, beta), order=1, modes=("rev",), atol=1e-5, rtol=1e-5)
+
+
+def test_unit_lower_inverse_and_its_gradient():
+    """(I + A)^-1 for strictly lower A, with the gradient of the matrix inverse, in float64."""
+    with jax.enable_x64():
+        a = jnp.tril(jax.random.normal(jax.random.PRNGKey(3), (2, 3, 24, 24), jnp.float64) * 0.3, -1)
+        a_full = a + jnp.triu(jnp.ones_like(a))      # the upper part and the diagonal must be ignored
+        x = R.unit_lower_inverse(a_full)
+        np.testing.assert_allclose(x, np.linalg.inv(np.eye(24) + np.asarray(a)), atol=1e-12)
+        jax.test_util.check_grads(R.unit_lower_inverse, (a[0, 0],), order=2, modes=["fwd", "rev"])
+
+
+def test_xla_program_on_cpu_never_calls_lapack_trsm():
+    """jaxlib's LAPACK trsm blocks its caller on the intra-op pool; two concurrent ones on a 2-thread
+    pool deadlock (seen in CI). The CPU lowering of the chunked program, forward and backward, must use
+    the forward substitution instead."""
+    (q, k, v, g, beta), _ = make_problem(0, 1, 70, 2, 2, 16, 16)
+    f = jax.jit(jax.grad(lambda q: jnp.sum(R.kda_chunked(q, k, v, g, beta)[0] ** 2)))
+    targets = re.findall(r'custom_call_target="([^"]*)"', f.lower(q).compile().as_text())
+    assert not [t for t in targets if "trsm" in t.lower() or "lapack" in t.lower()], targets
