@@ -23,6 +23,7 @@ import os
 import sys
 import time
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -170,7 +171,8 @@ def main(argv=None):
     model = KDALM(cfg)
     rng = jax.random.PRNGKey(args.seed)
     inp0, seg0, _, _ = lm_batch(train_tok[:1], train_seg[:1])
-    params = model.init(rng, jnp.asarray(inp0), jnp.asarray(seg0))["params"]
+    # Plain arrays (init boxes every param with its logical axis names; a sharded run would use them).
+    params = nn.unbox(model.init(rng, jnp.asarray(inp0), jnp.asarray(seg0))["params"])
     tx = make_optimizer(args, params)
     state = {"params": params, "opt_state": tx.init(params), "step": 0}
     history = {"train": [], "eval": []}

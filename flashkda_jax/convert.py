@@ -29,6 +29,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 import numpy as np
+from flax.core import meta as flax_meta
 
 __all__ = ["from_fla", "to_fla", "infer_config", "fla_names"]
 
@@ -189,12 +190,14 @@ def from_fla(state_dict: Mapping[str, Any], *, prefix: str = "", dtype=None, str
 
 
 def to_fla(variables: Mapping[str, Any], *, prefix: str = "", dtype=None) -> dict[str, np.ndarray]:
-    """:class:`flashkda_jax.nn.KimiDeltaAttention` params (``{"params": ...}`` or the bare params tree) ->
+    """:class:`flashkda_jax.nn.KimiDeltaAttention` params (``{"params": ...}`` or the bare params tree, boxed
+    by ``init`` or unboxed) ->
     ``{name: numpy array}`` with fla's names and shapes (``prefix`` prepended to every name).
 
     dtype: dtype of the returned arrays (default: as stored; pass ``np.float32`` for ``torch.from_numpy``,
     which does not take numpy's bfloat16).
     """
+    variables = flax_meta.unbox(variables)   # init's nn.LogicallyPartitioned boxes -> arrays
     params = variables["params"] if "params" in variables and "q_proj" not in variables else variables
     for need in ("q_proj", "A_log", "dt_bias", "o_norm"):
         if need not in params:

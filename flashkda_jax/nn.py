@@ -35,6 +35,14 @@ Ragged (packed) batches: ``segment_ids`` ``[B, T]`` int32 as for ``kda`` — a n
 wherever the id changes along T, id 0 is padding. Neither the short convolution nor the recurrence mixes
 tokens of different sequences; padding tokens get a zero output and move no state.
 
+Sharding: every parameter carries logical axis names (``nn.with_logical_partitioning``): ``"embed"`` for
+the model width, ``"heads"`` for every dim that flattens heads (H*K, HV*Vd, HV*K, HV), None for the small
+ones (conv width, the low-rank Vd, the norm scale); the decode cache adds ``"batch"``. ``init`` therefore
+returns ``nn.LogicallyPartitioned`` boxes: get mesh shardings with ``nn.logical_to_mesh_sharding(
+nn.get_partition_spec(variables), mesh, rules)``, or plain arrays with ``nn.unbox``. ``apply`` takes
+either. With ``context_parallel_axis`` set, the recurrence runs sequence-parallel over that mesh axis
+(``flashkda_jax.kda``'s option of the same name) when the layer is called inside a mesh with T sharded.
+
 Decoding: call with ``decode=True`` and a mutable ``cache`` collection. Each batch row is then one
 sequence that continues the row's cache: the last ``conv_size - 1`` inputs of each short convolution and
 the recurrent state ``[B, HV, K, Vd]`` (float32). Any number of new tokens per call (a prompt, then one
@@ -66,6 +74,11 @@ Dtype = Any
 Initializer = Callable[..., jax.Array]
 
 GATES = ("softplus", "bounded")
+
+# Logical axis names of the parameters and the decode cache (``nn.with_logical_partitioning``); map them to
+# mesh axes with ``nn.logical_axis_rules``. Every "heads" dim is a flattened (head, channel) dim, so sharding
+# it n ways splits whole heads when n divides num_heads (GVA groups stay on one device).
+EMBED, HEADS, BATCH = "embed", "heads", "batch"
 
 
 def _err(msg: str) -> ValueError:
@@ -190,9 +203,11 @@ class _ShortConv(nn.Module):
     param_dtype: Dtype
 
     def setup(self):
-        self.kernel = self.param("kernel", _conv_kernel_init, (self.kernel_size, self.features), self.param_dtype)
+        self.kernel = self.param("kernel", nn.with_logical_partitioning(_conv_kernel_init, (None, HEADS)),
+                                 (self.kernel_size, self.features), self.param_dtype)
         if self.use_bias:
-            self.bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), self.param_dtype)
+            self.bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), (HEADS,)),
+                                   (self.features,), self.param_dtype)
 
     def params_in(self, dtype):
         bias = self.bias.astype(dtype) if self.use_bias else None
@@ -212,9 +227,11 @@ class _LowRank(nn.Module):
     @nn.compact
     def __call__(self, x):
         x = nn.Dense(self.rank, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
-                     kernel_init=self.kernel_init, name="0")(x)
+                     kernel_init=nn.with_logical_partitioning(self.kernel_init, (EMBED, None)), name="0")(x)
         return nn.Dense(self.features, use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
-                        kernel_init=self.kernel_init, name="1")(x)
+                        kernel_init=nn.with_logical_partitioning(self.kernel_init, (None, HEADS)),
+                        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (HEADS,)),
+                        name="1")(x)
 
 
 class _GatedRMSNorm(nn.Module):
@@ -226,7 +243,8 @@ class _GatedRMSNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x, gate):
-        scale = self.param("scale", nn.initializers.ones_init(), (self.features,), self.param_dtype)
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), (None,)),
+                           (self.features,), self.param_dtype)
         return gated_rms_norm(x, gate, scale, self.eps)
 
 
@@ -248,6 +266,8 @@ class KimiDeltaAttention(nn.Module):
         dt_bias are always float32 (as in fla).
       kernel_init: initialiser of the linear layers.
       implementation: passed to ``flashkda_jax.kda`` (None picks the kernels).
+      context_parallel_axis: mesh axis name (or names) the sequence axis is sharded over: the recurrence
+        then runs context-parallel (``flashkda_jax.kda``'s option; not used with ``decode=True``).
     """
 
     hidden_size: Optional[int] = None
@@ -266,6 +286,7 @@ class KimiDeltaAttention(nn.Module):
     param_dtype: Dtype = jnp.float32
     kernel_init: Initializer = nn.initializers.lecun_normal()
     implementation: Optional[str] = None
+    context_parallel_axis: Optional[Any] = None
 
     # --- derived sizes ---------------------------------------------------------------------------
     @property
@@ -309,9 +330,9 @@ class KimiDeltaAttention(nn.Module):
         if self.implementation is not None and self.implementation not in _ops.IMPLEMENTATIONS:
             raise _err(f"implementation must be None or one of {_ops.IMPLEMENTATIONS}, got {self.implementation!r}")
 
-    def _dense(self, features, name, use_bias=False):
-        return nn.Dense(features, use_bias=use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
-                        kernel_init=self.kernel_init, name=name)
+    def _dense(self, features, name, axes):
+        return nn.Dense(features, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
+                        kernel_init=nn.with_logical_partitioning(self.kernel_init, axes), name=name)
 
     @nn.compact
     def __call__(self, x, segment_ids=None, *, decode: bool = False):
@@ -336,23 +357,23 @@ class KimiDeltaAttention(nn.Module):
         W = self.conv_size
 
         # Parameters, in fla's order and names.
-        q_proj = self._dense(self.key_dim, "q_proj")
-        k_proj = self._dense(self.key_dim, "k_proj")
-        v_proj = self._dense(self.value_dim, "v_proj")
+        q_proj = self._dense(self.key_dim, "q_proj", (EMBED, HEADS))
+        k_proj = self._dense(self.key_dim, "k_proj", (EMBED, HEADS))
+        v_proj = self._dense(self.value_dim, "v_proj", (EMBED, HEADS))
         if self.use_short_conv:
             convs = [_ShortConv(d, W, self.conv_bias, self.dtype, self.param_dtype, name=n)
                      for d, n in ((self.key_dim, "q_conv1d"), (self.key_dim, "k_conv1d"), (self.value_dim, "v_conv1d"))]
         f_proj = _LowRank(Vd, HV * K, False, self.dtype, self.param_dtype, self.kernel_init, name="f_proj")
-        b_proj = self._dense(HV, "b_proj")
+        b_proj = self._dense(HV, "b_proj", (EMBED, HEADS))
         if self.gate == "bounded":
             a_init = nn.initializers.zeros_init()
         else:
             a_init = init_a_log
-        A_log = self.param("A_log", a_init, (HV,), jnp.float32)
-        dt_bias = self.param("dt_bias", init_dt_bias, (HV * K,), jnp.float32)
+        A_log = self.param("A_log", nn.with_logical_partitioning(a_init, (HEADS,)), (HV,), jnp.float32)
+        dt_bias = self.param("dt_bias", nn.with_logical_partitioning(init_dt_bias, (HEADS,)), (HV * K,), jnp.float32)
         g_proj = _LowRank(Vd, self.value_dim, True, self.dtype, self.param_dtype, self.kernel_init, name="g_proj")
         o_norm = _GatedRMSNorm(Vd, self.norm_eps, self.param_dtype, name="o_norm")
-        o_proj = self._dense(hidden, "o_proj")
+        o_proj = self._dense(hidden, "o_proj", (HEADS, EMBED))
 
         # Decode cache.
         if decode:
@@ -364,9 +385,12 @@ class KimiDeltaAttention(nn.Module):
                            "layer.apply({'params': ..., 'cache': ...}, x, decode=True, mutable=['cache'])")
             conv_states = None
             if self.use_short_conv:
-                conv_states = [self.variable("cache", f"conv_state_{n}", jnp.zeros, (B, W - 1, d), cdtype)
+                conv_init = nn.with_logical_partitioning(jnp.zeros, (BATCH, None, HEADS))
+                conv_states = [self.variable("cache", f"conv_state_{n}", conv_init, (B, W - 1, d), cdtype)
                                for n, d in (("q", self.key_dim), ("k", self.key_dim), ("v", self.value_dim))]
-            rec = self.variable("cache", "recurrent_state", jnp.zeros, (B, HV, K, Vd), jnp.float32)
+            rec = self.variable("cache", "recurrent_state",
+                                nn.with_logical_partitioning(jnp.zeros, (BATCH, HEADS, None, None)),
+                                (B, HV, K, Vd), jnp.float32)
             if have_cache and rec.value.shape[0] != B:
                 raise _err(f"the cache holds {rec.value.shape[0]} rows, the input has B={B}")
 
@@ -426,7 +450,8 @@ class KimiDeltaAttention(nn.Module):
             if have_cache:
                 rec.value = fin.astype(jnp.float32)
         else:
-            o, _ = _ops.kda(q, k, v, g, beta, segment_ids=kda_seg, **common)
+            o, _ = _ops.kda(q, k, v, g, beta, segment_ids=kda_seg, context_parallel_axis=self.context_parallel_axis,
+                            **common)
 
         gate_out = g_proj(x_in).reshape(B, T, HV, Vd)
         o = o_norm(o, gate_out)

@@ -14,7 +14,8 @@ import os
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 
-import argparse  # noqa: E402
+import argparse
+import functools  # noqa: E402
 import json  # noqa: E402
 import re  # noqa: E402
 import sys  # noqa: E402
@@ -128,6 +129,43 @@ def run_case(name, mesh, specs, dims, cp_axis=None, impl="xla", kw=None):
     return dict(errors=errors, collectives=colls, o_sharding=str(o.sharding.spec), T=T)
 
 
+def run_layer_case(devs, impl="xla"):
+    """The Flax layer on a (data, model, cp) mesh: params placed by their logical axis names (heads on
+    "model"), x and segment ids sharded over batch and sequence, context parallelism on "cp"."""
+    import flax.linen as nn
+    from flashkda_jax.nn import KimiDeltaAttention
+
+    mesh = Mesh(devs.reshape(2, 2, 2), ("data", "model", "cp"))
+    rules = [("batch", "data"), ("heads", "model"), ("embed", None)]
+    B, T, hidden = 2, T_GLOBAL, 24
+    cfg = dict(num_heads=2, head_dim=16, num_v_heads=4, expand_v=0.5, gate="softplus", implementation=impl)
+    ks = jax.random.split(jax.random.PRNGKey(7), 3)
+    x = jax.random.normal(ks[0], (B, T, hidden))
+    wy = jax.random.normal(ks[1], (B, T, hidden))
+    seg = segments_crossing(B, T, 8)
+    variables = KimiDeltaAttention(**cfg).init(ks[2], x, seg)
+
+    def make(layer):
+        def loss(params, x):
+            return jnp.sum(layer.apply(params, x, seg) * wy)
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+
+    val_r, (gp_r, gx_r) = make(KimiDeltaAttention(**cfg))(nn.unbox(variables), x)
+    shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(variables), mesh, rules)
+    params = jax.device_put(nn.unbox(variables), shardings)
+    xs = jax.device_put(x, NamedSharding(mesh, P("data", "cp")))
+    fn = make(KimiDeltaAttention(**cfg, context_parallel_axis="cp"))
+    with jax.set_mesh(mesh):
+        val, (gp, gx) = fn(params, xs)
+        hlo = fn.lower(params, xs).compile().as_text()
+    errors = {"loss": rel_err(val, val_r), "dx": rel_err(gx, gx_r)}
+    for path, a in jax.tree_util.tree_leaves_with_path(gp):
+        b = functools.reduce(lambda n, k: n[k.key], path, gp_r)
+        errors["d" + "/".join(k.key for k in path)] = rel_err(a, b)
+    heads_sharded = str(params["params"]["q_proj"]["kernel"].sharding.spec)
+    return dict(errors=errors, collectives=collectives(hlo), o_sharding=heads_sharded, T=T)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--impl", default="xla")
@@ -153,10 +191,13 @@ def main():
                          (2, T, 2, 4), "cp"),
     }
     for name in a.cases.split(","):
-        (axes, shape), specs, dims, cp = cases[name]
-        mesh = Mesh(devs[: int(np.prod(shape))].reshape(shape), axes)
         try:
-            res = run_case(name, mesh, specs, dims, cp_axis=cp, impl=a.impl)
+            if name == "layer":
+                res = run_layer_case(devs, impl=a.impl)
+            else:
+                (axes, shape), specs, dims, cp = cases[name]
+                mesh = Mesh(devs[: int(np.prod(shape))].reshape(shape), axes)
+                res = run_case(name, mesh, specs, dims, cp_axis=cp, impl=a.impl)
             res.update(case=name, ok=True)
         except Exception as e:  # reported to the parent test
             res = dict(case=name, ok=False, msg="".join(traceback.format_exception(e))[-4000:])

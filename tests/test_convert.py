@@ -1,6 +1,7 @@
 """flashkda_jax.convert: fla state dict <-> Flax params (names, shapes, round trip), and the converted
 layer against a NumPy float64 re-statement of fla's KimiDeltaAttention forward in PyTorch conventions."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -39,7 +40,7 @@ def test_names_shapes_round_trip(cfg):
     assert convert.infer_config(sd) == cfg
     variables = convert.from_fla(sd)
     layer = KimiDeltaAttention(**cfg, implementation="xla")
-    want = jax.eval_shape(layer.init, jax.random.PRNGKey(0), jnp.zeros((1, 3, cfg["hidden_size"])))
+    want = nn.unbox(jax.eval_shape(layer.init, jax.random.PRNGKey(0), jnp.zeros((1, 3, cfg["hidden_size"]))))
     got = jax.tree.map(lambda a: (a.shape, jnp.dtype(a.dtype)), variables)
     assert got == jax.tree.map(lambda a: (a.shape, jnp.dtype(a.dtype)), want)
     back = convert.to_fla(variables)

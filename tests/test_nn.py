@@ -77,7 +77,7 @@ T_PACKED = 26
 
 def test_param_names_and_shapes():
     layer = _layer(conv_bias=True)
-    p = layer.lazy_init(jax.random.PRNGKey(0), _x(0, 1, 5))["params"]
+    p = nn.unbox(layer.lazy_init(jax.random.PRNGKey(0), _x(0, 1, 5))["params"])
     shapes = jax.tree.map(lambda a: a.shape, p)
     H, K, HV, Vd = 2, 8, 4, 4
     assert shapes == {
@@ -95,8 +95,36 @@ def test_param_names_and_shapes():
     assert np.all((a >= 1) & (a <= 16))
     dt = np.log1p(np.exp(np.asarray(p["dt_bias"])))   # softplus(dt_bias) = dt in [1e-3, 0.1]
     assert np.all((dt >= 1e-3 - 1e-6) & (dt <= 0.1 + 1e-6))
-    pb = _layer(gate="bounded", lower_bound=-5.0).lazy_init(jax.random.PRNGKey(0), _x(0, 1, 5))["params"]
+    pb = nn.unbox(_layer(gate="bounded", lower_bound=-5.0).lazy_init(jax.random.PRNGKey(0), _x(0, 1, 5))["params"])
     assert np.all(np.asarray(pb["A_log"]) == 0)
+
+
+def test_logical_partitioning_of_params_and_cache():
+    """Every parameter and cache entry carries logical axis names: heads on every flattened-heads dim,
+    embed on the model width, batch on the cache rows."""
+    v = _layer(conv_bias=True).lazy_init(jax.random.PRNGKey(0), _x(0, 2, 5), decode=True)
+    specs = nn.get_partition_spec(v)
+    P = jax.sharding.PartitionSpec
+    hd, em = "heads", "embed"
+    assert specs["params"] == {
+        "q_proj": {"kernel": P(em, hd)}, "k_proj": {"kernel": P(em, hd)}, "v_proj": {"kernel": P(em, hd)},
+        "q_conv1d": {"kernel": P(None, hd), "bias": P(hd)}, "k_conv1d": {"kernel": P(None, hd), "bias": P(hd)},
+        "v_conv1d": {"kernel": P(None, hd), "bias": P(hd)},
+        "f_proj": {"0": {"kernel": P(em, None)}, "1": {"kernel": P(None, hd)}},
+        "b_proj": {"kernel": P(em, hd)}, "A_log": P(hd), "dt_bias": P(hd),
+        "g_proj": {"0": {"kernel": P(em, None)}, "1": {"kernel": P(None, hd), "bias": P(hd)}},
+        "o_norm": {"scale": P(None)}, "o_proj": {"kernel": P(hd, em)},
+    }
+    assert specs["cache"]["recurrent_state"] == P("batch", hd, None, None)
+    assert all(specs["cache"][f"conv_state_{n}"] == P("batch", None, hd) for n in "qkv")
+    # Rules map them onto a mesh; boxed and unboxed params give the same outputs.
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("data", "model"))
+    shardings = nn.logical_to_mesh_sharding(specs, mesh, [("heads", "model"), ("batch", "data"), ("embed", None)])
+    assert shardings["params"]["o_proj"]["kernel"].spec == P("model", None)
+    x = _x(1, 2, 7)
+    layer = _layer(conv_bias=True)
+    boxed = layer.lazy_init(jax.random.PRNGKey(0), x)
+    np.testing.assert_array_equal(layer.apply(boxed, x), layer.apply(nn.unbox(boxed), x))
 
 
 def test_packed_rows_equal_one_by_one():
@@ -157,7 +185,7 @@ def _decode_run(layer, params, x, seg, splits):
         outs.append(y)
         t += n
     assert t == x.shape[1]
-    return jnp.concatenate(outs, axis=1), cache
+    return jnp.concatenate(outs, axis=1), nn.unbox(cache)
 
 
 @pytest.mark.parametrize("gate", ["softplus", "bounded"])
@@ -218,7 +246,8 @@ def test_jit_grad_remat_and_bf16():
     yb = _layer(dtype=jnp.bfloat16).apply(params, x, seg)
     assert yb.dtype == jnp.bfloat16
     assert _rel(yb, layer.apply(params, x, seg)) < 3e-2
-    pb = jax.eval_shape(_layer(param_dtype=jnp.bfloat16).init, jax.random.PRNGKey(0), x.astype(jnp.bfloat16))
+    pb = nn.unbox(jax.eval_shape(_layer(param_dtype=jnp.bfloat16).init, jax.random.PRNGKey(0),
+                                 x.astype(jnp.bfloat16)))
     assert pb["params"]["q_proj"]["kernel"].dtype == jnp.bfloat16
     assert pb["params"]["A_log"].dtype == jnp.float32
 

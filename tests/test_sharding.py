@@ -21,7 +21,7 @@ import flashkda_jax as F
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 T_GLOBAL = 64
-CASES = ("batch", "heads", "batch_heads", "context", "data_context")
+CASES = ("batch", "heads", "batch_heads", "context", "data_context", "layer")
 TOL = 2e-5  # fp32; context parallelism reassociates the state sums
 
 
@@ -77,6 +77,16 @@ def test_context_parallel_moves_only_state_maps(reports, case):
         assert T_GLOBAL not in dims, (case, op, dt, dims)           # no gathered sequence of q/k/v/g
         if op in ("all-gather", "reduce-scatter"):
             assert len(dims) == 5 and dims[-2] == 16 and dims[-1] in (16, 8), (case, op, dims)  # [n,B,HV,K,K|V]
+
+
+def test_flax_layer_shards_by_logical_axes_with_context_parallelism(reports):
+    """KimiDeltaAttention with params placed by their logical names (heads -> "model") and x sharded over
+    (batch, sequence) with context_parallel_axis: the sequence is never gathered."""
+    r = _get(reports, "layer")
+    assert r["o_sharding"] in ("P(None, 'model')", "PartitionSpec(None, 'model')"), r["o_sharding"]
+    for op, dt, dims in r["collectives"]:
+        if op == "all-gather" and dt.startswith(("f", "bf")):
+            assert T_GLOBAL not in dims, (op, dt, dims)
 
 
 # ----------------------------------------------------------------------------------------------------
