@@ -1,12 +1,430 @@
-// CUDA handler of flashkda_bwd (placeholder until the kernel lands).
+// CUDA handler of flashkda_bwd: decodes the operands, lays out the workspace and enqueues the plan, the
+// forward's prep kernel, and the backward stages (kda_bwd_common.cuh). Graph safe: no allocation, no host
+// synchronisation, no host read of device data; every size is a static bound.
 #include <cuda_runtime.h>
 
+#include <string>
+
 #include "kda_bindings.h"
+#include "kda_bwd_common.cuh"
+#include "kda_fwd_launch.h"
 
 namespace ffi = xla::ffi;
 
+namespace flashkda {
+namespace bwd {
+namespace {
+
+constexpr int kPlanThreads = 1024;
+
+// Inclusive block-wide scan over 1024 threads (max or sum); *total gets the block's reduction.
+template <bool kMax>
+__device__ __forceinline__ int BlockScan(int v, int* s_warp, int* total) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int n = __shfl_up_sync(0xffffffffu, v, o);
+    if (lane >= o) v = kMax ? max(v, n) : v + n;
+  }
+  if (lane == 31) s_warp[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    int w = s_warp[lane];
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const int n = __shfl_up_sync(0xffffffffu, w, o);
+      if (lane >= o) w = kMax ? max(w, n) : w + n;
+    }
+    s_warp[lane] = w;
+  }
+  __syncthreads();
+  if (warp > 0) v = kMax ? max(v, s_warp[warp - 1]) : v + s_warp[warp - 1];
+  *total = s_warp[31];
+  __syncthreads();
+  return v;
+}
+
+// Plan, over (tile of 1024 tokens, batch row): sequence start of every token (tile-local running max, then
+// the carry of earlier tiles), each sequence's end at its start, then the chunk and sequence lists.
+__global__ void __launch_bounds__(kPlanThreads) PlanStarts(Params P) {
+  __shared__ int s_warp[32];
+  const fwd::Params& p = P.f;
+  const int b = blockIdx.y, t = blockIdx.x * kPlanThreads + threadIdx.x, T = p.T;
+  const int* slot = p.slot + (size_t)b * T;
+  const int s = t < T ? slot[t] : -1;
+  const int prev = (t > 0 && t < T) ? slot[t - 1] : -1;
+  int total;
+  const int ss = BlockScan<true>((s >= 0 && s != prev) ? t : -1, s_warp, &total);
+  if (t < T) p.seq_start[(size_t)b * T + t] = ss;
+}
+
+__global__ void __launch_bounds__(kPlanThreads) PlanCarry(Params P) {
+  __shared__ int s_carry;
+  const fwd::Params& p = P.f;
+  const int b = blockIdx.y, tile = blockIdx.x, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int T = p.T, t = tile * kPlanThreads + tid;
+  int* seq_start = p.seq_start + (size_t)b * T;
+  if (warp == 0) {
+    int c = -1;
+    for (int tt = lane; tt < tile; tt += 32) c = max(c, seq_start[tt * kPlanThreads + kPlanThreads - 1]);
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) c = max(c, __shfl_xor_sync(0xffffffffu, c, o));
+    if (lane == 0) s_carry = c;
+  }
+  const int* slot = p.slot + (size_t)b * T;
+  const int s = t < T ? slot[t] : -1;
+  const int nxt = t + 1 < T ? slot[t + 1] : -1;
+  const int local = t < T ? seq_start[t] : -1;
+  __syncthreads();
+  const int ss = max(local, s_carry);
+  if (t < T) seq_start[t] = ss;
+  if (s >= 0 && nxt != s) p.seq_end[(size_t)b * T + ss] = t + 1;
+}
+
+__global__ void __launch_bounds__(kPlanThreads) PlanLists(Params P) {
+  __shared__ int s_warp[32];
+  __shared__ int s_base[2];
+  const fwd::Params& p = P.f;
+  const int b = blockIdx.y, tid = threadIdx.x;
+  const int T = p.T, t = blockIdx.x * kPlanThreads + tid;
+  const int s = t < T ? p.slot[(size_t)b * T + t] : -1;
+  int fc = 0, fs = 0, ss = -1, se = -1;
+  if (s >= 0) {
+    ss = p.seq_start[(size_t)b * T + t];
+    se = p.seq_end[(size_t)b * T + ss];
+    fc = ((t - ss) % kChunk) == 0;
+    fs = t == ss;
+  }
+  const int packed = fc | (fs << 16);
+  int total;
+  const int excl = BlockScan<false>(packed, s_warp, &total) - packed;
+  if (tid == 0) {
+    s_base[0] = atomicAdd(&p.counters[0], total & 0xffff);
+    s_base[1] = atomicAdd(&p.counters[1], total >> 16);
+  }
+  __syncthreads();
+  if (fc) p.chunk_list[s_base[0] + (excl & 0xffff)] = make_int4(b, t, se, s);
+  if (fs) P.seq_list[s_base[1] + (excl >> 16)] = make_int4(b, t, se, s);
+}
+
+// Zero dv, dg, dbeta of padding tokens (one warp per token).
+template <typename TIn>
+__global__ void __launch_bounds__(256) PadZero(Params P) {
+  const fwd::Params& p = P.f;
+  const int lane = threadIdx.x & 31;
+  const long long ntok = static_cast<long long>(p.B) * p.T;
+  const TIn z = fwd::FromF<TIn>(0.f);
+  for (long long tok = (blockIdx.x * 256ll + threadIdx.x) / 32; tok < ntok; tok += gridDim.x * 8ll) {
+    if (p.slot[tok] >= 0) continue;
+    TIn* dv = static_cast<TIn*>(P.dv) + tok * p.HV * p.V;
+    TIn* dg = static_cast<TIn*>(P.dg) + tok * p.HV * p.K;
+    TIn* db = static_cast<TIn*>(P.dbeta) + tok * p.HV;
+    for (int i = lane; i < p.HV * p.V; i += 32) dv[i] = z;
+    for (int i = lane; i < p.HV * p.K; i += 32) dg[i] = z;
+    for (int i = lane; i < p.HV; i += 32) db[i] = z;
+  }
+}
+
+// dq, dk per (token, q/k head), one warp each: sum over the value heads of the group in order, scale,
+// l2norm. Padding tokens get zeros.
+template <int K, typename TIn>
+__global__ void __launch_bounds__(256) Finish(Params P) {
+  constexpr int PL = K / 32;
+  const fwd::Params& p = P.f;
+  const int lane = threadIdx.x & 31;
+  const long long n = static_cast<long long>(p.B) * p.T * p.H;
+  const TIn* gq = static_cast<const TIn*>(p.q);
+  const TIn* gk = static_cast<const TIn*>(p.k);
+  TIn* oq = static_cast<TIn*>(P.dq);
+  TIn* ok = static_cast<TIn*>(P.dk);
+  for (long long w = (blockIdx.x * 256ll + threadIdx.x) / 32; w < n; w += gridDim.x * 8ll) {
+    const long long tok = w / p.H;
+    const int h = static_cast<int>(w - tok * p.H);
+    const bool valid = p.slot[tok] >= 0;
+    for (int which = 0; which < 2; ++which) {
+      const float* src = which == 0 ? P.sQg : P.sKd;
+      const TIn* x = which == 0 ? gq : gk;
+      TIn* out = which == 0 ? oq : ok;
+      float dy[PL], xv[PL];
+#pragma unroll
+      for (int u = 0; u < PL; ++u) dy[u] = 0.f;
+      if (valid) {
+        for (int j = 0; j < p.group; ++j) {
+          const size_t o = ((size_t)tok * p.HV + h * p.group + j) * K;
+#pragma unroll
+          for (int u = 0; u < PL; ++u) dy[u] += src[o + lane + 32 * u];
+        }
+        if (which == 0) {
+#pragma unroll
+          for (int u = 0; u < PL; ++u) dy[u] *= p.scale;
+        }
+        if (p.qk_l2norm) {
+          float ss = 0.f;
+#pragma unroll
+          for (int u = 0; u < PL; ++u) {
+            xv[u] = fwd::ToF<TIn>(x[((size_t)tok * p.H + h) * K + lane + 32 * u]);
+            ss += xv[u] * xv[u];
+          }
+          const float r = rsqrtf(fwd::WarpSum(ss) + 1e-6f);
+          float dot = 0.f;
+#pragma unroll
+          for (int u = 0; u < PL; ++u) dot += dy[u] * xv[u] * r;
+          dot = fwd::WarpSum(dot);
+#pragma unroll
+          for (int u = 0; u < PL; ++u) dy[u] = r * (dy[u] - xv[u] * r * dot);
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < PL; ++u) out[((size_t)tok * p.H + h) * K + lane + 32 * u] = fwd::FromF<TIn>(dy[u]);
+    }
+  }
+}
+
+// da_log_partial and ddt_bias_partial per (batch row, value head): sums over tokens in order.
+template <int K>
+__global__ void __launch_bounds__(256) ReduceGate(Params P) {
+  constexpr int NP = 256 / K;  // token phases
+  __shared__ float s_part[256];
+  __shared__ float s_da[256];
+  const fwd::Params& p = P.f;
+  const int tid = threadIdx.x, c = tid % K, part = tid / K;
+  const int b = blockIdx.x / p.HV, hv = blockIdx.x % p.HV;
+  float acc = 0.f, da = 0.f;
+  if (p.gate_mode != 0) {
+    for (int t = part; t < p.T; t += NP) {
+      const size_t tok = (size_t)b * p.T + t;
+      if (p.slot[tok] >= 0) acc += P.sW[(tok * p.HV + hv) * K + c];
+    }
+    for (int t = tid; t < p.T; t += 256) {
+      const size_t tok = (size_t)b * p.T + t;
+      if (p.slot[tok] >= 0) da += P.sDa[tok * p.HV + hv];
+    }
+  }
+  s_part[tid] = acc;
+  s_da[tid] = da;
+  __syncthreads();
+  if (tid < K) {
+    float sum = 0.f;
+    for (int q = 0; q < NP; ++q) sum += s_part[q * K + tid];
+    P.ddt[((size_t)b * p.HV + hv) * K + tid] = sum;
+  }
+  for (int w = 128; w > 0; w >>= 1) {
+    if (tid < w) s_da[tid] += s_da[tid + w];
+    __syncthreads();
+  }
+  if (tid == 0) P.da_log[(size_t)b * p.HV + hv] = s_da[0];
+}
+
+int SmCount() {
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return 132;
+  static int cached[64] = {0};
+  if (dev >= 0 && dev < 64 && cached[dev] > 0) return cached[dev];
+  int n = 132;
+  cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev);
+  if (dev >= 0 && dev < 64) cached[dev] = n;
+  return n;
+}
+
+ffi::Error CudaError(cudaError_t err, const char* where) {
+  return ffi::Error::Internal(std::string("flashkda_bwd: ") + where + ": " + cudaGetErrorString(err));
+}
+
+template <typename TIn>
+ffi::Error Run(cudaStream_t stream, Params& P) {
+  const fwd::Params& p = P.f;
+  const int nsm = SmCount();
+  cudaError_t err;
+  const dim3 pgrid((p.T + kPlanThreads - 1) / kPlanThreads, p.B);
+  if ((err = cudaMemsetAsync(p.counters, 0, 64, stream)) != cudaSuccess) return CudaError(err, "memset");
+  PlanStarts<<<pgrid, kPlanThreads, 0, stream>>>(P);
+  PlanCarry<<<pgrid, kPlanThreads, 0, stream>>>(P);
+  PlanLists<<<pgrid, kPlanThreads, 0, stream>>>(P);
+  {
+    const long long ntok = static_cast<long long>(p.B) * p.T;
+    long long grid = (ntok + 7) / 8;
+    if (grid > 4ll * nsm * 8) grid = 4ll * nsm * 8;
+    PadZero<TIn><<<static_cast<int>(grid), 256, 0, stream>>>(P);
+  }
+  if ((err = cudaGetLastError()) != cudaSuccess) return CudaError(err, "plan kernels");
+  if ((err = fwd::LaunchPrep<TIn>(p, stream, nsm)) != cudaSuccess) return CudaError(err, "prep kernel");
+  if ((err = LaunchStates(P, stream, nsm)) != cudaSuccess) return CudaError(err, "states kernel");
+  if ((err = LaunchReverse<TIn>(P, stream, nsm)) != cudaSuccess) return CudaError(err, "reverse kernel");
+  if ((err = LaunchGrad1<TIn>(P, stream, nsm)) != cudaSuccess) return CudaError(err, "grad1 kernel");
+  if ((err = LaunchGrad2<TIn>(P, stream, nsm)) != cudaSuccess) return CudaError(err, "grad2 kernel");
+  {
+    const long long n = static_cast<long long>(p.B) * p.T * p.H;
+    long long grid = (n + 7) / 8;
+    if (grid > 4ll * nsm * 8) grid = 4ll * nsm * 8;
+    if (p.K == 64) {
+      Finish<64, TIn><<<static_cast<int>(grid), 256, 0, stream>>>(P);
+      ReduceGate<64><<<p.B * p.HV, 256, 0, stream>>>(P);
+    } else {
+      Finish<128, TIn><<<static_cast<int>(grid), 256, 0, stream>>>(P);
+      ReduceGate<128><<<p.B * p.HV, 256, 0, stream>>>(P);
+    }
+  }
+  if ((err = cudaGetLastError()) != cudaSuccess) return CudaError(err, "finish kernels");
+  return ffi::Error::Success();
+}
+
+ffi::Error Check(ffi::Result<ffi::AnyBuffer>& r, size_t n, ffi::DataType dt, const char* what) {
+  if (r->element_count() != n || r->element_type() != dt) {
+    return ffi::Error::InvalidArgument(std::string("flashkda_bwd (CUDA): bad ") + what + " buffer");
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+}  // namespace bwd
+}  // namespace flashkda
+
 static ffi::Error KdaCudaBwdImpl(cudaStream_t stream, FLASHKDA_BWD_PARAMS) {
-  return ffi::Error(ffi::ErrorCode::kUnimplemented, "flashkda_bwd: CUDA kernel not implemented yet");
+  using namespace flashkda;
+  using namespace flashkda::bwd;
+  KdaOptions opt;
+  if (auto err = FLASHKDA_DECODE_OPTIONS(opt); err.failure()) return err;
+  KdaShape s;
+  if (auto err = DecodeShape(q, k, v, g, beta, a_log, dt_bias, slot, initial_state, opt, &s); err.failure()) return err;
+  const auto dt = s.dtype;
+  if (dt != ffi::DataType::BF16 && dt != ffi::DataType::F16 && dt != ffi::DataType::F32) {
+    return ffi::Error::InvalidArgument("flashkda_bwd (CUDA): inputs must be bfloat16, float16 or float32");
+  }
+  if (s.K != s.V || (s.K != 64 && s.K != 128)) {
+    return ffi::Error::InvalidArgument("flashkda_bwd (CUDA): head dims must satisfy K == V in {64, 128}");
+  }
+  const size_t nq = static_cast<size_t>(s.B * s.T * s.H * s.K), nv = static_cast<size_t>(s.B * s.T * s.HV * s.V);
+  const size_t ng = static_cast<size_t>(s.B * s.T * s.HV * s.K), nb = static_cast<size_t>(s.B * s.T * s.HV);
+  if (q.element_count() != nq) return ffi::Error::InvalidArgument("flashkda_bwd (CUDA): bad q shape");
+  if (d_o.element_count() != nv || d_o.element_type() != dt) {
+    return ffi::Error::InvalidArgument("flashkda_bwd (CUDA): do must have v's shape and dtype");
+  }
+  const int64_t s_out = StateSlots(dfinal_state, s);
+  if (dfinal_state.element_count() > 0 &&
+      (dfinal_state.element_count() != static_cast<size_t>(s.B * s_out * s.HV * s.K * s.V) ||
+       dfinal_state.element_type() != ffi::DataType::F32)) {
+    return ffi::Error::InvalidArgument("flashkda_bwd (CUDA): dfinal_state has a bad size or dtype");
+  }
+  if (s.has_initial_state && s_out > 0 && s_out != s.S) {
+    return ffi::Error::InvalidArgument("flashkda_bwd (CUDA): initial state and dfinal_state must have the same slots");
+  }
+  if (auto e = Check(dq, nq, dt, "dq"); e.failure()) return e;
+  if (auto e = Check(dk, nq, dt, "dk"); e.failure()) return e;
+  if (auto e = Check(dv, nv, dt, "dv"); e.failure()) return e;
+  if (auto e = Check(dg, ng, dt, "dg"); e.failure()) return e;
+  if (auto e = Check(dbeta, nb, dt, "dbeta"); e.failure()) return e;
+  if (auto e = Check(da_log_partial, static_cast<size_t>(s.B * s.HV), ffi::DataType::F32, "da_log_partial");
+      e.failure()) {
+    return e;
+  }
+  if (auto e = Check(ddt_bias_partial, static_cast<size_t>(s.B * s.HV * s.K), ffi::DataType::F32, "ddt_bias_partial");
+      e.failure()) {
+    return e;
+  }
+  if (auto e = Check(dinitial_state, initial_state.element_count(), ffi::DataType::F32, "dinitial_state");
+      e.failure()) {
+    return e;
+  }
+  const Layout lay = MakeLayout(s.B, s.T, s.HV, s.K, s.V, s_out);
+  if (workspace->size_bytes() < lay.total) {
+    return ffi::Error::InvalidArgument("flashkda_bwd (CUDA): workspace too small: " +
+                                       std::to_string(workspace->size_bytes()) + " < " + std::to_string(lay.total) +
+                                       " bytes");
+  }
+  // dinitial_state: slots no sequence reaches pass dfinal_state through; the reverse kernel overwrites the
+  // others (stream order).
+  if (s.has_initial_state) {
+    cudaError_t err = s_out > 0 ? cudaMemcpyAsync(dinitial_state->untyped_data(), dfinal_state.untyped_data(),
+                                                  dinitial_state->size_bytes(), cudaMemcpyDeviceToDevice, stream)
+                                : cudaMemsetAsync(dinitial_state->untyped_data(), 0, dinitial_state->size_bytes(), stream);
+    if (err != cudaSuccess) return CudaError(err, "dinitial_state init");
+  }
+  if (s.B == 0 || s.T == 0 || s.HV == 0) {
+    for (ffi::Result<ffi::AnyBuffer>* r : {&dq, &dk, &dv, &dg, &dbeta, &da_log_partial, &ddt_bias_partial}) {
+      if ((*r)->size_bytes() > 0) {
+        cudaError_t err = cudaMemsetAsync((*r)->untyped_data(), 0, (*r)->size_bytes(), stream);
+        if (err != cudaSuccess) return CudaError(err, "memset");
+      }
+    }
+    return ffi::Error::Success();
+  }
+  unsigned char* ws = static_cast<unsigned char*>(workspace->untyped_data());
+  Params P{};
+  fwd::Params& p = P.f;
+  p.B = static_cast<int>(s.B);
+  p.T = static_cast<int>(s.T);
+  p.H = static_cast<int>(s.H);
+  p.HV = static_cast<int>(s.HV);
+  p.K = static_cast<int>(s.K);
+  p.V = static_cast<int>(s.V);
+  p.group = static_cast<int>(s.HV / s.H);
+  p.S_init = s.has_initial_state ? static_cast<int>(s.S) : 0;
+  p.S_final = static_cast<int>(s_out);  // the prep kernel writes gamma of last chunks for these slots
+  p.seglen = lay.f.seglen;
+  p.Lseg = lay.f.seglen * kChunk;
+  p.NW = lay.f.NW;
+  p.NG = lay.f.NG;
+  p.NSPLIT = 0;
+  p.split = 0;
+  p.scale = opt.scale;
+  p.lower_bound = opt.lower_bound;
+  p.gate_mode = static_cast<int>(opt.gate);
+  p.use_a_log = opt.use_a_log;
+  p.qk_l2norm = opt.qk_l2norm;
+  p.beta_sigmoid = opt.beta_sigmoid;
+  p.allow_neg = opt.allow_neg_eigval;
+  p.state_vk = opt.state_vk;
+  p.q = q.untyped_data();
+  p.k = k.untyped_data();
+  p.v = v.untyped_data();
+  p.g = g.untyped_data();
+  p.beta = beta.untyped_data();
+  p.a_log = static_cast<const float*>(a_log.untyped_data());
+  p.dt_bias = static_cast<const float*>(dt_bias.untyped_data());
+  p.slot = static_cast<const int*>(slot.untyped_data());
+  p.init = s.has_initial_state ? static_cast<const float*>(initial_state.untyped_data()) : nullptr;
+  p.o = nullptr;
+  p.final_state = nullptr;
+  p.Qg = reinterpret_cast<__nv_bfloat16*>(ws + lay.f.qg);
+  p.Kd = reinterpret_cast<__nv_bfloat16*>(ws + lay.f.kd);
+  p.W = reinterpret_cast<__nv_bfloat16*>(ws + lay.f.w);
+  p.U = reinterpret_cast<__nv_bfloat16*>(ws + lay.f.u);
+  p.Aqk = reinterpret_cast<__nv_bfloat16*>(ws + lay.f.aqk);
+  p.gamma = reinterpret_cast<float*>(ws + lay.f.gamma);
+  p.HP = nullptr;
+  p.Sstart = nullptr;
+  p.seq_start = reinterpret_cast<int*>(ws + lay.f.seq_start);
+  p.seq_end = reinterpret_cast<int*>(ws + lay.f.seq_end);
+  p.chunk_list = reinterpret_cast<int4*>(ws + lay.f.chunks);
+  p.seg_list = nullptr;
+  p.multi_list = nullptr;
+  p.counters = reinterpret_cast<int*>(ws + lay.f.counters);
+  P.S_out = static_cast<int>(s_out);
+  P.d_o = d_o.untyped_data();
+  P.dfin = s_out > 0 ? static_cast<const float*>(dfinal_state.untyped_data()) : nullptr;
+  P.dq = dq->untyped_data();
+  P.dk = dk->untyped_data();
+  P.dv = dv->untyped_data();
+  P.dg = dg->untyped_data();
+  P.dbeta = dbeta->untyped_data();
+  P.da_log = static_cast<float*>(da_log_partial->untyped_data());
+  P.ddt = static_cast<float*>(ddt_bias_partial->untyped_data());
+  P.dinit = s.has_initial_state ? static_cast<float*>(dinitial_state->untyped_data()) : nullptr;
+  P.Hs = reinterpret_cast<float*>(ws + lay.hs);
+  P.dH = reinterpret_cast<float*>(ws + lay.dh);
+  P.dgam = reinterpret_cast<float*>(ws + lay.dgam);
+  P.sQg = reinterpret_cast<float*>(ws + lay.sqg);
+  P.sKd = reinterpret_cast<float*>(ws + lay.skd);
+  P.sW = reinterpret_cast<float*>(ws + lay.sw);
+  P.sU = reinterpret_cast<float*>(ws + lay.su);
+  P.sA = reinterpret_cast<float*>(ws + lay.sa);
+  P.sDa = reinterpret_cast<float*>(ws + lay.sda);
+  P.seq_list = reinterpret_cast<int4*>(ws + lay.seqs);
+  switch (dt) {
+    case ffi::DataType::BF16: return Run<__nv_bfloat16>(stream, P);
+    case ffi::DataType::F16: return Run<__half>(stream, P);
+    default: return Run<float>(stream, P);
+  }
 }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FlashKdaBwdCuda, KdaCudaBwdImpl,

@@ -45,10 +45,11 @@ def cuda_fwd_seglen(B: int, T: int, HV: int, K: int, V: int) -> int:
     return best_len
 
 
-def cuda_fwd_workspace_bytes(B: int, T: int, HV: int, K: int, V: int, S: int) -> int:
+def cuda_fwd_workspace_bytes(B: int, T: int, HV: int, K: int, V: int, S: int, no_split: bool = False) -> int:
+    """Mirrors ``flashkda::fwd::MakeLayout`` (no_split: one segment per sequence, as the backward uses it)."""
     nw = -(-T // _CHUNK)
     ng = nw + S
-    seglen = cuda_fwd_seglen(B, T, HV, K, V)
+    seglen = max(nw, 1) if no_split else cuda_fwd_seglen(B, T, HV, K, V)
     split = seglen < nw
     lseg = seglen * _CHUNK
     nsplit = (-(-T // lseg) + 1) if split else 0
@@ -78,5 +79,28 @@ def fwd_workspace_bytes(platform: str, *, B: int, T: int, H: int, HV: int, K: in
     return 0
 
 
+def cuda_bwd_workspace_bytes(B: int, T: int, HV: int, K: int, V: int, S: int) -> int:
+    """Mirrors ``flashkda::bwd::MakeLayout`` in ``cutlass/kda_bwd_common.cuh`` (S: dfinal_state slots, or an
+    upper bound of them: the size only grows with S)."""
+    nw = -(-T // _CHUNK)
+    tok = B * T * HV
+    states = B * (nw + 1) * HV * K * V * 4
+    sizes = [
+        states,                    # chunk start states (f32)
+        states,                    # their gradients (f32)
+        B * (nw + S) * HV * K * 4, # dgamma per chunk
+        tok * K * 4,               # dQg, then dq (effective)
+        tok * K * 4,               # dKd, then dk (effective)
+        tok * K * 4,               # dW, then d(gate input)
+        tok * V * 4,               # dU
+        tok * _CHUNK * 4,          # dA_qk rows
+        tok * 4,                   # d a_log per token
+        B * T * 16,                # sequence list
+    ]
+    return cuda_fwd_workspace_bytes(B, T, HV, K, V, S, no_split=True) + sum(_align256(s) for s in sizes)
+
+
 def bwd_workspace_bytes(platform: str, *, B: int, T: int, H: int, HV: int, K: int, V: int, S: int, opts) -> int:
+    if platform == "cuda":
+        return cuda_bwd_workspace_bytes(B, T, HV, K, V, S)
     return 0

@@ -1,0 +1,153 @@
+// Shared definitions of the chunked KDA backward on CUDA (flashkda_bwd): parameters, workspace layout and
+// small block-level helpers. The algorithm is modelled in float64 by tests/test_bwd_algorithm.py (same stages,
+// same formulas, same decay forms); keep both in step.
+//
+// Stages (chunk C = 64, chunks aligned to sequence starts as in the forward, kda_fwd_common.cuh):
+//   plan     sequence starts/ends from `slot`; lists of chunks and of sequences; zero padding gradients
+//   prep     the forward's prep kernel (LaunchPrep): Qg, Kd, W, U, A_qk (bf16) and gamma (f32) per chunk
+//   states   one CTA per (sequence, value head, BV columns): the start state S_c of every chunk but a
+//            sequence's first (f32, at index ceil(cs / C) of its row; first chunks read initial_state[slot])
+//   reverse  one CTA per (sequence, value head, BV columns), chunks last to first:
+//              dR = A_qk^T dO + Kd dS_next,   dS = Qg^T dO - W^T dR + diag(gamma) dS_next
+//            dS_next of every chunk but the last is stored at the index of the next chunk (f32); a last
+//            chunk starts from dfinal_state[slot] (or 0); the first chunk's dS goes to dinitial_state[slot]
+//   grad1    fully parallel over (chunk, value head): R = U - W S, dR, dQg = dO S^T, dKd = R dS_next^T,
+//            dW = -dR S^T, dU = dR, dA_qk = tril(dO R^T), dgamma = rowsum(S * dS_next)  (f32 scratch)
+//   grad2    fully parallel over (chunk, value head), everything recomputed in f32 from the raw inputs:
+//            G, l2norm, beta; B_kk = sum_c k_i k_j exp(G_i - G_j) (j < i); W | U by forward substitution;
+//            [dKb | dVb] by back substitution with (I + diag(beta) B_kk)^T; dA = -strict_tril(dKb W^T + dVb U^T);
+//            gradients of the decay products (only exp(G_i - G_j), j <= i); elementwise terms of Qg, Kd,
+//            gamma, Kb = beta e^G k, Vb = beta v; dg = reverse cumsum of dG; gate and beta-sigmoid chains.
+//            Writes dv, dg, dbeta and f32 per-(token, value head) dq, dk (w.r.t. the scaled, normalised
+//            q/k) and gate-parameter terms
+//   finish   per (token, q/k head): sum over the value heads of the group in order, scale, l2norm
+//   reduce   per (batch row, value head): da_log_partial and ddt_bias_partial, sums over tokens in order
+// No float atomics: every result element has one writer and a fixed summation order.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+
+#include "kda_fwd_common.cuh"
+
+namespace flashkda {
+namespace bwd {
+
+constexpr int kChunk = fwd::kChunk;
+constexpr int kThreads = 256;
+constexpr int kBV = 64;  // state columns per CTA of the states / reverse kernels
+
+struct Params {
+  fwd::Params f;  // problem, options, inputs and the prep workspace (f.S_final = dfinal_state slots)
+  int S_out;      // dfinal_state slots (0 = none)
+  const void* d_o;
+  const float* dfin;
+  void* dq;
+  void* dk;
+  void* dv;
+  void* dg;
+  void* dbeta;
+  float* da_log;   // [B, HV]
+  float* ddt;      // [B, HV, K]
+  float* dinit;    // [B, S_init, HV, K, V] or null
+  // workspace
+  float* Hs;       // [B, NW + 1, HV, K, V] chunk start states
+  float* dH;       // [B, NW + 1, HV, K, V] gradients w.r.t. chunk start states
+  float* dgam;     // [B, NG, HV, K]       dgamma per chunk (indexed like gamma)
+  float* sQg;      // [B, T, HV, K]  dQg, then dq (effective) of grad2
+  float* sKd;      // [B, T, HV, K]  dKd, then dk (effective)
+  float* sW;       // [B, T, HV, K]  dW, then d(gate input) for ddt_bias
+  float* sU;       // [B, T, HV, V]  dU
+  float* sA;       // [B, T, HV, C]  dA_qk rows
+  float* sDa;      // [B, T, HV]     d a_log per token
+  int4* seq_list;  // [B * T] (b, start, end, slot)
+};
+
+struct Layout {
+  fwd::Layout f;  // the prep workspace (only qg..gamma, seq_start, seq_end, chunks, counters are used)
+  size_t hs, dh, dgam, sqg, skd, sw, su, sa, sda, seqs, total;
+};
+
+// Workspace layout; mirrored by flashkda_jax/_workspace.py:cuda_bwd_workspace_bytes (keep both in sync).
+inline Layout MakeLayout(int64_t B, int64_t T, int64_t HV, int64_t K, int64_t V, int64_t S_out) {
+  Layout l{};
+  // The forward's layout without splitting (its HP / Sstart blocks are then empty).
+  l.f = fwd::MakeLayout(B, T, HV, K, V, S_out, /*no_split=*/true);
+  size_t off = l.f.total;
+  auto take = [&](size_t bytes) {
+    size_t at = off;
+    off += fwd::Align256(bytes);
+    return at;
+  };
+  const size_t tok = static_cast<size_t>(B * T * HV);
+  const size_t nst = static_cast<size_t>(B) * (l.f.NW + 1) * HV * K * V * 4;
+  l.hs = take(nst);
+  l.dh = take(nst);
+  l.dgam = take(static_cast<size_t>(B) * l.f.NG * HV * K * 4);
+  l.sqg = take(tok * K * 4);
+  l.skd = take(tok * K * 4);
+  l.sw = take(tok * K * 4);
+  l.su = take(tok * V * 4);
+  l.sa = take(tok * kChunk * 4);
+  l.sda = take(tok * 4);
+  l.seqs = take(static_cast<size_t>(B * T) * 16);
+  l.total = off;
+  return l;
+}
+
+// Index of a chunk in the gamma / dgamma arrays: full chunks by position, a sequence's last chunk by slot
+// (only when that slot has a final state / its cotangent), else -1.
+__device__ __forceinline__ int GammaIndex(const fwd::Params& p, int cs, int send, int s) {
+  const bool last = cs + kChunk >= send;
+  return !last ? (cs + kChunk - 1) / kChunk : (s < p.S_final ? p.NW + s : -1);
+}
+
+// Element (k, v) of a [K, V] (or, state_vk, [V, K]) state matrix.
+__device__ __forceinline__ size_t StateAt(bool vk, int K, int V, int k, int v) {
+  return vk ? static_cast<size_t>(v) * K + k : static_cast<size_t>(k) * V + v;
+}
+
+// acc[i][j] += sum_{kk < kd} a(m(i), kk) * b(kk, n(j)) with m(i) = m0 + i * ms, n(j) = n0 + j * ns: a
+// register micro-tile whose rows and columns are interleaved across threads (conflict-free shared reads).
+template <int TM, int TN, typename FA, typename FB>
+__device__ __forceinline__ void MicroGemm(float (&acc)[TM][TN], int m0, int ms, int n0, int ns, int kd, FA a,
+                                          FB b) {
+#pragma unroll 4
+  for (int kk = 0; kk < kd; ++kk) {
+    float av[TM], bv[TN];
+#pragma unroll
+    for (int i = 0; i < TM; ++i) av[i] = a(m0 + i * ms, kk);
+#pragma unroll
+    for (int j = 0; j < TN; ++j) bv[j] = b(kk, n0 + j * ns);
+#pragma unroll
+    for (int i = 0; i < TM; ++i)
+#pragma unroll
+      for (int j = 0; j < TN; ++j) acc[i][j] = fmaf(av[i], bv[j], acc[i][j]);
+  }
+}
+
+template <int TM, int TN>
+__device__ __forceinline__ void Zero(float (&acc)[TM][TN]) {
+#pragma unroll
+  for (int i = 0; i < TM; ++i)
+#pragma unroll
+    for (int j = 0; j < TN; ++j) acc[i][j] = 0.f;
+}
+
+__device__ __forceinline__ float Bf(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+// Launchers (one translation unit per kernel family).
+cudaError_t LaunchStates(const Params& p, cudaStream_t stream, int nsm);
+template <typename TIn>
+cudaError_t LaunchReverse(const Params& p, cudaStream_t stream, int nsm);
+template <typename TIn>
+cudaError_t LaunchGrad1(const Params& p, cudaStream_t stream, int nsm);
+template <typename TIn>
+cudaError_t LaunchGrad2(const Params& p, cudaStream_t stream, int nsm);
+
+}  // namespace bwd
+}  // namespace flashkda

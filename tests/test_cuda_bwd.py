@@ -1,0 +1,230 @@
+"""The CUDA backward kernel (flashkda_bwd on GPU) against jax.grad of the fp32 oracle. Skipped without a GPU.
+
+The public op routes GPU gradients to the pure-JAX backward until ``_capabilities.CUDA_BWD_READY``; this
+file turns the flag on (it tests the kernel itself) and also calls the FFI backward directly.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kda_testing import rel_err, random_state
+
+
+def _has_gpu() -> bool:
+    try:
+        return any(d.platform == "gpu" for d in jax.devices())
+    except RuntimeError:
+        return False
+
+
+pytestmark = pytest.mark.skipif(not _has_gpu(), reason="needs a GPU")
+
+if _has_gpu():
+    import flashkda_jax as F
+    from flashkda_jax import _capabilities as _caps
+    from flashkda_jax import _ffi
+    from flashkda_jax import reference as R
+
+    if not _ffi.extension_has_cuda():
+        pytestmark = pytest.mark.skip(reason="extension built without CUDA")
+    else:
+        _caps.CUDA_FWD_READY = True
+        _caps.CUDA_BWD_READY = True  # this file tests the kernel itself
+
+# DESIGN §5: bf16 gradients <= 1e-2 (dg, dbeta <= 2e-2). fp32 inputs still go through bf16 tensor-core
+# operands in the forward prep, so they get the bf16 bounds too.
+TOL = dict(q=1e-2, k=1e-2, v=1e-2, g=2e-2, beta=2e-2, A_log=2e-2, dt_bias=2e-2, initial_state=1e-2)
+NAMES = ("q", "k", "v", "g", "beta")
+
+
+def _inputs(seed, B, T, H, HV, K, V, dtype, gate="bounded"):
+    ks = jax.random.split(jax.random.PRNGKey(seed), 8)
+    q = jax.random.normal(ks[0], (B, T, H, K), jnp.float32)
+    k = jax.random.normal(ks[1], (B, T, H, K), jnp.float32)
+    v = jax.random.normal(ks[2], (B, T, HV, V), jnp.float32)
+    beta = jax.random.normal(ks[4], (B, T, HV), jnp.float32)
+    kw = dict(qk_l2norm=True, beta_sigmoid=True)
+    params = {}
+    if gate == "precomputed":
+        g = -jnp.exp(jax.random.normal(ks[3], (B, T, HV, K)) - 2.0)
+    else:
+        g = jax.random.normal(ks[3], (B, T, HV, K))
+        kw["gate"] = gate
+        params["A_log"] = jax.random.normal(ks[5], (HV,)) * 0.5 - 1.0
+        params["dt_bias"] = jax.random.normal(ks[6], (HV, K)) * 0.5
+        if gate == "bounded":
+            kw["lower_bound"] = -5.0
+    c = lambda x: x.astype(dtype)
+    return (c(q), c(k), c(v), c(g), c(beta)), params, kw
+
+
+def _grads(impl, args, params, kw, init=None, dfin=None, seed=0):
+    """Gradients of sum(o * do) (+ sum(final * dfin)) w.r.t. every differentiable input."""
+    B, T, HV, V = args[2].shape
+    do = jax.random.normal(jax.random.PRNGKey(100 + seed), (B, T, HV, V), jnp.float32)
+
+    def loss(args, params, init):
+        a = args if impl == "cuda" else tuple(x.astype(jnp.float32) for x in args)
+        extra = dict(kw)
+        extra.update(params)
+        if init is not None:
+            extra["initial_state"] = init
+        fn = F.kda if impl == "cuda" else R.kda_recurrent
+        if impl == "cuda":
+            extra["implementation"] = "cuda"
+        o, fin = fn(*a, return_final_state=dfin is not None, **extra)
+        out = jnp.sum(o.astype(jnp.float32) * do)
+        if dfin is not None:
+            out = out + jnp.sum(fin * dfin)
+        return out
+
+    ga, gp, gi = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(args, params, init)
+    out = dict(zip(NAMES, ga))
+    out.update(gp)
+    if init is not None:
+        out["initial_state"] = gi
+    return out
+
+
+def _compare(args, params, kw, init=None, dfin=None, what=""):
+    got = _grads("cuda", args, params, kw, init, dfin)
+    ref = _grads("ref", args, params, kw, init, dfin)
+    for name, r in ref.items():
+        o = got[name]
+        assert o.shape == r.shape, name
+        assert np.all(np.isfinite(np.asarray(o, np.float32))), f"{what} {name} not finite"
+        e = rel_err(o, r)
+        assert e <= TOL[name], f"{what} d{name} rel err {e:.3e}"
+    return got
+
+
+@pytest.mark.parametrize("gate", ["precomputed", "softplus", "bounded"])
+@pytest.mark.parametrize("KV", [64, 128])
+def test_gates_gva_states(gate, KV):
+    B, T, H, HV = 2, 200, 2, 4
+    args, params, kw = _inputs(1, B, T, H, HV, KV, KV, jnp.bfloat16, gate)
+    init = random_state(3, (B, HV, KV, KV))
+    dfin = random_state(4, (B, HV, KV, KV))
+    _compare(args, params, kw, init, dfin, f"{gate} K={KV}")
+
+
+@pytest.mark.parametrize("T", [1, 63, 64, 65, 130])
+def test_lengths(T):
+    args, params, kw = _inputs(2, 1, T, 1, 2, 64, 64, jnp.bfloat16, "bounded")
+    _compare(args, params, kw, what=f"T={T}")
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.float32])
+def test_dtypes(dtype):
+    B, T, H, HV, K = 1, 150, 2, 2, 128
+    args, params, kw = _inputs(5, B, T, H, HV, K, K, dtype, "softplus")
+    kw.update(allow_neg_eigval=True, scale=0.2)
+    got = _compare(args, params, kw, what=str(dtype))
+    assert got["q"].dtype == dtype
+
+
+def test_options_off_state_vk():
+    """No l2norm / sigmoid (unit-norm keys, beta in (0, 1)), bounded gate without A_log, vk state layout."""
+    B, T, H, HV, K = 2, 96, 2, 2, 64
+    args, params, kw = _inputs(6, B, T, H, HV, K, K, jnp.bfloat16, "bounded")
+    q, k, v, g, beta = args
+    kf = k.astype(jnp.float32)
+    k = (kf / jnp.linalg.norm(kf, axis=-1, keepdims=True)).astype(jnp.bfloat16)
+    beta = jax.nn.sigmoid(beta.astype(jnp.float32)).astype(jnp.bfloat16)
+    params.pop("A_log")
+    kw.update(qk_l2norm=False, beta_sigmoid=False, state_layout="vk")
+    init = random_state(7, (B, HV, K, K))
+    dfin = random_state(8, (B, HV, K, K))
+    _compare((q, k, v, g, beta), params, kw, init, dfin, "vk")
+
+
+def _segments(B, T, seed):
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(B):
+        row, nid = [], 1
+        while len(row) < T:
+            kind = rng.integers(0, 5)
+            n = {0: 1, 1: int(rng.integers(2, 20)), 2: int(rng.integers(40, 150)), 3: int(rng.integers(1, 5)),
+                 4: int(rng.integers(60, 70))}[kind]
+            if kind == 3:
+                row.extend([0] * n)
+            else:
+                row.extend([nid] * n)
+                nid += 1
+        rows.append(row[:T])
+    return np.array(rows, np.int32)
+
+
+def test_segments_padding_states():
+    B, T, H, HV, K = 2, 400, 1, 2, 128
+    seg = _segments(B, T, 11)
+    S = int(max(len(set(r[r > 0])) for r in seg))  # an upper bound on sequences per row
+    args, params, kw = _inputs(12, B, T, H, HV, K, K, jnp.bfloat16, "softplus")
+    kw.update(segment_ids=jnp.asarray(seg), max_segments=S)
+    init = random_state(13, (B, S, HV, K, K))
+    dfin = random_state(14, (B, S, HV, K, K))
+    got = _compare(args, params, kw, init, dfin, "segments")
+    pad = seg == 0
+    for name in NAMES:
+        x = np.asarray(got[name], np.float32)
+        assert np.all(x[pad] == 0), f"d{name} not zero at padding"
+
+
+def test_segments_equal_separate_sequences():
+    K = 64
+    T1, T2 = 70, 101
+    args, params, kw = _inputs(15, 1, T1 + T2, 1, 2, K, K, jnp.bfloat16, "bounded")
+    seg = jnp.asarray(np.array([[1] * T1 + [2] * T2], np.int32))
+    packed = _grads("cuda", args, params, dict(kw, segment_ids=seg, max_segments=2))
+    B, T, HV, V = args[2].shape
+    do = jax.random.normal(jax.random.PRNGKey(100), (B, T, HV, V), jnp.float32)
+    for a, e in ((0, T1), (T1, T1 + T2)):
+        part = tuple(x[:, a:e] for x in args)
+
+        def loss(part):
+            o, _ = F.kda(*part, implementation="cuda", **params, **kw)
+            return jnp.sum(o.astype(jnp.float32) * do[:, a:e])
+
+        one = jax.jit(jax.grad(loss))(part)
+        for name, x in zip(NAMES, one):
+            e_ = rel_err(packed[name][:, a:e], x)
+            assert e_ <= 1e-2, f"d{name} packed vs separate rel err {e_:.3e}"
+
+
+def test_deterministic():
+    B, T, H, HV, K = 1, 300, 2, 4, 128
+    args, params, kw = _inputs(16, B, T, H, HV, K, K, jnp.bfloat16, "bounded")
+    init = random_state(17, (B, HV, K, K))
+    dfin = random_state(18, (B, HV, K, K))
+    a = _grads("cuda", args, params, kw, init, dfin)
+    b = _grads("cuda", args, params, kw, init, dfin)
+    for name in a:
+        np.testing.assert_array_equal(np.asarray(a[name], np.float32), np.asarray(b[name], np.float32), err_msg=name)
+
+
+def test_ffi_backward_direct():
+    """The FFI call itself (no custom_vjp): shapes, dtypes, zero dinitial_state without states."""
+    from flashkda_jax import _inputs as I
+    from flashkda_jax import ops
+
+    B, T, H, HV, K = 1, 77, 1, 2, 64
+    args, params, kw = _inputs(19, B, T, H, HV, K, K, jnp.bfloat16, "bounded")
+    core, opts = I.prepare(*args, scale=None, initial_state=None, segment_ids=None, max_segments=None,
+                           cu_seqlens=None, return_final_state=False, qk_l2norm=True, beta_sigmoid=True,
+                           allow_neg_eigval=False, gate="bounded", A_log=params["A_log"],
+                           dt_bias=params["dt_bias"], lower_bound=-5.0, state_layout="kv")
+    fargs = (core.q, core.k, core.v, core.g, core.beta, core.a_log, core.dt_bias, core.slot, core.initial_state)
+    do = jnp.ones_like(core.v)
+    outs = jax.jit(lambda *a: ops._ffi_backward(a, do, None, opts, "cuda"))(*fargs)
+    dq, dk, dv, dg, dbeta, da, ddt, dinit = outs
+    assert dq.shape == core.q.shape and dq.dtype == core.q.dtype
+    assert dg.shape == core.g.shape and dbeta.shape == core.beta.shape
+    assert da.dtype == jnp.float32 and ddt.dtype == jnp.float32
+    assert dinit is None
+    for x in (dq, dk, dv, dg, dbeta, da, ddt):
+        assert np.all(np.isfinite(np.asarray(x, np.float32)))
