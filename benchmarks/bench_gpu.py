@@ -4,6 +4,10 @@ Shapes: bf16, K=V=128, bounded gate (lower_bound -5, A_log, dt_bias), q/k l2norm
 kernel, fp32 initial and final state. Prints one table (ms, ratio, memory-traffic floor) last.
 
     python benchmarks/bench_gpu.py [--cases b1-t8k-h16,...] [--xla] [--reps 30]
+    python benchmarks/bench_gpu.py --grad --cuda-bwd --xla   # fwd+bwd, CUDA backward forced on
+
+With --grad the table adds "mem": the compiled program's peak (arguments + results + temporaries, from
+XLA's memory analysis) over inputs + forward outputs + gradients (issue target: <= 1.5).
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ FLA_REF_MS = {"b1-t8k-h16": 0.83, "b1-t32k-h16": 2.5, "b8-t4k-h16": 2.2, "b1-t8k
               "b1-t8k-h96": 3.2, "varlen-32k-h16": 2.2, "varlen-8k-h64": 2.2}
 TARGET = {"b1-t8k-h16": 1.5, "b1-t32k-h16": 1.5, "b8-t4k-h16": 2.5, "b1-t8k-h64": 2.0, "b1-t8k-h96": 2.5,
           "varlen-32k-h16": 1.5, "varlen-8k-h64": 2.0}
+GRAD_TARGET = 1.3  # fwd+bwd vs fla, every shape (issue 4)
 K = V = 128
 
 
@@ -73,6 +78,16 @@ def jax_fn(impl, varlen, gate="bounded", grad=False):
         return jnp.sum(o.astype(jnp.float32)) + jnp.sum(s)
     # fwd+bwd: gradients of every float input, as fla's backward produces them.
     return jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4, 5, 6, 7)))
+
+
+def memory_ratio(f, args, B, T, H):
+    """Peak bytes of the compiled fwd+bwd over inputs + forward outputs (o, final state) + gradients."""
+    ma = f.lower(*args).compile().memory_analysis()
+    if ma is None:
+        return None
+    peak = ma.argument_size_in_bytes + ma.output_size_in_bytes + ma.temp_size_in_bytes
+    o_bytes = B * T * H * V * 2 + args[7].size * 4    # o (bf16) + final state (f32)
+    return peak / (ma.argument_size_in_bytes + o_bytes + ma.output_size_in_bytes)
 
 
 def time_jax(f, args, reps, inner=10):
@@ -169,9 +184,13 @@ def main():
     ap.add_argument("--no-fla", action="store_true")
     ap.add_argument("--gate", choices=["bounded", "softplus"], default="bounded")
     ap.add_argument("--grad", action="store_true", help="time fwd+bwd (jax.grad / torch backward)")
+    ap.add_argument("--cuda-bwd", action="store_true",
+                    help="use the CUDA backward even while _capabilities.CUDA_BWD_READY is False")
     a = ap.parse_args()
     if not _caps.CUDA_FWD_READY:
         _caps.CUDA_FWD_READY = True
+    if a.cuda_bwd:
+        _caps.CUDA_BWD_READY = True
     dev = jax.devices()[0]
     print(f"device: {dev.device_kind}; gate={a.gate}; {'fwd+bwd' if a.grad else 'fwd'}", flush=True)
     bw = copy_bandwidth()
@@ -181,7 +200,9 @@ def main():
         B, T, H, lens = CASES[name]
         args, extra = make_inputs(B, T, H, lens)
         fargs = args + (extra["A_log"], extra["dt_bias"], extra["h0"], extra["cu"])
-        ms, out = time_jax(jax_fn("cuda", lens is not None, a.gate, a.grad), fargs, a.reps)
+        fn = jax_fn("cuda", lens is not None, a.gate, a.grad)
+        ms, out = time_jax(fn, fargs, a.reps)
+        mem = memory_ratio(fn, fargs, B, T, H) if a.grad else None
         xla_ms = None
         if a.xla:
             xla_ms, _ = time_jax(jax_fn("xla", lens is not None, a.gate, a.grad), fargs, max(3, a.reps // 4), inner=2)
@@ -190,16 +211,20 @@ def main():
             print(why)
         N = B if lens is None else len(lens)
         fl = floor_bytes(B, T, H, N) / bw * 1e3
-        rows.append((name, ms, fla_ms, xla_ms, fl))
+        rows.append((name, ms, fla_ms, xla_ms, fl, mem))
         print(f"{name}: cuda {ms:.3f} ms  fla {fla_ms if fla_ms is None else round(fla_ms, 3)} ms", flush=True)
         del out
     print()
-    print(f"{'case':16s} {'cuda ms':>8s} {'fla ms':>8s} {'fla/cuda':>8s} {'target':>6s} {'xla ms':>8s} {'floor ms':>8s}")
-    for name, ms, fla_ms, xla_ms, fl in rows:
+    print(f"{'case':16s} {'cuda ms':>8s} {'fla ms':>8s} {'fla/cuda':>8s} {'target':>6s} {'xla ms':>8s} "
+          f"{'xla/cuda':>8s} {'floor ms':>8s} {'mem':>5s}")
+    for name, ms, fla_ms, xla_ms, fl, mem in rows:
         ratio = f"{fla_ms / ms:8.2f}" if fla_ms else f"{'-':>8s}"
         xs = f"{xla_ms:8.3f}" if xla_ms else f"{'-':>8s}"
+        xr = f"{xla_ms / ms:8.1f}" if xla_ms else f"{'-':>8s}"
         fs = f"{fla_ms:8.3f}" if fla_ms else f"{'-':>8s}"
-        print(f"{name:16s} {ms:8.3f} {fs} {ratio} {TARGET[name]:6.1f} {xs} {fl:8.3f}")
+        ms_ = f"{mem:5.2f}" if mem else f"{'-':>5s}"
+        target = GRAD_TARGET if a.grad else TARGET[name]
+        print(f"{name:16s} {ms:8.3f} {fs} {ratio} {target:6.1f} {xs} {xr} {fl:8.3f} {ms_}")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 # One GPU check: install the carried wheels (.whl: nvidia-cutlass, fla-core), build the package with CUDA,
 # run the GPU tests and the benchmark tables. Logs go to $1 (default /tmp/gpu_check); a short summary is
 # printed last.
-#   STAGES   which parts to run (default "build tests bench"): build, tests, bench, softplus, grad, decode
+#   STAGES   which parts to run (default "build tests bench"): build, tests, bwd (CUDA backward tests),
+#            bench, softplus, grad (fwd+bwd table with the CUDA backward forced on), decode
 #   BENCH_ARGS  extra args for bench_gpu.py's forward tables (e.g. "--reps 10 --cases b1-t8k-h16")
 #   GRAD_ARGS   extra args for the fwd+bwd table
 #   TESTS    pytest -k expression for the GPU test files
@@ -34,6 +35,11 @@ if has tests; then
      >"$LOG/tests_cuda_impl.log" 2>&1)
   summary+=("tests: $(tail -1 "$LOG/tests_gpu.log") | $(tail -1 "$LOG/tests_cuda_impl.log")")
 fi
+if has bwd; then
+  (cd tests && timeout 400 python3 -m pytest -q -rs -p no:cacheprovider test_cuda_bwd.py ${TESTS:+-k "$TESTS"} \
+     >"$LOG/tests_bwd.log" 2>&1)
+  summary+=("bwd tests: $(tail -1 "$LOG/tests_bwd.log")")
+fi
 bench() {  # name, extra args (BENCH_ARGS, then GRAD_ARGS for the fwd+bwd table)...
   local name=$1; shift
   timeout ${BENCH_TIMEOUT:-280} python3 benchmarks/bench_gpu.py "$@" >"$LOG/$name.log" 2>&1
@@ -41,14 +47,14 @@ bench() {  # name, extra args (BENCH_ARGS, then GRAD_ARGS for the fwd+bwd table)
 }
 has bench && bench bench_bounded ${BENCH_ARGS:-} --gate bounded
 has softplus && bench bench_softplus ${BENCH_ARGS:-} --gate softplus
-has grad && bench bench_grad ${GRAD_ARGS:-} --gate bounded --grad --xla
+has grad && bench bench_grad ${GRAD_ARGS:-} --gate bounded --grad --cuda-bwd --xla
 if has decode; then
   timeout 200 python3 benchmarks/bench_decode.py --check >"$LOG/bench_decode.log" 2>&1
   summary+=("bench_decode rc=$?")
 fi
 echo "==== summary"
 printf '%s\n' "${summary[@]}"
-for f in tests_gpu tests_cuda_impl; do
+for f in tests_gpu tests_cuda_impl tests_bwd; do
   [ -f "$LOG/$f.log" ] && grep -E "^(FAILED|ERROR)" "$LOG/$f.log" | head -15
 done
 for f in bench_bounded bench_softplus bench_grad bench_decode; do
