@@ -28,9 +28,10 @@ namespace ffi = xla::ffi;
 enum class GateMode : int32_t { kPrecomputed = 0, kSoftplus = 1, kBounded = 2 };
 
 struct KdaOptions {
-  float scale = 1.f;
+  // Double so that float64 problems get their exact scale / bound; f32 kernels round them once.
+  double scale = 1.0;
   GateMode gate = GateMode::kPrecomputed;
-  float lower_bound = -5.f;
+  double lower_bound = -5.0;
   bool use_a_log = false;
   bool qk_l2norm = false;
   bool beta_sigmoid = false;
@@ -47,7 +48,7 @@ struct KdaShape {
 };
 
 // Decodes the attributes every op shares.
-inline ffi::Error MakeOptions(float scale, int32_t gate_mode, float lower_bound, bool use_a_log,
+inline ffi::Error MakeOptions(double scale, int32_t gate_mode, double lower_bound, bool use_a_log,
                               bool qk_l2norm, bool beta_sigmoid, bool allow_neg_eigval, bool state_vk,
                               KdaOptions* out) {
   if (gate_mode < 0 || gate_mode > 2) {
@@ -145,9 +146,9 @@ inline int64_t StateSlots(const ffi::AnyBuffer& state, const KdaShape& s) {
 // The attribute list shared by every KDA op's binding, in the order the handlers take them.
 #define FLASHKDA_BIND_OPTIONS(binding)          \
   (binding)                                     \
-      .Attr<float>("scale")                     \
+      .Attr<double>("scale")                    \
       .Attr<int32_t>("gate_mode")               \
-      .Attr<float>("lower_bound")               \
+      .Attr<double>("lower_bound")              \
       .Attr<bool>("use_a_log")                  \
       .Attr<bool>("qk_l2norm")                  \
       .Attr<bool>("beta_sigmoid")               \
@@ -155,7 +156,7 @@ inline int64_t StateSlots(const ffi::AnyBuffer& state, const KdaShape& s) {
       .Attr<bool>("state_vk")
 
 #define FLASHKDA_OPTION_PARAMS                                                              \
-  float scale, int32_t gate_mode, float lower_bound, bool use_a_log, bool qk_l2norm,       \
+  double scale, int32_t gate_mode, double lower_bound, bool use_a_log, bool qk_l2norm,     \
       bool beta_sigmoid, bool allow_neg_eigval, bool state_vk
 
 #define FLASHKDA_DECODE_OPTIONS(opt)                                                      \

@@ -53,8 +53,8 @@ class KdaOptions:
 
     def ffi_attrs(self) -> dict:
         """The attributes every FFI op takes (FLASHKDA_BIND_OPTIONS in cpp/kda_problem.h)."""
-        return dict(scale=np.float32(self.scale), gate_mode=np.int32(self.gate_mode),
-                    lower_bound=np.float32(self.lower_bound), use_a_log=bool(self.use_a_log),
+        return dict(scale=np.float64(self.scale), gate_mode=np.int32(self.gate_mode),
+                    lower_bound=np.float64(self.lower_bound), use_a_log=bool(self.use_a_log),
                     qk_l2norm=bool(self.qk_l2norm), beta_sigmoid=bool(self.beta_sigmoid),
                     allow_neg_eigval=bool(self.allow_neg_eigval), state_vk=bool(self.state_vk))
 

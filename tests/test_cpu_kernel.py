@@ -204,6 +204,8 @@ def test_half_dtypes(dtype, gate):
     dict(K=5, V=13, H=1, HV=3),                  # odd head dims, GVA 3
     dict(K=33, V=70, H=1, HV=1, segments=False),  # V spans several state blocks (and V ranges)
     dict(l2=False, bsig=False, gate="bounded", with_a_log=False, scale=0.375),
+    # scale and lower bound not representable in f32: float64 problems must get them exactly (f64 attributes)
+    dict(dtype=jnp.float64, l2=False, gate="bounded", scale=0.1, K=24),
     dict(states=False),
     dict(S=2),                                    # more sequences than state slots
     dict(gate="softplus", strong=True, neg=False),  # strong gates: finite everywhere
