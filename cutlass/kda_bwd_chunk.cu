@@ -1,6 +1,7 @@
 // flashkda_bwd, stages "grad1" and "grad2": the fully parallel per-(chunk, value head) gradients.
 // See kda_bwd_common.cuh for the algorithm; tests/test_bwd_algorithm.py models every formula here.
 #include "kda_bwd_common.cuh"
+#include "kda_fwd_launch.h"
 
 namespace flashkda {
 namespace bwd {
@@ -468,28 +469,14 @@ __global__ void __launch_bounds__(kThreads, 1) Grad2Kernel(Params P) {
   }
 }
 
-template <typename Kern>
-cudaError_t LaunchGrid(Kern kernel, size_t smem, long long items, const Params& p, cudaStream_t stream, int nsm) {
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-  if (err != cudaSuccess) return err;
-  int occ = 1;
-  cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, kernel, kThreads, smem);
-  if (occ < 1) occ = 1;
-  long long grid = static_cast<long long>(nsm) * occ * 4;
-  if (grid > items) grid = items;
-  if (grid < 1) grid = 1;
-  kernel<<<static_cast<int>(grid), kThreads, smem, stream>>>(p);
-  return cudaGetLastError();
-}
-
 }  // namespace
 
 template <typename TIn>
 cudaError_t LaunchGrad1(const Params& p, cudaStream_t stream, int nsm) {
   const long long items = static_cast<long long>(p.f.B) * p.f.T * p.f.HV;  // bound on (chunk, head) items
   switch (p.f.K) {
-    case 64: return LaunchGrid(Grad1Kernel<64, TIn>, Grad1Smem<64>::Bytes(), items, p, stream, nsm);
-    case 128: return LaunchGrid(Grad1Kernel<128, TIn>, Grad1Smem<128>::Bytes(), items, p, stream, nsm);
+    case 64: return fwd::LaunchGrid(Grad1Kernel<64, TIn>, Grad1Smem<64>::Bytes(), items, 4, p, stream, nsm);
+    case 128: return fwd::LaunchGrid(Grad1Kernel<128, TIn>, Grad1Smem<128>::Bytes(), items, 4, p, stream, nsm);
     default: return cudaErrorInvalidValue;
   }
 }
@@ -498,8 +485,8 @@ template <typename TIn>
 cudaError_t LaunchGrad2(const Params& p, cudaStream_t stream, int nsm) {
   const long long items = static_cast<long long>(p.f.B) * p.f.T * p.f.HV;
   switch (p.f.K) {
-    case 64: return LaunchGrid(Grad2Kernel<64, TIn>, Grad2Smem<64>::Bytes(), items, p, stream, nsm);
-    case 128: return LaunchGrid(Grad2Kernel<128, TIn>, Grad2Smem<128>::Bytes(), items, p, stream, nsm);
+    case 64: return fwd::LaunchGrid(Grad2Kernel<64, TIn>, Grad2Smem<64>::Bytes(), items, 4, p, stream, nsm);
+    case 128: return fwd::LaunchGrid(Grad2Kernel<128, TIn>, Grad2Smem<128>::Bytes(), items, 4, p, stream, nsm);
     default: return cudaErrorInvalidValue;
   }
 }

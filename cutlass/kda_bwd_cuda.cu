@@ -15,98 +15,6 @@ namespace flashkda {
 namespace bwd {
 namespace {
 
-constexpr int kPlanThreads = 1024;
-
-// Inclusive block-wide scan over 1024 threads (max or sum); *total gets the block's reduction.
-template <bool kMax>
-__device__ __forceinline__ int BlockScan(int v, int* s_warp, int* total) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-#pragma unroll
-  for (int o = 1; o < 32; o <<= 1) {
-    const int n = __shfl_up_sync(0xffffffffu, v, o);
-    if (lane >= o) v = kMax ? max(v, n) : v + n;
-  }
-  if (lane == 31) s_warp[warp] = v;
-  __syncthreads();
-  if (warp == 0) {
-    int w = s_warp[lane];
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-      const int n = __shfl_up_sync(0xffffffffu, w, o);
-      if (lane >= o) w = kMax ? max(w, n) : w + n;
-    }
-    s_warp[lane] = w;
-  }
-  __syncthreads();
-  if (warp > 0) v = kMax ? max(v, s_warp[warp - 1]) : v + s_warp[warp - 1];
-  *total = s_warp[31];
-  __syncthreads();
-  return v;
-}
-
-// Plan, over (tile of 1024 tokens, batch row): sequence start of every token (tile-local running max, then
-// the carry of earlier tiles), each sequence's end at its start, then the chunk and sequence lists.
-__global__ void __launch_bounds__(kPlanThreads) PlanStarts(Params P) {
-  __shared__ int s_warp[32];
-  const fwd::Params& p = P.f;
-  const int b = blockIdx.y, t = blockIdx.x * kPlanThreads + threadIdx.x, T = p.T;
-  const int* slot = p.slot + (size_t)b * T;
-  const int s = t < T ? slot[t] : -1;
-  const int prev = (t > 0 && t < T) ? slot[t - 1] : -1;
-  int total;
-  const int ss = BlockScan<true>((s >= 0 && s != prev) ? t : -1, s_warp, &total);
-  if (t < T) p.seq_start[(size_t)b * T + t] = ss;
-}
-
-__global__ void __launch_bounds__(kPlanThreads) PlanCarry(Params P) {
-  __shared__ int s_carry;
-  const fwd::Params& p = P.f;
-  const int b = blockIdx.y, tile = blockIdx.x, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int T = p.T, t = tile * kPlanThreads + tid;
-  int* seq_start = p.seq_start + (size_t)b * T;
-  if (warp == 0) {
-    int c = -1;
-    for (int tt = lane; tt < tile; tt += 32) c = max(c, seq_start[tt * kPlanThreads + kPlanThreads - 1]);
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) c = max(c, __shfl_xor_sync(0xffffffffu, c, o));
-    if (lane == 0) s_carry = c;
-  }
-  const int* slot = p.slot + (size_t)b * T;
-  const int s = t < T ? slot[t] : -1;
-  const int nxt = t + 1 < T ? slot[t + 1] : -1;
-  const int local = t < T ? seq_start[t] : -1;
-  __syncthreads();
-  const int ss = max(local, s_carry);
-  if (t < T) seq_start[t] = ss;
-  if (s >= 0 && nxt != s) p.seq_end[(size_t)b * T + ss] = t + 1;
-}
-
-__global__ void __launch_bounds__(kPlanThreads) PlanLists(Params P) {
-  __shared__ int s_warp[32];
-  __shared__ int s_base[2];
-  const fwd::Params& p = P.f;
-  const int b = blockIdx.y, tid = threadIdx.x;
-  const int T = p.T, t = blockIdx.x * kPlanThreads + tid;
-  const int s = t < T ? p.slot[(size_t)b * T + t] : -1;
-  int fc = 0, fs = 0, ss = -1, se = -1;
-  if (s >= 0) {
-    ss = p.seq_start[(size_t)b * T + t];
-    se = p.seq_end[(size_t)b * T + ss];
-    fc = ((t - ss) % kChunk) == 0;
-    fs = t == ss;
-  }
-  const int packed = fc | (fs << 16);
-  int total;
-  const int excl = BlockScan<false>(packed, s_warp, &total) - packed;
-  if (tid == 0) {
-    s_base[0] = atomicAdd(&p.counters[0], total & 0xffff);
-    s_base[1] = atomicAdd(&p.counters[1], total >> 16);
-  }
-  __syncthreads();
-  if (fc) p.chunk_list[s_base[0] + (excl & 0xffff)] = make_int4(b, t, se, s);
-  if (fs) P.seq_list[s_base[1] + (excl >> 16)] = make_int4(b, t, se, s);
-}
-
 // Zero dv, dg, dbeta of padding tokens (one warp per token).
 template <typename TIn>
 __global__ void __launch_bounds__(256) PadZero(Params P) {
@@ -215,17 +123,6 @@ __global__ void __launch_bounds__(256) ReduceGate(Params P) {
   if (tid == 0) P.da_log[(size_t)b * p.HV + hv] = s_da[0];
 }
 
-int SmCount() {
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess) return 132;
-  static int cached[64] = {0};
-  if (dev >= 0 && dev < 64 && cached[dev] > 0) return cached[dev];
-  int n = 132;
-  cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev);
-  if (dev >= 0 && dev < 64) cached[dev] = n;
-  return n;
-}
-
 ffi::Error CudaError(cudaError_t err, const char* where) {
   return ffi::Error::Internal(std::string("flashkda_bwd: ") + where + ": " + cudaGetErrorString(err));
 }
@@ -233,13 +130,10 @@ ffi::Error CudaError(cudaError_t err, const char* where) {
 template <typename TIn>
 ffi::Error Run(cudaStream_t stream, Params& P) {
   const fwd::Params& p = P.f;
-  const int nsm = SmCount();
+  const int nsm = fwd::SmCount();
   cudaError_t err;
-  const dim3 pgrid((p.T + kPlanThreads - 1) / kPlanThreads, p.B);
   if ((err = cudaMemsetAsync(p.counters, 0, 64, stream)) != cudaSuccess) return CudaError(err, "memset");
-  PlanStarts<<<pgrid, kPlanThreads, 0, stream>>>(P);
-  PlanCarry<<<pgrid, kPlanThreads, 0, stream>>>(P);
-  PlanLists<<<pgrid, kPlanThreads, 0, stream>>>(P);
+  if ((err = fwd::LaunchPlanSeqs(p, P.seq_list, stream)) != cudaSuccess) return CudaError(err, "plan kernels");
   {
     const long long ntok = static_cast<long long>(p.B) * p.T;
     long long grid = (ntok + 7) / 8;

@@ -2,6 +2,7 @@
 // one CTA per (sequence, value head, kBV state columns), state block in shared memory (f32), chunk operands
 // from the prep workspace. See kda_bwd_common.cuh for the algorithm.
 #include "kda_bwd_common.cuh"
+#include "kda_fwd_launch.h"
 
 namespace flashkda {
 namespace bwd {
@@ -221,28 +222,13 @@ __global__ void __launch_bounds__(kThreads) ReverseKernel(Params P) {
   }
 }
 
-template <typename Kern>
-cudaError_t LaunchPersistent(Kern kernel, size_t smem, long long items, const Params& p, cudaStream_t stream,
-                             int nsm) {
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-  if (err != cudaSuccess) return err;
-  int occ = 1;
-  cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, kernel, kThreads, smem);
-  if (occ < 1) occ = 1;
-  long long grid = static_cast<long long>(nsm) * occ;
-  if (grid > items) grid = items;
-  if (grid < 1) grid = 1;
-  kernel<<<static_cast<int>(grid), kThreads, smem, stream>>>(p);
-  return cudaGetLastError();
-}
-
 }  // namespace
 
 cudaError_t LaunchStates(const Params& p, cudaStream_t stream, int nsm) {
   const long long items = static_cast<long long>(p.f.B) * p.f.T * p.f.HV * (p.f.V / kBV);
   switch (p.f.K) {
-    case 64: return LaunchPersistent(StatesKernel<64>, StatesSmem<64>::Bytes(), items, p, stream, nsm);
-    case 128: return LaunchPersistent(StatesKernel<128>, StatesSmem<128>::Bytes(), items, p, stream, nsm);
+    case 64: return fwd::LaunchGrid(StatesKernel<64>, StatesSmem<64>::Bytes(), items, 1, p, stream, nsm);
+    case 128: return fwd::LaunchGrid(StatesKernel<128>, StatesSmem<128>::Bytes(), items, 1, p, stream, nsm);
     default: return cudaErrorInvalidValue;
   }
 }
@@ -251,8 +237,8 @@ template <typename TIn>
 cudaError_t LaunchReverse(const Params& p, cudaStream_t stream, int nsm) {
   const long long items = static_cast<long long>(p.f.B) * p.f.T * p.f.HV * (p.f.V / kBV);
   switch (p.f.K) {
-    case 64: return LaunchPersistent(ReverseKernel<64, TIn>, ReverseSmem<64>::Bytes(), items, p, stream, nsm);
-    case 128: return LaunchPersistent(ReverseKernel<128, TIn>, ReverseSmem<128>::Bytes(), items, p, stream, nsm);
+    case 64: return fwd::LaunchGrid(ReverseKernel<64, TIn>, ReverseSmem<64>::Bytes(), items, 1, p, stream, nsm);
+    case 128: return fwd::LaunchGrid(ReverseKernel<128, TIn>, ReverseSmem<128>::Bytes(), items, 1, p, stream, nsm);
     default: return cudaErrorInvalidValue;
   }
 }

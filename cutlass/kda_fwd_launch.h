@@ -1,4 +1,5 @@
-// Launchers of the flashkda_fwd kernels (each kernel family lives in its own translation unit).
+// Launchers of the flashkda_fwd kernels (each kernel family lives in its own translation unit), also used
+// by flashkda_bwd, and the host helpers both share.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -7,6 +8,13 @@
 
 namespace flashkda {
 namespace fwd {
+
+// Plan (kda_plan.cu): seq_start / seq_end of every token, then the work lists in p.counters order. The
+// forward's: chunk, segment and split-sequence lists, and zeroes the out_token_bytes of o of every padding
+// token. The backward's (LaunchPlanSeqs): the chunk list and the sequences (b, start, end, slot) in seq_list.
+// p.counters must be zero.
+cudaError_t LaunchPlan(const Params& p, int out_token_bytes, cudaStream_t stream);
+cudaError_t LaunchPlanSeqs(const Params& p, int4* seq_list, cudaStream_t stream);
 
 // Intra-chunk preparation; TIn is the input dtype.
 template <typename TIn>
@@ -18,6 +26,35 @@ cudaError_t LaunchRecur(const Params& p, bool phase3, cudaStream_t stream, int n
 
 // Composition of segment maps (phase 2).
 cudaError_t LaunchCombine(const Params& p, cudaStream_t stream, int nsm);
+
+// Multiprocessors of the current device (cached per device; 132 where the query fails).
+inline int SmCount() {
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return 132;
+  static int cached[64] = {0};
+  if (dev >= 0 && dev < 64 && cached[dev] > 0) return cached[dev];
+  int n = 132;
+  cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev);
+  if (dev >= 0 && dev < 64) cached[dev] = n;
+  return n;
+}
+
+// Enqueues a persistent kernel of kThreads threads and smem bytes of dynamic shared memory on
+// nsm * (its resident CTAs per SM) * waves CTAs, at most items and at least one.
+template <typename Kern, typename KParams>
+cudaError_t LaunchGrid(Kern kernel, size_t smem, long long items, int waves, const KParams& p, cudaStream_t stream,
+                       int nsm) {
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  if (err != cudaSuccess) return err;
+  int occ = 1;
+  cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, kernel, kThreads, smem);
+  if (occ < 1) occ = 1;
+  long long grid = static_cast<long long>(nsm) * occ * waves;
+  if (grid > items) grid = items;
+  if (grid < 1) grid = 1;
+  kernel<<<static_cast<int>(grid), kThreads, smem, stream>>>(p);
+  return cudaGetLastError();
+}
 
 }  // namespace fwd
 }  // namespace flashkda

@@ -343,19 +343,8 @@ __global__ void __launch_bounds__(kThreads, K <= 128 ? 2 : 1) PrepKernel(Params 
 
 template <int K, typename TIn>
 cudaError_t LaunchPrepK(const Params& p, cudaStream_t stream, int nsm) {
-  const size_t smem = PrepSmem<K>::Bytes(p.V);
-  auto kernel = PrepKernel<K, TIn>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-  if (err != cudaSuccess) return err;
-  int occ = 1;
-  cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, kernel, kThreads, smem);
-  if (occ < 1) occ = 1;
   const long long items = static_cast<long long>(p.B) * p.T * p.HV;  // bound on (chunk, head) items
-  long long grid = static_cast<long long>(nsm) * occ * 4;
-  if (grid > items) grid = items;
-  if (grid < 1) grid = 1;
-  kernel<<<static_cast<int>(grid), kThreads, smem, stream>>>(p);
-  return cudaGetLastError();
+  return LaunchGrid(PrepKernel<K, TIn>, PrepSmem<K>::Bytes(p.V), items, 4, p, stream, nsm);
 }
 
 }  // namespace

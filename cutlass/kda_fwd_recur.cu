@@ -339,19 +339,9 @@ __global__ void __launch_bounds__(kThreads, STAGES == 1 && K <= 128 ? 2 : 1) Rec
 template <int K, int BV, int STAGES, typename TOut, bool kOut>
 cudaError_t LaunchRecurK(const Params& p, cudaStream_t stream, int nsm) {
   constexpr size_t smem = RecurSmem<K, BV, STAGES, kOut>::Bytes();
-  auto kernel = RecurKernel<K, BV, STAGES, TOut, kOut>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-  if (err != cudaSuccess) return err;
-  int occ = 1;
-  cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, kernel, kThreads, smem);
-  if (occ < 1) occ = 1;
   const int ncb = kOut ? p.V / BV : (p.V + K) / BV;
   const long long items = static_cast<long long>(p.B) * p.T * p.HV * ncb;  // bound on (segment, head, block) items
-  long long grid = static_cast<long long>(nsm) * occ;
-  if (grid > items) grid = items;
-  if (grid < 1) grid = 1;
-  kernel<<<static_cast<int>(grid), kThreads, smem, stream>>>(p);
-  return cudaGetLastError();
+  return LaunchGrid(RecurKernel<K, BV, STAGES, TOut, kOut>, smem, items, 1, p, stream, nsm);
 }
 
 template <int K, typename TOut>

@@ -7,6 +7,33 @@ import jax.numpy as jnp
 import numpy as np
 
 
+def gpu_visible() -> bool:
+    """Whether jax sees a GPU (False where no backend can start)."""
+    try:
+        return any(d.platform == "gpu" for d in jax.devices())
+    except RuntimeError:
+        return False
+
+
+def cuda_kernels_present() -> bool:
+    """A GPU and an extension built with the CUDA handlers."""
+    if not gpu_visible():
+        return False
+    from flashkda_jax import _ffi
+
+    return _ffi.extension_has_cuda()
+
+
+def requires_cuda_kernels():
+    """``pytestmark`` of a file that tests the CUDA kernels themselves: skipped without a GPU or where the
+    extension was built without CUDA."""
+    import pytest
+
+    if not gpu_visible():
+        return pytest.mark.skip(reason="needs a GPU")
+    return pytest.mark.skipif(not cuda_kernels_present(), reason="extension built without CUDA")
+
+
 def rel_err(out, ref) -> float:
     out = np.asarray(jnp.asarray(out, jnp.float64) if out.dtype == jnp.float64 else jnp.asarray(out, jnp.float32), np.float64)
     ref = np.asarray(ref, np.float64)

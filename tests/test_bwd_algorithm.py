@@ -133,10 +133,11 @@ def back_substitute(A, rhs):
 
 def chunked_backward(q, k, v, g, beta, a_log, dt_bias, slot, init, do, dfin, *, scale, gate="precomputed",
                      lower_bound=-5.0, use_a_log=True, qk_l2norm=False, beta_sigmoid=False,
-                     allow_neg_eigval=False, C=64):
+                     allow_neg_eigval=False, C=64, pad=True):
     """All inputs float64 NumPy. q, k [B,T,H,K]; v [B,T,HV,V]; g [B,T,HV,K] raw; beta [B,T,HV] raw;
     a_log [HV]; dt_bias [HV, K]; slot [B,T]; init [B,S,HV,K,V] or None; do [B,T,HV,V];
-    dfin [B,S,HV,K,V] or None. Returns dq, dk, dv, dg, dbeta, da_log [B,HV], ddt [B,HV,K], dinit."""
+    dfin [B,S,HV,K,V] or None. Returns dq, dk, dv, dg, dbeta, da_log [B,HV], ddt [B,HV,K], dinit.
+    pad: partial chunks padded to C rows with zeros (and workspace indices), as in the kernels."""
     B, T, H, K = q.shape
     HV, V = v.shape[2], v.shape[3]
     grp = HV // H
@@ -170,14 +171,39 @@ def chunked_backward(q, k, v, g, beta, a_log, dt_bias, slot, init, do, dfin, *, 
 
     seqs = plan(slot, C)
 
+    # Workspace indices of the kernels: chunk start states / their gradients at ceil(cs / C) (chunks but a
+    # sequence's first / last); gamma / dgamma (GammaIndex) of a full chunk at ceil(cs / C), of a sequence's
+    # last chunk at NW + slot (only slots < S_out). Every index must have a single writer.
+    NG = NW + S_out
+    written = set()
+
+    def once(name, b, idx):
+        assert (name, b, idx) not in written, f"workspace collision: {name}[{b}, {idx}]"
+        written.add((name, b, idx))
+
+    def gamma_index(cs, se, sl):
+        return -(-cs // C) if cs + C < se else (NW + sl if sl < S_out else -1)
+
+    def padded(x, L):
+        # pad=True: rows L..C-1 of a partial chunk hold zeros, as in the kernels' shared memory
+        if not pad or x.shape[0] == C:
+            return x
+        return np.concatenate([x, np.zeros((C - x.shape[0],) + x.shape[1:])], axis=0)
+
     # ---- prep ----
     P = {}
+    gam = np.full((B, NG, HV, K), np.nan)
     for (b, ss, se, sl, starts) in seqs:
         for cs in starts:
             L = min(C, se - cs)
+            gi = gamma_index(cs, se, sl)
+            if gi >= 0:
+                once("gamma", b, gi)
             for hv in range(HV):
                 r = slice(cs, cs + L)
-                P[b, cs, hv] = prep_chunk(qe[b, r, hv], ke[b, r, hv], v[b, r, hv], ge[b, r, hv], be[b, r, hv])
+                P[b, cs, hv] = prep_chunk(*(padded(x[b, r, hv], L) for x in (qe, ke, v, ge, be)))
+                if gi >= 0:
+                    gam[b, gi, hv] = P[b, cs, hv]["gamma"]
 
     # ---- states (forward over chunks) ----
     Hs = np.zeros((B, NW + 1, HV, K, V))
@@ -186,11 +212,13 @@ def chunked_backward(q, k, v, g, beta, a_log, dt_bias, slot, init, do, dfin, *, 
             Sst = init[b, sl, hv].copy() if (init is not None and sl < S_in) else np.zeros((K, V))
             for m, cs in enumerate(starts):
                 if m >= 1:
+                    if hv == 0:
+                        once("Hs", b, -(-cs // C))
                     Hs[b, -(-cs // C), hv] = Sst
                 if m + 1 < len(starts):
                     p = P[b, cs, hv]
                     R = p["U"] - p["W"] @ Sst
-                    Sst = p["gamma"][:, None] * Sst + p["Kd"].T @ R
+                    Sst = gam[b, gamma_index(cs, se, sl), hv][:, None] * Sst + p["Kd"].T @ R
 
     # ---- reverse over chunks ----
     dH = np.zeros((B, NW + 1, HV, K, V))
@@ -210,12 +238,17 @@ def chunked_backward(q, k, v, g, beta, a_log, dt_bias, slot, init, do, dfin, *, 
             for m in range(len(starts) - 1, -1, -1):
                 cs = starts[m]
                 if m + 1 < len(starts):
+                    assert -(-starts[m + 1] // C) == (cs + 2 * C - 1) // C
+                    if hv == 0:
+                        once("dH", b, -(-starts[m + 1] // C))
                     dH[b, -(-starts[m + 1] // C), hv] = dS
                 p = P[b, cs, hv]
-                L = p["W"].shape[0]
-                dO = do[b, cs:cs + L, hv]
+                L = min(C, se - cs)
+                dO = padded(do[b, cs:cs + L, hv], L)
+                gi = gamma_index(cs, se, sl)
+                gm = gam[b, gi, hv] if gi >= 0 else np.zeros(K)  # no slot: dS_next is 0 here
                 dR = p["Aqk"].T @ dO + p["Kd"] @ dS
-                dS = p["Qg"].T @ dO - p["W"].T @ dR + p["gamma"][:, None] * dS
+                dS = p["Qg"].T @ dO - p["W"].T @ dR + gm[:, None] * dS
             if dinit is not None and sl < S_in:
                 dinit[b, sl, hv] = dS
 
@@ -225,12 +258,15 @@ def chunked_backward(q, k, v, g, beta, a_log, dt_bias, slot, init, do, dfin, *, 
     dv = np.zeros_like(v)
     dge = np.zeros_like(ge)
     dbe = np.zeros_like(be)
+    dgam = np.full((B, NG, HV, K), np.nan)
     for (b, ss, se, sl, starts) in seqs:
         for m, cs in enumerate(starts):
             last = m + 1 == len(starts)
+            gi = gamma_index(cs, se, sl)
             for hv in range(HV):
                 p = P[b, cs, hv]
-                L = p["W"].shape[0]
+                L = min(C, se - cs)
+                Lp = p["W"].shape[0]  # C when padded
                 r = slice(cs, cs + L)
                 if m == 0:
                     Sst = init[b, sl, hv] if (init is not None and sl < S_in) else np.zeros((K, V))
@@ -240,31 +276,33 @@ def chunked_backward(q, k, v, g, beta, a_log, dt_bias, slot, init, do, dfin, *, 
                     dSn = dH[b, -(-starts[m + 1] // C), hv]
                 else:
                     dSn = dfin[b, sl, hv] if (dfin is not None and sl < S_out) else np.zeros((K, V))
-                dO = do[b, r, hv]
-                # grad1
+                dO = padded(do[b, r, hv], L)
+                # grad1 (rows >= L of its results are not stored: grad2 reads them as 0)
                 R = p["U"] - p["W"] @ Sst
                 dR = p["Aqk"].T @ dO + p["Kd"] @ dSn
-                dQg = dO @ Sst.T
-                dKd = R @ dSn.T
-                dW = -dR @ Sst.T
-                dU = dR
-                dAqk = np.tril(dO @ R.T)
-                dgamma = np.sum(Sst * dSn, axis=1)
+                keep = (np.arange(Lp) < L)[:, None]
+                dQg = np.where(keep, dO @ Sst.T, 0.0)
+                dKd = np.where(keep, R @ dSn.T, 0.0)
+                dW = np.where(keep, -dR @ Sst.T, 0.0)
+                dU = np.where(keep, dR, 0.0)
+                dAqk = np.where(keep, np.tril(dO @ R.T), 0.0)
+                if gi >= 0:
+                    dgam[b, gi, hv] = np.sum(Sst * dSn, axis=1)
                 # grad2
                 A = p["A"]
                 dKb = back_substitute(A, dW)
                 dVb = back_substitute(A, dU)
                 dA = -np.tril(dKb @ p["W"].T + dVb @ p["U"].T, -1)
-                bb = be[b, r, hv]
+                bb = padded(be[b, r, hv], L)
                 dB = bb[:, None] * dA
                 db = np.sum(dA * p["Bkk"], axis=1)
                 G, eG = p["G"], p["eG"]
-                kk, qq, vv = ke[b, r, hv], qe[b, r, hv], v[b, r, hv]
-                dk = np.zeros((L, K))
-                dq = np.zeros((L, K))
-                dG = np.zeros((L, K))
+                kk, qq, vv = (padded(x[b, r, hv], L) for x in (ke, qe, v))
+                dk = np.zeros((Lp, K))
+                dq = np.zeros((Lp, K))
+                dG = np.zeros((Lp, K))
                 # Vb = beta v, Kb = beta e^G k
-                dv[b, r, hv] = bb[:, None] * dVb
+                dv[b, r, hv] = (bb[:, None] * dVb)[:L]
                 db += np.sum(vv * dVb, axis=1) + np.sum(eG * kk * dKb, axis=1)
                 dk += bb[:, None] * eG * dKb
                 dG += p["Kb"] * dKb
@@ -282,12 +320,13 @@ def chunked_backward(q, k, v, g, beta, a_log, dt_bias, slot, init, do, dfin, *, 
                 dec = np.exp(G[-1][None] - G)
                 dk += dec * dKd
                 dG -= p["Kd"] * dKd
-                dG[-1] += np.sum(p["Kd"] * dKd, axis=0) + p["gamma"] * dgamma
-                # reverse cumsum inside the chunk
-                dge[b, r, hv] = np.cumsum(dG[::-1], axis=0)[::-1]
-                dqe[b, r, hv] = dq
-                dke[b, r, hv] = dk
-                dbe[b, r, hv] = db
+                # G_last = G of row L-1 (= row C-1 when padded: padded rows have g = 0)
+                dG[L - 1] += np.sum(p["Kd"] * dKd, axis=0) + (gam[b, gi, hv] * dgam[b, gi, hv] if gi >= 0 else 0.0)
+                # reverse cumsum inside the chunk (rows < L)
+                dge[b, r, hv] = np.cumsum(dG[:L][::-1], axis=0)[::-1]
+                dqe[b, r, hv] = dq[:L]
+                dke[b, r, hv] = dk[:L]
+                dbe[b, r, hv] = db[:L]
 
     # ---- gate, beta chains (per token and value head) ----
     da_log = np.zeros((B, HV))
@@ -459,3 +498,14 @@ def test_segments_equal_separate_sequences():
                                np.zeros((1, e - a), np.int64), None, do[:, sl], None, **common)
         for n in ("q", "k", "v", "g", "beta"):
             np.testing.assert_allclose(packed[n][:, sl], one[n], rtol=1e-12, atol=1e-12)
+
+
+def test_chunk_aligned_sequences_full_last_chunks():
+    """Sequences starting on chunk boundaries, full last chunks (gamma / dgamma by slot), length-1 sequences at
+    a chunk start, leading padding, more sequences than slots; GVA, bounded gate without A_log."""
+    C = 8
+    row0 = [1] * 8 + [2] * 16 + [3] + [0] * 7 + [4] * 9 + [5] * 7
+    row1 = [0] * 3 + [1] + [2] * 20 + [3] * 24
+    seg = np.array([row0, row1], np.int32)
+    _case(2, B=2, T=48, H=2, HV=4, K=8, V=4, seg=seg, S=4, init=True, dfin=True, C=C, gate="bounded",
+          use_a_log=False, sig=True, neg=True, l2=True)

@@ -7,27 +7,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kda_testing import rel_err, random_state
+from kda_testing import cuda_kernels_present, gpu_visible, rel_err, random_state, requires_cuda_kernels
 
+pytestmark = requires_cuda_kernels()
 
-def _has_gpu() -> bool:
-    try:
-        return any(d.platform == "gpu" for d in jax.devices())
-    except RuntimeError:
-        return False
-
-
-pytestmark = pytest.mark.skipif(not _has_gpu(), reason="needs a GPU")
-
-if _has_gpu():
+if gpu_visible():
     import flashkda_jax as F
     from flashkda_jax import _capabilities as _caps
     from flashkda_jax import _ffi
     from flashkda_jax import reference as R
 
-    if not _ffi.extension_has_cuda():
-        pytestmark = pytest.mark.skip(reason="extension built without CUDA")
-    else:
+    if cuda_kernels_present():
         _caps.CUDA_FWD_READY = True  # this file tests the kernel itself
 
 BF16_TOL = 5e-3

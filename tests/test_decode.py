@@ -12,19 +12,12 @@ import pytest
 from flashkda_jax import _ffi
 from flashkda_jax import reference as R
 from flashkda_jax.decode import kda_decode
-
-
-def _gpu_visible() -> bool:
-    try:
-        return any(d.platform == "gpu" for d in jax.devices())
-    except RuntimeError:
-        return False
-
+from kda_testing import gpu_visible
 
 IMPLS = ["xla"]
 if _ffi.has_extension():
     IMPLS.append("cpu")
-if _ffi.extension_has_cuda() and _gpu_visible():
+if _ffi.extension_has_cuda() and gpu_visible():
     IMPLS.append("cuda")
 KERNEL_IMPLS = [i for i in IMPLS if i != "xla"]
 

@@ -1,0 +1,169 @@
+// Plan kernels of flashkda_fwd and flashkda_bwd (kda_fwd_common.cuh, kda_bwd_common.cuh): the sequence
+// start and end of every token from `slot`, then the work lists. Graph safe, like their callers.
+#include <cuda_runtime.h>
+
+#include "kda_fwd_common.cuh"
+#include "kda_fwd_launch.h"
+
+namespace flashkda {
+namespace fwd {
+namespace {
+
+constexpr int kPlanThreads = 1024;
+
+// Inclusive block-wide scan (1024 threads) with op max or sum; *total receives the block's reduction.
+template <bool kMax>
+__device__ __forceinline__ int BlockScan(int v, int* s_warp, int* total) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int n = __shfl_up_sync(0xffffffffu, v, o);
+    if (lane >= o) v = kMax ? max(v, n) : v + n;
+  }
+  if (lane == 31) s_warp[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    int w = s_warp[lane];
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const int n = __shfl_up_sync(0xffffffffu, w, o);
+      if (lane >= o) w = kMax ? max(w, n) : w + n;
+    }
+    s_warp[lane] = w;
+  }
+  __syncthreads();
+  if (warp > 0) v = kMax ? max(v, s_warp[warp - 1]) : v + s_warp[warp - 1];
+  *total = s_warp[31];
+  __syncthreads();
+  return v;
+}
+
+// Plan, three launches over (tile of 1024 tokens, batch row), fully parallel:
+//   PlanScan    running max of sequence-start positions inside the tile -> seq_start (tile-local)
+//   PlanFix     adds the carry of the previous tiles (max of their last entries), records each sequence's
+//               end at its start position; kZeroPad (forward): zeroes the outputs of padding tokens
+//   PlanLists   work lists (chunk starts, segment starts, split sequences), compacted with one atomic per tile
+//               (forward); PlanSeqLists: chunk starts and sequences (backward)
+__global__ void __launch_bounds__(kPlanThreads) PlanScan(Params p) {
+  __shared__ int s_warp[32];
+  const int b = blockIdx.y, t = blockIdx.x * kPlanThreads + threadIdx.x, T = p.T;
+  const int* slot = p.slot + (size_t)b * T;
+  const int s = t < T ? slot[t] : -1;
+  const int prev = (t > 0 && t < T) ? slot[t - 1] : -1;
+  int total;
+  const int ss = BlockScan<true>((s >= 0 && s != prev) ? t : -1, s_warp, &total);
+  if (t < T) p.seq_start[(size_t)b * T + t] = ss;
+}
+
+template <bool kZeroPad>
+__global__ void __launch_bounds__(kPlanThreads) PlanFix(Params p, int out_token_bytes) {
+  __shared__ int s_carry;
+  __shared__ unsigned char s_pad[kPlanThreads];
+  const int b = blockIdx.y, tile = blockIdx.x, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int T = p.T, t = tile * kPlanThreads + tid;
+  int* seq_start = p.seq_start + (size_t)b * T;
+  if (warp == 0) {
+    int c = -1;
+    for (int tt = lane; tt < tile; tt += 32) c = max(c, seq_start[tt * kPlanThreads + kPlanThreads - 1]);
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) c = max(c, __shfl_xor_sync(0xffffffffu, c, o));
+    if (lane == 0) s_carry = c;
+  }
+  const int* slot = p.slot + (size_t)b * T;
+  const int s = t < T ? slot[t] : -1;
+  const int nxt = t + 1 < T ? slot[t + 1] : -1;
+  const int local = t < T ? seq_start[t] : -1;
+  __syncthreads();
+  const int ss = max(local, s_carry);
+  if (t < T) seq_start[t] = ss;  // also for padding: later tiles read the running max from here
+  if (s >= 0 && nxt != s) p.seq_end[(size_t)b * T + ss] = t + 1;
+  if constexpr (kZeroPad) {
+    s_pad[tid] = (t < T && s < 0) ? 1 : 0;
+    __syncthreads();
+    const int n16 = out_token_bytes / 16;
+    for (int i = warp; i < kPlanThreads; i += kPlanThreads / 32) {
+      if (s_pad[i]) {
+        uint4* dst = reinterpret_cast<uint4*>(static_cast<unsigned char*>(p.o) +
+                                              ((size_t)b * T + tile * kPlanThreads + i) * out_token_bytes);
+        for (int j = lane; j < n16; j += 32) dst[j] = make_uint4(0, 0, 0, 0);
+      }
+    }
+  }
+}
+
+__global__ void __launch_bounds__(kPlanThreads) PlanLists(Params p) {
+  __shared__ int s_warp[32];
+  __shared__ int s_base[3];
+  const int b = blockIdx.y, tid = threadIdx.x;
+  const int T = p.T, t = blockIdx.x * kPlanThreads + tid;
+  const int s = t < T ? p.slot[(size_t)b * T + t] : -1;
+  int fc = 0, fs = 0, fm = 0, ss = -1, se = -1;
+  if (s >= 0) {
+    ss = p.seq_start[(size_t)b * T + t];
+    se = p.seq_end[(size_t)b * T + ss];
+    const int off = t - ss;
+    fc = (off % kChunk) == 0;
+    fs = (off % p.Lseg) == 0;
+    fm = (off == 0) && (se - ss > p.Lseg);
+  }
+  const int packed = fc | (fs << 11) | (fm << 22);
+  int total;
+  const int excl = BlockScan<false>(packed, s_warp, &total) - packed;
+  if (tid == 0) {
+    s_base[0] = atomicAdd(&p.counters[0], total & 0x7ff);
+    s_base[1] = atomicAdd(&p.counters[1], (total >> 11) & 0x7ff);
+    s_base[2] = atomicAdd(&p.counters[2], (total >> 22) & 0x3ff);
+  }
+  __syncthreads();
+  if (fc) p.chunk_list[s_base[0] + (excl & 0x7ff)] = make_int4(b, t, se, s);
+  if (fs) p.seg_list[s_base[1] + ((excl >> 11) & 0x7ff)] = make_int4(b, t, se, s | ((t == ss) ? (1 << 30) : 0));
+  if (fm) p.multi_list[s_base[2] + ((excl >> 22) & 0x3ff)] = make_int4(b, t, se, s);
+}
+
+__global__ void __launch_bounds__(kPlanThreads) PlanSeqLists(Params p, int4* seq_list) {
+  __shared__ int s_warp[32];
+  __shared__ int s_base[2];
+  const int b = blockIdx.y, tid = threadIdx.x;
+  const int T = p.T, t = blockIdx.x * kPlanThreads + tid;
+  const int s = t < T ? p.slot[(size_t)b * T + t] : -1;
+  int fc = 0, fs = 0, ss = -1, se = -1;
+  if (s >= 0) {
+    ss = p.seq_start[(size_t)b * T + t];
+    se = p.seq_end[(size_t)b * T + ss];
+    fc = ((t - ss) % kChunk) == 0;
+    fs = t == ss;
+  }
+  const int packed = fc | (fs << 16);
+  int total;
+  const int excl = BlockScan<false>(packed, s_warp, &total) - packed;
+  if (tid == 0) {
+    s_base[0] = atomicAdd(&p.counters[0], total & 0xffff);
+    s_base[1] = atomicAdd(&p.counters[1], total >> 16);
+  }
+  __syncthreads();
+  if (fc) p.chunk_list[s_base[0] + (excl & 0xffff)] = make_int4(b, t, se, s);
+  if (fs) seq_list[s_base[1] + (excl >> 16)] = make_int4(b, t, se, s);
+}
+
+dim3 PlanGrid(const Params& p) { return dim3((p.T + kPlanThreads - 1) / kPlanThreads, p.B); }
+
+}  // namespace
+
+cudaError_t LaunchPlan(const Params& p, int out_token_bytes, cudaStream_t stream) {
+  const dim3 pgrid = PlanGrid(p);
+  PlanScan<<<pgrid, kPlanThreads, 0, stream>>>(p);
+  PlanFix<true><<<pgrid, kPlanThreads, 0, stream>>>(p, out_token_bytes);
+  PlanLists<<<pgrid, kPlanThreads, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchPlanSeqs(const Params& p, int4* seq_list, cudaStream_t stream) {
+  const dim3 pgrid = PlanGrid(p);
+  PlanScan<<<pgrid, kPlanThreads, 0, stream>>>(p);
+  PlanFix<false><<<pgrid, kPlanThreads, 0, stream>>>(p, 0);
+  PlanSeqLists<<<pgrid, kPlanThreads, 0, stream>>>(p, seq_list);
+  return cudaGetLastError();
+}
+
+}  // namespace fwd
+}  // namespace flashkda
