@@ -2,7 +2,8 @@
 # One GPU check: install the carried wheels (.whl: nvidia-cutlass, fla-core), build the package with CUDA,
 # run the GPU tests and the benchmark tables. Logs go to $1 (default /tmp/gpu_check); a short summary is
 # printed last.
-#   STAGES   which parts to run (default "build tests bench"): build, tests, bwd (CUDA backward tests),
+#   STAGES   which parts to run (default "build tests bench"): build, tests, bwd (CUDA backward tests,
+#            stage by stage first), sanitize (compute-sanitizer memcheck of small fwd/decode/bwd runs),
 #            bench, softplus, grad (fwd+bwd table with the CUDA backward forced on), decode
 #   BENCH_ARGS  extra args for bench_gpu.py's forward tables (e.g. "--reps 10 --cases b1-t8k-h16")
 #   GRAD_ARGS   extra args for the fwd+bwd table
@@ -36,9 +37,14 @@ if has tests; then
   summary+=("tests: $(tail -1 "$LOG/tests_gpu.log") | $(tail -1 "$LOG/tests_cuda_impl.log")")
 fi
 if has bwd; then
-  (cd tests && timeout 400 python3 -m pytest -q -rs -p no:cacheprovider test_cuda_bwd.py ${TESTS:+-k "$TESTS"} \
-     >"$LOG/tests_bwd.log" 2>&1)
+  (cd tests && timeout 400 python3 -m pytest -v -rs -p no:cacheprovider test_cuda_bwd_stages.py test_cuda_bwd.py \
+     ${TESTS:+-k "$TESTS"} >"$LOG/tests_bwd.log" 2>&1)
   summary+=("bwd tests: $(tail -1 "$LOG/tests_bwd.log")")
+fi
+if has sanitize; then
+  XLA_PYTHON_CLIENT_ALLOCATOR=platform timeout 300 compute-sanitizer --tool memcheck --leak-check no \
+    python3 benchmarks/sanitize_small.py ${SANITIZE_ARGS:---bwd} >"$LOG/sanitize.log" 2>&1
+  summary+=("sanitize rc=$? ($(grep -c "Invalid\|ERROR SUMMARY: [1-9]" "$LOG/sanitize.log") error lines)")
 fi
 bench() {  # name, extra args (BENCH_ARGS, then GRAD_ARGS for the fwd+bwd table)...
   local name=$1; shift
@@ -54,7 +60,7 @@ if has decode; then
 fi
 echo "==== summary"
 printf '%s\n' "${summary[@]}"
-for f in tests_gpu tests_cuda_impl tests_bwd; do
+for f in tests_gpu tests_cuda_impl tests_bwd sanitize; do
   [ -f "$LOG/$f.log" ] && grep -E "^(FAILED|ERROR)" "$LOG/$f.log" | head -15
 done
 for f in bench_bounded bench_softplus bench_grad bench_decode; do
