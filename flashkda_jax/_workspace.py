@@ -5,6 +5,10 @@ batch of the vmapped axis).
 The CUDA forward layout mirrors ``flashkda::fwd::MakeLayout`` in ``cutlass/kda_fwd_common.cuh``; keep both
 in sync (the handler checks that the buffer it gets is large enough). Its per-row size never grows with B
 (more rows only lengthen the segments sequences are split into), so ``bytes(n * B) <= n * bytes(B)``.
+The CUDA backward layout mirrors ``flashkda::bwd::MakeLayout`` (``cutlass/kda_bwd_common.cuh``), which embeds
+the forward's without splitting. ``cuda_*_workspace_layout`` name each region's byte offset and size (the
+fields of the C++ ``Layout`` structs); tests/test_cuda_bwd_stages.py reads the backward's intermediates
+back through them. Sizes are derived from the layouts: one list of regions per op.
 """
 
 from __future__ import annotations
@@ -45,8 +49,17 @@ def cuda_fwd_seglen(B: int, T: int, HV: int, K: int, V: int) -> int:
     return best_len
 
 
-def cuda_fwd_workspace_bytes(B: int, T: int, HV: int, K: int, V: int, S: int, no_split: bool = False) -> int:
-    """Mirrors ``flashkda::fwd::MakeLayout`` (no_split: one segment per sequence, as the backward uses it)."""
+def _pack(regions, base: int = 0) -> tuple[dict, int]:
+    """[(name, nbytes)] -> ({name: (offset, nbytes)}, end): consecutive regions, each padded to 256 bytes
+    (the ``take`` lambda of the C++ layouts)."""
+    out, off = {}, base
+    for name, nbytes in regions:
+        out[name] = (off, nbytes)
+        off += _align256(nbytes)
+    return out, off
+
+
+def _cuda_fwd_regions(B: int, T: int, HV: int, K: int, V: int, S: int, no_split: bool) -> list:
     nw = -(-T // _CHUNK)
     ng = nw + S
     seglen = max(nw, 1) if no_split else cuda_fwd_seglen(B, T, HV, K, V)
@@ -54,23 +67,33 @@ def cuda_fwd_workspace_bytes(B: int, T: int, HV: int, K: int, V: int, S: int, no
     lseg = seglen * _CHUNK
     nsplit = (-(-T // lseg) + 1) if split else 0
     tok = B * T * HV
-    sizes = [
-        tok * K * 2,               # Qg
-        tok * K * 2,               # Kd
-        tok * K * 2,               # W
-        tok * V * 2,               # U
-        tok * _CHUNK * 2,          # A_qk rows
-        B * ng * HV * K * 4,       # gamma per chunk
-        B * nsplit * HV * K * (V + K) * 4,  # segment maps [H | P]
-        B * nsplit * HV * K * V * 4,        # segment start states
-        B * T * 4,                 # sequence start per token
-        B * T * 4,                 # sequence end per start
-        B * T * 16,                # chunk list
-        B * T * 16,                # segment list
-        B * T * 16,                # split-sequence list
-        64,                        # counters
+    # Names are the fields of flashkda::fwd::Layout, in its order.
+    return [
+        ("qg", tok * K * 2),                      # Qg (bf16) [B, T, HV, K]
+        ("kd", tok * K * 2),                      # Kd (bf16) [B, T, HV, K]
+        ("w", tok * K * 2),                       # W (bf16) [B, T, HV, K]
+        ("u", tok * V * 2),                       # U (bf16) [B, T, HV, V]
+        ("aqk", tok * _CHUNK * 2),                # A_qk rows (bf16) [B, T, HV, C]
+        ("gamma", B * ng * HV * K * 4),           # gamma per chunk (f32) [B, NG, HV, K]
+        ("hp", B * nsplit * HV * K * (V + K) * 4),  # segment maps [H | P]
+        ("sstart", B * nsplit * HV * K * V * 4),  # segment start states
+        ("seq_start", B * T * 4),                 # sequence start per token (i32) [B, T]
+        ("seq_end", B * T * 4),                   # sequence end per start (i32) [B, T]
+        ("chunks", B * T * 16),                   # chunk list (int4 b, t, seq_end, slot)
+        ("segs", B * T * 16),                     # segment list
+        ("multi", B * T * 16),                    # split-sequence list
+        ("counters", 64),                         # counters (i32 x 16)
     ]
-    return sum(_align256(s) for s in sizes)
+
+
+def cuda_fwd_workspace_layout(B: int, T: int, HV: int, K: int, V: int, S: int, no_split: bool = False) -> dict:
+    """``{name: (byte offset, bytes)}`` of ``flashkda::fwd::MakeLayout`` (names: its ``Layout`` fields)."""
+    return _pack(_cuda_fwd_regions(B, T, HV, K, V, S, no_split))[0]
+
+
+def cuda_fwd_workspace_bytes(B: int, T: int, HV: int, K: int, V: int, S: int, no_split: bool = False) -> int:
+    """Mirrors ``flashkda::fwd::MakeLayout`` (no_split: one segment per sequence, as the backward uses it)."""
+    return _pack(_cuda_fwd_regions(B, T, HV, K, V, S, no_split))[1]
 
 
 def fwd_workspace_bytes(platform: str, *, B: int, T: int, H: int, HV: int, K: int, V: int, S: int, opts) -> int:
@@ -79,25 +102,39 @@ def fwd_workspace_bytes(platform: str, *, B: int, T: int, H: int, HV: int, K: in
     return 0
 
 
-def cuda_bwd_workspace_bytes(B: int, T: int, HV: int, K: int, V: int, S: int) -> int:
-    """Mirrors ``flashkda::bwd::MakeLayout`` in ``cutlass/kda_bwd_common.cuh`` (S: dfinal_state slots, or an
-    upper bound of them: the size only grows with S)."""
+def _cuda_bwd_pack(B: int, T: int, HV: int, K: int, V: int, S: int) -> tuple[dict, int]:
+    fwd, off = _pack(_cuda_fwd_regions(B, T, HV, K, V, S, no_split=True))
     nw = -(-T // _CHUNK)
     tok = B * T * HV
     states = B * (nw + 1) * HV * K * V * 4
-    sizes = [
-        states,                    # chunk start states (f32)
-        states,                    # their gradients (f32)
-        B * (nw + S) * HV * K * 4, # dgamma per chunk
-        tok * K * 4,               # dQg, then dq (effective)
-        tok * K * 4,               # dKd, then dk (effective)
-        tok * K * 4,               # dW, then d(gate input)
-        tok * V * 4,               # dU
-        tok * _CHUNK * 4,          # dA_qk rows
-        tok * 4,                   # d a_log per token
-        B * T * 16,                # sequence list
-    ]
-    return cuda_fwd_workspace_bytes(B, T, HV, K, V, S, no_split=True) + sum(_align256(s) for s in sizes)
+    # Names are the fields of flashkda::bwd::Layout, in its order (after the forward's, embedded first).
+    bwd, off = _pack([
+        ("hs", states),                    # chunk start states (f32) [B, NW + 1, HV, K, V]
+        ("dh", states),                    # their gradients (f32) [B, NW + 1, HV, K, V]
+        ("dgam", B * (nw + S) * HV * K * 4),  # dgamma per chunk (f32) [B, NG, HV, K]
+        ("sqg", tok * K * 4),              # dQg, then dq (effective) (f32) [B, T, HV, K]
+        ("skd", tok * K * 4),              # dKd, then dk (effective)
+        ("sw", tok * K * 4),               # dW, then d(gate input) (gate != precomputed)
+        ("su", tok * V * 4),               # dU (f32) [B, T, HV, V]
+        ("sa", tok * _CHUNK * 4),          # dA_qk rows (f32) [B, T, HV, C]
+        ("sda", tok * 4),                  # d a_log per token (f32) [B, T, HV]
+        ("seqs", B * T * 16),              # sequence list (int4 b, start, end, slot)
+    ], off)
+    return {**fwd, **bwd}, off
+
+
+def cuda_bwd_workspace_layout(B: int, T: int, HV: int, K: int, V: int, S: int) -> dict:
+    """``{name: (byte offset, bytes)}`` of ``flashkda::bwd::MakeLayout``: the forward's regions
+    (``fwd::MakeLayout(no_split=True)``, names of ``fwd::Layout``) then the backward's (names of
+    ``bwd::Layout``). ``bytes`` is the region's size before the 256-byte padding. S must be the
+    dfinal_state slots the handler sees (0 without dfinal_state): the offsets after ``gamma`` depend on it."""
+    return _cuda_bwd_pack(B, T, HV, K, V, S)[0]
+
+
+def cuda_bwd_workspace_bytes(B: int, T: int, HV: int, K: int, V: int, S: int) -> int:
+    """Mirrors ``flashkda::bwd::MakeLayout`` in ``cutlass/kda_bwd_common.cuh`` (S: dfinal_state slots, or an
+    upper bound of them: the size only grows with S)."""
+    return _cuda_bwd_pack(B, T, HV, K, V, S)[1]
 
 
 def bwd_workspace_bytes(platform: str, *, B: int, T: int, H: int, HV: int, K: int, V: int, S: int, opts) -> int:

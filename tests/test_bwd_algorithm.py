@@ -131,13 +131,60 @@ def back_substitute(A, rhs):
     return y
 
 
+def _record_stages(st, *, slot, seqs, chunk_list, P, C, K, V, HV, gamma, Hs, dH, dgam, scratch, dqe, dke, dg,
+                   da_tok):
+    """What chunked_backward(stages=st) returns: the kernels' workspace contents (kda_bwd_common.cuh) once the
+    backward is done, in their layout; NaN (float) or -1 (int) where the kernels write nothing.
+      plan     seqs [(b, start, end, slot)] (seq_list), chunks [(b, chunk start, seq end, slot)] (chunk_list;
+               the kernels compact both with atomics: compare as sets), seq_start [B, T] (running max of the
+               sequence starts, also over padding; -1 before the first), seq_end [B, T] (at sequence starts)
+      prep     qg, kd, w [B, T, HV, K], u [B, T, HV, V], aqk [B, T, HV, C] (row of the token in its chunk),
+               gamma [B, NG, HV, K] (GammaIndex)
+      states   hs [B, NW + 1, HV, K, V]: start state of every chunk but a sequence's first, at ceil(cs / C)
+      reverse  dh [B, NW + 1, HV, K, V]: dS_next of every chunk but a sequence's last, at the next chunk's index
+      grad1    dgam [B, NG, HV, K]; dQg, dKd, dW, dU [B, T, HV, .], dAqk [B, T, HV, C] (the f32 scratch as grad1
+               leaves it; grad2 then overwrites sqg / skd, and sw when the gate is not precomputed)
+      grad2    sqg = dq_eff, skd = dk_eff [B, T, HV, K] (w.r.t. the scaled, normalised, per-value-head q / k),
+               sw = dg_in [B, T, HV, K] (d raw gate input; only gate != precomputed), sda = da_tok [B, T, HV]
+    Valid tokens only (padding: NaN); workspace states are [K, V] whatever state_layout."""
+    B, T = slot.shape
+    valid = (np.asarray(slot) >= 0)
+    tokmask = lambda x: np.where(valid.reshape(valid.shape + (1,) * (x.ndim - 2)), x, np.nan)
+    seq_start = -np.ones((B, T), np.int64)
+    seq_end = -np.ones((B, T), np.int64)
+    for (b, ss, se, sl, starts) in seqs:
+        seq_end[b, ss] = se
+    for b in range(B):
+        run = -1
+        for t in range(T):
+            if valid[b, t] and (t == 0 or slot[b, t - 1] != slot[b, t]):
+                run = t
+            seq_start[b, t] = run
+    prep = {n: np.full((B, T, HV, w), np.nan) for n, w in (("qg", K), ("kd", K), ("w", K), ("u", V), ("aqk", C))}
+    for (b, cs, se, sl) in chunk_list:
+        L = min(C, se - cs)
+        for hv in range(HV):
+            p = P[b, cs, hv]
+            for n, key in (("qg", "Qg"), ("kd", "Kd"), ("w", "W"), ("u", "U"), ("aqk", "Aqk")):
+                x = p[key][:L]
+                prep[n][b, cs:cs + L, hv] = 0.0
+                prep[n][b, cs:cs + L, hv, :x.shape[1]] = x
+    st.update(seqs=[(b, ss, se, sl) for (b, ss, se, sl, _) in seqs], chunks=list(chunk_list), seq_start=seq_start,
+              seq_end=seq_end, gamma=gamma.copy(), hs=Hs.copy(), dh=dH.copy(), dgam=dgam.copy(),
+              dq_eff=tokmask(dqe), dk_eff=tokmask(dke), dg_in=tokmask(dg), da_tok=tokmask(da_tok[..., None])[..., 0],
+              **prep, **{n: x.copy() for n, x in scratch.items()})
+    return st
+
+
 def chunked_backward(q, k, v, g, beta, a_log, dt_bias, slot, init, do, dfin, *, scale, gate="precomputed",
                      lower_bound=-5.0, use_a_log=True, qk_l2norm=False, beta_sigmoid=False,
-                     allow_neg_eigval=False, C=64, pad=True):
+                     allow_neg_eigval=False, C=64, pad=True, stages=None):
     """All inputs float64 NumPy. q, k [B,T,H,K]; v [B,T,HV,V]; g [B,T,HV,K] raw; beta [B,T,HV] raw;
     a_log [HV]; dt_bias [HV, K]; slot [B,T]; init [B,S,HV,K,V] or None; do [B,T,HV,V];
     dfin [B,S,HV,K,V] or None. Returns dq, dk, dv, dg, dbeta, da_log [B,HV], ddt [B,HV,K], dinit.
-    pad: partial chunks padded to C rows with zeros (and workspace indices), as in the kernels."""
+    pad: partial chunks padded to C rows with zeros (and workspace indices), as in the kernels.
+    stages: a dict to fill with the intermediates the kernels leave in their workspace, in its layout and
+    indexing (NaN where the kernels write nothing; see _record_stages) and the plan's lists."""
     B, T, H, K = q.shape
     HV, V = v.shape[2], v.shape[3]
     grp = HV // H
@@ -193,10 +240,12 @@ def chunked_backward(q, k, v, g, beta, a_log, dt_bias, slot, init, do, dfin, *, 
     # ---- prep ----
     P = {}
     gam = np.full((B, NG, HV, K), np.nan)
+    chunk_list = []
     for (b, ss, se, sl, starts) in seqs:
         for cs in starts:
             L = min(C, se - cs)
             gi = gamma_index(cs, se, sl)
+            chunk_list.append((b, cs, se, sl))
             if gi >= 0:
                 once("gamma", b, gi)
             for hv in range(HV):
@@ -206,7 +255,7 @@ def chunked_backward(q, k, v, g, beta, a_log, dt_bias, slot, init, do, dfin, *, 
                     gam[b, gi, hv] = P[b, cs, hv]["gamma"]
 
     # ---- states (forward over chunks) ----
-    Hs = np.zeros((B, NW + 1, HV, K, V))
+    Hs = np.full((B, NW + 1, HV, K, V), np.nan)  # NaN: never written (nor read)
     for (b, ss, se, sl, starts) in seqs:
         for hv in range(HV):
             Sst = init[b, sl, hv].copy() if (init is not None and sl < S_in) else np.zeros((K, V))
@@ -221,7 +270,7 @@ def chunked_backward(q, k, v, g, beta, a_log, dt_bias, slot, init, do, dfin, *, 
                     Sst = gam[b, gamma_index(cs, se, sl), hv][:, None] * Sst + p["Kd"].T @ R
 
     # ---- reverse over chunks ----
-    dH = np.zeros((B, NW + 1, HV, K, V))
+    dH = np.full((B, NW + 1, HV, K, V), np.nan)
     dinit = None if init is None else np.zeros_like(init)
     if dinit is not None:
         reached = np.zeros((B, S_in), bool)
@@ -259,6 +308,8 @@ def chunked_backward(q, k, v, g, beta, a_log, dt_bias, slot, init, do, dfin, *, 
     dge = np.zeros_like(ge)
     dbe = np.zeros_like(be)
     dgam = np.full((B, NG, HV, K), np.nan)
+    scratch = {n: np.full((B, T, HV, w), np.nan) for n, w in (("dQg", K), ("dKd", K), ("dW", K), ("dU", V),
+                                                              ("dAqk", C))}
     for (b, ss, se, sl, starts) in seqs:
         for m, cs in enumerate(starts):
             last = m + 1 == len(starts)
@@ -288,6 +339,9 @@ def chunked_backward(q, k, v, g, beta, a_log, dt_bias, slot, init, do, dfin, *, 
                 dAqk = np.where(keep, np.tril(dO @ R.T), 0.0)
                 if gi >= 0:
                     dgam[b, gi, hv] = np.sum(Sst * dSn, axis=1)
+                for n, x in (("dQg", dQg), ("dKd", dKd), ("dW", dW), ("dU", dU), ("dAqk", dAqk)):
+                    scratch[n][b, r, hv, :x.shape[1]] = x[:L]
+                    scratch[n][b, r, hv, x.shape[1]:] = 0.0  # dA_qk rows of an unpadded model: C columns
                 # grad2
                 A = p["A"]
                 dKb = back_substitute(A, dW)
@@ -333,6 +387,7 @@ def chunked_backward(q, k, v, g, beta, a_log, dt_bias, slot, init, do, dfin, *, 
     ddt = np.zeros((B, HV, K))
     if gate == "precomputed":
         dg = dge
+        da_tok = np.zeros(dge.shape[:-1])
     else:
         x = g + dt_bias[None, None]
         Aexp = np.exp(a_log)[None, None, :, None]
@@ -368,6 +423,10 @@ def chunked_backward(q, k, v, g, beta, a_log, dt_bias, slot, init, do, dfin, *, 
 
     dq = l2_bwd(q, dqn) if qk_l2norm else dqn
     dk = l2_bwd(k, dkn) if qk_l2norm else dkn
+    if stages is not None:
+        _record_stages(stages, slot=slot, seqs=seqs, chunk_list=chunk_list, P=P, C=C, K=K, V=V, HV=HV,
+                       gamma=gam, Hs=Hs, dH=dH, dgam=dgam, scratch=scratch, dqe=dqe, dke=dke, dg=dg,
+                       da_tok=da_tok)
     return dict(q=dq, k=dk, v=dv, g=dg, beta=dbeta, A_log=da_log, dt_bias=ddt, initial_state=dinit)
 
 

@@ -1,0 +1,518 @@
+"""The CUDA backward (flashkda_bwd on GPU) stage by stage: its workspace read back and compared with the float64
+model of tests/test_bwd_algorithm.py (chunked_backward(stages=...)), so that one GPU run tells which stage is
+wrong. One test function per stage, in the order the handler runs them (cutlass/kda_bwd_cuda.cu):
+
+  stage1 plan     counters, chunk / sequence lists (compacted with atomics: compared as sets), seq_start,
+                  seq_end, zero dv / dg / dbeta at padding (PadZero)
+  stage2 prep     Qg, Kd, W, U, A_qk rows (bf16), gamma (f32)
+  stage3 states   chunk start states (hs)
+  stage4 reverse  dS_next of every chunk but the last (dh), dinitial_state
+  stage5 grad1    dgamma, dU (su), dA_qk rows (sa), dW (sw; only with the precomputed gate: grad2 overwrites it
+                  with d(gate input) otherwise). grad1's dQg / dKd are overwritten by grad2 (not checked here)
+  stage6 grad2    effective dq / dk per value head (sqg / skd), d(gate input) (sw), d a_log per token (sda),
+                  outputs dv, dg, dbeta
+  stage7 finish   outputs dq, dk (group sum, scale, l2norm; zeros at padding)
+  stage8 reduce   da_log_partial, ddt_bias_partial
+
+A later stage's failure with every earlier stage passing points at that stage's kernel. The FFI target is called
+directly (no custom_vjp) so that its u8 workspace result comes back; _workspace.cuda_bwd_workspace_layout gives
+each region's offset. The CPU tests check the layout and run every stage check on a workspace encoded from the
+model itself (so that the harness is known to work before the GPU run).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kda_testing import requires_cuda_kernels
+from test_bwd_algorithm import chunked_backward
+
+from flashkda_jax import _inputs as I
+from flashkda_jax import _workspace as W
+
+gpu = requires_cuda_kernels()  # on the GPU tests only: the layout / harness tests run on CPU
+
+C = 64
+TOL = 2e-2  # relative (Frobenius) error of every compared region: bf16 operands
+BLOCK_TOL = 4e-2  # the same per block (chunk of tokens, or state / gamma index): a bug local to some chunks
+NAMES = ("q", "k", "v", "g", "beta")
+
+# ----------------------------------------------------------------------------------------------------
+# Problems (K = V = 64).
+# ----------------------------------------------------------------------------------------------------
+
+_RAGGED = [0] * 3 + [1] * 100 + [2] * 64 + [0] * 5 + [3] * 1 + [4] * 70 + [0] * 17  # T = 260
+PROBLEMS = {
+    # one dense sequence, 3 chunks (last partial), states; precomputed gate: sw keeps grad1's dW
+    "dense": dict(seed=1, B=1, T=130, H=2, HV=2, gate="precomputed", states=True),
+    # one ragged row: leading / inner / trailing padding, a 100-token sequence (partial last chunk), a full
+    # 64-token one (gamma by slot), a length-1 one, 4 sequences for S = 3 slots (the last keeps no state);
+    # GVA 2, bounded gate with A_log
+    "ragged": dict(seed=2, B=1, T=260, H=1, HV=2, gate="bounded", states=True, seg=[_RAGGED], S=3),
+    # two rows, softplus gate, no l2norm / sigmoid (unit-norm keys, beta in (0, 1)), states
+    "rows2": dict(seed=3, B=2, T=70, H=1, HV=1, gate="softplus", states=True, l2=False, sig=False),
+}
+
+
+def _problem(name):
+    """-> core, opts, do (v's dtype), dfin (core form [B, S, HV, K, V] f32 or None)."""
+    pr = dict(PROBLEMS[name])
+    B, T, H, HV, K = pr["B"], pr["T"], pr["H"], pr["HV"], 64
+    l2, sig = pr.get("l2", True), pr.get("sig", True)
+    ks = jax.random.split(jax.random.PRNGKey(pr["seed"]), 10)
+    q = jax.random.normal(ks[0], (B, T, H, K), jnp.float32)
+    k = jax.random.normal(ks[1], (B, T, H, K), jnp.float32)
+    v = jax.random.normal(ks[2], (B, T, HV, K), jnp.float32)
+    beta = jax.random.normal(ks[4], (B, T, HV), jnp.float32)
+    if not l2:
+        k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
+    if not sig:
+        beta = jax.nn.sigmoid(beta)
+    kw = dict(qk_l2norm=l2, beta_sigmoid=sig)
+    # Mild decays (median gamma 0.2-0.9 per chunk, see test_harness_accepts_model_workspace) so that the states
+    # carry across chunks and every term of the recurrences matters; strong gates: tests/test_cuda_bwd.py.
+    if pr["gate"] == "precomputed":
+        g = -jnp.exp(jax.random.normal(ks[3], (B, T, HV, K)) - 5.0)
+    else:
+        g = jax.random.normal(ks[3], (B, T, HV, K)) + (-6.0 if pr["gate"] == "bounded" else -4.0)
+        kw.update(gate=pr["gate"], A_log=jax.random.normal(ks[5], (HV,)) * 0.5 - (0.0 if pr["gate"] == "bounded" else 1.0),
+                  dt_bias=jax.random.normal(ks[6], (HV, K)) * 0.5)
+        if pr["gate"] == "bounded":
+            kw["lower_bound"] = -5.0
+    bf = lambda x: x.astype(jnp.bfloat16)
+    seg = pr.get("seg")
+    S = pr.get("S", 1) if seg is not None else 1
+    init = None
+    if pr["states"]:
+        shape = (B, S, HV, K, K) if seg is not None else (B, HV, K, K)
+        init = 0.5 * jax.random.normal(ks[7], shape, jnp.float32)
+    if seg is not None:
+        kw.update(segment_ids=jnp.asarray(np.array(seg, np.int32)), max_segments=S)
+    core, opts = I.prepare(bf(q), bf(k), bf(v), bf(g), bf(beta), initial_state=init,
+                           return_final_state=pr["states"], **kw)
+    do = bf(jax.random.normal(ks[8], (B, T, HV, K), jnp.float32))
+    dfin = 0.5 * jax.random.normal(ks[9], (B, S, HV, K, K), jnp.float32) if pr["states"] else None
+    return core, opts, do, dfin
+
+
+def _f64(x):
+    return None if x is None else np.asarray(jnp.asarray(x, jnp.float32), np.float64)
+
+
+@functools.lru_cache(maxsize=None)
+def _model(name):
+    """-> (stages, grads) of the float64 model on the exact (bf16-rounded) inputs of the problem."""
+    core, opts, do, dfin = _problem(name)
+    stages = {}
+    grads = chunked_backward(
+        _f64(core.q), _f64(core.k), _f64(core.v), _f64(core.g), _f64(core.beta), _f64(core.a_log),
+        _f64(core.dt_bias), np.asarray(core.slot), _f64(core.initial_state), _f64(do), _f64(dfin),
+        scale=opts.scale, gate=opts.gate, lower_bound=opts.lower_bound, use_a_log=opts.use_a_log,
+        qk_l2norm=opts.qk_l2norm, beta_sigmoid=opts.beta_sigmoid, allow_neg_eigval=opts.allow_neg_eigval, C=C,
+        stages=stages)
+    return stages, grads
+
+
+# ----------------------------------------------------------------------------------------------------
+# The workspace, decoded.
+# ----------------------------------------------------------------------------------------------------
+
+def _dims(name):
+    core, opts, do, dfin = _problem(name)
+    B, T, H, K = core.q.shape
+    HV, V = core.v.shape[2], core.v.shape[3]
+    S_out = 0 if dfin is None else dfin.shape[1]  # the handler lays the workspace out with dfinal_state's slots
+    return B, T, HV, K, V, S_out
+
+
+def _spec(B, T, HV, K, V, S_out):
+    """Region -> (dtype, shape) of what the kernels store there (kda_fwd_common.cuh, kda_bwd_common.cuh)."""
+    NW = -(-T // C)
+    NG = NW + S_out
+    bf16, f32, i32 = jnp.bfloat16, np.float32, np.int32
+    return dict(
+        qg=(bf16, (B, T, HV, K)), kd=(bf16, (B, T, HV, K)), w=(bf16, (B, T, HV, K)), u=(bf16, (B, T, HV, V)),
+        aqk=(bf16, (B, T, HV, C)), gamma=(f32, (B, NG, HV, K)),
+        seq_start=(i32, (B, T)), seq_end=(i32, (B, T)), chunks=(i32, (B * T, 4)), counters=(i32, (16,)),
+        hs=(f32, (B, NW + 1, HV, K, V)), dh=(f32, (B, NW + 1, HV, K, V)), dgam=(f32, (B, NG, HV, K)),
+        sqg=(f32, (B, T, HV, K)), skd=(f32, (B, T, HV, K)), sw=(f32, (B, T, HV, K)), su=(f32, (B, T, HV, V)),
+        sa=(f32, (B, T, HV, C)), sda=(f32, (B, T, HV)), seqs=(i32, (B * T, 4)))
+
+
+def decode_workspace(ws, B, T, HV, K, V, S_out):
+    """u8 workspace -> {region: array} (float regions as float64, int regions as int64)."""
+    ws = np.asarray(ws, np.uint8)
+    lay = W.cuda_bwd_workspace_layout(B, T, HV, K, V, S_out)
+    assert ws.size >= W.cuda_bwd_workspace_bytes(B, T, HV, K, V, S_out)
+    out = {}
+    for name, (dt, shape) in _spec(B, T, HV, K, V, S_out).items():
+        off, nbytes = lay[name]
+        assert nbytes == int(np.prod(shape)) * np.dtype(dt).itemsize, f"layout of {name}: {nbytes} bytes"
+        x = np.frombuffer(ws[off:off + nbytes].tobytes(), dtype=dt).reshape(shape)
+        out[name] = x.astype(np.int64) if dt == np.int32 else x.astype(np.float64)
+    return out
+
+
+def encode_workspace(regions, B, T, HV, K, V, S_out, rng):
+    """The inverse of decode_workspace (CPU harness test): NaN / -1 entries become garbage."""
+    lay = W.cuda_bwd_workspace_layout(B, T, HV, K, V, S_out)
+    ws = rng.integers(0, 256, W.cuda_bwd_workspace_bytes(B, T, HV, K, V, S_out)).astype(np.uint8)
+    for name, (dt, shape) in _spec(B, T, HV, K, V, S_out).items():
+        if name not in regions:
+            continue
+        x = np.array(regions[name], np.float64)
+        x = np.where(np.isnan(x), 12345.0, x).astype(np.float32).astype(dt).reshape(shape)
+        off, nbytes = lay[name]
+        ws[off:off + nbytes] = np.frombuffer(x.tobytes(), np.uint8)
+    return ws
+
+
+# ----------------------------------------------------------------------------------------------------
+# Comparisons.
+# ----------------------------------------------------------------------------------------------------
+
+def _rel(g, r):
+    den = np.linalg.norm(r)
+    return np.linalg.norm(g - r) / (den if den > 0 else 1.0)
+
+
+def _cmp(what, got, ref, tol=TOL, blocks=()):
+    """Relative error over the entries where ref is finite (what the kernels write), and over each block (an index
+    into the arrays) -> failure string or None."""
+    got = np.asarray(got, np.float64)
+    ref = np.asarray(ref, np.float64)
+    if got.shape != ref.shape:
+        return f"{what}: shape {got.shape} != {ref.shape}"
+    m = np.isfinite(ref)
+    if not m.any():
+        return None
+    g, r = got[m], ref[m]
+    if not np.all(np.isfinite(g)):
+        idx = np.argwhere(m & ~np.isfinite(got))[0]
+        return f"{what}: {np.sum(~np.isfinite(g))} non-finite entries (first at {tuple(idx)})"
+    den = np.linalg.norm(r)
+    err = _rel(g, r)
+    worst, wb = 0.0, None
+    for blk in blocks:
+        mb = m[blk]
+        if mb.any():
+            gb, rb = got[blk][mb], ref[blk][mb]
+            # floor: a tenth of the block's share of the region's norm (blocks of tiny values, e.g. gamma
+            # underflowing to 0 in f32 under strong decay, are compared in absolute terms)
+            e = np.linalg.norm(gb - rb) / max(np.linalg.norm(rb), 0.1 * den * np.sqrt(rb.size / r.size), 1e-30)
+            if e > worst:
+                worst, wb = e, blk
+    if err <= tol and worst <= BLOCK_TOL:
+        return None
+    if err <= tol:
+        return f"{what}: rel err {err:.3e}, but {worst:.3e} > {BLOCK_TOL:g} in block {_fmt(wb)}"
+    with np.errstate(all="ignore"):  # entries outside m are whatever the workspace held
+        d = np.where(m, np.abs(np.where(m, got, 0.0) - np.where(m, ref, 0.0)), -1.0)
+    idx = np.unravel_index(np.argmax(d), d.shape)
+    rms = den / np.sqrt(r.size) if den > 0 else 1.0
+    nbad = int(np.sum(np.abs(g - r) > 0.1 * rms))
+    return (f"{what}: rel err {err:.3e} > {tol:g}; {nbad}/{r.size} entries off by > 0.1 rms; worst at {tuple(idx)}: "
+            f"got {got[idx]:.4g}, want {ref[idx]:.4g}")
+
+
+def _fmt(blk):
+    return "[" + ", ".join(f"{x.start}:{x.stop}" if isinstance(x, slice) else str(x) for x in blk) + "]"
+
+
+def _blocks(st, kind):
+    """Blocks of the model's chunks: token rows of each chunk ("tok"), or the indices of hs / dh ("state") and
+    of gamma / dgam ("gamma") that hold a value."""
+    if kind == "tok":
+        return [(b, slice(cs, min(cs + C, se))) for (b, cs, se, sl) in st["chunks"]]
+    arr = st["hs"] if kind == "state" else st["gamma"]
+    B, N = arr.shape[:2]
+    return [(b, i) for b in range(B) for i in range(N) if np.isfinite(arr[b, i]).any()]
+
+
+def _cmp_padding_zero(what, got, slot):
+    pad = np.asarray(slot) < 0
+    x = np.asarray(got, np.float64)[pad]
+    return None if np.all(x == 0) else f"{what}: {int(np.sum(x != 0))} nonzero entries at padding tokens"
+
+
+def _entries(lst, n):
+    return sorted(tuple(int(a) for a in row) for row in lst[:max(int(n), 0)])
+
+
+def stage_failures(stage, name, ws, outs, opts=None):
+    """Failure strings of one stage: ws = decode_workspace(...), outs = the FFI results (q, k, v, g, beta,
+    A_log [B, HV], dt_bias [B, HV, K], initial_state) as float arrays."""
+    st, ref = _model(name)
+    core, opts, do, dfin = _problem(name)
+    slot = np.asarray(core.slot)
+    tb = _blocks(st, "tok")
+    F = []
+    add = lambda f: F.append(f) if f else None
+    if stage == "plan":
+        cnt = ws["counters"]
+        if cnt[0] != len(st["chunks"]):
+            F.append(f"counters[0] (chunks) = {cnt[0]}, want {len(st['chunks'])}")
+        if cnt[1] != len(st["seqs"]):
+            F.append(f"counters[1] (sequences) = {cnt[1]}, want {len(st['seqs'])}")
+        if np.any(cnt[2:] != 0):
+            F.append(f"counters[2:] = {cnt[2:].tolist()}, want zeros")
+        want = sorted(st["chunks"])
+        got = _entries(ws["chunks"], min(cnt[0], len(ws["chunks"])))
+        if got != want:
+            F.append(f"chunk list (as a set): missing {sorted(set(want) - set(got))[:4]}, "
+                     f"extra {sorted(set(got) - set(want))[:4]}, {len(got)} vs {len(want)} entries")
+        want = sorted(st["seqs"])
+        got = _entries(ws["seqs"], min(cnt[1], len(ws["seqs"])))
+        if got != want:
+            F.append(f"sequence list (as a set): missing {sorted(set(want) - set(got))[:4]}, "
+                     f"extra {sorted(set(got) - set(want))[:4]}")
+        bad = np.argwhere(ws["seq_start"] != st["seq_start"])
+        if len(bad):
+            F.append(f"seq_start: {len(bad)} wrong, first at {tuple(bad[0])}: got "
+                     f"{ws['seq_start'][tuple(bad[0])]}, want {st['seq_start'][tuple(bad[0])]}")
+        m = st["seq_end"] >= 0
+        bad = np.argwhere(m & (ws["seq_end"] != st["seq_end"]))
+        if len(bad):
+            F.append(f"seq_end (at sequence starts): {len(bad)} wrong, first at {tuple(bad[0])}")
+        for n in ("v", "g", "beta"):
+            add(_cmp_padding_zero(f"d{n} (PadZero)", outs[n], slot))
+    elif stage == "prep":
+        for n in ("qg", "kd", "w", "u", "aqk"):
+            add(_cmp(n, ws[n], st[n], blocks=tb))
+        add(_cmp("gamma", ws["gamma"], st["gamma"], blocks=_blocks(st, "gamma")))
+    elif stage == "states":
+        add(_cmp("hs (chunk start states)", ws["hs"], st["hs"], blocks=_blocks(st, "state")))
+    elif stage == "reverse":
+        add(_cmp("dh (dS_next per chunk)", ws["dh"], st["dh"], blocks=_blocks(st, "state")))
+        if ref["initial_state"] is not None:
+            add(_cmp("dinitial_state", outs["initial_state"], ref["initial_state"]))
+    elif stage == "grad1":
+        add(_cmp("dgam", ws["dgam"], st["dgam"], blocks=_blocks(st, "gamma")))
+        add(_cmp("su (dU)", ws["su"], st["dU"], blocks=tb))
+        add(_cmp("sa (dA_qk rows)", ws["sa"], st["dAqk"], blocks=tb))
+        if opts.gate == "precomputed":
+            add(_cmp("sw (dW)", ws["sw"], st["dW"], blocks=tb))
+    elif stage == "grad2":
+        add(_cmp("sqg (dq per value head)", ws["sqg"], st["dq_eff"], blocks=tb))
+        add(_cmp("skd (dk per value head)", ws["skd"], st["dk_eff"], blocks=tb))
+        if opts.gate != "precomputed":
+            add(_cmp("sw (d gate input)", ws["sw"], st["dg_in"], blocks=tb))
+        add(_cmp("sda (d a_log per token)", ws["sda"], st["da_tok"], blocks=tb))
+        for n in ("v", "g", "beta"):
+            add(_cmp(f"d{n}", outs[n], ref[n], blocks=tb))
+    elif stage == "finish":
+        for n in ("q", "k"):
+            add(_cmp(f"d{n}", outs[n], ref[n], blocks=tb))
+            add(_cmp_padding_zero(f"d{n}", outs[n], slot))
+    elif stage == "reduce":
+        add(_cmp("da_log_partial", outs["A_log"], ref["A_log"]))
+        add(_cmp("ddt_bias_partial", outs["dt_bias"], ref["dt_bias"]))
+    else:
+        raise ValueError(stage)
+    return F
+
+
+STAGES = ("plan", "prep", "states", "reverse", "grad1", "grad2", "finish", "reduce")
+
+# ----------------------------------------------------------------------------------------------------
+# The GPU run (once per problem).
+# ----------------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def _gpu(name):
+    """-> (decoded workspace, outputs) of one call of the CUDA backward FFI target."""
+    from flashkda_jax import _ffi
+
+    core, opts, do, dfin = _problem(name)
+    B, T, H, K = core.q.shape
+    HV, V = core.v.shape[2], core.v.shape[3]
+    a_rows = jnp.broadcast_to(core.a_log, (B, HV))  # per batch row, as flashkda_jax.sharding passes them
+    dt_rows = jnp.broadcast_to(core.dt_bias, (B, HV, K))
+    f32 = jnp.float32
+    init = core.initial_state
+    ws_bytes = W.bwd_workspace_bytes("cuda", B=B, T=T, H=H, HV=HV, K=K, V=V, S=opts.num_slots, opts=opts)
+    out_types = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (core.q, core.k, core.v, core.g, core.beta))
+    out_types += (jax.ShapeDtypeStruct((B, HV), f32), jax.ShapeDtypeStruct((B, HV, K), f32),
+                  jax.ShapeDtypeStruct(init.shape if init is not None else (0,), f32),
+                  jax.ShapeDtypeStruct((ws_bytes,), jnp.uint8))
+    call = jax.ffi.ffi_call(_ffi.BWD_TARGET, out_types, vmap_method="broadcast_all")
+    empty = jnp.zeros((0,), f32)
+    fn = jax.jit(lambda *a: call(*a, **opts.ffi_attrs()))
+    res = fn(core.q, core.k, core.v, core.g, core.beta, a_rows, dt_rows, core.slot,
+             init if init is not None else empty, do, dfin if dfin is not None else empty)
+    res = jax.block_until_ready(res)
+    outs = {n: np.asarray(jnp.asarray(x, f32), np.float64)
+            for n, x in zip(NAMES + ("A_log", "dt_bias", "initial_state"), res[:8])}
+    if init is None:
+        outs["initial_state"] = None
+    ws = decode_workspace(np.asarray(res[8]), *_dims(name))
+    return ws, outs
+
+
+def _check(stage, name):
+    ws, outs = _gpu(name)
+    fails = stage_failures(stage, name, ws, outs)
+    assert not fails, f"[{name}] stage {stage}: " + " | ".join(fails)
+
+
+# One function per stage, in the handler's order: `pytest -v` lists the first broken one first.
+@gpu
+@pytest.mark.parametrize("name", list(PROBLEMS))
+def test_stage1_plan(name):
+    _check("plan", name)
+
+
+@gpu
+@pytest.mark.parametrize("name", list(PROBLEMS))
+def test_stage2_prep(name):
+    _check("prep", name)
+
+
+@gpu
+@pytest.mark.parametrize("name", list(PROBLEMS))
+def test_stage3_states(name):
+    _check("states", name)
+
+
+@gpu
+@pytest.mark.parametrize("name", list(PROBLEMS))
+def test_stage4_reverse(name):
+    _check("reverse", name)
+
+
+@gpu
+@pytest.mark.parametrize("name", list(PROBLEMS))
+def test_stage5_grad1(name):
+    _check("grad1", name)
+
+
+@gpu
+@pytest.mark.parametrize("name", list(PROBLEMS))
+def test_stage6_grad2(name):
+    _check("grad2", name)
+
+
+@gpu
+@pytest.mark.parametrize("name", list(PROBLEMS))
+def test_stage7_finish(name):
+    _check("finish", name)
+
+
+@gpu
+@pytest.mark.parametrize("name", list(PROBLEMS))
+def test_stage8_reduce(name):
+    _check("reduce", name)
+
+
+# ----------------------------------------------------------------------------------------------------
+# CPU: the layout and the harness itself.
+# ----------------------------------------------------------------------------------------------------
+
+# Totals of the sizes before the layouts got names (hard-coded from that code).
+_TOTALS = {  # (B, T, HV, K, V, S): (bwd bytes, fwd bytes, fwd bytes no_split)
+    (1, 130, 2, 64, 64, 1): (777728, 177152, 177152),
+    (1, 260, 2, 64, 64, 3): (1422336, 352768, 352768),
+    (2, 70, 2, 64, 64, 1): (949248, 190976, 190976),
+    (2, 200, 4, 128, 128, 0): (10841088, 1882624, 1882624),
+    (3, 1, 1, 64, 64, 2): (209664, 6400, 6400),
+    (1, 8192, 16, 128, 128, 4): (726794496, 180846848, 152535296),
+    (4, 4096, 8, 64, 64, 0): (322568448, 94765312, 85328128),
+    (2, 1000, 3, 256, 256, 5): (93072128, 13297664, 13297664),
+    (0, 0, 0, 64, 64, 0): (256, 256, 256),
+}
+
+_FWD_ORDER = ("qg", "kd", "w", "u", "aqk", "gamma", "hp", "sstart", "seq_start", "seq_end", "chunks", "segs",
+              "multi", "counters")
+_BWD_ORDER = ("hs", "dh", "dgam", "sqg", "skd", "sw", "su", "sa", "sda", "seqs")
+
+
+@pytest.mark.parametrize("shape", sorted(_TOTALS))
+def test_workspace_totals_unchanged(shape):
+    bwd, fwd, fwd_ns = _TOTALS[shape]
+    assert W.cuda_bwd_workspace_bytes(*shape) == bwd
+    assert W.cuda_fwd_workspace_bytes(*shape) == fwd
+    assert W.cuda_fwd_workspace_bytes(*shape, no_split=True) == fwd_ns
+
+
+@pytest.mark.parametrize("shape", sorted(_TOTALS))
+def test_workspace_layout(shape):
+    """Regions in the order of the C++ Layout fields, 256-byte aligned, disjoint, inside the total; the backward
+    embeds the forward's no-split layout first."""
+    lay = W.cuda_bwd_workspace_layout(*shape)
+    assert tuple(lay) == _FWD_ORDER + _BWD_ORDER
+    end = 0
+    for name, (off, n) in lay.items():
+        assert off % 256 == 0 and off >= end, name
+        end = off + n
+    assert end <= W.cuda_bwd_workspace_bytes(*shape)
+    assert W.cuda_bwd_workspace_bytes(*shape) - end < 256
+    fl = W.cuda_fwd_workspace_layout(*shape, no_split=True)
+    assert {k: lay[k] for k in _FWD_ORDER} == fl
+    assert lay["hs"][0] == W.cuda_fwd_workspace_bytes(*shape, no_split=True)
+
+
+def _fake_run(name, rng):
+    """Workspace and outputs as a correct kernel would leave them, from the model (bf16 where the kernels are)."""
+    st, ref = _model(name)
+    core, opts, do, dfin = _problem(name)
+    dims = _dims(name)
+    B, T = dims[0], dims[1]
+    reg = {n: st[n] for n in ("qg", "kd", "w", "u", "aqk", "gamma", "hs", "dh", "dgam", "seq_start")}
+    reg.update(seq_end=np.where(st["seq_end"] >= 0, st["seq_end"], -7), su=st["dU"], sa=st["dAqk"],
+               sqg=st["dq_eff"], skd=st["dk_eff"], sda=st["da_tok"],
+               sw=st["dW"] if opts.gate == "precomputed" else st["dg_in"])
+    for n, key in (("chunks", "chunks"), ("seqs", "seqs")):
+        lst = np.array(st[key], np.int64)[rng.permutation(len(st[key]))]  # any order
+        reg[n] = np.concatenate([lst, rng.integers(-5, 5, (B * T - len(lst), 4))], 0)
+    reg["counters"] = np.array([len(st["chunks"]), len(st["seqs"])] + [0] * 14)
+    ws = decode_workspace(encode_workspace(reg, *dims, rng), *dims)
+    rd = lambda x: np.asarray(jnp.asarray(x, jnp.bfloat16).astype(jnp.float32), np.float64)
+    outs = {n: rd(ref[n]) for n in NAMES}
+    outs.update(A_log=ref["A_log"].astype(np.float32), dt_bias=ref["dt_bias"].astype(np.float32),
+                initial_state=None if ref["initial_state"] is None else ref["initial_state"].astype(np.float32))
+    return ws, outs
+
+
+@pytest.mark.parametrize("name", list(PROBLEMS))
+def test_harness_accepts_model_workspace(name):
+    """Every stage check passes on the model's own results written in the kernels' layout and dtypes (so a GPU
+    failure is the kernel's), and the problems exercise what they are meant to."""
+    ws, outs = _fake_run(name, np.random.default_rng(0))
+    for stage in STAGES:
+        assert stage_failures(stage, name, ws, outs) == [], stage
+    st, ref = _model(name)
+    core = _problem(name)[0]
+    assert np.isfinite(st["hs"]).any() and np.isfinite(st["dh"]).any()  # multi-chunk sequences
+    gam = st["gamma"][np.isfinite(st["gamma"])]
+    assert 0.2 < np.median(gam) < 0.9, np.median(gam)  # decays that matter, states that last
+    assert np.all(np.isfinite(st["dq_eff"][np.asarray(core.slot) >= 0]))
+    gated = _problem(name)[1].gate != "precomputed"
+    for n in ("q", "k", "v", "g", "beta") + (("A_log", "dt_bias") if gated else ()):
+        assert np.linalg.norm(ref[n]) > 0, n
+
+
+def test_harness_detects_broken_stages():
+    """Corrupting one region fails that stage only."""
+    name = "ragged"
+    rng = np.random.default_rng(1)
+    cases = {
+        "plan": lambda ws, o: ws["chunks"].__setitem__((0, 1), ws["chunks"][0, 1] + 1),
+        "prep": lambda ws, o: ws["w"].__setitem__((0, 50), ws["w"][0, 50] * 3),  # one token: its chunk's block
+        "states": lambda ws, o: ws["hs"].__setitem__((0, 2, 1), ws["hs"][0, 2, 1] * 0.5),
+        "reverse": lambda ws, o: ws["dh"].__setitem__((0, 4), ws["dh"][0, 4] + 1),
+        "grad1": lambda ws, o: ws["sa"].__setitem__((0, slice(3, 67)), 0.0),
+        "grad2": lambda ws, o: ws["skd"].__setitem__((0, slice(103, 167), 0), 0.0),
+        "finish": lambda ws, o: o["q"].__setitem__((0, slice(0, 100)), 0.0),
+        "reduce": lambda ws, o: o["dt_bias"].__setitem__(0, o["dt_bias"][0] * 2),
+    }
+    for broken, corrupt in cases.items():
+        ws, outs = _fake_run(name, rng)
+        corrupt(ws, outs)
+        failed = [s for s in STAGES if stage_failures(s, name, ws, outs)]
+        assert failed == [broken], (broken, failed)
