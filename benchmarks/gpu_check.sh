@@ -18,6 +18,14 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl >"$LOG/wheels.log" 2>&1
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
+# .whl/extra: what fla.layers needs beyond the device's packages (transformers and its dependencies). They go
+# to a directory searched AFTER site-packages (only the fla-layer test adds it), so nothing the device
+# already has is shadowed.
+EXTRA_SITE=
+if ls .whl/extra/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site_extra .whl/extra/*.whl \
+    >>"$LOG/wheels.log" 2>&1 && EXTRA_SITE=/tmp/site_extra
+fi
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv >"$LOG/gpu.txt" 2>&1
 has() { [[ " $STAGES " == *" $1 "* ]]; }
 summary=()
@@ -30,7 +38,8 @@ if has build; then
   if [ $rc -ne 0 ]; then grep -E "error|Error" "$LOG/build.log" | head -30; cat "$LOG/gpu.txt"; exit 1; fi
 fi
 if has tests; then
-  (cd tests && timeout 400 python3 -m pytest -q -rs -p no:cacheprovider test_cuda_fwd.py test_nn_fla_gpu.py \
+  (cd tests && timeout 400 python3 -c "import sys; sys.path.append('$EXTRA_SITE') if '$EXTRA_SITE' else None; \
+import pytest; sys.exit(pytest.main(sys.argv[1:]))" -q -rs -p no:cacheprovider test_cuda_fwd.py test_nn_fla_gpu.py \
      ${TESTS:+-k "$TESTS"} >"$LOG/tests_gpu.log" 2>&1
    timeout 400 python3 -m pytest -q -rs -p no:cacheprovider test_kda.py test_decode.py -k "cuda" \
      >"$LOG/tests_cuda_impl.log" 2>&1)
