@@ -4,7 +4,8 @@
 # printed last.
 #   STAGES   which parts to run (default "build tests bench"): build, tests, bwd (CUDA backward tests,
 #            stage by stage first), sanitize (compute-sanitizer memcheck of small fwd/decode/bwd runs),
-#            bench, softplus, grad (fwd+bwd table with the CUDA backward forced on), decode
+#            bench, softplus, grad (fwd+bwd table with the CUDA backward forced on), decode,
+#            multi (needs >= 2 GPUs: sharded == unsharded on the GPUs, context-parallel speed-up at 64k)
 #   BENCH_ARGS  extra args for bench_gpu.py's forward tables (e.g. "--reps 10 --cases b1-t8k-h16")
 #   GRAD_ARGS   extra args for the fwd+bwd table
 #   TESTS    pytest -k expression for the GPU test files
@@ -67,12 +68,16 @@ if has decode; then
   timeout 200 python3 benchmarks/bench_decode.py --check >"$LOG/bench_decode.log" 2>&1
   summary+=("bench_decode rc=$?")
 fi
+if has multi; then
+  timeout 500 python3 benchmarks/multi_gpu.py --cuda-bwd >"$LOG/multi_gpu.log" 2>&1
+  summary+=("multi_gpu rc=$?")
+fi
 echo "==== summary"
 printf '%s\n' "${summary[@]}"
 for f in tests_gpu tests_cuda_impl tests_bwd sanitize; do
   [ -f "$LOG/$f.log" ] && grep -E "^(FAILED|ERROR)" "$LOG/$f.log" | head -15
 done
-for f in bench_bounded bench_softplus bench_grad bench_decode; do
+for f in bench_bounded bench_softplus bench_grad bench_decode multi_gpu; do
   [ -f "$LOG/$f.log" ] && { echo "---- $f"; tail -10 "$LOG/$f.log"; }
 done
 cat "$LOG/gpu.txt"

@@ -103,14 +103,14 @@ def collectives(hlo_text):
     return out
 
 
-def run_case(name, mesh, specs, dims, cp_axis=None, impl="xla", kw=None):
+def run_case(name, mesh, specs, dims, cp_axis=None, impl="xla", kw=None, K=16, V=8):
     kw = dict(kw or {})
     B, T, H, HV = dims
-    p = problem(sum(map(ord, name)), B, T, H, HV)
+    p = problem(sum(map(ord, name)), B, T, H, HV, K=K, V=V)
     S = 6
     seg = segments_crossing(B, T, 8)
-    h0 = random_state(3, (B, S, HV, 16, 8))
-    wf = random_state(4, (B, S, HV, 16, 8))
+    h0 = random_state(3, (B, S, HV, K, V))
+    wf = random_state(4, (B, S, HV, K, V))
     args = (p["q"], p["k"], p["v"], p["g"], p["beta"], p["A"], p["dt"], h0, seg, p["wo"], wf)
     kw.setdefault("max_segments", S)
     ref_fn = make_loss(kw, None, impl)
