@@ -1,5 +1,8 @@
 // flashkda_fwd, stage "prep": everything inside a chunk, fully parallel over (chunk, value head).
 // See kda_fwd_common.cuh for the algorithm and the workspace it writes.
+#include <cstdlib>
+#include <cstring>
+
 #include "kda_fwd_common.cuh"
 #include "kda_fwd_launch.h"
 
@@ -44,6 +47,8 @@ __device__ __forceinline__ float Bf(bf16 x) { return __bfloat162float(x); }
 __constant__ int kPairI[6] = {1, 2, 3, 2, 3, 3};
 __constant__ int kPairJ[6] = {0, 0, 0, 1, 1, 2};
 
+// Shared memory of PrepKernel. The mma solve reuses it: T (fp32) in the free lower triangle of sAkk, T
+// (bf16) in sAqk once A_qk is written out, beta exp(G) k in sQ once Qg is, beta v in place in sV.
 template <int K>
 struct PrepSmem {
   static constexpr int C = kChunk;
@@ -57,7 +62,168 @@ struct PrepSmem {
   }
 };
 
-template <int K, typename TIn>
+// ---- WY solve, SIMT: one column of [W | U] per thread, (I + A_kk) x = beta * [exp(G) k | v] by
+// right-looking substitution (A_kk is stored transposed so that column j is 16-byte loads). x: the column's
+// registers, declared by the caller (declared here, the kernel's PTX numbers its registers differently and
+// ptxas schedules it differently; declared there, the SASS is that of the code before this was a function).
+template <int K>
+__device__ __forceinline__ void SolveSimt(const Params& p, const bf16* sK, const float* sG, const float* sAkk,
+                                          const float* sBeta, const bf16* sV, int V, int VP, int HV, int b, int cs,
+                                          int L, int hv, int tid, float (&x)[kChunk]) {
+  constexpr int C = kChunk, KP = PrepSmem<K>::KP, GP = PrepSmem<K>::GP, AP = PrepSmem<K>::AP;
+  for (int col = tid; col < K + V; col += kThreads) {
+    const bool isW = col < K;
+#pragma unroll
+    for (int i = 0; i < C; ++i) {
+      const float rhs = isW ? Bf(sK[i * KP + col]) * __expf(sG[i * GP + col]) : Bf(sV[i * VP + col - K]);
+      x[i] = sBeta[i] * rhs;
+    }
+#pragma unroll
+    for (int j = 0; j < C; ++j) {
+      const float xj = x[j];
+#pragma unroll
+      for (int i4 = (j + 1) / 4 * 4; i4 < C; i4 += 4) {
+        const float4 a = *reinterpret_cast<const float4*>(sAkk + j * AP + i4);
+        if (i4 + 0 > j) x[i4 + 0] -= a.x * xj;
+        if (i4 + 1 > j) x[i4 + 1] -= a.y * xj;
+        if (i4 + 2 > j) x[i4 + 2] -= a.z * xj;
+        if (i4 + 3 > j) x[i4 + 3] -= a.w * xj;
+      }
+    }
+    bf16* dst = isW ? p.W : p.U;
+    const int dim = isW ? K : V;
+    const int cc = isW ? col : col - K;
+#pragma unroll
+    for (int i = 0; i < C; ++i) {
+      if (i < L) dst[(((size_t)b * p.T + cs + i) * HV + hv) * dim + cc] = __float2bfloat16(x[i]);
+    }
+  }
+}
+
+// ---- WY solve, tensor cores (FLASHKDA_FWD_SOLVE=mma): T = (I + A_kk)^{-1} in fp32, then
+// [W | U] = T (beta [exp(G) k | v]) with bf16 operands and fp32 accumulation. ----
+//
+// sAkk (pitch AP) holds A_kk transposed in its strict upper triangle: sAkk[j * AP + i] = A_ij, i > j. T is
+// unit lower triangular and is written, untransposed, into the strict lower triangle, which is zero
+// until then: sAkk[i * AP + j] = T_ij, i > j (the two never overlap, so no step reads what it writes).
+// Blocks of 16: T_II = (I + A_II)^{-1} by substitution (InvertDiagBlocks), then, in order of distance
+// d = I - J = 1, 2, 3, T_IJ = -T_II P with P = sum_{M=J}^{I-1} A_IM T_MJ (InvertOffDiagBlocks).
+
+// T_II, I = 0..3: thread (I, j) of the first 64 forms column j of T_II in registers (no barrier: it
+// reads only A). Writes fp32 T below the diagonal of sAkk.
+__device__ __forceinline__ void InvertDiagBlocks(float* sAkk, int tid) {
+  constexpr int AP = kChunk + 4;
+  if (tid < 64) {
+    const int I = tid >> 4, j = tid & 15;
+    float* blk = sAkk + 16 * I * AP + 16 * I;  // blk[m * AP + i] = A_II[i][m] (i > m); blk[i * AP + m] = T_II[i][m]
+    float x[16];
+#pragma unroll
+    for (int i = 0; i < 16; ++i) x[i] = i == j ? 1.f : 0.f;  // x[i] stays 0 for i < j
+#pragma unroll
+    for (int m = 0; m < 15; ++m) {
+      const float xm = x[m];
+#pragma unroll
+      for (int i = m + 1; i < 16; ++i) x[i] -= blk[m * AP + i] * xm;
+    }
+#pragma unroll
+    for (int i = 1; i < 16; ++i)
+      if (i > j) blk[i * AP + j] = x[i];
+  }
+}
+
+// Off-diagonal blocks of T (after a barrier behind InvertDiagBlocks), and all of T as bf16 into sT
+// (pitch TP, 64 x 64; blocks above the diagonal are not written: the product never reads them). Thread
+// (r, c) = (tid & 15, tid >> 4): a half warp holds one column c of P, and T_II P is formed with shuffles.
+// Ends with a barrier.
+__device__ __forceinline__ void InvertOffDiagBlocks(float* sAkk, bf16* sT, int tid) {
+  constexpr int AP = kChunk + 4, TP = kChunk + 8;
+  const int r = tid & 15, c = tid >> 4;
+#pragma unroll
+  for (int I = 0; I < 4; ++I) {
+    const int i = 16 * I + r, j = 16 * I + c;
+    sT[i * TP + j] = __float2bfloat16(r > c ? sAkk[i * AP + j] : (r == c ? 1.f : 0.f));
+  }
+#pragma unroll
+  for (int d = 1; d < 4; ++d) {
+#pragma unroll
+    for (int I = d; I < 4; ++I) {
+      const int J = I - d;
+      float pv = 0.f;  // P[r][c]
+#pragma unroll
+      for (int s = 0; s < 16; ++s) {  // M = J: T_JJ[s][c] is 1 at s = c and 0 above
+        const float t = s > c ? sAkk[(16 * J + s) * AP + 16 * J + c] : (s == c ? 1.f : 0.f);
+        pv += sAkk[(16 * J + s) * AP + 16 * I + r] * t;
+      }
+#pragma unroll
+      for (int M = J + 1; M < I; ++M)
+#pragma unroll
+        for (int s = 0; s < 16; ++s) pv += sAkk[(16 * M + s) * AP + 16 * I + r] * sAkk[(16 * M + s) * AP + 16 * J + c];
+      float out = pv;  // (T_II P)[r][c] = P[r][c] + sum_{s < r} T_II[r][s] P[s][c]
+#pragma unroll
+      for (int s = 0; s < 15; ++s) {
+        const float ps = __shfl_sync(0xffffffffu, pv, s, 16);
+        if (s < r) out += sAkk[(16 * I + r) * AP + 16 * I + s] * ps;
+      }
+      out = -out;
+      sAkk[(16 * I + r) * AP + 16 * J + c] = out;
+      sT[(16 * I + r) * TP + 16 * J + c] = __float2bfloat16(out);
+    }
+    __syncthreads();
+  }
+}
+
+// [W | U] = T R with R = [sRw | sRu] (bf16, rows = tokens; rows >= L are zero): each warp takes 16-column
+// strips of the K + V columns, all 64 rows (4 m tiles; k blocks above the diagonal skipped).
+template <int K>
+__device__ __forceinline__ void SolveMma(const Params& p, const bf16* sT, const bf16* sRw, const bf16* sRu, int b,
+                                         int cs, int L, int hv, int warp, int lane) {
+  constexpr int TP = kChunk + 8, KP = PrepSmem<K>::KP;
+  const int V = p.V, VP = V + 8, HV = p.HV;
+  const int gr = lane >> 2, t4 = lane & 3;
+  const bf16* a_base = sT + (lane & 15) * TP + (lane >> 4) * 8;
+  const int b_off = (lane & 7) + ((lane >> 3) & 1) * 8;
+  for (int n0 = warp * 16; n0 < K + V; n0 += kThreads / 2) {
+    const bool isW = n0 < K;
+    const int pitch = isW ? KP : VP;
+    const bf16* b_base = (isW ? sRw + n0 : sRu + (n0 - K)) + b_off * pitch + (lane >> 4) * 8;
+    float acc[4][2][4];
+#pragma unroll
+    for (int I = 0; I < 4; ++I)
+#pragma unroll
+      for (int n = 0; n < 2; ++n)
+#pragma unroll
+        for (int q = 0; q < 4; ++q) acc[I][n][q] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      uint32_t b0, b1, b2, b3;
+      LdsmT(b_base + kk * 16 * pitch, b0, b1, b2, b3);
+#pragma unroll
+      for (int I = kk; I < 4; ++I) {
+        uint32_t a[4];
+        Ldsm(a_base + I * 16 * TP + kk * 16, a[0], a[1], a[2], a[3]);
+        Mma(acc[I][0], a, b0, b1);
+        Mma(acc[I][1], a, b2, b3);
+      }
+    }
+    bf16* dst = isW ? p.W : p.U;
+    const int dim = isW ? K : V;
+    const int cc = isW ? n0 : n0 - K;
+#pragma unroll
+    for (int I = 0; I < 4; ++I)
+#pragma unroll
+      for (int hh = 0; hh < 2; ++hh) {
+        const int row = 16 * I + gr + 8 * hh;
+        if (row < L) {
+          bf16* o = dst + (((size_t)b * p.T + cs + row) * HV + hv) * dim + cc + 2 * t4;
+#pragma unroll
+          for (int n = 0; n < 2; ++n) Store2<bf16>(o + 8 * n, acc[I][n][2 * hh], acc[I][n][2 * hh + 1]);
+        }
+      }
+  }
+}
+
+// kMmaSolve: the WY solve on tensor cores (SolveMma) instead of the SIMT substitution (SolveSimt).
+template <int K, typename TIn, bool kMmaSolve>
 __global__ void __launch_bounds__(kThreads, K <= 128 ? 2 : 1) PrepKernel(Params p) {
   using SM = PrepSmem<K>;
   constexpr int C = kChunk, KP = SM::KP, GP = SM::GP, AP = SM::AP, QP = SM::QP;
@@ -281,36 +447,14 @@ __global__ void __launch_bounds__(kThreads, K <= 128 ? 2 : 1) PrepKernel(Params 
       }
     }
     __syncthreads();
-    // ---- WY solve, one column of [W | U] per thread: (I + A_kk) x = beta * [exp(G) k | v] ----
-    for (int col = tid; col < K + V; col += kThreads) {
-      const bool isW = col < K;
-      float x[C];
-#pragma unroll
-      for (int i = 0; i < C; ++i) {
-        const float rhs = isW ? Bf(sK[i * KP + col]) * __expf(sG[i * GP + col]) : Bf(sV[i * VP + col - K]);
-        x[i] = sBeta[i] * rhs;
-      }
-      // Right-looking substitution; A_kk is stored transposed so that column j is 16-byte loads.
-#pragma unroll
-      for (int j = 0; j < C; ++j) {
-        const float xj = x[j];
-#pragma unroll
-        for (int i4 = (j + 1) / 4 * 4; i4 < C; i4 += 4) {
-          const float4 a = *reinterpret_cast<const float4*>(sAkk + j * AP + i4);
-          if (i4 + 0 > j) x[i4 + 0] -= a.x * xj;
-          if (i4 + 1 > j) x[i4 + 1] -= a.y * xj;
-          if (i4 + 2 > j) x[i4 + 2] -= a.z * xj;
-          if (i4 + 3 > j) x[i4 + 3] -= a.w * xj;
-        }
-      }
-      bf16* dst = isW ? p.W : p.U;
-      const int dim = isW ? K : V;
-      const int cc = isW ? col : col - K;
-#pragma unroll
-      for (int i = 0; i < C; ++i) {
-        if (i < L) dst[(((size_t)b * p.T + cs + i) * HV + hv) * dim + cc] = __float2bfloat16(x[i]);
-      }
+    // ---- WY solve ----
+    if constexpr (!kMmaSolve) {
+      float x[kChunk];
+      SolveSimt<K>(p, sK, sG, sAkk, sBeta, sV, V, VP, HV, b, cs, L, hv, tid, x);
     }
+    // mma: the diagonal blocks of T now (warps 0-1), the rest of T and the product after the epilogue, which
+    // frees sQ (W's right-hand side) and sAqk (bf16 T).
+    if constexpr (kMmaSolve) InvertDiagBlocks(sAkk, tid);
     // ---- Qg = exp(G) q, Kd = exp(G_last - G) k, A_qk rows, gamma = exp(G_last) ----
     const float* gl = sG + (C - 1) * GP;  // rows >= L carry g = 0, so row C-1 holds G_last
     for (int idx = tid; idx < L * (K / 8); idx += kThreads) {
@@ -326,6 +470,33 @@ __global__ void __launch_bounds__(kThreads, K <= 128 ? 2 : 1) PrepKernel(Params 
       const size_t o = (((size_t)b * p.T + cs + r) * HV + hv) * K + c0;
       *reinterpret_cast<uint4*>(p.Qg + o) = make_uint4(qw[0], qw[1], qw[2], qw[3]);
       *reinterpret_cast<uint4*>(p.Kd + o) = make_uint4(kw[0], kw[1], kw[2], kw[3]);
+      if constexpr (kMmaSolve) {
+        // W's right-hand side beta * exp(G) k (as SolveSimt forms it) replaces q, now written out.
+        const float bb = sBeta[r];
+        uint32_t ww[4];
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+          const int c = c0 + 2 * u;
+          ww[u] = PackBF16(bb * (Bf(sK[r * KP + c]) * __expf(sG[r * GP + c])),
+                           bb * (Bf(sK[r * KP + c + 1]) * __expf(sG[r * GP + c + 1])));
+        }
+        *reinterpret_cast<uint4*>(sQ + r * KP + c0) = make_uint4(ww[0], ww[1], ww[2], ww[3]);
+      }
+    }
+    if constexpr (kMmaSolve) {
+      // U's right-hand side beta * v, in place (rows >= L of sQ and sV are zero already).
+      for (int idx = tid; idx < L * (V / 8); idx += kThreads) {
+        const int r = idx / (V / 8), c0 = (idx - r * (V / 8)) * 8;
+        const float bb = sBeta[r];
+        uint4 u = *reinterpret_cast<const uint4*>(sV + r * VP + c0);
+        uint32_t* w = reinterpret_cast<uint32_t*>(&u);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const __nv_bfloat162 x = *reinterpret_cast<const __nv_bfloat162*>(&w[e]);
+          w[e] = PackBF16(bb * __low2float(x), bb * __high2float(x));
+        }
+        *reinterpret_cast<uint4*>(sV + r * VP + c0) = u;
+      }
     }
     for (int idx = tid; idx < L * (C / 8); idx += kThreads) {
       const int r = idx / (C / 8), c0 = (idx - r * (C / 8)) * 8;
@@ -337,24 +508,45 @@ __global__ void __launch_bounds__(kThreads, K <= 128 ? 2 : 1) PrepKernel(Params 
     if (gidx >= 0) {
       for (int c = tid; c < K; c += kThreads) p.gamma[(((size_t)b * p.NG + gidx) * HV + hv) * K + c] = __expf(gl[c]);
     }
+    if constexpr (kMmaSolve) {
+      __syncthreads();  // A_qk written out (sAqk free for T), T_II, right-hand sides
+      InvertOffDiagBlocks(sAkk, sAqk, tid);
+      SolveMma<K>(p, sAqk, sQ, sV, b, cs, L, hv, warp, lane);
+    }
     __syncthreads();
   }
 }
 
-template <int K, typename TIn>
+template <int K, typename TIn, bool kMmaSolve>
 cudaError_t LaunchPrepK(const Params& p, cudaStream_t stream, int nsm) {
   const long long items = static_cast<long long>(p.B) * p.T * p.HV;  // bound on (chunk, head) items
-  return LaunchGrid(PrepKernel<K, TIn>, PrepSmem<K>::Bytes(p.V), items, 4, p, stream, nsm);
+  return LaunchGrid(PrepKernel<K, TIn, kMmaSolve>, PrepSmem<K>::Bytes(p.V), items, 4, p, stream, nsm);
+}
+
+template <int K, typename TIn>
+cudaError_t LaunchPrepK(const Params& p, cudaStream_t stream, int nsm, bool mma) {
+  return mma ? LaunchPrepK<K, TIn, true>(p, stream, nsm) : LaunchPrepK<K, TIn, false>(p, stream, nsm);
+}
+
+// FLASHKDA_FWD_SOLVE=mma selects the tensor-core WY solve (SolveMma); unset or anything else keeps the
+// SIMT substitution. Read once per process, at the first launch.
+bool MmaSolveSelected() {
+  static const bool on = [] {
+    const char* s = std::getenv("FLASHKDA_FWD_SOLVE");
+    return s != nullptr && std::strcmp(s, "mma") == 0;
+  }();
+  return on;
 }
 
 }  // namespace
 
 template <typename TIn>
 cudaError_t LaunchPrep(const Params& p, cudaStream_t stream, int nsm) {
+  const bool mma = MmaSolveSelected();
   switch (p.K) {
-    case 64: return LaunchPrepK<64, TIn>(p, stream, nsm);
-    case 128: return LaunchPrepK<128, TIn>(p, stream, nsm);
-    case 256: return LaunchPrepK<256, TIn>(p, stream, nsm);
+    case 64: return LaunchPrepK<64, TIn>(p, stream, nsm, mma);
+    case 128: return LaunchPrepK<128, TIn>(p, stream, nsm, mma);
+    case 256: return LaunchPrepK<256, TIn>(p, stream, nsm, mma);
     default: return cudaErrorInvalidValue;
   }
 }

@@ -190,3 +190,54 @@ def test_short_and_vmap():
     for i in range(2):
         ref = _ref(tuple(s[i] for s in stacked), **kw)[0]
         assert rel_err(out[i], ref) <= BF16_TOL
+
+
+_MMA_SOLVE_CHILD = r"""
+import sys
+sys.path.insert(0, sys.argv[1])
+import jax.numpy as jnp
+import numpy as np
+import test_cuda_fwd as t
+from kda_testing import random_state
+
+def case(name, seed, B, T, H, HV, K, gate, strong=False, **extra):
+    args, kw = t._inputs(seed, B, T, H, HV, K, K, jnp.bfloat16, gate, strong)
+    kw.update(return_final_state=True, **extra)
+    if "cu_seqlens" not in extra:
+        kw["initial_state"] = random_state(seed + 1, (B, HV, K, K))
+    out = t._run(args, "cuda", **kw)
+    t._check(out, t._ref(args, **kw), t.BF16_TOL, "mma solve " + name)
+    print("ok", name, flush=True)
+    return out
+
+out = case("bounded K=128", 1, 2, 200, 2, 4, 128, "bounded")
+np.save(sys.argv[2], np.asarray(out[0], np.float32))
+case("softplus K=64", 2, 2, 200, 2, 4, 64, "softplus")
+case("precomputed K=128", 3, 1, 150, 1, 2, 128, "precomputed")
+case("bounded K=256", 4, 1, 130, 1, 2, 256, "bounded")
+case("strong softplus K=128", 8, 1, 140, 1, 2, 128, "softplus", strong=True)
+case("cu_seqlens K=64", 13, 1, 300, 2, 2, 64, "softplus", cu_seqlens=jnp.asarray([0, 70, 70, 71, 200, 290], jnp.int32))
+case("split K=128", 15, 1, 3000, 1, 2, 128, "bounded")
+"""
+
+
+def test_mma_solve_env(tmp_path):
+    # The prep kernel's tensor-core WY solve (FLASHKDA_FWD_SOLVE=mma, read once per process at the first
+    # launch): a fresh process runs the forward with it against the oracle at the usual tolerance; its first
+    # output must differ from this process's (default solve) in some bits, or the switch did nothing.
+    import os
+    import subprocess
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    saved = tmp_path / "mma_o.npy"
+    env = dict(os.environ, FLASHKDA_FWD_SOLVE="mma", XLA_PYTHON_CLIENT_PREALLOCATE="false")
+    proc = subprocess.run([sys.executable, "-c", _MMA_SOLVE_CHILD, here, str(saved)], capture_output=True, text=True,
+                          timeout=900, env=env, cwd=os.path.dirname(here))
+    assert proc.returncode == 0, f"mma solve run failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-6000:]}"
+    assert proc.stdout.count("ok ") == 7, proc.stdout
+    args, kw = _inputs(1, 2, 200, 2, 4, 128, 128, jnp.bfloat16, "bounded")
+    kw.update(initial_state=random_state(2, (2, 4, 128, 128)), return_final_state=True)
+    if os.environ.get("FLASHKDA_FWD_SOLVE") != "mma":  # this process runs the default solve
+        default = np.asarray(_run(args, "cuda", **kw)[0], np.float32)
+        assert not np.array_equal(default, np.load(saved)), "FLASHKDA_FWD_SOLVE=mma gave the default solve's bits"
