@@ -8,6 +8,7 @@
 #include "kda_bindings.h"
 #include "kda_bwd_common.cuh"
 #include "kda_fwd_launch.h"
+#include "kda_fwd_params.h"
 
 namespace ffi = xla::ffi;
 
@@ -244,55 +245,9 @@ static ffi::Error KdaCudaBwdImpl(cudaStream_t stream, FLASHKDA_BWD_PARAMS) {
   }
   unsigned char* ws = static_cast<unsigned char*>(workspace->untyped_data());
   Params P{};
-  fwd::Params& p = P.f;
-  p.B = static_cast<int>(s.B);
-  p.T = static_cast<int>(s.T);
-  p.H = static_cast<int>(s.H);
-  p.HV = static_cast<int>(s.HV);
-  p.K = static_cast<int>(s.K);
-  p.V = static_cast<int>(s.V);
-  p.group = static_cast<int>(s.HV / s.H);
-  p.S_init = s.has_initial_state ? static_cast<int>(s.S) : 0;
-  p.S_final = static_cast<int>(s_out);  // the prep kernel writes gamma of last chunks for these slots
-  p.seglen = lay.f.seglen;
-  p.Lseg = lay.f.seglen * kChunk;
-  p.NW = lay.f.NW;
-  p.NG = lay.f.NG;
-  p.NSPLIT = 0;
-  p.split = 0;
-  p.scale = opt.scale;
-  p.lower_bound = opt.lower_bound;
-  p.gate_mode = static_cast<int>(opt.gate);
-  p.use_a_log = opt.use_a_log;
-  p.qk_l2norm = opt.qk_l2norm;
-  p.beta_sigmoid = opt.beta_sigmoid;
-  p.allow_neg = opt.allow_neg_eigval;
-  p.state_vk = opt.state_vk;
-  p.q = q.untyped_data();
-  p.k = k.untyped_data();
-  p.v = v.untyped_data();
-  p.g = g.untyped_data();
-  p.beta = beta.untyped_data();
-  p.a_log = static_cast<const float*>(a_log.untyped_data());
-  p.dt_bias = static_cast<const float*>(dt_bias.untyped_data());
-  p.slot = static_cast<const int*>(slot.untyped_data());
-  p.init = s.has_initial_state ? static_cast<const float*>(initial_state.untyped_data()) : nullptr;
-  p.o = nullptr;
-  p.final_state = nullptr;
-  p.Qg = reinterpret_cast<__nv_bfloat16*>(ws + lay.f.qg);
-  p.Kd = reinterpret_cast<__nv_bfloat16*>(ws + lay.f.kd);
-  p.W = reinterpret_cast<__nv_bfloat16*>(ws + lay.f.w);
-  p.U = reinterpret_cast<__nv_bfloat16*>(ws + lay.f.u);
-  p.Aqk = reinterpret_cast<__nv_bfloat16*>(ws + lay.f.aqk);
-  p.gamma = reinterpret_cast<float*>(ws + lay.f.gamma);
-  p.HP = nullptr;
-  p.Sstart = nullptr;
-  p.seq_start = reinterpret_cast<int*>(ws + lay.f.seq_start);
-  p.seq_end = reinterpret_cast<int*>(ws + lay.f.seq_end);
-  p.chunk_list = reinterpret_cast<int4*>(ws + lay.f.chunks);
-  p.seg_list = nullptr;
-  p.multi_list = nullptr;
-  p.counters = reinterpret_cast<int*>(ws + lay.f.counters);
+  // The forward's problem on the unsplit prep layout (no outputs: the backward only runs its prep).
+  P.f = fwd::MakeParams(s, opt, lay.f, ws, s_out, q, k, v, g, beta, a_log, dt_bias, slot, initial_state, nullptr,
+                        nullptr);
   P.S_out = static_cast<int>(s_out);
   P.d_o = d_o.untyped_data();
   P.dfin = s_out > 0 ? static_cast<const float*>(dfinal_state.untyped_data()) : nullptr;

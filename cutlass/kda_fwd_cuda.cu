@@ -8,6 +8,7 @@
 #include "kda_bindings.h"
 #include "kda_fwd_common.cuh"
 #include "kda_fwd_launch.h"
+#include "kda_fwd_params.h"
 
 namespace ffi = xla::ffi;
 
@@ -83,55 +84,9 @@ static ffi::Error KdaCudaFwdImpl(cudaStream_t stream, FLASHKDA_FWD_PARAMS) {
                                        " < " + std::to_string(lay.total) + " bytes");
   }
   unsigned char* ws = static_cast<unsigned char*>(workspace->untyped_data());
-  Params p{};
-  p.B = static_cast<int>(s.B);
-  p.T = static_cast<int>(s.T);
-  p.H = static_cast<int>(s.H);
-  p.HV = static_cast<int>(s.HV);
-  p.K = static_cast<int>(s.K);
-  p.V = static_cast<int>(s.V);
-  p.group = static_cast<int>(s.HV / s.H);
-  p.S_init = s.has_initial_state ? static_cast<int>(s.S) : 0;
-  p.S_final = static_cast<int>(s_final);
-  p.seglen = lay.seglen;
-  p.Lseg = lay.seglen * kChunk;
-  p.NW = lay.NW;
-  p.NG = lay.NG;
-  p.NSPLIT = lay.NSPLIT;
-  p.split = lay.split;
-  p.scale = opt.scale;
-  p.lower_bound = opt.lower_bound;
-  p.gate_mode = static_cast<int>(opt.gate);
-  p.use_a_log = opt.use_a_log;
-  p.qk_l2norm = opt.qk_l2norm;
-  p.beta_sigmoid = opt.beta_sigmoid;
-  p.allow_neg = opt.allow_neg_eigval;
-  p.state_vk = opt.state_vk;
-  p.q = q.untyped_data();
-  p.k = k.untyped_data();
-  p.v = v.untyped_data();
-  p.g = g.untyped_data();
-  p.beta = beta.untyped_data();
-  p.a_log = static_cast<const float*>(a_log.untyped_data());
-  p.dt_bias = static_cast<const float*>(dt_bias.untyped_data());
-  p.slot = static_cast<const int*>(slot.untyped_data());
-  p.init = s.has_initial_state ? static_cast<const float*>(initial_state.untyped_data()) : nullptr;
-  p.o = o->untyped_data();
-  p.final_state = s_final > 0 ? static_cast<float*>(final_state->untyped_data()) : nullptr;
-  p.Qg = reinterpret_cast<__nv_bfloat16*>(ws + lay.qg);
-  p.Kd = reinterpret_cast<__nv_bfloat16*>(ws + lay.kd);
-  p.W = reinterpret_cast<__nv_bfloat16*>(ws + lay.w);
-  p.U = reinterpret_cast<__nv_bfloat16*>(ws + lay.u);
-  p.Aqk = reinterpret_cast<__nv_bfloat16*>(ws + lay.aqk);
-  p.gamma = reinterpret_cast<float*>(ws + lay.gamma);
-  p.HP = reinterpret_cast<float*>(ws + lay.hp);
-  p.Sstart = reinterpret_cast<float*>(ws + lay.sstart);
-  p.seq_start = reinterpret_cast<int*>(ws + lay.seq_start);
-  p.seq_end = reinterpret_cast<int*>(ws + lay.seq_end);
-  p.chunk_list = reinterpret_cast<int4*>(ws + lay.chunks);
-  p.seg_list = reinterpret_cast<int4*>(ws + lay.segs);
-  p.multi_list = reinterpret_cast<int4*>(ws + lay.multi);
-  p.counters = reinterpret_cast<int*>(ws + lay.counters);
+  Params p = MakeParams(s, opt, lay, ws, s_final, q, k, v, g, beta, a_log, dt_bias, slot, initial_state,
+                        o->untyped_data(),
+                        s_final > 0 ? static_cast<float*>(final_state->untyped_data()) : nullptr);
   const int64_t init_bytes = s.has_initial_state ? static_cast<int64_t>(initial_state.size_bytes()) : 0;
   const int64_t final_bytes = static_cast<int64_t>(final_state->size_bytes());
   switch (dt) {
