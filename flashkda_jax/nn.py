@@ -47,7 +47,9 @@ Decoding: call with ``decode=True`` and a mutable ``cache`` collection. Each bat
 sequence that continues the row's cache: the last ``conv_size - 1`` inputs of each short convolution and
 the recurrent state ``[B, HV, K, Vd]`` (float32). Any number of new tokens per call (a prompt, then one
 token at a time); ``segment_ids`` then only marks padding (0) — the non-padding tokens of a row, in order,
-are the row's next tokens, wherever the padding is (left- or right-padded prompts both work)::
+are the row's next tokens, wherever the padding is (left- or right-padded prompts both work). Calls with
+at most ``DECODE_STEP_MAX_TOKENS`` new tokens and no ``segment_ids`` (the serving loop) run
+:func:`flashkda_jax.kda_decode`'s fused step, an inference op (not differentiable on the kernel paths)::
 
     variables = layer.init(key, x_prompt, decode=True)        # params + zero cache for B rows
     y, upd = layer.apply(variables, x_prompt, decode=True, mutable=["cache"])
@@ -65,6 +67,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flashkda_jax import decode as _decode
 from flashkda_jax import ops as _ops
 from flashkda_jax import segments as _segments
 
@@ -79,6 +82,9 @@ GATES = ("softplus", "bounded")
 # mesh axes with ``nn.logical_axis_rules``. Every "heads" dim is a flattened (head, channel) dim, so sharding
 # it n ways splits whole heads when n divides num_heads (GVA groups stay on one device).
 EMBED, HEADS, BATCH = "embed", "heads", "batch"
+
+# decode=True calls with at most this many new tokens per row (and no padding) use kda_decode's fused step.
+DECODE_STEP_MAX_TOKENS = 8
 
 
 def _err(msg: str) -> ValueError:
@@ -441,7 +447,11 @@ class KimiDeltaAttention(nn.Module):
                       implementation=self.implementation)
         if decode:
             state = rec.value
-            if kda_seg is not None:
+            if kda_seg is None and T <= DECODE_STEP_MAX_TOKENS and q.dtype != jnp.float64:
+                # A few new tokens per row and no padding (the serving loop): the fused decode step, which
+                # reads and writes each state once. Longer prompts take the chunked kernel below.
+                o, fin = _decode.kda_decode(q, k, v, g, beta, state, **common)
+            elif kda_seg is not None:
                 o, fin = _ops.kda(q, k, v, g, beta, segment_ids=kda_seg, max_segments=1,
                                   initial_state=state[:, None], return_final_state=True, **common)
                 fin = fin[:, 0]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from flashkda_jax import available_implementations
-from flashkda_jax.nn import KimiDeltaAttention, short_conv
+from flashkda_jax.nn import DECODE_STEP_MAX_TOKENS, KimiDeltaAttention, short_conv
 
 HIDDEN = 24
 # implementation=None: the compiled kernel where this install has one (else the pure-JAX program);
@@ -199,6 +199,10 @@ def test_decode_equals_full_pass(gate):
     # prefill 7 tokens, then one at a time (also a prefill split in two)
     y, cache = _decode_run(layer, params, x, None, [7] + [1] * 6)
     assert _rel(y, full) < 1e-5
+    # A prefill longer than DECODE_STEP_MAX_TOKENS takes the chunked kernel, the steps the fused decode op.
+    long_prefill = DECODE_STEP_MAX_TOKENS + 2
+    y2, _ = _decode_run(layer, params, x, None, [long_prefill] + [1] * (T - long_prefill))
+    assert _rel(y2, full) < 1e-5
     assert cache["recurrent_state"].shape == (B, 4, 8, 4)
     assert cache["conv_state_q"].shape == (B, 3, 16)
 
