@@ -21,6 +21,31 @@ __all__ = ["kda_recurrent", "kda_chunked", "recurrent_core", "chunked_core"]
 _HI = jax.lax.Precision.HIGHEST
 
 
+def _varying_axes(x) -> set:
+    """The manual mesh axes x varies over inside shard_map (empty elsewhere); jax spells it .vma or
+    .manual_axis_type.varying depending on the version."""
+    t = jax.typeof(x)
+    if hasattr(t, "vma"):
+        return set(t.vma)
+    return set(getattr(getattr(t, "manual_axis_type", None), "varying", ()) or ())
+
+
+def _vary_like(carry, *refs):
+    """Inside shard_map a scan's carry must vary over the same manual mesh axes as the values its body
+    mixes in: cast freshly made initial carries to the union of refs' varying axes (no-op elsewhere)."""
+    axes = set()
+    for r in jax.tree.leaves(refs):
+        axes |= _varying_axes(r)
+    if not axes:
+        return carry
+
+    def cast(x):
+        missing = tuple(sorted(axes - _varying_axes(x)))
+        return jax.lax.pcast(x, missing, to="varying") if missing else x
+
+    return jax.tree.map(cast, carry)
+
+
 def _to_kv(state, opts):
     return state if state is None or not opts.state_vk else jnp.swapaxes(state, -1, -2)
 
@@ -69,7 +94,8 @@ def recurrent_core(core: _inputs.CoreInputs, opts: _inputs.KdaOptions):
     xs = tuple(map(tm, (q, k, v, g, beta, slot, starts, ends)))
     state0 = jnp.zeros((B, HV, K, V), cdt)
     finals0 = init if opts.return_final_state else jnp.zeros((0,), cdt)
-    (_, finals), o = jax.lax.scan(step, (state0, finals0), xs)
+    carry0 = _vary_like((state0, finals0), q, k, v, g, beta, slot, init)
+    (_, finals), o = jax.lax.scan(step, carry0, xs)
     o = jnp.moveaxis(o, 0, 1).astype(core.v.dtype)
     return o, (_from_kv(finals, opts) if opts.return_final_state else None)
 
@@ -92,7 +118,7 @@ def _inverse_by_substitution(a):
         xi = eye[i] - jnp.einsum("...j,...jn->...n", a[..., i, :], x, precision=_HI)
         return x.at[..., i, :].set(xi)
 
-    return jax.lax.fori_loop(0, C, row, jnp.zeros_like(a))
+    return jax.lax.fori_loop(0, C, row, _vary_like(jnp.zeros_like(a), a))
 
 
 def _inverse_by_trsm(a):
@@ -229,7 +255,8 @@ def chunked_core(core: _inputs.CoreInputs, opts: _inputs.KdaOptions, chunk_size:
     state0 = jnp.zeros((B, HV, K, V), cdt)
     sid0 = jnp.full((B,), -1, jnp.int32)
     finals0 = init if opts.return_final_state else jnp.zeros((0,), cdt)
-    (_, _, finals), o = jax.lax.scan(body, (state0, sid0, finals0), (qc, kc, vc, gc, bc, sc, ec))
+    carry0 = _vary_like((state0, sid0, finals0), q, k, v, g, beta, slot, init)
+    (_, _, finals), o = jax.lax.scan(body, carry0, (qc, kc, vc, gc, bc, sc, ec))
     # o: [N, B, HV, C, V] -> [B, T, HV, V]
     o = jnp.moveaxis(o, 0, 1)                 # [B, N, HV, C, V]
     o = jnp.moveaxis(o, 2, 3).reshape(B, N * C, HV, V)[:, :T]

@@ -452,11 +452,22 @@ def _unfold(y, n):
     return None if y is None else y.reshape((n, y.shape[0] // n) + y.shape[1:])
 
 
+def _inside_shard_map() -> bool:
+    """True while tracing the body of a shard_map (mesh axes manual): the op is already per device there."""
+    am = jax.sharding.get_abstract_mesh()
+    return am is not None and not am.empty and bool(am.manual_axes)
+
+
 @functools.lru_cache(maxsize=None)
 def _vmappable(kind, opts, impl):
     op = _fwd_op if kind == "fwd" else _bwd_op
+    body = _fwd_body if kind == "fwd" else _bwd_body
 
     def fn(*xs):
+        if _inside_shard_map():
+            # Per device already: no custom_partitioning. FFI results carry no varying axes; give them the
+            # inputs' (core() made every input vary over the same axes).
+            return _reference._vary_like(body(opts, impl, *xs), xs)
         return op(opts, impl, *xs)
 
     f = custom_vmap(fn)
@@ -507,6 +518,10 @@ def core(c: _inputs.CoreInputs, opts: _inputs.KdaOptions, impl: str):
     a_rows = jnp.broadcast_to(c.a_log.astype(jnp.float32), (B,) + c.a_log.shape)
     dt_rows = jnp.broadcast_to(c.dt_bias.astype(jnp.float32), (B,) + c.dt_bias.shape)
     args = (c.q, c.k, c.v, c.g, c.beta, a_rows, dt_rows, c.slot, c.initial_state)
+    if _inside_shard_map():
+        # Every operand varies over the same manual axes, so each cotangent matches its primal; the
+        # transpose of this cast sums the gradients of replicated inputs (A_log, dt_bias) over devices.
+        args = _reference._vary_like(args, args)
     o, fin = _sharded_core(args, opts, impl)
     return o, (fin if opts.return_final_state else None)
 

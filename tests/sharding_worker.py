@@ -166,6 +166,37 @@ def run_layer_case(devs, impl="xla"):
     return dict(errors=errors, collectives=collectives(hlo), o_sharding=heads_sharded, T=T)
 
 
+def run_shard_map_case(devs, impl="xla"):
+    """kda and its gradients inside shard_map (every mesh axis manual): each device runs its own rows;
+    the replicated gate parameters' gradients are summed over devices by the transpose."""
+    mesh = Mesh(devs, ("dp",))
+    B, T, H, HV = 8, T_GLOBAL, 2, 4
+    p = problem(11, B, T, H, HV)
+    seg = segments_crossing(B, T, 8)
+    args = (p["q"], p["k"], p["v"], p["g"], p["beta"], p["A"], p["dt"], seg, p["wo"])
+
+    def loss(q, k, v, g, beta, A, dt, seg, wo):
+        o, _ = F.kda(q, k, v, g, beta, gate="softplus", A_log=A, dt_bias=dt, segment_ids=seg,
+                     implementation=impl)
+        return jnp.sum(o * wo)
+
+    grad = jax.value_and_grad(loss, argnums=tuple(range(7)))
+
+    def per_device(*a):
+        val, gs = grad(*a)
+        return jax.lax.psum(val, "dp"), gs
+
+    rows, rep = P("dp"), P()
+    fn = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(rows,) * 5 + (rep, rep, rows, rows),
+                               out_specs=(rep, (rows,) * 5 + (rep, rep))))
+    val, gs = fn(*args)
+    val_r, gr = jax.jit(grad)(*args)
+    errors = {"loss": rel_err(val, val_r)}
+    for nm, a, b in zip(("dq", "dk", "dv", "dg", "dbeta", "dA_log", "ddt_bias"), gs, gr):
+        errors[nm] = rel_err(a, b)
+    return dict(errors=errors, collectives=collectives(fn.lower(*args).compile().as_text()), o_sharding="", T=T)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--impl", default="xla")
@@ -194,6 +225,8 @@ def main():
         try:
             if name == "layer":
                 res = run_layer_case(devs, impl=a.impl)
+            elif name == "shard_map":
+                res = run_shard_map_case(devs, impl=a.impl)
             else:
                 (axes, shape), specs, dims, cp = cases[name]
                 mesh = Mesh(devs[: int(np.prod(shape))].reshape(shape), axes)

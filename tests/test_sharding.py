@@ -21,7 +21,7 @@ import flashkda_jax as F
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 T_GLOBAL = 64
-CASES = ("batch", "heads", "batch_heads", "context", "data_context", "layer")
+CASES = ("batch", "heads", "batch_heads", "context", "data_context", "layer", "shard_map")
 TOL = 2e-5  # fp32; context parallelism reassociates the state sums
 
 
@@ -79,6 +79,13 @@ def test_context_parallel_moves_only_state_maps(reports, case):
             assert len(dims) == 5 and dims[-2] == 16 and dims[-1] in (16, 8), (case, op, dims)  # [n,B,HV,K,K|V]
 
 
+def test_inside_shard_map(reports):
+    """kda with its gradients inside shard_map over 8 devices (each its own rows) == the plain call."""
+    r = _get(reports, "shard_map")
+    bad = {k: v for k, v in r["errors"].items() if not v < TOL}
+    assert not bad, bad
+
+
 def test_flax_layer_shards_by_logical_axes_with_context_parallelism(reports):
     """KimiDeltaAttention with params placed by their logical names (heads -> "model") and x sharded over
     (batch, sequence) with context_parallel_axis: the sequence is never gathered."""
@@ -133,3 +140,34 @@ def test_context_parallel_axis_on_one_device_is_a_no_op():
         with pytest.raises(ValueError, match="not an axis of the mesh"):
             F.kda(q, k, v, g, beta, implementation="xla", context_parallel_axis="sp")
     np.testing.assert_allclose(o, o_ref, rtol=1e-6, atol=1e-6)
+
+
+
+@pytest.mark.parametrize("impl", ["cpu", "xla"])
+def test_ffi_and_xla_inside_shard_map_one_device(impl):
+    """The FFI call's results carry no varying axes: inside shard_map they must still type-check, and the
+    replicated A_log / dt_bias get their gradients (the multi-device version runs in the worker)."""
+    if impl not in F.available_implementations():
+        pytest.skip(f"{impl} not built")
+    q, k, v, g, beta = _small()
+    A = jnp.asarray([0.3, -0.2, 0.1, 0.4])
+    dt = jnp.linspace(-0.5, 0.5, 4 * 8).reshape(4, 8)
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("dp",))
+    P = jax.sharding.PartitionSpec
+
+    def loss(q, g, A, dt):
+        return jnp.sum(F.kda(q, k, v, g, beta, gate="softplus", A_log=A, dt_bias=dt, implementation=impl)[0] ** 2)
+
+    grad = jax.value_and_grad(loss, argnums=(0, 1, 2, 3))
+
+    def per_device(*a):
+        val, gs = grad(*a)
+        return jax.lax.psum(val, "dp"), gs
+
+    sm = jax.shard_map(per_device, mesh=mesh, in_specs=(P("dp"), P("dp"), P(), P()),
+                       out_specs=(P(), (P("dp"), P("dp"), P(), P())))
+    val, gs = jax.jit(sm)(q, g, A, dt)
+    val_r, gr = grad(q, g, A, dt)
+    np.testing.assert_allclose(val, val_r, rtol=1e-5)
+    for a, b in zip(gs, gr):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
