@@ -11,10 +11,14 @@ runs everywhere else.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
+from jax.custom_batching import custom_vmap
+from jax.experimental.custom_partitioning import custom_partitioning
 
+from flashkda_jax import _decode_sharding
 from flashkda_jax import _dispatch
 from flashkda_jax import _ffi
 from flashkda_jax import _inputs
@@ -96,14 +100,51 @@ def _select(implementation, core) -> str:
     return _dispatch.select("kda_decode", implementation, _platform(), lambda: _cuda_supports(core))
 
 
-def _ffi_decode(core, state, indices, opts):
-    out_types = (jax.ShapeDtypeStruct(core.v.shape, core.v.dtype),
-                 jax.ShapeDtypeStruct(state.shape, state.dtype))
-    idx = jnp.zeros((0,), jnp.int32) if indices is None else indices
+def _decode_call(opts, has_idx, q, k, v, g, beta, a_log, dt_bias, *rest):
+    """The FFI call on (per-device) arrays; rest = (indices, state) or (state,)."""
+    idx, state = rest if has_idx else (jnp.zeros((0,), jnp.int32), rest[0])
+    out_types = (jax.ShapeDtypeStruct(v.shape, v.dtype), jax.ShapeDtypeStruct(state.shape, state.dtype))
     call = jax.ffi.ffi_call(_ffi.DECODE_TARGET, out_types, vmap_method="broadcast_all",
                             input_output_aliases={8: 1})
-    return call(core.q, core.k, core.v, core.g, core.beta, core.a_log, core.dt_bias, idx, state,
-                **opts.ffi_attrs())
+    return call(q, k, v, g, beta, a_log, dt_bias, idx, state, **opts.ffi_attrs())
+
+
+def _ffi_decode(core, state, indices, opts):
+    args = (core.q, core.k, core.v, core.g, core.beta, core.a_log, core.dt_bias)
+    args += (state,) if indices is None else (indices, state)
+    return _decode_vmappable(opts, indices is not None)(*args)
+
+
+def _decode_rule(opts, has_idx, mesh, operand_types, result_types):
+    del mesh, result_types
+    return _decode_sharding.rule(opts, has_idx, operand_types)
+
+
+def _decode_partition(opts, has_idx, mesh, arg_shapes, result_shape):
+    return _decode_sharding.partition(opts, has_idx, mesh, arg_shapes, result_shape,
+                                      functools.partial(_decode_call, opts, has_idx))
+
+
+# Partitionable under jit: batch (dense states) and heads (GVA groups together) split with no
+# communication (flashkda_jax/_decode_sharding.py).
+_decode_op = custom_partitioning(_decode_call, static_argnums=(0, 1))
+_decode_op.def_partition(partition=_decode_partition, sharding_rule=_decode_rule)
+
+
+@functools.lru_cache(maxsize=None)
+def _decode_vmappable(opts, has_idx):
+    """custom_partitioning has no batching rule: under vmap, the FFI call takes the mapped axes as its
+    leading dims itself (broadcast_all), unpartitioned."""
+    f = custom_vmap(lambda *xs: _decode_op(opts, has_idx, *xs))
+
+    @f.def_vmap
+    def rule(axis_size, in_batched, *xs):
+        del axis_size
+        axes = [0 if bt else None for bt in in_batched]
+        out = jax.vmap(functools.partial(_decode_call, opts, has_idx), in_axes=axes)(*xs)
+        return out, (True, True)
+
+    return f
 
 
 def _xla_decode(core, state, indices, opts):

@@ -21,7 +21,7 @@ import flashkda_jax as F
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 T_GLOBAL = 64
-CASES = ("batch", "heads", "batch_heads", "context", "data_context", "layer", "shard_map")
+CASES = ("batch", "heads", "batch_heads", "context", "data_context", "layer", "shard_map", "decode")
 TOL = 2e-5  # fp32; context parallelism reassociates the state sums
 
 
@@ -77,6 +77,15 @@ def test_context_parallel_moves_only_state_maps(reports, case):
         assert T_GLOBAL not in dims, (case, op, dt, dims)           # no gathered sequence of q/k/v/g
         if op in ("all-gather", "reduce-scatter"):
             assert len(dims) == 5 and dims[-2] == 16 and dims[-1] in (16, 8), (case, op, dims)  # [n,B,HV,K,K|V]
+
+
+def test_decode_partitions_without_communication(reports):
+    """kda_decode (C++ kernel) with dense states split over rows and heads, and with a pool split over
+    heads: same outputs and states as one device, the new state stays sharded, no collective at all."""
+    r = _get(reports, "decode")
+    bad = {k: v for k, v in r["errors"].items() if not v < TOL}
+    assert not bad, bad
+    assert r["collectives"] == [], r["collectives"]
 
 
 def test_inside_shard_map(reports):
