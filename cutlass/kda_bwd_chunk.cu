@@ -3,6 +3,9 @@
 #include "kda_bwd_common.cuh"
 #include "kda_fwd_launch.h"
 
+#include <cstdlib>
+#include <cstring>
+
 namespace flashkda {
 namespace bwd {
 namespace {
@@ -469,6 +472,478 @@ __global__ void __launch_bounds__(kThreads, 1) Grad2Kernel(Params P) {
   }
 }
 
+// ------------------------------------------------------------------------------------------------------
+// grad2 v2 (FLASHKDA_BWD_GRAD2=v2): grad2 with the decay products factored by 16x16 blocks, as in the forward
+// prep's A_kk / A_qk (tests/test_bwd_algorithm.py: decay_product_factored / decay_product_grad_factored).
+// Block (I, J), J <= I, takes a reference row r (off-diagonal: the last row of J, both factors <= 1;
+// diagonal: row 7 of the block when max_c (G_first - G_last) <= 80, else exact pairwise decays), so that
+//   M_IJ = Xr_I Yr_J^T,  dx_I += exp(G_I - G_r) o (dM_IJ Yr_J),  dy_J += exp(G_r - G_J) o (dM_IJ^T Xr_I)
+// with Xr = x exp(G - G_r), Yr = y exp(G_r - G): bf16 tensor-core products, fp32 accumulation and scaling.
+// Everything else is the default kernel's.
+// ------------------------------------------------------------------------------------------------------
+
+// Whether diagonal block I takes the factored path: its decay range stays within e^80 (whole warp).
+template <int K>
+__device__ __forceinline__ bool DiagFastV2(const float* sG, int GP, int I, int lane) {
+  float m = 0.f;
+  for (int c = lane; c < K; c += 32) m = fmaxf(m, sG[(16 * I) * GP + c] - sG[(16 * I + 15) * GP + c]);
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+  return m <= 80.f;
+}
+
+// Gradients of the decay products M = sum_c x_ic y_jc exp(G_ic - G_jc) (j <= i) from dM (sB, f32, pitch BP;
+// zero where j > i, and on the diagonal when strict): dx and dy, handed per element to onx(i, c, dx) and
+// ony(j, c, dy). Warp w owns the rows of block Q = w & 3 and the channels of half w >> 2 of K, for dx (over
+// J <= Q) and for dy (over I >= Q): no two warps touch the same (row, channel).
+template <int K, int BP, typename FX, typename FY>
+__device__ __forceinline__ void DecayGradV2(const float* sB, const float* sG, int GP, const float* x, int xp,
+                                            const float* y, int yp, int warp, int lane, FX onx, FY ony) {
+  constexpr int NT = K / 16;  // n-tiles of 8 channels in a half
+  const int Q = warp & 3, c0 = (warp >> 2) * (K / 2);
+  const int gr = lane >> 2, t4 = lane & 3;
+  const bool dfast = DiagFastV2<K>(sG, GP, Q, lane);
+  float acc[NT][4];
+  // ---- dx of rows in block Q: sum over column blocks J <= Q ----
+#pragma unroll
+  for (int n = 0; n < NT; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[n][e] = 0.f;
+  for (int J = 0; J <= Q; ++J) {
+    const bool diag = J == Q;
+    if (diag && !dfast) {  // exact pairwise decays
+#pragma unroll
+      for (int n = 0; n < NT; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int i = 16 * Q + gr + 8 * (e >> 1), c = c0 + 8 * n + 2 * t4 + (e & 1);
+          const float gi = sG[i * GP + c];
+          float s = 0.f;
+          for (int j = 16 * Q; j <= i; ++j) s = fmaf(sB[i * BP + j] * y[j * yp + c], __expf(gi - sG[j * GP + c]), s);
+          acc[n][e] += s;
+        }
+      continue;
+    }
+    const int r = diag ? 16 * Q + 7 : 16 * J + 15;
+    uint32_t a[4];
+#pragma unroll
+    for (int m = 0; m < 4; ++m) {
+      const int i = 16 * Q + gr + 8 * (m & 1), j = 16 * J + 2 * t4 + 8 * (m >> 1);
+      a[m] = fwd::PackBF16(sB[i * BP + j], sB[i * BP + j + 1]);
+    }
+#pragma unroll
+    for (int n = 0; n < NT; ++n) {
+      uint32_t bb[2];
+      {
+        const int c = c0 + 8 * n + gr;
+        const float grc = sG[r * GP + c];
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+          const int j = 16 * J + 2 * t4 + 8 * hh;
+          bb[hh] = fwd::PackBF16(y[j * yp + c] * __expf(grc - sG[j * GP + c]),
+                                 y[(j + 1) * yp + c] * __expf(grc - sG[(j + 1) * GP + c]));
+        }
+      }
+      float t[4] = {0.f, 0.f, 0.f, 0.f};
+      fwd::Mma(t, a, bb[0], bb[1]);
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int i = 16 * Q + gr + 8 * (e >> 1), c = c0 + 8 * n + 2 * t4 + (e & 1);
+        acc[n][e] = fmaf(__expf(sG[i * GP + c] - sG[r * GP + c]), t[e], acc[n][e]);
+      }
+    }
+  }
+#pragma unroll
+  for (int n = 0; n < NT; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) onx(16 * Q + gr + 8 * (e >> 1), c0 + 8 * n + 2 * t4 + (e & 1), acc[n][e]);
+  // ---- dy of rows (columns of M) in block Q: sum over row blocks I >= Q ----
+#pragma unroll
+  for (int n = 0; n < NT; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[n][e] = 0.f;
+  for (int I = Q; I < 4; ++I) {
+    const bool diag = I == Q;
+    if (diag && !dfast) {
+#pragma unroll
+      for (int n = 0; n < NT; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int j = 16 * Q + gr + 8 * (e >> 1), c = c0 + 8 * n + 2 * t4 + (e & 1);
+          const float gj = sG[j * GP + c];
+          float s = 0.f;
+          for (int i = j; i < 16 * Q + 16; ++i) s = fmaf(sB[i * BP + j] * x[i * xp + c], __expf(sG[i * GP + c] - gj), s);
+          acc[n][e] += s;
+        }
+      continue;
+    }
+    const int r = diag ? 16 * Q + 7 : 16 * Q + 15;
+    uint32_t a[4];  // dM^T: rows j of block Q, k = rows i of block I
+#pragma unroll
+    for (int m = 0; m < 4; ++m) {
+      const int j = 16 * Q + gr + 8 * (m & 1), i = 16 * I + 2 * t4 + 8 * (m >> 1);
+      a[m] = fwd::PackBF16(sB[i * BP + j], sB[(i + 1) * BP + j]);
+    }
+#pragma unroll
+    for (int n = 0; n < NT; ++n) {
+      uint32_t bb[2];
+      {
+        const int c = c0 + 8 * n + gr;
+        const float grc = sG[r * GP + c];
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+          const int i = 16 * I + 2 * t4 + 8 * hh;
+          bb[hh] = fwd::PackBF16(x[i * xp + c] * __expf(sG[i * GP + c] - grc),
+                                 x[(i + 1) * xp + c] * __expf(sG[(i + 1) * GP + c] - grc));
+        }
+      }
+      float t[4] = {0.f, 0.f, 0.f, 0.f};
+      fwd::Mma(t, a, bb[0], bb[1]);
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int j = 16 * Q + gr + 8 * (e >> 1), c = c0 + 8 * n + 2 * t4 + (e & 1);
+        acc[n][e] = fmaf(__expf(sG[r * GP + c] - sG[j * GP + c]), t[e], acc[n][e]);
+      }
+    }
+  }
+#pragma unroll
+  for (int n = 0; n < NT; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) ony(16 * Q + gr + 8 * (e >> 1), c0 + 8 * n + 2 * t4 + (e & 1), acc[n][e]);
+}
+
+// B_kk[i][j] = sum_c k_ic k_jc exp(G_ic - G_jc) for j < i, 0 for j >= i inside the lower blocks (upper blocks
+// are not written: nothing reads them). Ten 16x16 block tasks over the warps, as in the forward prep.
+template <int K, int BP>
+__device__ __forceinline__ void BkkV2(float* sB, const float* sG, const float* sK, int GP, int warp, int lane) {
+  constexpr int kPI[6] = {1, 2, 3, 2, 3, 3}, kPJ[6] = {0, 0, 0, 1, 1, 2};
+  const int gr = lane >> 2, t4 = lane & 3;
+  for (int task = warp; task < 10; task += kThreads / 32) {
+    const bool diag = task >= 6;
+    const int I = diag ? task - 6 : kPI[task];
+    const int J = diag ? I : kPJ[task];
+    const int r = diag ? 16 * I + 7 : 16 * J + 15;
+    const bool fast = !diag || DiagFastV2<K>(sG, GP, I, lane);
+    if (fast) {
+      float acc[2][4];
+#pragma unroll
+      for (int n = 0; n < 2; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[n][e] = 0.f;
+#pragma unroll 2
+      for (int kk = 0; kk < K / 16; ++kk) {
+        uint32_t a[4];
+#pragma unroll
+        for (int m = 0; m < 4; ++m) {
+          const int i = 16 * I + gr + 8 * (m & 1);
+          const int c = kk * 16 + 2 * t4 + 8 * (m >> 1);
+          a[m] = fwd::PackBF16(sK[i * GP + c] * __expf(sG[i * GP + c] - sG[r * GP + c]),
+                               sK[i * GP + c + 1] * __expf(sG[i * GP + c + 1] - sG[r * GP + c + 1]));
+        }
+#pragma unroll
+        for (int n = 0; n < 2; ++n) {
+          const int j = 16 * J + 8 * n + gr;
+          uint32_t bb[2];
+#pragma unroll
+          for (int hh = 0; hh < 2; ++hh) {
+            const int c = kk * 16 + 2 * t4 + 8 * hh;
+            bb[hh] = fwd::PackBF16(sK[j * GP + c] * __expf(sG[r * GP + c] - sG[j * GP + c]),
+                                   sK[j * GP + c + 1] * __expf(sG[r * GP + c + 1] - sG[j * GP + c + 1]));
+          }
+          fwd::Mma(acc[n], a, bb[0], bb[1]);
+        }
+      }
+#pragma unroll
+      for (int n = 0; n < 2; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int row = 16 * I + gr + 8 * (e >> 1), col = 16 * J + 8 * n + 2 * t4 + (e & 1);
+          sB[row * BP + col] = (!diag || col < row) ? acc[n][e] : 0.f;
+        }
+    } else {
+      // Exact pairwise decays (strong gates): the 136 pairs j <= i of the block, one per warp step.
+      for (int q = 0; q < 136; ++q) {
+        int li = static_cast<int>((sqrtf(8.f * q + 1.f) - 1.f) * 0.5f);
+        while ((li + 1) * (li + 2) / 2 <= q) ++li;
+        while (li * (li + 1) / 2 > q) --li;
+        const int lj = q - li * (li + 1) / 2;
+        const int i = 16 * I + li, j = 16 * I + lj;
+        float s = 0.f;
+        if (i > j) {
+          for (int c = lane; c < K; c += 32) s = fmaf(sK[i * GP + c] * sK[j * GP + c], __expf(sG[i * GP + c] - sG[j * GP + c]), s);
+          s = fwd::WarpSum(s);
+        }
+        if (lane == 0) sB[i * BP + j] = s;
+      }
+    }
+  }
+}
+
+template <int K, typename TIn>
+__global__ void __launch_bounds__(kThreads, 1) Grad2V2Kernel(Params P) {
+  using SM = Grad2Smem<K>;
+  constexpr int C = kChunk, V = K, GP = SM::GP, BP = SM::BP, XP = SM::XP;
+  constexpr int PL = K / 32;  // channels per lane in row-per-warp steps
+  const fwd::Params& p = P.f;
+  extern __shared__ __align__(16) float smem[];
+  float* sG = smem;            // [C][GP] cumulative log-decay
+  float* sK = sG + C * GP;     // [C][GP] k (normalised)
+  float* sB = sK + C * GP;     // [C][BP] B_kk, then dB, then dA_qk
+  float* sX = sB + C * BP;     // [C][XP] W | U, then q (scaled, normalised) | dq
+  float* sY = sX + C * XP;     // [C][XP] dKb | dVb, then dk | dG
+  float* sBeta = sY + C * XP;  // [C]
+  float* sDb = sBeta + C;      // [C] d beta (effective)
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int HV = p.HV, H = p.H;
+  const int nitems = p.counters[0] * HV;
+  const TIn* gq = static_cast<const TIn*>(p.q);
+  const TIn* gk = static_cast<const TIn*>(p.k);
+  const TIn* gv = static_cast<const TIn*>(p.v);
+  const TIn* gg = static_cast<const TIn*>(p.g);
+  const TIn* gb = static_cast<const TIn*>(p.beta);
+  TIn* odv = static_cast<TIn*>(P.dv);
+  TIn* odg = static_cast<TIn*>(P.dg);
+  TIn* odb = static_cast<TIn*>(P.dbeta);
+  for (int it = blockIdx.x; it < nitems; it += gridDim.x) {
+    const int ci = it / HV, hv = it - ci * HV;
+    const int4 e = p.chunk_list[ci];
+    const int b = e.x, cs = e.y, se = e.z, s = e.w;
+    const int L = min(C, se - cs);
+    const int h = hv / p.group;
+    const size_t tb = (size_t)b * p.T + cs;
+    const float a_coef = (p.gate_mode == 1 || (p.gate_mode == 2 && p.use_a_log)) ? __expf(p.a_log[(size_t)b * HV + hv]) : 1.f;
+    const float* dtb = p.dt_bias + ((size_t)b * HV + hv) * K;
+    // Effective log-decay of the raw gate input x (before dt_bias).
+    auto gate = [&](float graw, int c) {
+      if (p.gate_mode == 0) return graw;
+      const float x = graw + dtb[c];
+      if (p.gate_mode == 1) return -a_coef * Softplus(x);
+      return p.lower_bound * Sigmoid(p.use_a_log ? a_coef * x : x);
+    };
+    __syncthreads();
+    // ---- 1. rows: k (l2norm), effective gate, effective beta ----
+    for (int r = warp; r < C; r += kThreads / 32) {
+      const bool ok = r < L;
+      float kv[PL];
+      float ss = 0.f;
+#pragma unroll
+      for (int u = 0; u < PL; ++u) {
+        kv[u] = ok ? fwd::ToF<TIn>(gk[((tb + r) * H + h) * K + lane + 32 * u]) : 0.f;
+        ss += kv[u] * kv[u];
+      }
+      const float ks = p.qk_l2norm ? rsqrtf(fwd::WarpSum(ss) + 1e-6f) : 1.f;
+#pragma unroll
+      for (int u = 0; u < PL; ++u) {
+        const int c = lane + 32 * u;
+        sK[r * GP + c] = kv[u] * ks;
+        sG[r * GP + c] = ok ? gate(fwd::ToF<TIn>(gg[((tb + r) * HV + hv) * K + c]), c) : 0.f;
+      }
+      if (lane == 0) {
+        float bb = ok ? fwd::ToF<TIn>(gb[(tb + r) * HV + hv]) : 0.f;
+        if (ok && p.beta_sigmoid) bb = Sigmoid(bb) * (p.allow_neg ? 2.f : 1.f);
+        sBeta[r] = bb;
+        sDb[r] = 0.f;
+      }
+    }
+    __syncthreads();
+    // ---- 2. G = inclusive cumsum (rows >= L have g = 0: G stays at G_{L-1}) ----
+    for (int c = tid; c < K; c += kThreads) {
+      float run = 0.f;
+      for (int r = 0; r < C; ++r) {
+        run += sG[r * GP + c];
+        sG[r * GP + c] = run;
+      }
+    }
+    __syncthreads();
+    // ---- 3. B_kk[i][j] = sum_c k_ic k_jc exp(G_ic - G_jc), j < i: factored 16x16 blocks (BkkV2) ----
+    BkkV2<K, BP>(sB, sG, sK, GP, warp, lane);
+    __syncthreads();
+    // ---- 4. W | U by forward substitution; dKb | dVb by back substitution (one column per thread) ----
+    for (int col = tid; col < K + V; col += kThreads) {
+      float x[C];
+#pragma unroll
+      for (int i = 0; i < C; ++i) {
+        float rhs = 0.f;
+        if (i < L) {
+          rhs = col < K ? __expf(sG[i * GP + col]) * sK[i * GP + col]
+                        : fwd::ToF<TIn>(gv[((tb + i) * HV + hv) * V + col - K]);
+        }
+        x[i] = sBeta[i] * rhs;
+      }
+      // Right-looking: x_i -= beta_i B_ij x_j for i > j, once x_j is final.
+#pragma unroll
+      for (int j = 0; j < C - 1; ++j) {
+        const float xj = x[j];
+#pragma unroll
+        for (int i = j + 1; i < C; ++i) x[i] = fmaf(-sBeta[i] * sB[i * BP + j], xj, x[i]);
+      }
+#pragma unroll
+      for (int i = 0; i < C; ++i) sX[i * XP + col] = x[i];
+      const float* src = col < K ? P.sW + col : P.sU + (col - K);
+      const int width = col < K ? K : V;
+#pragma unroll
+      for (int i = 0; i < C; ++i) x[i] = i < L ? src[((tb + i) * HV + hv) * width] : 0.f;
+      // Right-looking back substitution: y_i -= beta_j B_ji y_j for i < j, once y_j is final.
+#pragma unroll
+      for (int j = C - 1; j > 0; --j) {
+        const float yj = x[j] * sBeta[j];
+#pragma unroll
+        for (int i = 0; i < j; ++i) x[i] = fmaf(-sB[j * BP + i], yj, x[i]);
+      }
+#pragma unroll
+      for (int i = 0; i < C; ++i) sY[i * XP + col] = x[i];
+    }
+    __syncthreads();
+    // ---- 5. dA = -strict_tril(dKb W^T + dVb U^T); dbeta += rowsum(dA * B); dB = diag(beta) dA (in place) ----
+    {
+      const int i = tid >> 2, q4 = tid & 3;
+      float db = 0.f;
+      for (int j = q4; j < i; j += 4) {
+        float acc = 0.f;
+        for (int c = 0; c < K + V; ++c) acc = fmaf(sY[i * XP + c], sX[j * XP + c], acc);
+        const float da = -acc;
+        db = fmaf(da, sB[i * BP + j], db);
+        sB[i * BP + j] = sBeta[i] * da;
+      }
+      db += __shfl_xor_sync(0xffffffffu, db, 1);
+      db += __shfl_xor_sync(0xffffffffu, db, 2);
+      if (q4 == 0) sDb[i] += db;
+    }
+    __syncthreads();
+    // ---- 6. Vb = beta v, Kb = beta e^G k terms; q into sX; dk | dG into sY ----
+    for (int r = warp; r < C; r += kThreads / 32) {
+      const bool ok = r < L;
+      const float bt = sBeta[r];
+      float db = 0.f, qv[PL], sq = 0.f;
+#pragma unroll
+      for (int u = 0; u < PL; ++u) {
+        const int c = lane + 32 * u;
+        const float dvb = sY[r * XP + K + c];
+        const float dkb = sY[r * XP + c];
+        const float eg = __expf(sG[r * GP + c]);
+        const float kc = sK[r * GP + c];
+        if (ok) {
+          const size_t o = ((tb + r) * HV + hv) * V + c;
+          db = fmaf(fwd::ToF<TIn>(gv[o]), dvb, db);
+          odv[o] = fwd::FromF<TIn>(bt * dvb);
+        }
+        db = fmaf(eg * kc, dkb, db);
+        sY[r * XP + c] = bt * eg * dkb;           // dk
+        sY[r * XP + K + c] = bt * eg * kc * dkb;  // dG
+        qv[u] = ok ? fwd::ToF<TIn>(gq[((tb + r) * H + h) * K + c]) : 0.f;
+        sq += qv[u] * qv[u];
+      }
+      db = fwd::WarpSum(db);
+      const float qs = p.scale * (p.qk_l2norm ? rsqrtf(fwd::WarpSum(sq) + 1e-6f) : 1.f);
+#pragma unroll
+      for (int u = 0; u < PL; ++u) {
+        const int c = lane + 32 * u;
+        sX[r * XP + c] = qv[u] * qs;   // q
+        sX[r * XP + K + c] = 0.f;      // dq
+      }
+      if (lane == 0) sDb[r] += db;
+    }
+    __syncthreads();
+    // ---- 7a. B_kk = decay product (k, k), strict: dk += dx + dy, dG += k dx - k dy (factored) ----
+    DecayGradV2<K, BP>(
+        sB, sG, GP, sK, GP, sK, GP, warp, lane,
+        [&](int i, int c, float dx) {
+          sY[i * XP + c] += dx;
+          sY[i * XP + K + c] += sK[i * GP + c] * dx;
+        },
+        [&](int j, int c, float dy) {
+          sY[j * XP + c] += dy;
+          sY[j * XP + K + c] -= sK[j * GP + c] * dy;
+        });
+    __syncthreads();
+    for (int idx = tid; idx < C * C; idx += kThreads) {
+      const int r = idx / C, c = idx % C;
+      sB[r * BP + c] = r < L ? P.sA[((tb + r) * HV + hv) * C + c] : 0.f;
+    }
+    __syncthreads();
+    // ---- 7b. A_qk = decay product (q, k), lower incl. diagonal: dq += dx, dk += dy, dG += q dx - k dy ----
+    DecayGradV2<K, BP>(
+        sB, sG, GP, sX, XP, sK, GP, warp, lane,
+        [&](int i, int c, float dx) {
+          sX[i * XP + K + c] += dx;
+          sY[i * XP + K + c] += sX[i * XP + c] * dx;
+        },
+        [&](int j, int c, float dy) {
+          sY[j * XP + c] += dy;
+          sY[j * XP + K + c] -= sK[j * GP + c] * dy;
+        });
+    __syncthreads();
+    // ---- 8. Qg = e^G q, Kd = e^(G_last - G) k ----
+    const float* gl = sG + (C - 1) * GP;
+    for (int idx = tid; idx < L * K; idx += kThreads) {
+      const int r = idx / K, c = idx % K;
+      const size_t o = ((tb + r) * HV + hv) * K + c;
+      const float eg = __expf(sG[r * GP + c]), dec = __expf(gl[c] - sG[r * GP + c]);
+      const float dqg = P.sQg[o], dkd = P.sKd[o];
+      sX[r * XP + K + c] += eg * dqg;
+      sY[r * XP + K + c] += eg * sX[r * XP + c] * dqg - dec * sK[r * GP + c] * dkd;
+      sY[r * XP + c] += dec * dkd;
+    }
+    __syncthreads();
+    // G_last collects sum_i Kd_i dKd_i + gamma dgamma.
+    {
+      const int gidx = GammaIndex(p, cs, se, s);
+      for (int c = tid; c < K; c += kThreads) {
+        float acc = gidx >= 0 ? __expf(gl[c]) * P.dgam[(((size_t)b * p.NG + gidx) * HV + hv) * K + c] : 0.f;
+        for (int r = 0; r < L; ++r) {
+          acc = fmaf(__expf(gl[c] - sG[r * GP + c]) * sK[r * GP + c], P.sKd[((tb + r) * HV + hv) * K + c], acc);
+        }
+        // ---- 9. reverse cumsum of dG inside the chunk (this thread owns channel c) ----
+        float run = acc;
+        for (int r = L - 1; r >= 0; --r) {
+          run += sY[r * XP + K + c];
+          sY[r * XP + K + c] = run;
+        }
+      }
+    }
+    __syncthreads();
+    // ---- 10. outputs: dg (gate chain), gate-parameter terms, dbeta, dq / dk (effective) ----
+    for (int r = warp; r < L; r += kThreads / 32) {
+      const size_t tok = tb + r;
+      float da = 0.f;
+#pragma unroll
+      for (int u = 0; u < PL; ++u) {
+        const int c = lane + 32 * u;
+        const size_t o = (tok * HV + hv) * K + c;
+        const float dge = sY[r * XP + K + c];
+        float dgr = dge;
+        if (p.gate_mode != 0) {
+          const float x = fwd::ToF<TIn>(gg[o]) + dtb[c];
+          if (p.gate_mode == 1) {
+            dgr = -a_coef * Sigmoid(x) * dge;
+            da = fmaf(dge, -a_coef * Softplus(x), da);
+          } else {
+            const float z = p.use_a_log ? a_coef * x : x;
+            const float sg = Sigmoid(z);
+            const float dz = p.lower_bound * sg * (1.f - sg) * dge;
+            dgr = p.use_a_log ? a_coef * dz : dz;
+            if (p.use_a_log) da = fmaf(dz, z, da);
+          }
+          P.sW[o] = dgr;
+        }
+        odg[o] = fwd::FromF<TIn>(dgr);
+        P.sQg[o] = sX[r * XP + K + c];
+        P.sKd[o] = sY[r * XP + c];
+      }
+      da = fwd::WarpSum(da);
+      if (lane == 0) {
+        P.sDa[tok * HV + hv] = da;
+        float db = sDb[r];
+        if (p.beta_sigmoid) {
+          const float sg = Sigmoid(fwd::ToF<TIn>(gb[tok * HV + hv]));
+          db *= (p.allow_neg ? 2.f : 1.f) * sg * (1.f - sg);
+        }
+        odb[tok * HV + hv] = fwd::FromF<TIn>(db);
+      }
+    }
+  }
+}
+
 }  // namespace
 
 template <typename TIn>
@@ -481,9 +956,28 @@ cudaError_t LaunchGrad1(const Params& p, cudaStream_t stream, int nsm) {
   }
 }
 
+namespace {
+// FLASHKDA_BWD_GRAD2=v2 selects Grad2V2Kernel (factored decay products on tensor cores); unset or anything
+// else keeps the default Grad2Kernel. Read once per process, at the first launch.
+bool Grad2V2Selected() {
+  static const bool on = [] {
+    const char* s = std::getenv("FLASHKDA_BWD_GRAD2");
+    return s != nullptr && std::strcmp(s, "v2") == 0;
+  }();
+  return on;
+}
+}  // namespace
+
 template <typename TIn>
 cudaError_t LaunchGrad2(const Params& p, cudaStream_t stream, int nsm) {
   const long long items = static_cast<long long>(p.f.B) * p.f.T * p.f.HV;
+  if (Grad2V2Selected()) {
+    switch (p.f.K) {
+      case 64: return fwd::LaunchGrid(Grad2V2Kernel<64, TIn>, Grad2Smem<64>::Bytes(), items, 4, p, stream, nsm);
+      case 128: return fwd::LaunchGrid(Grad2V2Kernel<128, TIn>, Grad2Smem<128>::Bytes(), items, 4, p, stream, nsm);
+      default: return cudaErrorInvalidValue;
+    }
+  }
   switch (p.f.K) {
     case 64: return fwd::LaunchGrid(Grad2Kernel<64, TIn>, Grad2Smem<64>::Bytes(), items, 4, p, stream, nsm);
     case 128: return fwd::LaunchGrid(Grad2Kernel<128, TIn>, Grad2Smem<128>::Bytes(), items, 4, p, stream, nsm);

@@ -101,6 +101,78 @@ def decay_product_grad(dM, x, y, E):
     return dx, dy, x * dx - y * dy
 
 
+# The factored decay products of grad2 v2 (FLASHKDA_BWD_GRAD2=v2; the forward prep's A_kk / A_qk scheme): the
+# chunk splits into blocks of BS rows; block (I, J), J <= I, takes a reference row r and
+#   M_IJ = Xr_I Yr_J^T,  Xr_ic = x_ic exp(G_ic - G_rc),  Yr_jc = y_jc exp(G_rc - G_jc)
+# off-diagonal (J < I): r = last row of J, so both factors are <= 1; diagonal: r = row BS/2 - 1 of the block
+# when the block's decay range max_c (G_first - G_last) <= FAST_RANGE (factors within e^+-80), else the exact
+# pairwise exp(G_i - G_j). The gradients factor the same way, block by block:
+#   dx_I += exp(G_I - G_r) o (dM_IJ Yr_J),  dy_J += exp(G_r - G_J) o (dM_IJ^T Xr_I),  dG = x o dx - y o dy
+# (G_r cancels). dM must vanish where j > i (j >= i when strict): the fast diagonal path does not mask it.
+FAST_RANGE = 80.0
+
+
+def _blocks(Cn):
+    bs = 16 if Cn % 16 == 0 else Cn
+    return bs, Cn // bs
+
+
+def _diag_fast(G, I, bs):
+    return np.max(G[I * bs] - G[I * bs + bs - 1]) <= FAST_RANGE
+
+
+def decay_product_factored(x, y, G, strict, stats=None):
+    """decay_product(x, y, decay_matrix(G, strict)) by blocks (see above)."""
+    Cn = G.shape[0]
+    bs, nb = _blocks(Cn)
+    M = np.zeros((Cn, Cn))
+    for I in range(nb):
+        ri = slice(I * bs, I * bs + bs)
+        for J in range(I + 1):
+            rj = slice(J * bs, J * bs + bs)
+            if J < I or _diag_fast(G, I, bs):
+                r = J * bs + bs - 1 if J < I else I * bs + bs // 2 - 1
+                Xr = x[ri] * np.exp(G[ri] - G[r])
+                Yr = y[rj] * np.exp(G[r] - G[rj])
+                blk = Xr @ Yr.T
+                if J == I:
+                    blk = np.tril(blk, -1 if strict else 0)
+            else:
+                if stats is not None:
+                    stats["exact"] = stats.get("exact", 0) + 1
+                E = decay_matrix(G[ri], strict)
+                blk = decay_product(x[ri], y[rj], E)
+            M[ri, rj] = blk
+    return M
+
+
+def decay_product_grad_factored(dM, x, y, G, stats=None):
+    """decay_product_grad(dM, x, y, E) of a dM that vanishes where E does, by blocks (see above)."""
+    Cn = G.shape[0]
+    bs, nb = _blocks(Cn)
+    dx = np.zeros_like(x)
+    dy = np.zeros_like(y)
+    for I in range(nb):
+        ri = slice(I * bs, I * bs + bs)
+        for J in range(I + 1):
+            rj = slice(J * bs, J * bs + bs)
+            d = dM[ri, rj]
+            if J < I or _diag_fast(G, I, bs):
+                r = J * bs + bs - 1 if J < I else I * bs + bs // 2 - 1
+                ei = np.exp(G[ri] - G[r])   # exp(G_i - G_r), i in I
+                ej = np.exp(G[r] - G[rj])   # exp(G_r - G_j), j in J
+                dx[ri] += ei * (d @ (y[rj] * ej))
+                dy[rj] += ej * (d.T @ (x[ri] * ei))
+            else:
+                if stats is not None:
+                    stats["exact"] = stats.get("exact", 0) + 1
+                E = decay_matrix(G[ri], strict=False)  # dM masks the diagonal where strict
+                a, b_, _ = decay_product_grad(d, x[ri], y[rj], E)
+                dx[ri] += a
+                dy[rj] += b_
+    return dx, dy, x * dx - y * dy
+
+
 def prep_chunk(qe, ke, ve, ge, be):
     """Forward quantities of one chunk (rows = its L tokens)."""
     L = qe.shape[0]
@@ -178,13 +250,17 @@ def _record_stages(st, *, slot, seqs, chunk_list, P, C, K, V, HV, gamma, Hs, dH,
 
 def chunked_backward(q, k, v, g, beta, a_log, dt_bias, slot, init, do, dfin, *, scale, gate="precomputed",
                      lower_bound=-5.0, use_a_log=True, qk_l2norm=False, beta_sigmoid=False,
-                     allow_neg_eigval=False, C=64, pad=True, stages=None):
+                     allow_neg_eigval=False, C=64, pad=True, stages=None, grad2="pairwise",
+                     grad2_stats=None):
     """All inputs float64 NumPy. q, k [B,T,H,K]; v [B,T,HV,V]; g [B,T,HV,K] raw; beta [B,T,HV] raw;
     a_log [HV]; dt_bias [HV, K]; slot [B,T]; init [B,S,HV,K,V] or None; do [B,T,HV,V];
     dfin [B,S,HV,K,V] or None. Returns dq, dk, dv, dg, dbeta, da_log [B,HV], ddt [B,HV,K], dinit.
     pad: partial chunks padded to C rows with zeros (and workspace indices), as in the kernels.
     stages: a dict to fill with the intermediates the kernels leave in their workspace, in its layout and
-    indexing (NaN where the kernels write nothing; see _record_stages) and the plan's lists."""
+    indexing (NaN where the kernels write nothing; see _record_stages) and the plan's lists.
+    grad2: "pairwise" (the default grad2 kernel: every decay exp(G_i - G_j)) or "factored" (grad2 v2,
+    FLASHKDA_BWD_GRAD2=v2: B_kk recomputed and all decay-product gradients by blocks, decay_product_factored);
+    grad2_stats: a dict counting the factored path's exact diagonal blocks."""
     B, T, H, K = q.shape
     HV, V = v.shape[2], v.shape[3]
     grp = HV // H
@@ -343,15 +419,23 @@ def chunked_backward(q, k, v, g, beta, a_log, dt_bias, slot, init, do, dfin, *, 
                     scratch[n][b, r, hv, :x.shape[1]] = x[:L]
                     scratch[n][b, r, hv, x.shape[1]:] = 0.0  # dA_qk rows of an unpadded model: C columns
                 # grad2
-                A = p["A"]
-                dKb = back_substitute(A, dW)
-                dVb = back_substitute(A, dU)
-                dA = -np.tril(dKb @ p["W"].T + dVb @ p["U"].T, -1)
-                bb = padded(be[b, r, hv], L)
-                dB = bb[:, None] * dA
-                db = np.sum(dA * p["Bkk"], axis=1)
                 G, eG = p["G"], p["eG"]
                 kk, qq, vv = (padded(x[b, r, hv], L) for x in (ke, qe, v))
+                bb = padded(be[b, r, hv], L)
+                if grad2 == "factored":  # B_kk, then A, W, U recomputed from it (as the v2 kernel does)
+                    Bkk = decay_product_factored(kk, kk, G, strict=True, stats=grad2_stats)
+                    A = bb[:, None] * Bkk
+                    Mi = np.linalg.inv(np.eye(Lp) + A)
+                    Wm, Um = Mi @ p["Kb"], Mi @ p["Vb"]
+                    dpg = lambda dM, x, y, E: decay_product_grad_factored(dM, x, y, G, stats=grad2_stats)
+                else:
+                    Bkk, A, Wm, Um = p["Bkk"], p["A"], p["W"], p["U"]
+                    dpg = decay_product_grad
+                dKb = back_substitute(A, dW)
+                dVb = back_substitute(A, dU)
+                dA = -np.tril(dKb @ Wm.T + dVb @ Um.T, -1)
+                dB = bb[:, None] * dA
+                db = np.sum(dA * Bkk, axis=1)
                 dk = np.zeros((Lp, K))
                 dq = np.zeros((Lp, K))
                 dG = np.zeros((Lp, K))
@@ -361,10 +445,10 @@ def chunked_backward(q, k, v, g, beta, a_log, dt_bias, slot, init, do, dfin, *, 
                 dk += bb[:, None] * eG * dKb
                 dG += p["Kb"] * dKb
                 # B_kk = decay_product(k, k) strict, A_qk = decay_product(q, k)
-                dx, dy, dg_ = decay_product_grad(dB, kk, kk, p["Es"])
+                dx, dy, dg_ = dpg(dB, kk, kk, p["Es"])
                 dk += dx + dy
                 dG += dg_
-                dx, dy, dg_ = decay_product_grad(dAqk, qq, kk, p["E"])
+                dx, dy, dg_ = dpg(dAqk, qq, kk, p["E"])
                 dq += dx
                 dk += dy
                 dG += dg_
@@ -435,7 +519,7 @@ def chunked_backward(q, k, v, g, beta, a_log, dt_bias, slot, init, do, dfin, *, 
 # ----------------------------------------------------------------------------------------------------
 
 def _case(seed, B, T, H, HV, K, V, *, gate="precomputed", l2=False, sig=False, neg=False, seg=None, S=0,
-          init=False, dfin=False, use_a_log=True, C=64, strong=False):
+          init=False, dfin=False, use_a_log=True, C=64, strong=False, grad2="pairwise", grad2_stats=None):
     from flashkda_jax import reference as R
 
     rng = np.random.default_rng(seed)
@@ -494,7 +578,7 @@ def _case(seed, B, T, H, HV, K, V, *, gate="precomputed", l2=False, sig=False, n
                                                   grads)}
     out = chunked_backward(q, k, v, g, beta, a_log, dt_bias, slot, st0, do, dfn, scale=scale, gate=gate,
                            lower_bound=-5.0, use_a_log=use_a_log or gate == "softplus", qk_l2norm=l2,
-                           beta_sigmoid=sig, allow_neg_eigval=neg, C=C)
+                           beta_sigmoid=sig, allow_neg_eigval=neg, C=C, grad2=grad2, grad2_stats=grad2_stats)
     out["A_log"] = out["A_log"].sum(0)
     out["dt_bias"] = out["dt_bias"].sum(0)
     for name, r in ref.items():
@@ -568,3 +652,72 @@ def test_chunk_aligned_sequences_full_last_chunks():
     seg = np.array([row0, row1], np.int32)
     _case(2, B=2, T=48, H=2, HV=4, K=8, V=4, seg=seg, S=4, init=True, dfin=True, C=C, gate="bounded",
           use_a_log=False, sig=True, neg=True, l2=True)
+
+
+# ----------------------------------------------------------------------------------------------------
+# grad2 v2: the factored decay products equal the pairwise ones (float64).
+# ----------------------------------------------------------------------------------------------------
+
+def _close(a, b, what, tol=1e-10):
+    a, b = np.asarray(a), np.asarray(b)
+    den = np.linalg.norm(b)
+    err = np.linalg.norm(a - b) / (den if den > 0 else 1.0)
+    assert err <= tol, f"{what}: rel err {err:.3e}"
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_grad2_factored_equals_pairwise(name):
+    st = {}
+    a = _case(0, **CASES[name])
+    b = _case(0, **CASES[name], grad2="factored", grad2_stats=st)
+    for n, x in a.items():
+        if x is not None:
+            _close(b[n], x, f"{name} d{n}")
+    if name == "strong_gate":  # C = 16: one diagonal block per chunk, far beyond e^80: the exact path
+        assert st.get("exact", 0) > 0
+
+
+def test_grad2_factored_ragged_and_aligned():
+    st = {}
+    seg = np.array([[1] * 8 + [2] * 16 + [3] + [0] * 7 + [4] * 9 + [5] * 7,
+                    [0] * 3 + [1] + [2] * 20 + [3] * 24], np.int32)
+    kw = dict(B=2, T=48, H=2, HV=4, K=8, V=4, seg=seg, S=4, init=True, dfin=True, C=16, gate="bounded",
+              use_a_log=False, sig=True, neg=True, l2=True)
+    a = _case(2, **kw)
+    b = _case(2, **kw, grad2="factored", grad2_stats=st)
+    for n, x in a.items():
+        if x is not None:
+            _close(b[n], x, f"d{n}")
+
+
+@pytest.mark.parametrize("strong", [False, True])
+def test_decay_products_factored_c64(strong):
+    """C = 64 (4 x 4 blocks of 16), K = 32: mixed gates, some diagonal blocks beyond e^80 when strong, partial
+    chunks (zero-padded rows with g = 0); B_kk (strict), A_qk and both gradients against the pairwise forms."""
+    rng = np.random.default_rng(7)
+    Cn, K = 64, 32
+    for trial in range(4):
+        L = (64, 40, 17, 1)[trial]
+        x = np.zeros((Cn, K))
+        y = np.zeros((Cn, K))
+        g = np.zeros((Cn, K))
+        x[:L] = rng.standard_normal((L, K))
+        y[:L] = rng.standard_normal((L, K))
+        g[:L] = -np.exp(rng.standard_normal((L, K)) - 1.5)
+        if strong:  # strong decay on some rows of the first half: blocks 0-1 exact, 2-3 fast
+            g[:min(L, 32):5] *= 300.0
+        G = np.cumsum(g, axis=0)
+        for strict in (True, False):
+            st = {}
+            E = decay_matrix(G, strict)
+            M = decay_product(x, y, E)
+            _close(decay_product_factored(x, y, G, strict, stats=st), M, f"M strict={strict} L={L}")
+            dM = rng.standard_normal((Cn, Cn)) * (np.tril(np.ones((Cn, Cn)), -1 if strict else 0))
+            ref = decay_product_grad(dM, x, y, E)
+            got = decay_product_grad_factored(dM, x, y, G, stats=st)
+            for n, a_, b_ in zip(("dx", "dy", "dG"), got, ref):
+                _close(a_, b_, f"{n} strict={strict} L={L}")
+            if strong and L == 64:
+                assert st.get("exact", 0) == 4, st  # blocks 0 and 1 exact (product and gradient), 2 and 3 fast
+            if not strong:
+                assert st.get("exact", 0) == 0, st

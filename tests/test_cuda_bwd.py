@@ -218,3 +218,52 @@ def test_ffi_backward_direct():
     assert dinit is None
     for x in (dq, dk, dv, dg, dbeta, da, ddt):
         assert np.all(np.isfinite(np.asarray(x, np.float32)))
+
+
+_GRAD2_V2_CHILD = r"""
+import sys
+sys.path.insert(0, sys.argv[1])
+import jax.numpy as jnp
+import numpy as np
+import test_cuda_bwd as t
+from kda_testing import random_state
+
+def case(name, seed, B, T, H, HV, K, gate, strong=False):
+    args, params, kw = t._inputs(seed, B, T, H, HV, K, K, jnp.bfloat16, gate)
+    if strong:  # precomputed gate x30: some diagonal 16-row blocks beyond e^80 (exact path), others factored
+        q, k, v, g, beta = args
+        args = (q, k, v, (g.astype(jnp.float32) * 30.0).astype(jnp.bfloat16), beta)
+    init = random_state(seed + 2, (B, HV, K, K))
+    dfin = random_state(seed + 3, (B, HV, K, K))
+    got = t._compare(args, params, kw, init, dfin, "grad2 v2 " + name)
+    print("ok", name, flush=True)
+    return got
+
+got = case("bounded K=128", 1, 2, 200, 2, 4, 128, "bounded")
+np.save(sys.argv[2], np.asarray(got["k"], np.float32))
+case("softplus K=64", 2, 2, 200, 2, 4, 64, "softplus")
+case("strong precomputed K=128", 3, 1, 150, 1, 2, 128, "precomputed", strong=True)
+"""
+
+
+def test_grad2_v2_env(tmp_path):
+    # grad2 v2 (FLASHKDA_BWD_GRAD2=v2: factored decay products on tensor cores, read once per process at the
+    # first launch): a fresh process runs a few cases against the oracle at the usual tolerances; its dk must
+    # differ from this process's (default grad2) in some bits, or the switch did nothing.
+    import os
+    import subprocess
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    saved = tmp_path / "v2_dk.npy"
+    env = dict(os.environ, FLASHKDA_BWD_GRAD2="v2", XLA_PYTHON_CLIENT_PREALLOCATE="false")
+    proc = subprocess.run([sys.executable, "-c", _GRAD2_V2_CHILD, here, str(saved)], capture_output=True, text=True,
+                          timeout=900, env=env, cwd=os.path.dirname(here))
+    assert proc.returncode == 0, f"grad2 v2 run failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-6000:]}"
+    assert proc.stdout.count("ok ") == 3, proc.stdout
+    if os.environ.get("FLASHKDA_BWD_GRAD2") != "v2":  # this process runs the default grad2
+        args, params, kw = _inputs(1, 2, 200, 2, 4, 128, 128, jnp.bfloat16, "bounded")
+        init = random_state(3, (2, 4, 128, 128))
+        dfin = random_state(4, (2, 4, 128, 128))
+        default = np.asarray(_grads("cuda", args, params, kw, init, dfin)["k"], np.float32)
+        assert not np.array_equal(default, np.load(saved)), "FLASHKDA_BWD_GRAD2=v2 gave the default grad2's bits"
