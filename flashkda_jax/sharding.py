@@ -21,7 +21,9 @@ Gradients of ``A_log``/``dt_bias`` come back per row and are summed over rows by
 broadcast (an all-reduce of ``[HV]``/``[HV, K]`` over data-parallel devices, as for any parameter).
 
 Nothing changes in user code: ``jax.jit(loss)`` with inputs placed by ``NamedSharding`` partitions. On one
-device, and inside ``shard_map`` (all mesh axes manual), the op lowers to its plain per-device body. vmap
+device, and inside ``shard_map`` (all mesh axes manual), the op lowers to its plain per-device body (its
+operands and results cast to the same varying manual axes, so replicated A_log / dt_bias get their
+gradients summed over devices by the transpose of that cast). vmap
 folds the mapped axes into the batch axis (``custom_vmap``), as the FFI call's ``broadcast_all`` does.
 
 Context parallelism
