@@ -199,279 +199,6 @@ struct Grad2Smem {
   }
 };
 
-template <int K, typename TIn>
-__global__ void __launch_bounds__(kThreads, 1) Grad2Kernel(Params P) {
-  using SM = Grad2Smem<K>;
-  constexpr int C = kChunk, V = K, GP = SM::GP, BP = SM::BP, XP = SM::XP;
-  constexpr int PL = K / 32;  // channels per lane in row-per-warp steps
-  const fwd::Params& p = P.f;
-  extern __shared__ __align__(16) float smem[];
-  float* sG = smem;            // [C][GP] cumulative log-decay
-  float* sK = sG + C * GP;     // [C][GP] k (normalised)
-  float* sB = sK + C * GP;     // [C][BP] B_kk, then dB, then dA_qk
-  float* sX = sB + C * BP;     // [C][XP] W | U, then q (scaled, normalised) | dq
-  float* sY = sX + C * XP;     // [C][XP] dKb | dVb, then dk | dG
-  float* sBeta = sY + C * XP;  // [C]
-  float* sDb = sBeta + C;      // [C] d beta (effective)
-  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  const int HV = p.HV, H = p.H;
-  const int nitems = p.counters[0] * HV;
-  const TIn* gq = static_cast<const TIn*>(p.q);
-  const TIn* gk = static_cast<const TIn*>(p.k);
-  const TIn* gv = static_cast<const TIn*>(p.v);
-  const TIn* gg = static_cast<const TIn*>(p.g);
-  const TIn* gb = static_cast<const TIn*>(p.beta);
-  TIn* odv = static_cast<TIn*>(P.dv);
-  TIn* odg = static_cast<TIn*>(P.dg);
-  TIn* odb = static_cast<TIn*>(P.dbeta);
-  for (int it = blockIdx.x; it < nitems; it += gridDim.x) {
-    const int ci = it / HV, hv = it - ci * HV;
-    const int4 e = p.chunk_list[ci];
-    const int b = e.x, cs = e.y, se = e.z, s = e.w;
-    const int L = min(C, se - cs);
-    const int h = hv / p.group;
-    const size_t tb = (size_t)b * p.T + cs;
-    const float a_coef = (p.gate_mode == 1 || (p.gate_mode == 2 && p.use_a_log)) ? __expf(p.a_log[(size_t)b * HV + hv]) : 1.f;
-    const float* dtb = p.dt_bias + ((size_t)b * HV + hv) * K;
-    // Effective log-decay of the raw gate input x (before dt_bias).
-    auto gate = [&](float graw, int c) {
-      if (p.gate_mode == 0) return graw;
-      const float x = graw + dtb[c];
-      if (p.gate_mode == 1) return -a_coef * Softplus(x);
-      return p.lower_bound * Sigmoid(p.use_a_log ? a_coef * x : x);
-    };
-    __syncthreads();
-    // ---- 1. rows: k (l2norm), effective gate, effective beta ----
-    for (int r = warp; r < C; r += kThreads / 32) {
-      const bool ok = r < L;
-      float kv[PL];
-      float ss = 0.f;
-#pragma unroll
-      for (int u = 0; u < PL; ++u) {
-        kv[u] = ok ? fwd::ToF<TIn>(gk[((tb + r) * H + h) * K + lane + 32 * u]) : 0.f;
-        ss += kv[u] * kv[u];
-      }
-      const float ks = p.qk_l2norm ? rsqrtf(fwd::WarpSum(ss) + 1e-6f) : 1.f;
-#pragma unroll
-      for (int u = 0; u < PL; ++u) {
-        const int c = lane + 32 * u;
-        sK[r * GP + c] = kv[u] * ks;
-        sG[r * GP + c] = ok ? gate(fwd::ToF<TIn>(gg[((tb + r) * HV + hv) * K + c]), c) : 0.f;
-      }
-      if (lane == 0) {
-        float bb = ok ? fwd::ToF<TIn>(gb[(tb + r) * HV + hv]) : 0.f;
-        if (ok && p.beta_sigmoid) bb = Sigmoid(bb) * (p.allow_neg ? 2.f : 1.f);
-        sBeta[r] = bb;
-        sDb[r] = 0.f;
-      }
-    }
-    __syncthreads();
-    // ---- 2. G = inclusive cumsum (rows >= L have g = 0: G stays at G_{L-1}) ----
-    for (int c = tid; c < K; c += kThreads) {
-      float run = 0.f;
-      for (int r = 0; r < C; ++r) {
-        run += sG[r * GP + c];
-        sG[r * GP + c] = run;
-      }
-    }
-    __syncthreads();
-    // ---- 3. B_kk[i][j] = sum_c k_ic k_jc exp(G_ic - G_jc), j < i ----
-    {
-      const int i = tid >> 2, q4 = tid & 3;
-      for (int j = q4; j < C; j += 4) {
-        float acc = 0.f;
-        if (j < i) {
-          for (int c = 0; c < K; ++c) acc = fmaf(sK[i * GP + c] * sK[j * GP + c], __expf(sG[i * GP + c] - sG[j * GP + c]), acc);
-        }
-        sB[i * BP + j] = acc;
-      }
-    }
-    __syncthreads();
-    // ---- 4. W | U by forward substitution; dKb | dVb by back substitution (one column per thread) ----
-    for (int col = tid; col < K + V; col += kThreads) {
-      float x[C];
-#pragma unroll
-      for (int i = 0; i < C; ++i) {
-        float rhs = 0.f;
-        if (i < L) {
-          rhs = col < K ? __expf(sG[i * GP + col]) * sK[i * GP + col]
-                        : fwd::ToF<TIn>(gv[((tb + i) * HV + hv) * V + col - K]);
-        }
-        x[i] = sBeta[i] * rhs;
-      }
-      // Right-looking: x_i -= beta_i B_ij x_j for i > j, once x_j is final.
-#pragma unroll
-      for (int j = 0; j < C - 1; ++j) {
-        const float xj = x[j];
-#pragma unroll
-        for (int i = j + 1; i < C; ++i) x[i] = fmaf(-sBeta[i] * sB[i * BP + j], xj, x[i]);
-      }
-#pragma unroll
-      for (int i = 0; i < C; ++i) sX[i * XP + col] = x[i];
-      const float* src = col < K ? P.sW + col : P.sU + (col - K);
-      const int width = col < K ? K : V;
-#pragma unroll
-      for (int i = 0; i < C; ++i) x[i] = i < L ? src[((tb + i) * HV + hv) * width] : 0.f;
-      // Right-looking back substitution: y_i -= beta_j B_ji y_j for i < j, once y_j is final.
-#pragma unroll
-      for (int j = C - 1; j > 0; --j) {
-        const float yj = x[j] * sBeta[j];
-#pragma unroll
-        for (int i = 0; i < j; ++i) x[i] = fmaf(-sB[j * BP + i], yj, x[i]);
-      }
-#pragma unroll
-      for (int i = 0; i < C; ++i) sY[i * XP + col] = x[i];
-    }
-    __syncthreads();
-    // ---- 5. dA = -strict_tril(dKb W^T + dVb U^T); dbeta += rowsum(dA * B); dB = diag(beta) dA (in place) ----
-    {
-      const int i = tid >> 2, q4 = tid & 3;
-      float db = 0.f;
-      for (int j = q4; j < i; j += 4) {
-        float acc = 0.f;
-        for (int c = 0; c < K + V; ++c) acc = fmaf(sY[i * XP + c], sX[j * XP + c], acc);
-        const float da = -acc;
-        db = fmaf(da, sB[i * BP + j], db);
-        sB[i * BP + j] = sBeta[i] * da;
-      }
-      db += __shfl_xor_sync(0xffffffffu, db, 1);
-      db += __shfl_xor_sync(0xffffffffu, db, 2);
-      if (q4 == 0) sDb[i] += db;
-    }
-    __syncthreads();
-    // ---- 6. Vb = beta v, Kb = beta e^G k terms; q into sX; dk | dG into sY ----
-    for (int r = warp; r < C; r += kThreads / 32) {
-      const bool ok = r < L;
-      const float bt = sBeta[r];
-      float db = 0.f, qv[PL], sq = 0.f;
-#pragma unroll
-      for (int u = 0; u < PL; ++u) {
-        const int c = lane + 32 * u;
-        const float dvb = sY[r * XP + K + c];
-        const float dkb = sY[r * XP + c];
-        const float eg = __expf(sG[r * GP + c]);
-        const float kc = sK[r * GP + c];
-        if (ok) {
-          const size_t o = ((tb + r) * HV + hv) * V + c;
-          db = fmaf(fwd::ToF<TIn>(gv[o]), dvb, db);
-          odv[o] = fwd::FromF<TIn>(bt * dvb);
-        }
-        db = fmaf(eg * kc, dkb, db);
-        sY[r * XP + c] = bt * eg * dkb;           // dk
-        sY[r * XP + K + c] = bt * eg * kc * dkb;  // dG
-        qv[u] = ok ? fwd::ToF<TIn>(gq[((tb + r) * H + h) * K + c]) : 0.f;
-        sq += qv[u] * qv[u];
-      }
-      db = fwd::WarpSum(db);
-      const float qs = p.scale * (p.qk_l2norm ? rsqrtf(fwd::WarpSum(sq) + 1e-6f) : 1.f);
-#pragma unroll
-      for (int u = 0; u < PL; ++u) {
-        const int c = lane + 32 * u;
-        sX[r * XP + c] = qv[u] * qs;   // q
-        sX[r * XP + K + c] = 0.f;      // dq
-      }
-      if (lane == 0) sDb[r] += db;
-    }
-    __syncthreads();
-    // ---- 7a. B_kk = decay product (k, k), strict: dk += dx + dy, dG += k dx - k dy ----
-    for (int idx = tid; idx < C * K; idx += kThreads) {
-      const int r = idx / K, c = idx % K;
-      const float gr = sG[r * GP + c], kr = sK[r * GP + c];
-      float dx = 0.f, dy = 0.f;
-      for (int j = 0; j < r; ++j) dx = fmaf(sB[r * BP + j] * sK[j * GP + c], __expf(gr - sG[j * GP + c]), dx);
-      for (int i = r + 1; i < C; ++i) dy = fmaf(sB[i * BP + r] * sK[i * GP + c], __expf(sG[i * GP + c] - gr), dy);
-      sY[r * XP + c] += dx + dy;
-      sY[r * XP + K + c] += kr * (dx - dy);
-    }
-    __syncthreads();
-    for (int idx = tid; idx < C * C; idx += kThreads) {
-      const int r = idx / C, c = idx % C;
-      sB[r * BP + c] = r < L ? P.sA[((tb + r) * HV + hv) * C + c] : 0.f;
-    }
-    __syncthreads();
-    // ---- 7b. A_qk = decay product (q, k), lower incl. diagonal: dq += dx, dk += dy, dG += q dx - k dy ----
-    for (int idx = tid; idx < C * K; idx += kThreads) {
-      const int r = idx / K, c = idx % K;
-      const float gr = sG[r * GP + c], kr = sK[r * GP + c], qr = sX[r * XP + c];
-      float dx = 0.f, dy = 0.f;
-      for (int j = 0; j <= r; ++j) dx = fmaf(sB[r * BP + j] * sK[j * GP + c], __expf(gr - sG[j * GP + c]), dx);
-      for (int i = r; i < C; ++i) dy = fmaf(sB[i * BP + r] * sX[i * XP + c], __expf(sG[i * GP + c] - gr), dy);
-      sX[r * XP + K + c] += dx;
-      sY[r * XP + c] += dy;
-      sY[r * XP + K + c] += qr * dx - kr * dy;
-    }
-    __syncthreads();
-    // ---- 8. Qg = e^G q, Kd = e^(G_last - G) k ----
-    const float* gl = sG + (C - 1) * GP;
-    for (int idx = tid; idx < L * K; idx += kThreads) {
-      const int r = idx / K, c = idx % K;
-      const size_t o = ((tb + r) * HV + hv) * K + c;
-      const float eg = __expf(sG[r * GP + c]), dec = __expf(gl[c] - sG[r * GP + c]);
-      const float dqg = P.sQg[o], dkd = P.sKd[o];
-      sX[r * XP + K + c] += eg * dqg;
-      sY[r * XP + K + c] += eg * sX[r * XP + c] * dqg - dec * sK[r * GP + c] * dkd;
-      sY[r * XP + c] += dec * dkd;
-    }
-    __syncthreads();
-    // G_last collects sum_i Kd_i dKd_i + gamma dgamma.
-    {
-      const int gidx = GammaIndex(p, cs, se, s);
-      for (int c = tid; c < K; c += kThreads) {
-        float acc = gidx >= 0 ? __expf(gl[c]) * P.dgam[(((size_t)b * p.NG + gidx) * HV + hv) * K + c] : 0.f;
-        for (int r = 0; r < L; ++r) {
-          acc = fmaf(__expf(gl[c] - sG[r * GP + c]) * sK[r * GP + c], P.sKd[((tb + r) * HV + hv) * K + c], acc);
-        }
-        // ---- 9. reverse cumsum of dG inside the chunk (this thread owns channel c) ----
-        float run = acc;
-        for (int r = L - 1; r >= 0; --r) {
-          run += sY[r * XP + K + c];
-          sY[r * XP + K + c] = run;
-        }
-      }
-    }
-    __syncthreads();
-    // ---- 10. outputs: dg (gate chain), gate-parameter terms, dbeta, dq / dk (effective) ----
-    for (int r = warp; r < L; r += kThreads / 32) {
-      const size_t tok = tb + r;
-      float da = 0.f;
-#pragma unroll
-      for (int u = 0; u < PL; ++u) {
-        const int c = lane + 32 * u;
-        const size_t o = (tok * HV + hv) * K + c;
-        const float dge = sY[r * XP + K + c];
-        float dgr = dge;
-        if (p.gate_mode != 0) {
-          const float x = fwd::ToF<TIn>(gg[o]) + dtb[c];
-          if (p.gate_mode == 1) {
-            dgr = -a_coef * Sigmoid(x) * dge;
-            da = fmaf(dge, -a_coef * Softplus(x), da);
-          } else {
-            const float z = p.use_a_log ? a_coef * x : x;
-            const float sg = Sigmoid(z);
-            const float dz = p.lower_bound * sg * (1.f - sg) * dge;
-            dgr = p.use_a_log ? a_coef * dz : dz;
-            if (p.use_a_log) da = fmaf(dz, z, da);
-          }
-          P.sW[o] = dgr;
-        }
-        odg[o] = fwd::FromF<TIn>(dgr);
-        P.sQg[o] = sX[r * XP + K + c];
-        P.sKd[o] = sY[r * XP + c];
-      }
-      da = fwd::WarpSum(da);
-      if (lane == 0) {
-        P.sDa[tok * HV + hv] = da;
-        float db = sDb[r];
-        if (p.beta_sigmoid) {
-          const float sg = Sigmoid(fwd::ToF<TIn>(gb[tok * HV + hv]));
-          db *= (p.allow_neg ? 2.f : 1.f) * sg * (1.f - sg);
-        }
-        odb[tok * HV + hv] = fwd::FromF<TIn>(db);
-      }
-    }
-  }
-}
-
 // ------------------------------------------------------------------------------------------------------
 // grad2 v2 (FLASHKDA_BWD_GRAD2=v2): grad2 with the decay products factored by 16x16 blocks, as in the forward
 // prep's A_kk / A_qk (tests/test_bwd_algorithm.py: decay_product_factored / decay_product_grad_factored).
@@ -479,7 +206,7 @@ __global__ void __launch_bounds__(kThreads, 1) Grad2Kernel(Params P) {
 // diagonal: row 7 of the block when max_c (G_first - G_last) <= 80, else exact pairwise decays), so that
 //   M_IJ = Xr_I Yr_J^T,  dx_I += exp(G_I - G_r) o (dM_IJ Yr_J),  dy_J += exp(G_r - G_J) o (dM_IJ^T Xr_I)
 // with Xr = x exp(G - G_r), Yr = y exp(G_r - G): bf16 tensor-core products, fp32 accumulation and scaling.
-// Everything else is the default kernel's.
+// Grad2Kernel<K, TIn, true> runs these in stages 3, 7a and 7b; everything else is shared with the default.
 // ------------------------------------------------------------------------------------------------------
 
 // Whether diagonal block I takes the factored path: its decay range stays within e^80 (whole warp).
@@ -679,8 +406,9 @@ __device__ __forceinline__ void BkkV2(float* sB, const float* sG, const float* s
   }
 }
 
-template <int K, typename TIn>
-__global__ void __launch_bounds__(kThreads, 1) Grad2V2Kernel(Params P) {
+// kFactored selects the v2 stages (3: BkkV2; 7a / 7b: DecayGradV2); false is the default kernel.
+template <int K, typename TIn, bool kFactored>
+__global__ void __launch_bounds__(kThreads, 1) Grad2Kernel(Params P) {
   using SM = Grad2Smem<K>;
   constexpr int C = kChunk, V = K, GP = SM::GP, BP = SM::BP, XP = SM::XP;
   constexpr int PL = K / 32;  // channels per lane in row-per-warp steps
@@ -755,8 +483,19 @@ __global__ void __launch_bounds__(kThreads, 1) Grad2V2Kernel(Params P) {
       }
     }
     __syncthreads();
-    // ---- 3. B_kk[i][j] = sum_c k_ic k_jc exp(G_ic - G_jc), j < i: factored 16x16 blocks (BkkV2) ----
-    BkkV2<K, BP>(sB, sG, sK, GP, warp, lane);
+    // ---- 3. B_kk[i][j] = sum_c k_ic k_jc exp(G_ic - G_jc), j < i (factored 16x16 blocks: BkkV2) ----
+    if constexpr (kFactored) {
+      BkkV2<K, BP>(sB, sG, sK, GP, warp, lane);
+    } else {
+      const int i = tid >> 2, q4 = tid & 3;
+      for (int j = q4; j < C; j += 4) {
+        float acc = 0.f;
+        if (j < i) {
+          for (int c = 0; c < K; ++c) acc = fmaf(sK[i * GP + c] * sK[j * GP + c], __expf(sG[i * GP + c] - sG[j * GP + c]), acc);
+        }
+        sB[i * BP + j] = acc;
+      }
+    }
     __syncthreads();
     // ---- 4. W | U by forward substitution; dKb | dVb by back substitution (one column per thread) ----
     for (int col = tid; col < K + V; col += kThreads) {
@@ -844,17 +583,29 @@ __global__ void __launch_bounds__(kThreads, 1) Grad2V2Kernel(Params P) {
       if (lane == 0) sDb[r] += db;
     }
     __syncthreads();
-    // ---- 7a. B_kk = decay product (k, k), strict: dk += dx + dy, dG += k dx - k dy (factored) ----
-    DecayGradV2<K, BP>(
-        sB, sG, GP, sK, GP, sK, GP, warp, lane,
-        [&](int i, int c, float dx) {
-          sY[i * XP + c] += dx;
-          sY[i * XP + K + c] += sK[i * GP + c] * dx;
-        },
-        [&](int j, int c, float dy) {
-          sY[j * XP + c] += dy;
-          sY[j * XP + K + c] -= sK[j * GP + c] * dy;
-        });
+    // ---- 7a. B_kk = decay product (k, k), strict: dk += dx + dy, dG += k dx - k dy ----
+    if constexpr (kFactored) {
+      DecayGradV2<K, BP>(
+          sB, sG, GP, sK, GP, sK, GP, warp, lane,
+          [&](int i, int c, float dx) {
+            sY[i * XP + c] += dx;
+            sY[i * XP + K + c] += sK[i * GP + c] * dx;
+          },
+          [&](int j, int c, float dy) {
+            sY[j * XP + c] += dy;
+            sY[j * XP + K + c] -= sK[j * GP + c] * dy;
+          });
+    } else {
+      for (int idx = tid; idx < C * K; idx += kThreads) {
+        const int r = idx / K, c = idx % K;
+        const float gr = sG[r * GP + c], kr = sK[r * GP + c];
+        float dx = 0.f, dy = 0.f;
+        for (int j = 0; j < r; ++j) dx = fmaf(sB[r * BP + j] * sK[j * GP + c], __expf(gr - sG[j * GP + c]), dx);
+        for (int i = r + 1; i < C; ++i) dy = fmaf(sB[i * BP + r] * sK[i * GP + c], __expf(sG[i * GP + c] - gr), dy);
+        sY[r * XP + c] += dx + dy;
+        sY[r * XP + K + c] += kr * (dx - dy);
+      }
+    }
     __syncthreads();
     for (int idx = tid; idx < C * C; idx += kThreads) {
       const int r = idx / C, c = idx % C;
@@ -862,16 +613,29 @@ __global__ void __launch_bounds__(kThreads, 1) Grad2V2Kernel(Params P) {
     }
     __syncthreads();
     // ---- 7b. A_qk = decay product (q, k), lower incl. diagonal: dq += dx, dk += dy, dG += q dx - k dy ----
-    DecayGradV2<K, BP>(
-        sB, sG, GP, sX, XP, sK, GP, warp, lane,
-        [&](int i, int c, float dx) {
-          sX[i * XP + K + c] += dx;
-          sY[i * XP + K + c] += sX[i * XP + c] * dx;
-        },
-        [&](int j, int c, float dy) {
-          sY[j * XP + c] += dy;
-          sY[j * XP + K + c] -= sK[j * GP + c] * dy;
-        });
+    if constexpr (kFactored) {
+      DecayGradV2<K, BP>(
+          sB, sG, GP, sX, XP, sK, GP, warp, lane,
+          [&](int i, int c, float dx) {
+            sX[i * XP + K + c] += dx;
+            sY[i * XP + K + c] += sX[i * XP + c] * dx;
+          },
+          [&](int j, int c, float dy) {
+            sY[j * XP + c] += dy;
+            sY[j * XP + K + c] -= sK[j * GP + c] * dy;
+          });
+    } else {
+      for (int idx = tid; idx < C * K; idx += kThreads) {
+        const int r = idx / K, c = idx % K;
+        const float gr = sG[r * GP + c], kr = sK[r * GP + c], qr = sX[r * XP + c];
+        float dx = 0.f, dy = 0.f;
+        for (int j = 0; j <= r; ++j) dx = fmaf(sB[r * BP + j] * sK[j * GP + c], __expf(gr - sG[j * GP + c]), dx);
+        for (int i = r; i < C; ++i) dy = fmaf(sB[i * BP + r] * sX[i * XP + c], __expf(sG[i * GP + c] - gr), dy);
+        sX[r * XP + K + c] += dx;
+        sY[r * XP + c] += dy;
+        sY[r * XP + K + c] += qr * dx - kr * dy;
+      }
+    }
     __syncthreads();
     // ---- 8. Qg = e^G q, Kd = e^(G_last - G) k ----
     const float* gl = sG + (C - 1) * GP;
@@ -944,6 +708,7 @@ __global__ void __launch_bounds__(kThreads, 1) Grad2V2Kernel(Params P) {
   }
 }
 
+
 }  // namespace
 
 template <typename TIn>
@@ -957,8 +722,8 @@ cudaError_t LaunchGrad1(const Params& p, cudaStream_t stream, int nsm) {
 }
 
 namespace {
-// FLASHKDA_BWD_GRAD2=v2 selects Grad2V2Kernel (factored decay products on tensor cores); unset or anything
-// else keeps the default Grad2Kernel. Read once per process, at the first launch.
+// FLASHKDA_BWD_GRAD2=v2 selects Grad2Kernel<K, TIn, true> (factored decay products on tensor cores); unset or
+// anything else keeps the default Grad2Kernel<K, TIn, false>. Read once per process, at the first launch.
 bool Grad2V2Selected() {
   static const bool on = [] {
     const char* s = std::getenv("FLASHKDA_BWD_GRAD2");
@@ -971,16 +736,14 @@ bool Grad2V2Selected() {
 template <typename TIn>
 cudaError_t LaunchGrad2(const Params& p, cudaStream_t stream, int nsm) {
   const long long items = static_cast<long long>(p.f.B) * p.f.T * p.f.HV;
-  if (Grad2V2Selected()) {
-    switch (p.f.K) {
-      case 64: return fwd::LaunchGrid(Grad2V2Kernel<64, TIn>, Grad2Smem<64>::Bytes(), items, 4, p, stream, nsm);
-      case 128: return fwd::LaunchGrid(Grad2V2Kernel<128, TIn>, Grad2Smem<128>::Bytes(), items, 4, p, stream, nsm);
-      default: return cudaErrorInvalidValue;
-    }
-  }
+  const bool v2 = Grad2V2Selected();
   switch (p.f.K) {
-    case 64: return fwd::LaunchGrid(Grad2Kernel<64, TIn>, Grad2Smem<64>::Bytes(), items, 4, p, stream, nsm);
-    case 128: return fwd::LaunchGrid(Grad2Kernel<128, TIn>, Grad2Smem<128>::Bytes(), items, 4, p, stream, nsm);
+    case 64:
+      return fwd::LaunchGrid(v2 ? Grad2Kernel<64, TIn, true> : Grad2Kernel<64, TIn, false>, Grad2Smem<64>::Bytes(),
+                             items, 4, p, stream, nsm);
+    case 128:
+      return fwd::LaunchGrid(v2 ? Grad2Kernel<128, TIn, true> : Grad2Kernel<128, TIn, false>, Grad2Smem<128>::Bytes(),
+                             items, 4, p, stream, nsm);
     default: return cudaErrorInvalidValue;
   }
 }
