@@ -1,8 +1,10 @@
 """A small sharded training run of a one-layer KDA language model: data + context parallel on 8 CPU
-host devices (mesh dp=2 x cp=4), with the raw ``flashkda_jax.kda`` op.
+host devices (mesh dp=2 x cp=4), with the raw ``flashkda_jax.kda`` op or (``--layer``) the Flax
+``KimiDeltaAttention`` layer, its params placed by their logical axis names.
 
     python examples/train_sharded.py                # 8 CPU host devices, dp=2, cp=4
     python examples/train_sharded.py --dp 4 --cp 2 --steps 50
+    python examples/train_sharded.py --layer        # the Flax layer, context_parallel_axis="cp"
 
 Batch rows are split over ``dp``; every row's sequence axis is split over ``cp`` (context parallelism:
 each device handles T/cp tokens; only K×K / K×V state maps travel between devices). Rows pack several
@@ -55,6 +57,25 @@ def model(p, tokens, seg, H, K, V, impl, cp_axis):
     return y @ p["head"]
 
 
+def layer_model(key, d, H, K, impl):
+    """Embedding + the Flax KDA layer (residual) + head; the layer's params keep their logical names."""
+    import flax.linen as nn
+    from flashkda_jax.nn import KimiDeltaAttention
+
+    layer = KimiDeltaAttention(num_heads=H, head_dim=K, gate="softplus", implementation=impl,
+                               context_parallel_axis="cp")
+    k1, k2, k3 = jax.random.split(key, 3)
+    variables = layer.init(k1, jnp.zeros((1, 8, d)))
+
+    def apply(p, tokens, seg):
+        x = p["emb"][tokens]
+        return (x + layer.apply(p["kda"], x, seg)) @ p["head"]
+
+    params = dict(emb=jax.random.normal(k2, (VOCAB, d)), head=jax.random.normal(k3, (d, VOCAB)) * d ** -0.5,
+                  kda=nn.unbox(variables))
+    return apply, params, nn.get_partition_spec(variables)
+
+
 def batch(rng, B, T):
     """Packed rows of 'repeat the first half' sequences: the second half is predictable only by
     remembering the first, across context-parallel boundaries."""
@@ -81,18 +102,32 @@ def main():
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--lr", type=float, default=1e-2)
     ap.add_argument("--implementation", default=None, help="cpu / xla (default: best available)")
+    ap.add_argument("--layer", action="store_true", help="use the Flax KimiDeltaAttention layer")
     a = ap.parse_args()
     impl = a.implementation or ("cpu" if "cpu" in F.available_implementations() else "xla")
 
     devs = np.array(jax.devices()[: a.dp * a.cp]).reshape(a.dp, a.cp)
     mesh = Mesh(devs, ("dp", "cp"))
     H, K, V, d = 2, 16, 16, 32
-    params = init_params(jax.random.PRNGKey(0), d, H, K, V)
-    params = jax.device_put(params, NamedSharding(mesh, P()))      # replicated parameters
+    if a.layer:
+        import flax.linen as nn
+        with jax.set_mesh(mesh):   # context_parallel_axis needs the mesh, also at init
+            apply, params, specs = layer_model(jax.random.PRNGKey(0), d, H, K, impl)
+        # Logical names -> mesh axes: rows over dp; heads and width replicated on this dp x cp mesh (a
+        # "model" axis would take "heads" for tensor parallelism).
+        rules = [("batch", "dp"), ("heads", None), ("embed", None)]
+        replicated = NamedSharding(mesh, P())
+        shardings = dict(emb=replicated, head=replicated,
+                         kda=nn.logical_to_mesh_sharding(specs, mesh, rules))
+        params = jax.device_put(params, shardings)
+    else:
+        params = init_params(jax.random.PRNGKey(0), d, H, K, V)
+        params = jax.device_put(params, NamedSharding(mesh, P()))      # replicated parameters
+        apply = lambda p, tokens, seg: model(p, tokens, seg, H, K, V, impl, "cp")
     data_sharding = NamedSharding(mesh, P("dp", "cp"))               # rows over dp, tokens over cp
 
     def loss_fn(p, tokens, seg):
-        logits = model(p, tokens, seg, H, K, V, impl, "cp")
+        logits = apply(p, tokens, seg)
         tgt = jnp.roll(tokens, -1, axis=1)
         same = (jnp.roll(seg, -1, axis=1) == seg) & (seg > 0)
         same = same.at[:, -1].set(False)
@@ -113,7 +148,7 @@ def main():
     m = jax.tree.map(jnp.zeros_like, params)
     vv = jax.tree.map(jnp.zeros_like, params)
     rng = np.random.default_rng(0)
-    print(f"mesh {dict(mesh.shape)}, implementation={impl}, B={a.batch}, T={a.seq} ({a.seq // a.cp} tokens per cp device)")
+    print(f"mesh {dict(mesh.shape)}, {'Flax layer' if a.layer else 'kda op'}, implementation={impl}, B={a.batch}, T={a.seq} ({a.seq // a.cp} tokens per cp device)")
     first = None
     with jax.set_mesh(mesh):
         for i in range(1, a.steps + 1):
