@@ -91,6 +91,26 @@ def ragged_segments(B, T, seed=0):
     return jnp.asarray(np.array(rows, np.int32))
 
 
+def chunk_crossing_segments(B, T, seed=0):
+    """numpy int32 [B, T] segment ids for the chunked kernels: lengths 1, short, and 40-150 (some just
+    over one 64-token chunk), with padding runs, so sequences start and end anywhere inside chunks."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(B):
+        row, nid = [], 1
+        while len(row) < T:
+            kind = rng.integers(0, 5)
+            n = {0: 1, 1: int(rng.integers(2, 20)), 2: int(rng.integers(40, 150)), 3: int(rng.integers(1, 5)),
+                 4: int(rng.integers(60, 70))}[kind]
+            if kind == 3:
+                row.extend([0] * n)
+            else:
+                row.extend([nid] * n)
+                nid += 1
+        rows.append(row[:T])
+    return np.array(rows, np.int32)
+
+
 def split_by_segments(seg_row):
     """[(start, end)] of each sequence (non-padding run) of one row, in order."""
     seg_row = np.asarray(seg_row)

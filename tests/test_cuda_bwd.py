@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kda_testing import cuda_kernels_present, gpu_visible, rel_err, random_state, requires_cuda_kernels
+from kda_testing import chunk_crossing_segments, cuda_kernels_present, gpu_visible, rel_err, random_state, requires_cuda_kernels
 
 pytestmark = requires_cuda_kernels()
 
@@ -132,27 +132,9 @@ def test_options_off_state_vk():
     _compare((q, k, v, g, beta), params, kw, init, dfin, "vk")
 
 
-def _segments(B, T, seed):
-    rng = np.random.default_rng(seed)
-    rows = []
-    for _ in range(B):
-        row, nid = [], 1
-        while len(row) < T:
-            kind = rng.integers(0, 5)
-            n = {0: 1, 1: int(rng.integers(2, 20)), 2: int(rng.integers(40, 150)), 3: int(rng.integers(1, 5)),
-                 4: int(rng.integers(60, 70))}[kind]
-            if kind == 3:
-                row.extend([0] * n)
-            else:
-                row.extend([nid] * n)
-                nid += 1
-        rows.append(row[:T])
-    return np.array(rows, np.int32)
-
-
 def test_segments_padding_states():
     B, T, H, HV, K = 2, 400, 1, 2, 128
-    seg = _segments(B, T, 11)
+    seg = chunk_crossing_segments(B, T, 11)
     S = int(max(len(set(r[r > 0])) for r in seg))  # an upper bound on sequences per row
     args, params, kw = _inputs(12, B, T, H, HV, K, K, jnp.bfloat16, "softplus")
     kw.update(segment_ids=jnp.asarray(seg), max_segments=S)

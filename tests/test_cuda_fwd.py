@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kda_testing import cuda_kernels_present, gpu_visible, rel_err, random_state, requires_cuda_kernels
+from kda_testing import chunk_crossing_segments, cuda_kernels_present, gpu_visible, rel_err, random_state, requires_cuda_kernels
 
 pytestmark = requires_cuda_kernels()
 
@@ -113,28 +113,10 @@ def test_strong_gates_finite():
         _check(_run(args, "cuda", **kw), _ref(args, **kw), BF16_TOL, f"strong {gate}")
 
 
-def _segments(B, T, seed):
-    rng = np.random.default_rng(seed)
-    rows = []
-    for _ in range(B):
-        row, nid = [], 1
-        while len(row) < T:
-            kind = rng.integers(0, 5)
-            n = {0: 1, 1: int(rng.integers(2, 20)), 2: int(rng.integers(40, 150)), 3: int(rng.integers(1, 5)),
-                 4: int(rng.integers(60, 70))}[kind]
-            if kind == 3:
-                row.extend([0] * n)
-            else:
-                row.extend([nid] * n)
-                nid += 1
-        rows.append(row[:T])
-    return jnp.asarray(np.array(rows, np.int32))
-
-
 def test_segment_ids_ragged():
     B, T, H, HV, K = 2, 400, 1, 2, 128
     args, kw = _inputs(10, B, T, H, HV, K, K, jnp.bfloat16, "bounded")
-    seg = _segments(B, T, 11)
+    seg = jnp.asarray(chunk_crossing_segments(B, T, 11))
     S = 6  # fewer slots than sequences: later sequences start from zero and keep no state
     kw.update(segment_ids=seg, max_segments=S, initial_state=random_state(12, (B, S, HV, K, K)),
               return_final_state=True)
