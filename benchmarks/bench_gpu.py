@@ -76,8 +76,10 @@ def jax_fn(impl, varlen, gate="bounded", grad=False):
     def loss(q, k, v, g, beta, A_log, dt_bias, h0, cu):
         o, s = f(q, k, v, g, beta, A_log, dt_bias, h0, cu)
         return jnp.sum(o.astype(jnp.float32)) + jnp.sum(s)
-    # fwd+bwd: gradients of every float input, as fla's backward produces them.
-    return jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4, 5, 6, 7)))
+    # fwd+bwd: the loss and the gradients of every float input, as fla's forward + backward produce them.
+    # value_and_grad, not grad: with the primal discarded XLA drops the forward FFI call (it saves only its
+    # inputs), and a training step always needs the loss.
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4, 5, 6, 7)))
 
 
 def memory_ratio(f, args, B, T, H):
@@ -183,7 +185,7 @@ def main():
     ap.add_argument("--xla", action="store_true", help="also time the pure-JAX chunked program")
     ap.add_argument("--no-fla", action="store_true")
     ap.add_argument("--gate", choices=["bounded", "softplus"], default="bounded")
-    ap.add_argument("--grad", action="store_true", help="time fwd+bwd (jax.grad / torch backward)")
+    ap.add_argument("--grad", action="store_true", help="time fwd+bwd (jax.value_and_grad / torch forward + backward)")
     ap.add_argument("--cuda-bwd", action="store_true",
                     help="use the CUDA backward even while _capabilities.CUDA_BWD_READY is False")
     a = ap.parse_args()

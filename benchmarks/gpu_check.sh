@@ -2,7 +2,8 @@
 # One GPU check: install the carried wheels (.whl: nvidia-cutlass, fla-core), build the package with CUDA,
 # run the GPU tests and the benchmark tables. Logs go to $1 (default /tmp/gpu_check); a short summary is
 # printed last.
-#   STAGES   which parts to run (default "build tests bench"): build, tests, bwd (CUDA backward tests,
+#   STAGES   which parts to run (default "build tests bench"): build (or: PREBUILT=wheel installs a wheel built
+#            elsewhere for this machine's Python, e.g. with scripts/build_wheel_cp312.sh), tests, bwd (CUDA backward tests,
 #            stage by stage first), sanitize (compute-sanitizer memcheck of small fwd/decode/bwd runs),
 #            bench, softplus, grad (fwd+bwd table with the CUDA backward forced on), decode,
 #            multi (needs >= 2 GPUs: sharded == unsharded on the GPUs, context-parallel speed-up at 64k)
@@ -37,6 +38,12 @@ if has build; then
   rc=$?
   summary+=("build rc=$rc ($(( $(date +%s) - t0 )) s)")
   if [ $rc -ne 0 ]; then grep -E "error|Error" "$LOG/build.log" | head -30; cat "$LOG/gpu.txt"; exit 1; fi
+fi
+if [ -n "${PREBUILT:-}" ]; then
+  python3 -m pip install -q --no-deps --no-index --force-reinstall $PREBUILT >"$LOG/build.log" 2>&1
+  rc=$?
+  summary+=("prebuilt install rc=$rc ($PREBUILT)")
+  [ $rc -ne 0 ] && { cat "$LOG/build.log"; exit 1; }
 fi
 if has tests; then
   (cd tests && timeout 400 python3 -c "import sys; sys.path.append('$EXTRA_SITE') if '$EXTRA_SITE' else None; \

@@ -2,7 +2,7 @@
 
 1. check: the cases of tests/sharding_worker.py (batch, heads, batch+heads, context, data+context) on the
    GPUs with implementation="cuda" (K = V = 64, T = 192), sharded == unsharded for outputs and gradients.
-2. speed: fwd+bwd (jax.grad under jit) of b1-t64k-h16 (bf16, K = V = 128, bounded gate, l2norm, beta
+2. speed: fwd+bwd (jax.value_and_grad under jit) of b1-t64k-h16 (bf16, K = V = 128, bounded gate, l2norm, beta
    sigmoid) on one GPU, then with T sharded over all GPUs and context_parallel_axis="cp"; prints both
    times and the speed-up (issue target: >= 1.6x on 2 GPUs).
 
@@ -89,7 +89,7 @@ def grad_fn(cp_axis, impl):
         o, _ = F.kda(q, k, v, g, beta, gate="bounded", lower_bound=-5.0, A_log=A, dt_bias=dt, qk_l2norm=True,
                      beta_sigmoid=True, implementation=impl, context_parallel_axis=cp_axis)
         return jnp.sum(o.astype(jnp.float32))
-    return jax.jit(jax.grad(loss, argnums=tuple(range(7))))
+    return jax.jit(jax.value_and_grad(loss, argnums=tuple(range(7))))  # the loss too: keeps the forward
 
 
 def time_it(f, args, reps):

@@ -8,7 +8,7 @@ CUDA_FWD_READY = True
 CUDA_FWD_HEAD_DIMS = frozenset({(64, 64), (128, 128), (256, 256)})
 CUDA_FWD_DTYPES = frozenset({"bfloat16", "float16", "float32"})
 
-# CUDA backward kernel. While False, gradients on the GPU come from the pure-JAX chunked backward
-# (with a one-time warning), never silently.
-CUDA_BWD_READY = False
+# CUDA backward kernel (validated on an H100: tests/test_cuda_bwd*.py). Head dims outside
+# CUDA_BWD_HEAD_DIMS take the pure-JAX chunked backward on the GPU, with a one-time warning, never silently.
+CUDA_BWD_READY = True
 CUDA_BWD_HEAD_DIMS = frozenset({(64, 64), (128, 128)})

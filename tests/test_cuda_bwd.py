@@ -240,7 +240,7 @@ def test_grad2_v2_env(tmp_path):
     saved = tmp_path / "v2_dk.npy"
     env = dict(os.environ, FLASHKDA_BWD_GRAD2="v2", XLA_PYTHON_CLIENT_PREALLOCATE="false")
     proc = subprocess.run([sys.executable, "-c", _GRAD2_V2_CHILD, here, str(saved)], capture_output=True, text=True,
-                          timeout=900, env=env, cwd=os.path.dirname(here))
+                          timeout=900, env=env, cwd=str(tmp_path))  # not the checkout: import the installed package
     assert proc.returncode == 0, f"grad2 v2 run failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-6000:]}"
     assert proc.stdout.count("ok ") == 3, proc.stdout
     if os.environ.get("FLASHKDA_BWD_GRAD2") != "v2":  # this process runs the default grad2

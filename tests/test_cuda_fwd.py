@@ -215,7 +215,7 @@ def test_mma_solve_env(tmp_path):
     saved = tmp_path / "mma_o.npy"
     env = dict(os.environ, FLASHKDA_FWD_SOLVE="mma", XLA_PYTHON_CLIENT_PREALLOCATE="false")
     proc = subprocess.run([sys.executable, "-c", _MMA_SOLVE_CHILD, here, str(saved)], capture_output=True, text=True,
-                          timeout=900, env=env, cwd=os.path.dirname(here))
+                          timeout=900, env=env, cwd=str(tmp_path))  # not the checkout: import the installed package
     assert proc.returncode == 0, f"mma solve run failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-6000:]}"
     assert proc.stdout.count("ok ") == 7, proc.stdout
     args, kw = _inputs(1, 2, 200, 2, 4, 128, 128, jnp.bfloat16, "bounded")
