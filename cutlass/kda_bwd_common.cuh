@@ -21,7 +21,8 @@
 //            Writes dv, dg, dbeta and f32 per-(token, value head) dq, dk (w.r.t. the scaled, normalised
 //            q/k) and gate-parameter terms
 //   finish   per (token, q/k head): sum over the value heads of the group in order, scale, l2norm
-//   reduce   per (batch row, value head): da_log_partial and ddt_bias_partial, sums over tokens in order
+//   reduce   per (batch row, value head): da_log_partial and ddt_bias_partial, sums over tokens in order:
+//            per tile of kReduceTile tokens in parallel (gred), then over the tiles in order
 // No float atomics: every result element has one writer and a fixed summation order.
 #pragma once
 
@@ -40,6 +41,7 @@ namespace bwd {
 constexpr int kChunk = fwd::kChunk;
 constexpr int kThreads = 256;
 constexpr int kBV = 64;  // state columns per CTA of the states / reverse kernels
+constexpr int kReduceTile = 64;  // tokens per CTA of the gate-parameter reduction's first pass
 
 struct Params {
   fwd::Params f;  // problem, options, inputs and the prep workspace (f.S_final = dfinal_state slots)
@@ -65,11 +67,12 @@ struct Params {
   float* sA;       // [B, T, HV, C]  dA_qk rows
   float* sDa;      // [B, T, HV]     d a_log per token
   int4* seq_list;  // [B * T] (b, start, end, slot)
+  float* gred;     // [B, HV, ceil(T / kReduceTile), K + 1] per-tile sums of d(gate input) (K) and d a_log (1)
 };
 
 struct Layout {
   fwd::Layout f;  // the prep workspace (only qg..gamma, seq_start, seq_end, chunks, counters are used)
-  size_t hs, dh, dgam, sqg, skd, sw, su, sa, sda, seqs, total;
+  size_t hs, dh, dgam, sqg, skd, sw, su, sa, sda, seqs, gred, total;
 };
 
 // Workspace layout; mirrored by flashkda_jax/_workspace.py:cuda_bwd_workspace_bytes (keep both in sync).
@@ -95,6 +98,7 @@ inline Layout MakeLayout(int64_t B, int64_t T, int64_t HV, int64_t K, int64_t V,
   l.sa = take(tok * kChunk * 4);
   l.sda = take(tok * 4);
   l.seqs = take(static_cast<size_t>(B * T) * 16);
+  l.gred = take(static_cast<size_t>(B) * HV * ((T + kReduceTile - 1) / kReduceTile) * (K + 1) * 4);
   l.total = off;
   return l;
 }

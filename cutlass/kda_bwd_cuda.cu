@@ -90,38 +90,69 @@ __global__ void __launch_bounds__(256) Finish(Params P) {
 }
 
 // da_log_partial and ddt_bias_partial per (batch row, value head): sums over tokens in order.
+// Gate-parameter gradients, deterministic in two passes (no atomics). Pass 1, one CTA per (batch row, value
+// head, tile of kReduceTile tokens): the tile's sums of d(gate input) per column (-> ddt_bias) and of d a_log,
+// in a fixed order, to gred. Pass 2, one CTA per (row, value head): the tiles' sums in tile order.
 template <int K>
-__global__ void __launch_bounds__(256) ReduceGate(Params P) {
+__global__ void __launch_bounds__(256) ReduceGateTiles(Params P) {
   constexpr int NP = 256 / K;  // token phases
   __shared__ float s_part[256];
-  __shared__ float s_da[256];
+  __shared__ float s_da[kReduceTile];
   const fwd::Params& p = P.f;
   const int tid = threadIdx.x, c = tid % K, part = tid / K;
-  const int b = blockIdx.x / p.HV, hv = blockIdx.x % p.HV;
-  float acc = 0.f, da = 0.f;
-  if (p.gate_mode != 0) {
-    for (int t = part; t < p.T; t += NP) {
-      const size_t tok = (size_t)b * p.T + t;
-      if (p.slot[tok] >= 0) acc += P.sW[(tok * p.HV + hv) * K + c];
+  const int ntile = (p.T + kReduceTile - 1) / kReduceTile;
+  const long long nitems = static_cast<long long>(p.B) * p.HV * ntile;
+  for (long long it = blockIdx.x; it < nitems; it += gridDim.x) {
+    const int tile = static_cast<int>(it % ntile);
+    const long long bh = it / ntile;  // b * HV + hv
+    const int b = static_cast<int>(bh / p.HV), hv = static_cast<int>(bh % p.HV);
+    const int t0 = tile * kReduceTile, t1 = min(t0 + kReduceTile, p.T);
+    float acc = 0.f, da = 0.f;
+    if (p.gate_mode != 0) {
+      for (int t = t0 + part; t < t1; t += NP) {
+        const size_t tok = (size_t)b * p.T + t;
+        if (p.slot[tok] >= 0) acc += P.sW[(tok * p.HV + hv) * K + c];
+      }
+      if (tid < kReduceTile && t0 + tid < t1) {
+        const size_t tok = (size_t)b * p.T + t0 + tid;
+        if (p.slot[tok] >= 0) da = P.sDa[tok * p.HV + hv];
+      }
     }
-    for (int t = tid; t < p.T; t += 256) {
-      const size_t tok = (size_t)b * p.T + t;
-      if (p.slot[tok] >= 0) da += P.sDa[tok * p.HV + hv];
-    }
-  }
-  s_part[tid] = acc;
-  s_da[tid] = da;
-  __syncthreads();
-  if (tid < K) {
-    float sum = 0.f;
-    for (int q = 0; q < NP; ++q) sum += s_part[q * K + tid];
-    P.ddt[((size_t)b * p.HV + hv) * K + tid] = sum;
-  }
-  for (int w = 128; w > 0; w >>= 1) {
-    if (tid < w) s_da[tid] += s_da[tid + w];
+    __syncthreads();  // the previous item is done with shared memory
+    s_part[tid] = acc;
+    if (tid < kReduceTile) s_da[tid] = da;
     __syncthreads();
+    float* dst = P.gred + it * (K + 1);
+    if (tid < K) {
+      float sum = 0.f;
+      for (int q = 0; q < NP; ++q) sum += s_part[q * K + tid];
+      dst[tid] = sum;
+    } else if (tid == K) {
+      float sum = 0.f;
+      for (int q = 0; q < kReduceTile; ++q) sum += s_da[q];
+      dst[K] = sum;
+    }
   }
-  if (tid == 0) P.da_log[(size_t)b * p.HV + hv] = s_da[0];
+}
+
+template <int K>
+__global__ void __launch_bounds__(256) ReduceGate(Params P) {
+  const fwd::Params& p = P.f;
+  const int ntile = (p.T + kReduceTile - 1) / kReduceTile;
+  const long long nrows = static_cast<long long>(p.B) * p.HV;
+  for (long long bh = blockIdx.x; bh < nrows; bh += gridDim.x) {
+    const float* src = P.gred + bh * ntile * (K + 1);
+    for (int c = threadIdx.x; c <= K; c += 256) {
+      float sum = 0.f;
+#pragma unroll 8
+      for (int t = 0; t < ntile; ++t) sum += src[(size_t)t * (K + 1) + c];
+      if (c < K) {
+        P.ddt[bh * K + c] = sum;
+      } else {
+        P.da_log[bh] = sum;
+      }
+    }
+  }
 }
 
 ffi::Error CudaError(cudaError_t err, const char* where) {
@@ -151,12 +182,18 @@ ffi::Error Run(cudaStream_t stream, Params& P) {
     const long long n = static_cast<long long>(p.B) * p.T * p.H;
     long long grid = (n + 7) / 8;
     if (grid > 4ll * nsm * 8) grid = 4ll * nsm * 8;
+    const long long rows = static_cast<long long>(p.B) * p.HV;
+    const long long tiles = rows * ((p.T + kReduceTile - 1) / kReduceTile);
+    const int gt = static_cast<int>(tiles < 16ll * nsm ? tiles : 16ll * nsm);
+    const int gr = static_cast<int>(rows < 4ll * nsm ? rows : 4ll * nsm);
     if (p.K == 64) {
       Finish<64, TIn><<<static_cast<int>(grid), 256, 0, stream>>>(P);
-      ReduceGate<64><<<p.B * p.HV, 256, 0, stream>>>(P);
+      if (gt > 0) ReduceGateTiles<64><<<gt, 256, 0, stream>>>(P);
+      if (gr > 0) ReduceGate<64><<<gr, 256, 0, stream>>>(P);
     } else {
       Finish<128, TIn><<<static_cast<int>(grid), 256, 0, stream>>>(P);
-      ReduceGate<128><<<p.B * p.HV, 256, 0, stream>>>(P);
+      if (gt > 0) ReduceGateTiles<128><<<gt, 256, 0, stream>>>(P);
+      if (gr > 0) ReduceGate<128><<<gr, 256, 0, stream>>>(P);
     }
   }
   if ((err = cudaGetLastError()) != cudaSuccess) return CudaError(err, "finish kernels");
@@ -269,6 +306,7 @@ static ffi::Error KdaCudaBwdImpl(cudaStream_t stream, FLASHKDA_BWD_PARAMS) {
   P.sA = reinterpret_cast<float*>(ws + lay.sa);
   P.sDa = reinterpret_cast<float*>(ws + lay.sda);
   P.seq_list = reinterpret_cast<int4*>(ws + lay.seqs);
+  P.gred = reinterpret_cast<float*>(ws + lay.gred);
   switch (dt) {
     case ffi::DataType::BF16: return Run<__nv_bfloat16>(stream, P);
     case ffi::DataType::F16: return Run<__half>(stream, P);

@@ -102,6 +102,9 @@ def fwd_workspace_bytes(platform: str, *, B: int, T: int, H: int, HV: int, K: in
     return 0
 
 
+_REDUCE_TILE = 64  # flashkda::bwd::kReduceTile
+
+
 def _cuda_bwd_pack(B: int, T: int, HV: int, K: int, V: int, S: int) -> tuple[dict, int]:
     fwd, off = _pack(_cuda_fwd_regions(B, T, HV, K, V, S, no_split=True))
     nw = -(-T // _CHUNK)
@@ -119,6 +122,7 @@ def _cuda_bwd_pack(B: int, T: int, HV: int, K: int, V: int, S: int) -> tuple[dic
         ("sa", tok * _CHUNK * 4),          # dA_qk rows (f32) [B, T, HV, C]
         ("sda", tok * 4),                  # d a_log per token (f32) [B, T, HV]
         ("seqs", B * T * 16),              # sequence list (int4 b, start, end, slot)
+        ("gred", B * HV * -(-T // _REDUCE_TILE) * (K + 1) * 4),  # per-tile gate-parameter sums (f32)
     ], off)
     return {**fwd, **bwd}, off
 
