@@ -174,7 +174,7 @@ def test_short_and_vmap():
         assert rel_err(out[i], ref) <= BF16_TOL
 
 
-_MMA_SOLVE_CHILD = r"""
+_SOLVE_CHILD = r"""
 import sys
 sys.path.insert(0, sys.argv[1])
 import jax.numpy as jnp
@@ -188,7 +188,7 @@ def case(name, seed, B, T, H, HV, K, gate, strong=False, **extra):
     if "cu_seqlens" not in extra:
         kw["initial_state"] = random_state(seed + 1, (B, HV, K, K))
     out = t._run(args, "cuda", **kw)
-    t._check(out, t._ref(args, **kw), t.BF16_TOL, "mma solve " + name)
+    t._check(out, t._ref(args, **kw), t.BF16_TOL, "simt solve " + name)
     print("ok", name, flush=True)
     return out
 
@@ -203,23 +203,24 @@ case("split K=128", 15, 1, 3000, 1, 2, 128, "bounded")
 """
 
 
-def test_mma_solve_env(tmp_path):
-    # The prep kernel's tensor-core WY solve (FLASHKDA_FWD_SOLVE=mma, read once per process at the first
-    # launch): a fresh process runs the forward with it against the oracle at the usual tolerance; its first
-    # output must differ from this process's (default solve) in some bits, or the switch did nothing.
+def test_simt_solve_env(tmp_path):
+    # The prep kernel's WY solve: tensor cores by default for bf16 / fp16 inputs (this process), the SIMT
+    # substitution under FLASHKDA_FWD_SOLVE=simt (read once per process at the first launch). A fresh process
+    # runs the forward with the SIMT solve against the oracle at the usual tolerance; its first output must
+    # differ from this process's in some bits, or the switch did nothing.
     import os
     import subprocess
     import sys
 
     here = os.path.dirname(os.path.abspath(__file__))
-    saved = tmp_path / "mma_o.npy"
-    env = dict(os.environ, FLASHKDA_FWD_SOLVE="mma", XLA_PYTHON_CLIENT_PREALLOCATE="false")
-    proc = subprocess.run([sys.executable, "-c", _MMA_SOLVE_CHILD, here, str(saved)], capture_output=True, text=True,
+    saved = tmp_path / "simt_o.npy"
+    env = dict(os.environ, FLASHKDA_FWD_SOLVE="simt", XLA_PYTHON_CLIENT_PREALLOCATE="false")
+    proc = subprocess.run([sys.executable, "-c", _SOLVE_CHILD, here, str(saved)], capture_output=True, text=True,
                           timeout=900, env=env, cwd=str(tmp_path))  # not the checkout: import the installed package
-    assert proc.returncode == 0, f"mma solve run failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-6000:]}"
+    assert proc.returncode == 0, f"simt solve run failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-6000:]}"
     assert proc.stdout.count("ok ") == 7, proc.stdout
     args, kw = _inputs(1, 2, 200, 2, 4, 128, 128, jnp.bfloat16, "bounded")
     kw.update(initial_state=random_state(2, (2, 4, 128, 128)), return_final_state=True)
-    if os.environ.get("FLASHKDA_FWD_SOLVE") != "mma":  # this process runs the default solve
+    if os.environ.get("FLASHKDA_FWD_SOLVE") is None:  # this process runs the default (mma for bf16)
         default = np.asarray(_run(args, "cuda", **kw)[0], np.float32)
-        assert not np.array_equal(default, np.load(saved)), "FLASHKDA_FWD_SOLVE=mma gave the default solve's bits"
+        assert not np.array_equal(default, np.load(saved)), "FLASHKDA_FWD_SOLVE=simt gave the default solve's bits"
