@@ -503,18 +503,48 @@ ffi::Error KdaBwd(ffi::ThreadPool& pool, FLASHKDA_BWD_PARAMS) {
     return ffi::Error::InvalidArgument("flashkda_bwd: do must have v's shape and dtype");
   }
   if (auto e = StateBufferSlots(op, "dfinal_state", dfinal_state, P, &P.S_out); e.failure()) return e;
-  if (auto e = CheckResult(op, "dq", *dq, nq, s.dtype); e.failure()) return e;
-  if (auto e = CheckResult(op, "dk", *dk, nq, s.dtype); e.failure()) return e;
-  if (auto e = CheckResult(op, "dv", *dv, nv, s.dtype); e.failure()) return e;
-  if (auto e = CheckResult(op, "dg", *dg, ng, s.dtype); e.failure()) return e;
-  if (auto e = CheckResult(op, "dbeta", *dbeta, nb, s.dtype); e.failure()) return e;
-  if (auto e = CheckResult(op, "da_log_partial", *da_log_partial, size_t(s.B * s.HV), ffi::DataType::F32);
-      e.failure()) {
-    return e;
+  // State-only mode (docs/ffi.md): every input-gradient result empty -> only dinitial_state is produced.
+  // Here the gradients are still computed, into scratch (the CUDA handler skips their stages).
+  const size_t nrow = size_t(s.B * s.HV);
+  const bool state_only = StateOnlyRequested(*dq, *dk, *dv, *dg, *dbeta, *da_log_partial, *ddt_bias_partial) &&
+                          2 * nq + nv + ng + nb + nrow * (1 + s.K) > 0;
+  if (state_only && P.S_in == 0) {
+    return ffi::Error::InvalidArgument("flashkda_bwd: the state-only backward needs an initial_state");
   }
-  if (auto e = CheckResult(op, "ddt_bias_partial", *ddt_bias_partial, size_t(s.B * s.HV * s.K), ffi::DataType::F32);
-      e.failure()) {
-    return e;
+  const size_t w = ffi::ByteWidth(s.dtype);
+  Buf<unsigned char> scratch(state_only ? (2 * nq + nv + ng + nb) * w + nrow * (1 + s.K) * 4 + 7 * 64 : 0);
+  if (state_only) {
+    unsigned char* at = scratch.data();
+    auto take = [&](size_t bytes) { unsigned char* r = at; at += (bytes + 63) / 64 * 64; return r; };
+    A.dq = take(nq * w);
+    A.dk = take(nq * w);
+    A.dv = take(nv * w);
+    A.dg = take(ng * w);
+    A.dbeta = take(nb * w);
+    A.da_log = reinterpret_cast<float*>(take(nrow * 4));
+    A.ddt = reinterpret_cast<float*>(take(nrow * s.K * 4));
+  }
+  if (!state_only) {
+    if (auto e = CheckResult(op, "dq", *dq, nq, s.dtype); e.failure()) return e;
+    if (auto e = CheckResult(op, "dk", *dk, nq, s.dtype); e.failure()) return e;
+    if (auto e = CheckResult(op, "dv", *dv, nv, s.dtype); e.failure()) return e;
+    if (auto e = CheckResult(op, "dg", *dg, ng, s.dtype); e.failure()) return e;
+    if (auto e = CheckResult(op, "dbeta", *dbeta, nb, s.dtype); e.failure()) return e;
+    if (auto e = CheckResult(op, "da_log_partial", *da_log_partial, size_t(s.B * s.HV), ffi::DataType::F32);
+        e.failure()) {
+      return e;
+    }
+    if (auto e = CheckResult(op, "ddt_bias_partial", *ddt_bias_partial, size_t(s.B * s.HV * s.K), ffi::DataType::F32);
+        e.failure()) {
+      return e;
+    }
+    A.dq = dq->untyped_data();
+    A.dk = dk->untyped_data();
+    A.dv = dv->untyped_data();
+    A.dg = dg->untyped_data();
+    A.dbeta = dbeta->untyped_data();
+    A.da_log = static_cast<float*>(da_log_partial->untyped_data());
+    A.ddt = static_cast<float*>(ddt_bias_partial->untyped_data());
   }
   if (auto e = CheckResult(op, "dinitial_state", *dinitial_state, initial_state.element_count(), s.state_dtype);
       e.failure()) {
@@ -522,13 +552,6 @@ ffi::Error KdaBwd(ffi::ThreadPool& pool, FLASHKDA_BWD_PARAMS) {
   }
   A.d_o = d_o.untyped_data();
   A.dfin = P.S_out > 0 ? dfinal_state.untyped_data() : nullptr;
-  A.dq = dq->untyped_data();
-  A.dk = dk->untyped_data();
-  A.dv = dv->untyped_data();
-  A.dg = dg->untyped_data();
-  A.dbeta = dbeta->untyped_data();
-  A.da_log = static_cast<float*>(da_log_partial->untyped_data());
-  A.ddt = static_cast<float*>(ddt_bias_partial->untyped_data());
   A.dinit = P.S_in > 0 ? dinitial_state->untyped_data() : nullptr;
 
   if (s.B == 0 || s.HV == 0) return ffi::Error::Success();

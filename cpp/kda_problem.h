@@ -141,6 +141,14 @@ inline int64_t StateSlots(const ffi::AnyBuffer& state, const KdaShape& s) {
   return static_cast<int64_t>(state.element_count()) / per;
 }
 
+// The backward's state-only mode: every input-gradient result (dq, dk, dv, dg, dbeta, da_log_partial,
+// ddt_bias_partial) has 0 elements, so only dinitial_state is wanted (context parallelism needs the gradient
+// w.r.t. a slice's incoming state alone; the CUDA handler then runs only the reverse pass).
+template <class... Buffers>
+inline bool StateOnlyRequested(const Buffers&... grads) {
+  return ((grads.element_count() == 0) && ...);
+}
+
 }  // namespace flashkda
 
 // The attribute list shared by every KDA op's binding, in the order the handlers take them.

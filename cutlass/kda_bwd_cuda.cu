@@ -160,13 +160,13 @@ ffi::Error CudaError(cudaError_t err, const char* where) {
 }
 
 template <typename TIn>
-ffi::Error Run(cudaStream_t stream, Params& P) {
+ffi::Error Run(cudaStream_t stream, Params& P, bool state_only) {
   const fwd::Params& p = P.f;
   const int nsm = fwd::SmCount();
   cudaError_t err;
   if ((err = cudaMemsetAsync(p.counters, 0, 64, stream)) != cudaSuccess) return CudaError(err, "memset");
   if ((err = fwd::LaunchPlanSeqs(p, P.seq_list, stream)) != cudaSuccess) return CudaError(err, "plan kernels");
-  {
+  if (!state_only) {
     const long long ntok = static_cast<long long>(p.B) * p.T;
     long long grid = (ntok + 7) / 8;
     if (grid > 4ll * nsm * 8) grid = 4ll * nsm * 8;
@@ -174,6 +174,10 @@ ffi::Error Run(cudaStream_t stream, Params& P) {
   }
   if ((err = cudaGetLastError()) != cudaSuccess) return CudaError(err, "plan kernels");
   if ((err = fwd::LaunchPrep<TIn>(p, stream, nsm)) != cudaSuccess) return CudaError(err, "prep kernel");
+  if (state_only) {  // the reverse pass needs no chunk states
+    if ((err = LaunchReverse<TIn>(P, stream, nsm)) != cudaSuccess) return CudaError(err, "reverse kernel");
+    return ffi::Error::Success();
+  }
   if ((err = LaunchStates(P, stream, nsm)) != cudaSuccess) return CudaError(err, "states kernel");
   if ((err = LaunchReverse<TIn>(P, stream, nsm)) != cudaSuccess) return CudaError(err, "reverse kernel");
   if ((err = LaunchGrad1<TIn>(P, stream, nsm)) != cudaSuccess) return CudaError(err, "grad1 kernel");
@@ -240,18 +244,22 @@ static ffi::Error KdaCudaBwdImpl(cudaStream_t stream, FLASHKDA_BWD_PARAMS) {
   if (s.has_initial_state && s_out > 0 && s_out != s.S) {
     return ffi::Error::InvalidArgument("flashkda_bwd (CUDA): initial state and dfinal_state must have the same slots");
   }
-  if (auto e = Check(dq, nq, dt, "dq"); e.failure()) return e;
-  if (auto e = Check(dk, nq, dt, "dk"); e.failure()) return e;
-  if (auto e = Check(dv, nv, dt, "dv"); e.failure()) return e;
-  if (auto e = Check(dg, ng, dt, "dg"); e.failure()) return e;
-  if (auto e = Check(dbeta, nb, dt, "dbeta"); e.failure()) return e;
-  if (auto e = Check(da_log_partial, static_cast<size_t>(s.B * s.HV), ffi::DataType::F32, "da_log_partial");
-      e.failure()) {
-    return e;
+  // State-only mode (docs/ffi.md): every input-gradient result empty -> only the reverse pass runs, for
+  // dinitial_state.
+  const size_t nrow = static_cast<size_t>(s.B * s.HV);
+  const bool state_only = StateOnlyRequested(*dq, *dk, *dv, *dg, *dbeta, *da_log_partial, *ddt_bias_partial) &&
+                          2 * nq + nv + ng + nb + nrow * (1 + s.K) > 0;
+  if (state_only && !s.has_initial_state) {
+    return ffi::Error::InvalidArgument("flashkda_bwd (CUDA): the state-only backward needs an initial_state");
   }
-  if (auto e = Check(ddt_bias_partial, static_cast<size_t>(s.B * s.HV * s.K), ffi::DataType::F32, "ddt_bias_partial");
-      e.failure()) {
-    return e;
+  if (!state_only) {
+    if (auto e = Check(dq, nq, dt, "dq"); e.failure()) return e;
+    if (auto e = Check(dk, nq, dt, "dk"); e.failure()) return e;
+    if (auto e = Check(dv, nv, dt, "dv"); e.failure()) return e;
+    if (auto e = Check(dg, ng, dt, "dg"); e.failure()) return e;
+    if (auto e = Check(dbeta, nb, dt, "dbeta"); e.failure()) return e;
+    if (auto e = Check(da_log_partial, nrow, ffi::DataType::F32, "da_log_partial"); e.failure()) return e;
+    if (auto e = Check(ddt_bias_partial, nrow * s.K, ffi::DataType::F32, "ddt_bias_partial"); e.failure()) return e;
   }
   if (auto e = Check(dinitial_state, initial_state.element_count(), ffi::DataType::F32, "dinitial_state");
       e.failure()) {
@@ -308,9 +316,9 @@ static ffi::Error KdaCudaBwdImpl(cudaStream_t stream, FLASHKDA_BWD_PARAMS) {
   P.seq_list = reinterpret_cast<int4*>(ws + lay.seqs);
   P.gred = reinterpret_cast<float*>(ws + lay.gred);
   switch (dt) {
-    case ffi::DataType::BF16: return Run<__nv_bfloat16>(stream, P);
-    case ffi::DataType::F16: return Run<__half>(stream, P);
-    default: return Run<float>(stream, P);
+    case ffi::DataType::BF16: return Run<__nv_bfloat16>(stream, P, state_only);
+    case ffi::DataType::F16: return Run<__half>(stream, P, state_only);
+    default: return Run<float>(stream, P, state_only);
   }
 }
 

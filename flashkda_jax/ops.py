@@ -112,6 +112,25 @@ def _ffi_backward(args, do, dfin, opts, impl):
     return dq, dk, dv, dg, dbeta, da, ddt, (dinit if init is not None else None)
 
 
+def _ffi_backward_state(args, do, dfin, opts, impl):
+    """Only dinitial_state of the backward (its state-only mode: empty input-gradient results; on CUDA only
+    the reverse pass runs). Needs an initial state."""
+    q, k, v, g, beta, a_log, dt_bias, slot, init = args
+    sizes = _sizes(q, v, opts)
+    ws = _workspace.bwd_workspace_bytes(impl, opts=opts, **sizes)
+    none = jax.ShapeDtypeStruct((0,), jnp.float32)
+    out_types = (jax.ShapeDtypeStruct((0,), q.dtype), jax.ShapeDtypeStruct((0,), k.dtype),
+                 jax.ShapeDtypeStruct((0,), v.dtype), jax.ShapeDtypeStruct((0,), g.dtype),
+                 jax.ShapeDtypeStruct((0,), beta.dtype), none, none,
+                 _state_struct(q, v, opts, True), jax.ShapeDtypeStruct((ws,), jnp.uint8))
+    if dfin is None:
+        dfin = _empty_state(q)
+    outs = jax.ffi.ffi_call(_ffi.BWD_TARGET, out_types, vmap_method="broadcast_all")(
+        q, k, v, g, beta, a_log, dt_bias, slot, init,
+        do.astype(v.dtype), dfin.astype(_inputs.compute_dtype(q.dtype)), **opts.ffi_attrs())
+    return outs[7]
+
+
 def _backward_impl(impl: str, q, v) -> str:
     if impl != "cuda":
         return impl

@@ -45,9 +45,15 @@ before it, ``X ↦ P·X + H`` with ``P = ∏ (I − β k kᵀ) Diag(exp g)`` (K�
 Sequence boundaries come from the global slot map (segment ids / cu_seqlens); the sequence continuing
 from the previous device and the one running into the next device get two extra local state slots, so
 any ``max_segments`` (even none) works. Final states of sequences ending on a device are summed over the
-cp axes (each slot ends on exactly one device). The backward is jax's AD of this per-device program
-inside the backward op (the transpose of the all-gather is a reduce-scatter: the state cotangents flow
-from later devices to earlier ones). Cost: forward ≈ 3 passes (one of them with V = K), backward ≈ 3.
+cp axes (each slot ends on exactly one device).
+
+The backward (``_cp_bwd``) runs ONE full backward per device: with ``D_i`` the cotangent of device i's
+outgoing state, device i's input gradients are the backward of its true run with ``D_i`` added to the
+final-state cotangent of the sequence running into the next device; ``D`` comes from a reverse scan over
+devices, ``D_{j-1} = L_j + P_jᵀ D_j``, where ``L_j`` (the gradient of device j's own outputs w.r.t. its
+incoming state) is the backward op's state-only mode (on CUDA the reverse pass alone). Cost per device:
+forward 3 passes (one with V = K); backward 2 forward passes (to rebuild ``P_i`` and the carry), the
+state-only pass and one full backward, all on T/n tokens.
 
 Turn it on by sharding T of the inputs, or with ``kda(..., context_parallel_axis="cp")`` which places a
 sharding constraint on T (needs a mesh in context: ``with jax.set_mesh(mesh):`` or
@@ -127,6 +133,21 @@ def _core_bwd(args, do, dfin, opts, impl):
     return tuple(ops._ffi_backward(args, do, dfin, opts, bimpl))
 
 
+def _core_bwd_state(args, do, dfin, opts, impl):
+    """Only the gradient w.r.t. the initial state (args[-1], required): the backward's state-only mode."""
+    ops = _ops()
+    bimpl = impl if impl == "xla" else ops._backward_impl(impl, args[0], args[2])
+    if bimpl == "xla":
+        *rest, init = args
+
+        def f(init_):
+            return _xla_fwd((*rest, init_), opts)
+
+        _, vjp = jax.vjp(f, init)
+        return vjp((do, dfin))[0]
+    return ops._ffi_backward_state(args, do, dfin, opts, bimpl)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
 def _local_core(args, opts, impl):
     """The differentiable per-device core (used inside context parallelism)."""
@@ -175,8 +196,10 @@ def _cp_plan(slot, S, axes):
     return dict(n=n, i=i, first=first, last=last, cont=cont, spans=spans, is_c=is_c, lslot=lslot, ends=ends)
 
 
-def _cp_local(fargs, slot, plan, opts, impl, axes):
-    """(o, final-state contributions [B, S, HV, K, V] (kv) or None) of this device's slice."""
+def _cp_setup(fargs, plan, opts):
+    """(base [B, S, HV, K, V], last_init [B, HV, K, V], local options) of this slice's local problem: its
+    S + 2 local slots are the global ones, the sequence continuing from the previous device (slot S, from
+    the carried state) and the sequence running into the next device (slot S + 1)."""
     q, k, v, g, beta, a, dt, init = fargs
     B, Tl, HV, V = v.shape
     K = q.shape[-1]
@@ -196,14 +219,24 @@ def _cp_local(fargs, slot, plan, opts, impl, axes):
         last_init = jnp.zeros((B, HV, K, V), cdt)
     lopts = dataclasses.replace(opts, num_slots=S + 2, return_final_state=True, state_layout="kv",
                                 state_mode="segments")
+    return base, last_init, lopts
+
+
+def _cp_local_init(base, carry, last_init):
+    return jnp.concatenate([base, carry[:, None], last_init[:, None]], axis=1)
+
+
+def _cp_maps(fargs, plan, base, last_init, lopts, impl, axes):
+    """(X_{i-1}: the true state carried into this slice, P_i: this slice's linear map of it)."""
+    q, k, v, g, beta, a, dt, _ = fargs
+    B, Tl, HV, V = v.shape
+    K = q.shape[-1]
+    cdt = base.dtype
+    S = lopts.num_slots - 2
     lslot = plan["lslot"]
-
-    def run(carry):
-        init_l = jnp.concatenate([base, carry[:, None], last_init[:, None]], axis=1)
-        return _diff_core((q, k, v, g, beta, a, dt, lslot, init_l), lopts, impl)
-
     # 1. zero carried state: the state handed to the next device, from a zero incoming state.
-    _, fin0 = run(jnp.zeros((B, HV, K, V), cdt))
+    zero = jnp.zeros((B, HV, K, V), cdt)
+    _, fin0 = _diff_core((q, k, v, g, beta, a, dt, lslot, _cp_local_init(base, zero, last_init)), lopts, impl)
     spans = plan["spans"]
     h_out = jnp.where(spans[:, None, None, None], fin0[:, S], fin0[:, S + 1])
     # 2. the linear part for the sequence continuing through the whole slice: v = 0 from the identity.
@@ -220,20 +253,34 @@ def _cp_local(fargs, slot, plan, opts, impl, axes):
         p, h = ph
         return jnp.einsum("bhkl,bhlv->bhkv", p, x, precision=_HI) + h, x
 
-    _, xs_in = jax.lax.scan(step, jnp.zeros((B, HV, K, V), cdt), (ps, hs))   # xs_in[j] = X_{j-1}
+    _, xs_in = jax.lax.scan(step, zero, (ps, hs))           # xs_in[j] = X_{j-1}
     carry = jax.lax.dynamic_index_in_dim(xs_in, plan["i"], axis=0, keepdims=False)
     carry = jnp.where(plan["cont"][:, None, None, None], carry, 0.0)
-    # 4. the true run.
-    o, fin = run(carry)
-    if not opts.return_final_state:
-        return o, None
-    # Final state of every global slot whose sequence ends in this slice.
+    return carry, p_map
+
+
+def _cp_finals(fin, slot, plan, S):
+    """(final-state contributions [B, S, HV, K, V] of the global slots whose sequences end in this slice,
+    which of them do) from the local run's final states."""
     hit = (slot[:, None, :] == jnp.arange(S)[None, :, None]) & plan["ends"][:, None, :]   # [B, S, Tl]
-    holder = jnp.max(jnp.where(hit, lslot[:, None, :], -1), axis=-1)                      # [B, S]
+    holder = jnp.max(jnp.where(hit, plan["lslot"][:, None, :], -1), axis=-1)               # [B, S]
     has = holder >= 0
     contrib = jnp.take_along_axis(fin, jnp.clip(holder, 0, S + 1)[:, :, None, None, None], axis=1)
     contrib = jnp.where(has[:, :, None, None, None], contrib, 0.0)
-    return o, (contrib, has)
+    return contrib, has
+
+
+def _cp_local(fargs, slot, plan, opts, impl, axes):
+    """(o, (final-state contributions [B, S, HV, K, V] (kv), which) or None) of this device's slice."""
+    q, k, v, g, beta, a, dt, _ = fargs
+    base, last_init, lopts = _cp_setup(fargs, plan, opts)
+    carry, _ = _cp_maps(fargs, plan, base, last_init, lopts, impl, axes)
+    # 4. the true run, from the true incoming state.
+    o, fin = _diff_core((q, k, v, g, beta, a, dt, plan["lslot"], _cp_local_init(base, carry, last_init)), lopts,
+                        impl)
+    if not opts.return_final_state:
+        return o, None
+    return o, _cp_finals(fin, slot, plan, opts.num_slots)
 
 
 def _final_hits(slot, plan, S):
@@ -262,19 +309,57 @@ def _cp_fwd(args, opts, impl, axes):
 
 
 def _cp_bwd(args, do, dfin, opts, impl, axes):
+    """Backward of the context-parallel program with one full backward per device.
+
+    Device i's inputs reach the loss through its outputs and final states (its true run, given its incoming
+    state X_{i-1}) and through its outgoing state X_i (the final state of its trailing local slot), which
+    later devices consume. With D_i = dLoss/dX_i, the gradient of device i's inputs is the backward of its
+    true run with D_i added to the trailing slot's final-state cotangent (runs 1-2 need no backward: their
+    influence is exactly this term). D comes from a reverse scan over devices,
+    D_{j-1} = L_j + P_j^T D_j, where L_j, the gradient of device j's local loss w.r.t. its incoming state,
+    is the state-only backward (the reverse pass alone on CUDA)."""
     q, k, v, g, beta, a, dt, slot, init = args
-    plan = _cp_plan(slot, opts.num_slots, axes)
-
-    def f(*fargs):
-        o, extra = _cp_local(fargs, slot, plan, opts, impl, axes)
-        return (o, None) if extra is None else (o, extra[0])
-
-    (_, contrib), vjp = jax.vjp(f, q, k, v, g, beta, a, dt, init)
+    S = opts.num_slots
+    plan = _cp_plan(slot, S, axes)
+    fargs = (q, k, v, g, beta, a, dt, init)
+    base, last_init, lopts = _cp_setup(fargs, plan, opts)
+    carry, p_map = _cp_maps(fargs, plan, base, last_init, lopts, impl, axes)
+    largs = (q, k, v, g, beta, a, dt, plan["lslot"], _cp_local_init(base, carry, last_init))
+    cdt = base.dtype
+    zero_fin = jnp.zeros(base.shape[:1] + (S + 2,) + base.shape[2:], cdt)
     dfin_kv = None
-    if contrib is not None:
-        dfin_kv = jnp.swapaxes(dfin, -1, -2) if opts.state_vk else dfin
-        dfin_kv = dfin_kv.astype(contrib.dtype)
-    dq, dk, dv, dg, dbeta, da, ddt, dinit = vjp((do, dfin_kv))
+    if opts.return_final_state:
+        dfin_kv = (jnp.swapaxes(dfin, -1, -2) if opts.state_vk else dfin).astype(cdt)
+        _, finals_vjp = jax.vjp(lambda f: _cp_finals(f, slot, plan, S)[0], zero_fin)
+        (dfin_l,) = finals_vjp(dfin_kv)
+    else:
+        dfin_l = zero_fin
+    # (a) this slice's local-loss gradient w.r.t. its incoming state (zero where nothing continues into it).
+    ell = _core_bwd_state(largs, do, dfin_l, lopts, impl)[:, S]
+    ell = jnp.where(plan["cont"][:, None, None, None], ell, 0.0)
+    # (b) D_j for every device, last to first.
+    ls = jax.lax.all_gather(ell, axes)                      # [n, B, HV, K, V]
+    ps = jax.lax.all_gather(p_map, axes)                    # [n, B, HV, K, K]
+
+    def step(d, lp):
+        l_j, p_j = lp
+        return l_j + jnp.einsum("bhkl,bhkv->bhlv", p_j, d, precision=_HI), d
+
+    _, ds = jax.lax.scan(step, jnp.zeros_like(ell), (ls, ps), reverse=True)   # ds[j] = D_j
+    d_out = jax.lax.dynamic_index_in_dim(ds, plan["i"], axis=0, keepdims=False)
+    # (c) the one full backward, D_i on the trailing slot (S when the continuing sequence spans the slice).
+    trailing = jnp.where(plan["spans"], S, S + 1)
+    on_trailing = (jnp.arange(S + 2)[None, :] == trailing[:, None]).astype(cdt)   # [B, S + 2]
+    dfin_l = dfin_l + on_trailing[:, :, None, None, None] * d_out[:, None]
+    dq, dk, dv, dg, dbeta, da, ddt, dinit_l = _core_bwd(largs, do, dfin_l, lopts, impl)
+    dinit = None
+    if init is not None:  # the local initial states come from init (base, last_init); the carry is handled by D
+        def local_init(init_):
+            base_, last_, _ = _cp_setup(fargs[:-1] + (init_,), plan, opts)
+            return _cp_local_init(base_, jnp.zeros_like(carry), last_)
+
+        _, init_vjp = jax.vjp(local_init, init)
+        (dinit,) = init_vjp(dinit_l.astype(cdt))
     # Inputs replicated over the cp axes: every device saw part of their use.
     da, ddt = jax.lax.psum((da, ddt), axes)
     if init is not None:

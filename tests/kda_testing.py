@@ -126,3 +126,34 @@ def split_by_segments(seg_row):
             t += 1
         out.append((s, t))
     return out
+
+
+def state_only_vs_full_backward(impl, *, K, dtype, seed=0):
+    """(dinitial_state of the backward's state-only mode, that of the full backward, state-only without an
+    initial state -> the error it raises or None): the FFI contract that context parallelism relies on."""
+    from flashkda_jax import _inputs as I
+    from flashkda_jax import ops
+
+    B, T, H, HV = 2, 150, 1, 2
+    args, kw = make_problem(seed, B=B, T=T, H=H, HV=HV, K=K, V=K, dtype=dtype, gate="bounded")
+    segs = ragged_segments(B, T, seed)
+    S = 4  # fewer slots than sequences: later sequences start from zero and keep no state
+    init = random_state(seed + 1, (B, S, HV, K, K))
+    core, opts = I.prepare(*args, scale=None, initial_state=init, segment_ids=segs, max_segments=S,
+                           cu_seqlens=None, return_final_state=True, qk_l2norm=True, beta_sigmoid=True,
+                           allow_neg_eigval=False, gate="bounded", A_log=kw["A_log"], dt_bias=kw["dt_bias"],
+                           lower_bound=kw["lower_bound"], state_layout="kv")
+    rows = lambda x: jnp.broadcast_to(x, (B,) + x.shape)
+    fargs = (core.q, core.k, core.v, core.g, core.beta, rows(core.a_log), rows(core.dt_bias), core.slot,
+             core.initial_state)
+    do = jax.random.normal(jax.random.PRNGKey(seed + 7), core.v.shape, jnp.float32).astype(core.v.dtype)
+    dfin = random_state(seed + 2, core.initial_state.shape)
+    only = jax.jit(lambda *a: ops._ffi_backward_state(a, do, dfin, opts, impl))(*fargs)
+    full = jax.jit(lambda *a: ops._ffi_backward(a, do, dfin, opts, impl))(*fargs)[-1]
+    try:
+        no_init = fargs[:-1] + (jnp.zeros((0,), core.initial_state.dtype),)
+        jax.block_until_ready(jax.jit(lambda *a: ops._ffi_backward_state(a, do, None, opts, impl))(*no_init))
+        err = None
+    except Exception as e:  # noqa: BLE001 - the FFI error surfaces as an XlaRuntimeError
+        err = e
+    return np.asarray(only), np.asarray(full), err

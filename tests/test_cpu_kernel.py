@@ -298,3 +298,15 @@ def test_public_grad_matches_reference():
     ref = jax.jit(jax.grad(functools.partial(loss, reference.kda_recurrent), argnums=tuple(range(8))))(*args)
     for a, b in zip(mine, ref):
         assert rel_err(a, b) <= F32_GRAD_TOL, rel_err(a, b)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_state_only_backward_matches_full(dtype):
+    # The backward's state-only mode (empty input-gradient results; context parallelism's incoming-state
+    # gradient): the same dinitial_state as the full backward, and an error without an initial state.
+    from kda_testing import state_only_vs_full_backward
+
+    only, full, err = state_only_vs_full_backward("cpu", K=16, dtype=dtype)
+    assert only.shape == full.shape and np.abs(full).max() > 0
+    np.testing.assert_array_equal(only, full)
+    assert err is not None and "needs an initial_state" in str(err)

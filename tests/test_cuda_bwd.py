@@ -202,6 +202,17 @@ def test_ffi_backward_direct():
         assert np.all(np.isfinite(np.asarray(x, np.float32)))
 
 
+@pytest.mark.parametrize("K", [64, 128])
+def test_state_only_backward_matches_full(K):
+    # State-only mode (only the reverse pass runs): bit-identical dinitial_state to the full backward's.
+    from kda_testing import state_only_vs_full_backward
+
+    only, full, err = state_only_vs_full_backward("cuda", K=K, dtype=jnp.bfloat16)
+    assert only.shape == full.shape and np.abs(full).max() > 0
+    np.testing.assert_array_equal(only, full)
+    assert err is not None and "needs an initial_state" in str(err)
+
+
 _GRAD2_V2_CHILD = r"""
 import sys
 sys.path.insert(0, sys.argv[1])
