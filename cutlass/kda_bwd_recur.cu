@@ -1,8 +1,13 @@
 // flashkda_bwd, stages "states" and "reverse": the two sequential passes over the chunks of each sequence,
 // one CTA per (sequence, value head, kBV state columns), state block in shared memory (f32), chunk operands
-// from the prep workspace. See kda_bwd_common.cuh for the algorithm.
+// from the prep workspace. See kda_bwd_common.cuh for the algorithm. FLASHKDA_BWD_RECUR=v2 selects the
+// tensor-core versions further down (StatesKernelV2 / ReverseKernelV2).
 #include "kda_bwd_common.cuh"
 #include "kda_fwd_launch.h"
+
+#include <cstdlib>
+#include <cstring>
+#include <type_traits>
 
 namespace flashkda {
 namespace bwd {
@@ -222,9 +227,499 @@ __global__ void __launch_bounds__(kThreads) ReverseKernel(Params P) {
   }
 }
 
+
+// ---------------------------------------------------------------------------------------------------------
+// v2 (FLASHKDA_BWD_RECUR=v2): both passes on tensor cores in the style of the forward's RecurKernel. One CTA
+// per (sequence, value head, BV state columns), BV in {16, 32, 64} chosen on the host so that the items fill
+// the SMs; the state (S or dS) lives in registers as fp32 mma accumulators, with a bf16 copy in shared memory
+// as the B operand of the next chunk's products; chunk operands (bf16, prep workspace) are double-buffered
+// with cp.async, the next chunk's load being issued right after barrier A (two barriers per chunk).
+// Workspace indices are those of the default kernels above:
+//   Hs[b, ceil(cs_next / C), hv, k, v]    after the update of chunk cs (every chunk but a sequence's last;
+//                                         (cs + 2C - 1) / C = ceil((cs + C) / C) is the next chunk's index)
+//   dH[b, ceil(cs_next / C), hv, k, v]    dS_next of chunk cs (the state before its update), same condition
+//   dinit[b, s, hv, StateAt(vk)]          dS after the sequence's first chunk, s < S_init
+//   start states: init[b, s, hv, StateAt(vk)] (s < S_init, else 0); dfin[b, s, hv, StateAt(vk)] (dfin and
+//   s < S_out, else 0); gamma of the reverse's chunk from GammaIndex (zero where it is -1), of the states'
+//   (full) chunk at (cs + C - 1) / C.
+// ---------------------------------------------------------------------------------------------------------
+
+// Warp tiling of the 8 warps. C x BV products (R, dR): 4 warps along the rows, 2 along the columns, NTW tiles
+// of 8 columns each. K x BV state: WM3 warps along the K / 16 row tiles (MTW3 each), WN3 along the columns.
+template <int K, int BV>
+struct TilesV2 {
+  static constexpr int NT = BV / 8, NTW = NT / 2;
+  static constexpr int MT3 = K / 16, WM3 = MT3 < 8 ? MT3 : 8, WN3 = 8 / WM3, MTW3 = MT3 / WM3, NTW3 = NT / WN3;
+  static_assert(NTW >= 1 && NTW3 >= 1 && MT3 % WM3 == 0 && NT % WN3 == 0, "tiling");
+};
+
+// Lane addresses for ldmatrix (16-row x 16-column bf16 fragments at kk = 0):
+//   A (rows m0.., k) of a row-major [m][k] block;  A = X^T of an [k][m] block (.trans);  B (k, columns n0..)
+//   of a [k][n] block (.trans).
+__device__ __forceinline__ const bf16* ABase(const bf16* s, int ld, int m0, int lane) {
+  return s + (m0 + (lane & 15)) * ld + (lane >> 4) * 8;
+}
+__device__ __forceinline__ const bf16* ATBase(const bf16* s, int ld, int lane) {
+  return s + ((lane & 7) + (lane >> 4) * 8) * ld + ((lane >> 3) & 1) * 8;
+}
+__device__ __forceinline__ const bf16* BBase(const bf16* s, int ld, int n0, int lane) {
+  return s + ((lane & 7) + ((lane >> 3) & 1) * 8) * ld + n0 + (lane >> 4) * 8;
+}
+
+// B fragments of N consecutive 8-column tiles: .x4 per pair, .x2 for an odd last one (BV = 16 layouts).
+template <int N>
+__device__ __forceinline__ void LoadB(const bf16* base, uint32_t (&b)[N][2]) {
+#pragma unroll
+  for (int np = 0; np < N / 2; ++np)
+    fwd::LdsmT(base + np * 16, b[2 * np][0], b[2 * np][1], b[2 * np + 1][0], b[2 * np + 1][1]);
+  if constexpr (N % 2 == 1) {
+    cute::SM75_U16x4_LDSM_T::copy(*reinterpret_cast<const cute::uint128_t*>(base + (N - 1) * 8), b[N - 1][0],
+                                  b[N - 1][1]);
+  }
+}
+
+// acc[n] += A B over K16 steps of 16: A rows of a row-major [m][k] block (a_base from ABase), B of N column
+// tiles (b_base from BBase, b_step: elements per 16 k rows).
+template <int N, int K16>
+__device__ __forceinline__ void MmaRow(float (&acc)[N][4], const bf16* a_base, const bf16* b_base, int b_step) {
+#pragma unroll
+  for (int kk = 0; kk < K16; ++kk) {
+    uint32_t a[4], bb[N][2];
+    fwd::Ldsm(a_base + kk * 16, a[0], a[1], a[2], a[3]);
+    LoadB<N>(b_base + kk * b_step, bb);
+#pragma unroll
+    for (int n = 0; n < N; ++n) fwd::Mma(acc[n], a, bb[n][0], bb[n][1]);
+  }
+}
+
+// The state tile of this thread: element (mi, ni, q) is (row, col) of the K x BV block.
+template <int K, int BV>
+struct StateTile {
+  using TL = TilesV2<K, BV>;
+  int wm3, wn3, gr, t4;
+  __device__ __forceinline__ int Row(int mi, int q) const { return (wm3 + TL::WM3 * mi) * 16 + gr + 8 * (q >> 1); }
+  __device__ __forceinline__ int Col(int ni, int q) const { return (wn3 * TL::NTW3 + ni) * 8 + 2 * t4 + (q & 1); }
+};
+
+// Reads a start state (f32 [K, V] or, vk, [V, K]) or zeros.
+template <int K, int BV>
+__device__ __forceinline__ void LoadState(float (&st)[TilesV2<K, BV>::MTW3][TilesV2<K, BV>::NTW3][4],
+                                          const StateTile<K, BV>& tt, const float* src, bool vk, int V, int col0) {
+#pragma unroll
+  for (int mi = 0; mi < TilesV2<K, BV>::MTW3; ++mi)
+#pragma unroll
+    for (int ni = 0; ni < TilesV2<K, BV>::NTW3; ++ni)
+#pragma unroll
+      for (int q = 0; q < 4; ++q)
+        st[mi][ni][q] = src ? src[StateAt(vk, K, V, tt.Row(mi, q), col0 + tt.Col(ni, q))] : 0.f;
+}
+
+// Writes the state block to a [K, V] (ld = V) f32 matrix, two adjacent columns at once.
+template <int K, int BV>
+__device__ __forceinline__ void StoreStateKV(const float (&st)[TilesV2<K, BV>::MTW3][TilesV2<K, BV>::NTW3][4],
+                                             const StateTile<K, BV>& tt, float* dst, int V, int col0) {
+#pragma unroll
+  for (int mi = 0; mi < TilesV2<K, BV>::MTW3; ++mi)
+#pragma unroll
+    for (int ni = 0; ni < TilesV2<K, BV>::NTW3; ++ni)
+#pragma unroll
+      for (int hh = 0; hh < 2; ++hh)
+        *reinterpret_cast<float2*>(dst + (size_t)tt.Row(mi, 2 * hh) * V + col0 + tt.Col(ni, 0)) =
+            make_float2(st[mi][ni][2 * hh], st[mi][ni][2 * hh + 1]);
+}
+
+// bf16 copy of the state block in shared memory ([K][ld]).
+template <int K, int BV>
+__device__ __forceinline__ void StoreStateSmem(const float (&st)[TilesV2<K, BV>::MTW3][TilesV2<K, BV>::NTW3][4],
+                                               const StateTile<K, BV>& tt, bf16* s, int ld) {
+#pragma unroll
+  for (int mi = 0; mi < TilesV2<K, BV>::MTW3; ++mi)
+#pragma unroll
+    for (int ni = 0; ni < TilesV2<K, BV>::NTW3; ++ni)
+#pragma unroll
+      for (int hh = 0; hh < 2; ++hh)
+        *reinterpret_cast<uint32_t*>(s + tt.Row(mi, 2 * hh) * ld + tt.Col(ni, 0)) =
+            fwd::PackBF16(st[mi][ni][2 * hh], st[mi][ni][2 * hh + 1]);
+}
+
+// st = diag(gamma) st (gamma: the chunk's K values in shared memory).
+template <int K, int BV>
+__device__ __forceinline__ void ScaleRows(float (&st)[TilesV2<K, BV>::MTW3][TilesV2<K, BV>::NTW3][4],
+                                          const StateTile<K, BV>& tt, const float* gam) {
+#pragma unroll
+  for (int mi = 0; mi < TilesV2<K, BV>::MTW3; ++mi)
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+      const float gm = gam[tt.Row(mi, 2 * hh)];
+#pragma unroll
+      for (int ni = 0; ni < TilesV2<K, BV>::NTW3; ++ni) {
+        st[mi][ni][2 * hh] *= gm;
+        st[mi][ni][2 * hh + 1] *= gm;
+      }
+    }
+}
+
+// st += X^T Y over the C rows of a chunk: X [C][ldx] (bf16, K columns), Y [C][ldy] (bf16, BV columns).
+template <int K, int BV>
+__device__ __forceinline__ void AccXtY(float (&st)[TilesV2<K, BV>::MTW3][TilesV2<K, BV>::NTW3][4],
+                                       const StateTile<K, BV>& tt, const bf16* x, int ldx, const bf16* y, int ldy,
+                                       int lane) {
+  using TL = TilesV2<K, BV>;
+  const bf16* xa = ATBase(x, ldx, lane);
+  const bf16* yb = BBase(y, ldy, tt.wn3 * TL::NTW3 * 8, lane);
+#pragma unroll
+  for (int kk = 0; kk < kChunk / 16; ++kk) {
+    uint32_t a[TL::MTW3][4], bb[TL::NTW3][2];
+#pragma unroll
+    for (int mi = 0; mi < TL::MTW3; ++mi)
+      fwd::LdsmT(xa + kk * 16 * ldx + (tt.wm3 + TL::WM3 * mi) * 16, a[mi][0], a[mi][1], a[mi][2], a[mi][3]);
+    LoadB<TL::NTW3>(yb + kk * 16 * ldy, bb);
+#pragma unroll
+    for (int mi = 0; mi < TL::MTW3; ++mi)
+#pragma unroll
+      for (int ni = 0; ni < TL::NTW3; ++ni) fwd::Mma(st[mi][ni], a[mi], bb[ni][0], bb[ni][1]);
+  }
+}
+
+template <int K, int BV>
+struct StatesV2Smem {
+  static constexpr int C = kChunk, KP = K + 8, VP = BV + 8;  // +8: conflict-free ldmatrix rows
+  static constexpr size_t Bytes() {
+    return (2 * 2 * static_cast<size_t>(C) * KP + 2 * static_cast<size_t>(C) * VP + static_cast<size_t>(K) * VP +
+            static_cast<size_t>(C) * VP) *
+               2 +
+           2 * static_cast<size_t>(K) * 4;
+  }
+};
+
+// S_{c+1} = diag(gamma_c) S_c + Kd_c^T (U_c - W_c S_c) over the chunks of a sequence but its last.
+template <int K, int BV>
+__global__ void __launch_bounds__(kThreads, 1) StatesKernelV2(Params P) {
+  using SM = StatesV2Smem<K, BV>;
+  using TL = TilesV2<K, BV>;
+  constexpr int C = kChunk, KP = SM::KP, VP = SM::VP, NTW = TL::NTW;
+  const fwd::Params& p = P.f;
+  extern __shared__ __align__(16) float smem[];  // (one declaration per TU: float as in the default kernels)
+  bf16* sW = reinterpret_cast<bf16*>(smem);  // [2][C][KP]
+  bf16* sKd = sW + 2 * C * KP;               // [2][C][KP]
+  bf16* sU = sKd + 2 * C * KP;               // [2][C][VP]
+  bf16* sS = sU + 2 * C * VP;                // [K][VP]  bf16 copy of the state
+  bf16* sR = sS + K * VP;                    // [C][VP]
+  float* sGam = reinterpret_cast<float*>(sR + C * VP);  // [2][K]
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int gr = lane >> 2, t4 = lane & 3, mt = warp & 3, nt0 = (warp >> 2) * NTW;
+  const StateTile<K, BV> tt{warp % TL::WM3, warp / TL::WM3, gr, t4};
+  const int V = p.V, HV = p.HV, NCB = V / BV;
+  const int nitems = p.counters[1] * HV * NCB;
+  float st[TL::MTW3][TL::NTW3][4];
+  for (int it = blockIdx.x; it < nitems; it += gridDim.x) {
+    const int cb = it % NCB, hv = (it / NCB) % HV, si = it / NCB / HV;
+    const int4 e = P.seq_list[si];
+    const int b = e.x, ss = e.y, se = e.z, s = e.w;
+    const int col0 = cb * BV;
+    const int nch = (se - ss + C - 1) / C;
+    if (nch <= 1) continue;
+    const int nst = nch - 1;  // updates: chunks 0 .. nch - 2, all full
+
+    LoadState<K, BV>(st, tt, s < p.S_init ? p.init + (((size_t)b * p.S_init + s) * HV + hv) * K * V : nullptr,
+                     p.state_vk, V, col0);
+
+    auto load_chunk = [&](int m, int stg) {
+      const int cs = ss + m * C;
+      const size_t tb = (size_t)b * p.T + cs;
+      for (int idx = tid; idx < C * (K / 8); idx += kThreads) {
+        const int r = idx / (K / 8), v8 = idx - r * (K / 8);
+        const size_t go = ((tb + r) * HV + hv) * K + v8 * 8;
+        const int so = (stg * C + r) * KP + v8 * 8;
+        fwd::CpAsync16(sW + so, p.W + go, true);
+        fwd::CpAsync16(sKd + so, p.Kd + go, true);
+      }
+      for (int idx = tid; idx < C * (BV / 8); idx += kThreads) {
+        const int r = idx / (BV / 8), v8 = idx - r * (BV / 8);
+        fwd::CpAsync16(sU + (stg * C + r) * VP + v8 * 8, p.U + ((tb + r) * HV + hv) * V + col0 + v8 * 8, true);
+      }
+      const int gidx = (cs + C - 1) / C;
+      for (int idx = tid; idx < K / 4; idx += kThreads)
+        fwd::CpAsync16(sGam + stg * K + idx * 4, p.gamma + (((size_t)b * p.NG + gidx) * HV + hv) * K + idx * 4, true);
+      fwd::CpAsyncCommit();
+    };
+
+    __syncthreads();  // the previous item is done with shared memory
+    load_chunk(0, 0);
+    StoreStateSmem<K, BV>(st, tt, sS, VP);
+    for (int m = 0; m < nst; ++m) {
+      const int stg = m & 1;
+      const int cs = ss + m * C;
+      fwd::CpAsyncWait<0>();
+      __syncthreads();  // A: chunk m and sS visible; everyone is done with chunk m - 1 (stage stg ^ 1, sR)
+      if (m + 1 < nst) load_chunk(m + 1, stg ^ 1);
+      {  // R = U - W S  (rows mt * 16.., columns nt0 * 8..)
+        float acc[NTW][4] = {};
+        MmaRow<NTW, K / 16>(acc, ABase(sW + stg * C * KP, KP, mt * 16, lane), BBase(sS, VP, nt0 * 8, lane), 16 * VP);
+#pragma unroll
+        for (int ni = 0; ni < NTW; ++ni)
+#pragma unroll
+          for (int hh = 0; hh < 2; ++hh) {
+            const int row = mt * 16 + gr + 8 * hh, col = (nt0 + ni) * 8 + 2 * t4;
+            const __nv_bfloat162 u = *reinterpret_cast<const __nv_bfloat162*>(sU + (stg * C + row) * VP + col);
+            *reinterpret_cast<uint32_t*>(sR + row * VP + col) =
+                fwd::PackBF16(__low2float(u) - acc[ni][2 * hh], __high2float(u) - acc[ni][2 * hh + 1]);
+          }
+      }
+      __syncthreads();  // B: R visible; everyone is done reading sS
+      ScaleRows<K, BV>(st, tt, sGam + stg * K);
+      AccXtY<K, BV>(st, tt, sKd + stg * C * KP, KP, sR, VP, lane);
+      StoreStateKV<K, BV>(st, tt, P.Hs + (((size_t)b * (p.NW + 1) + (cs + 2 * C - 1) / C) * HV + hv) * K * V, V, col0);
+      if (m + 1 < nst) StoreStateSmem<K, BV>(st, tt, sS, VP);
+    }
+  }
+}
+
+// dO of a chunk (C x BV of TIn) for the reverse: bf16 by cp.async; fp16 / fp32 through registers, loaded right
+// after barrier A and converted into the other stage at the end of the chunk (latency hidden by the chunk).
+template <typename TIn>
+struct DoVec {  // 4 elements
+  using T = uint2;
+};
+template <>
+struct DoVec<float> {
+  using T = float4;
+};
+__device__ __forceinline__ uint2 ToBf4(const float4& x) {
+  return make_uint2(fwd::PackBF16(x.x, x.y), fwd::PackBF16(x.z, x.w));
+}
+__device__ __forceinline__ uint2 ToBf4(const uint2& x) {  // 4 halves
+  const float2 lo = __half22float2(*reinterpret_cast<const __half2*>(&x.x));
+  const float2 hi = __half22float2(*reinterpret_cast<const __half2*>(&x.y));
+  return make_uint2(fwd::PackBF16(lo.x, lo.y), fwd::PackBF16(hi.x, hi.y));
+}
+
+template <int K, int BV>
+struct ReverseV2Smem {
+  static constexpr int C = kChunk, KP = K + 8, VP = BV + 8, AP = C + 8;
+  static constexpr size_t Bytes() {
+    return (3 * 2 * static_cast<size_t>(C) * KP + 2 * static_cast<size_t>(C) * AP + 2 * static_cast<size_t>(C) * VP +
+            static_cast<size_t>(K) * VP + static_cast<size_t>(C) * VP) *
+               2 +
+           2 * static_cast<size_t>(K) * 4;
+  }
+};
+
+// Chunks last to first: dR = A_qk^T dO + Kd dS,  dS <- diag(gamma) dS + Qg^T dO - W^T dR.
+template <int K, int BV, typename TIn>
+__global__ void __launch_bounds__(kThreads, 1) ReverseKernelV2(Params P) {
+  using SM = ReverseV2Smem<K, BV>;
+  using TL = TilesV2<K, BV>;
+  constexpr int C = kChunk, KP = SM::KP, VP = SM::VP, AP = SM::AP, NTW = TL::NTW;
+  constexpr bool kBfDo = std::is_same<TIn, bf16>::value;
+  constexpr int NU = C * (BV / 4) / kThreads;  // 4-element dO pieces per thread (register path)
+  const fwd::Params& p = P.f;
+  extern __shared__ __align__(16) float smem[];  // (one declaration per TU: float as in the default kernels)
+  bf16* sQg = reinterpret_cast<bf16*>(smem);  // [2][C][KP]
+  bf16* sKd = sQg + 2 * C * KP;               // [2][C][KP]
+  bf16* sW = sKd + 2 * C * KP;                // [2][C][KP]
+  bf16* sA = sW + 2 * C * KP;                 // [2][C][AP]
+  bf16* sdO = sA + 2 * C * AP;                // [2][C][VP]
+  bf16* sdS = sdO + 2 * C * VP;               // [K][VP]  bf16 copy of dS_next
+  bf16* sdR = sdS + K * VP;                   // [C][VP]  -dR
+  float* sGam = reinterpret_cast<float*>(sdR + C * VP);  // [2][K]
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int gr = lane >> 2, t4 = lane & 3, mt = warp & 3, nt0 = (warp >> 2) * NTW;
+  const StateTile<K, BV> tt{warp % TL::WM3, warp / TL::WM3, gr, t4};
+  const int V = p.V, HV = p.HV, NCB = V / BV;
+  const int nitems = p.counters[1] * HV * NCB;
+  const TIn* gdo = static_cast<const TIn*>(P.d_o);
+  float st[TL::MTW3][TL::NTW3][4];
+  typename DoVec<TIn>::T dreg[kBfDo ? 1 : NU];
+  for (int it = blockIdx.x; it < nitems; it += gridDim.x) {
+    const int cb = it % NCB, hv = (it / NCB) % HV, si = it / NCB / HV;
+    const int4 e = P.seq_list[si];
+    const int b = e.x, ss = e.y, se = e.z, s = e.w;
+    const int col0 = cb * BV;
+    const int nch = (se - ss + C - 1) / C;
+
+    LoadState<K, BV>(st, tt,
+                     (P.dfin != nullptr && s < P.S_out) ? P.dfin + (((size_t)b * P.S_out + s) * HV + hv) * K * V
+                                                        : nullptr,
+                     p.state_vk, V, col0);
+
+    // Rows >= L of a partial last chunk are zero-filled (as the default kernel's zeros).
+    auto load_chunk = [&](int m, int stg) {
+      const int cs = ss + m * C;
+      const int L = min(C, se - cs);
+      const size_t tb = (size_t)b * p.T + cs;
+      for (int idx = tid; idx < C * (K / 8); idx += kThreads) {
+        const int r = idx / (K / 8), v8 = idx - r * (K / 8);
+        const bool ok = r < L;
+        const size_t go = ((tb + (ok ? r : 0)) * HV + hv) * K + v8 * 8;
+        const int so = (stg * C + r) * KP + v8 * 8;
+        fwd::CpAsync16(sQg + so, p.Qg + go, ok);
+        fwd::CpAsync16(sKd + so, p.Kd + go, ok);
+        fwd::CpAsync16(sW + so, p.W + go, ok);
+      }
+      for (int idx = tid; idx < C * (C / 8); idx += kThreads) {
+        const int r = idx / (C / 8), v8 = idx - r * (C / 8);
+        const bool ok = r < L;
+        fwd::CpAsync16(sA + (stg * C + r) * AP + v8 * 8, p.Aqk + ((tb + (ok ? r : 0)) * HV + hv) * C + v8 * 8, ok);
+      }
+      if constexpr (kBfDo) {
+        for (int idx = tid; idx < C * (BV / 8); idx += kThreads) {
+          const int r = idx / (BV / 8), v8 = idx - r * (BV / 8);
+          const bool ok = r < L;
+          fwd::CpAsync16(sdO + (stg * C + r) * VP + v8 * 8, gdo + ((tb + (ok ? r : 0)) * HV + hv) * V + col0 + v8 * 8,
+                         ok);
+        }
+      } else {
+#pragma unroll
+        for (int u = 0; u < NU; ++u) {
+          const int idx = tid + u * kThreads, r = idx / (BV / 4), c4 = idx - r * (BV / 4);
+          dreg[u] = {};
+          if (r < L)
+            dreg[u] = *reinterpret_cast<const typename DoVec<TIn>::T*>(gdo + ((tb + r) * HV + hv) * V + col0 + c4 * 4);
+        }
+      }
+      const int gidx = GammaIndex(p, cs, se, s);  // -1: zeros (no final-state cotangent: dS is 0 there)
+      const float* gsrc = p.gamma + (((size_t)b * p.NG + (gidx >= 0 ? gidx : 0)) * HV + hv) * K;
+      for (int idx = tid; idx < K / 4; idx += kThreads)
+        fwd::CpAsync16(sGam + stg * K + idx * 4, gsrc + idx * 4, gidx >= 0);
+      fwd::CpAsyncCommit();
+    };
+    auto store_do = [&](int stg) {  // register path: dO pieces -> bf16 stage
+      if constexpr (!kBfDo) {
+#pragma unroll
+        for (int u = 0; u < NU; ++u) {
+          const int idx = tid + u * kThreads, r = idx / (BV / 4), c4 = idx - r * (BV / 4);
+          *reinterpret_cast<uint2*>(sdO + (stg * C + r) * VP + c4 * 4) = ToBf4(dreg[u]);
+        }
+      }
+    };
+
+    __syncthreads();  // the previous item is done with shared memory
+    load_chunk(nch - 1, 0);
+    store_do(0);
+    StoreStateSmem<K, BV>(st, tt, sdS, VP);
+    for (int m = nch - 1; m >= 0; --m) {
+      const int stg = (nch - 1 - m) & 1;
+      const int cs = ss + m * C;
+      fwd::CpAsyncWait<0>();
+      __syncthreads();  // A: chunk m and sdS visible; everyone is done with chunk m + 1 (stage stg ^ 1, sdR)
+      if (m > 0) load_chunk(m - 1, stg ^ 1);
+      if (m + 1 < nch)  // dS_next of this chunk = gradient w.r.t. the start state of the next one
+        StoreStateKV<K, BV>(st, tt, P.dH + (((size_t)b * (p.NW + 1) + (cs + 2 * C - 1) / C) * HV + hv) * K * V, V,
+                            col0);
+      {  // dR = A_qk^T dO + Kd dS  (rows mt * 16.., columns nt0 * 8..); A_qk is lower triangular: i >= j only
+        float acc[NTW][4] = {};
+        const bf16* aa = ATBase(sA + stg * C * AP, AP, lane) + mt * 16;
+        const bf16* ob = BBase(sdO + stg * C * VP, VP, nt0 * 8, lane);
+#pragma unroll
+        for (int kk = 0; kk < C / 16; ++kk) {
+          if (kk >= mt) {
+            uint32_t a[4], bb[NTW][2];
+            fwd::LdsmT(aa + kk * 16 * AP, a[0], a[1], a[2], a[3]);
+            LoadB<NTW>(ob + kk * 16 * VP, bb);
+#pragma unroll
+            for (int n = 0; n < NTW; ++n) fwd::Mma(acc[n], a, bb[n][0], bb[n][1]);
+          }
+        }
+        MmaRow<NTW, K / 16>(acc, ABase(sKd + stg * C * KP, KP, mt * 16, lane), BBase(sdS, VP, nt0 * 8, lane),
+                            16 * VP);
+#pragma unroll
+        for (int ni = 0; ni < NTW; ++ni)
+#pragma unroll
+          for (int hh = 0; hh < 2; ++hh) {
+            const int row = mt * 16 + gr + 8 * hh, col = (nt0 + ni) * 8 + 2 * t4;
+            *reinterpret_cast<uint32_t*>(sdR + row * VP + col) = fwd::PackBF16(-acc[ni][2 * hh], -acc[ni][2 * hh + 1]);
+          }
+      }
+      __syncthreads();  // B: -dR visible; everyone is done reading sdS
+      ScaleRows<K, BV>(st, tt, sGam + stg * K);
+      AccXtY<K, BV>(st, tt, sQg + stg * C * KP, KP, sdO + stg * C * VP, VP, lane);
+      AccXtY<K, BV>(st, tt, sW + stg * C * KP, KP, sdR, VP, lane);
+      if (m > 0) {
+        StoreStateSmem<K, BV>(st, tt, sdS, VP);
+        store_do(stg ^ 1);
+      }
+    }
+    if (P.dinit != nullptr && s < p.S_init) {
+      float* dst = P.dinit + (((size_t)b * p.S_init + s) * HV + hv) * K * V;
+#pragma unroll
+      for (int mi = 0; mi < TL::MTW3; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < TL::NTW3; ++ni)
+#pragma unroll
+          for (int q = 0; q < 4; ++q)
+            dst[StateAt(p.state_vk, K, V, tt.Row(mi, q), col0 + tt.Col(ni, q))] = st[mi][ni][q];
+    }
+  }
+}
+
+// FLASHKDA_BWD_RECUR=v2 selects the v2 kernels; unset or anything else keeps the default ones. Read once per
+// process, at the first launch.
+bool RecurV2Selected() {
+  static const bool on = [] {
+    const char* s = std::getenv("FLASHKDA_BWD_RECUR");
+    return s != nullptr && std::strcmp(s, "v2") == 0;
+  }();
+  return on;
+}
+
+// Columns per CTA of the v2 kernels: the widest block whose items still cover the SMs (the per-chunk latency
+// shrinks with the block; W, Kd, ... are re-read per block). The host does not know the sequence count, so
+// one sequence per batch row is assumed (more sequences only make more items). FLASHKDA_BWD_RECUR_BV=16|32|64
+// forces a width (for tuning; read once).
+int ChooseBV(const fwd::Params& p, int nsm) {
+  static const int forced = [] {
+    const char* s = std::getenv("FLASHKDA_BWD_RECUR_BV");
+    const int v = s != nullptr ? std::atoi(s) : 0;
+    return (v == 16 || v == 32 || v == 64) ? v : 0;
+  }();
+  if (forced != 0 && p.V % forced == 0) return forced;
+  const long long heads = static_cast<long long>(p.B) * p.HV;
+  if (p.V % 64 == 0 && heads * (p.V / 64) >= nsm) return 64;
+  if (p.V % 32 == 0 && heads * (p.V / 32) >= nsm) return 32;
+  return 16;
+}
+
+template <int K, int BV>
+cudaError_t LaunchStatesV2(const Params& p, cudaStream_t stream, int nsm) {
+  const long long items = static_cast<long long>(p.f.B) * p.f.T * p.f.HV * (p.f.V / BV);
+  return fwd::LaunchGrid(StatesKernelV2<K, BV>, StatesV2Smem<K, BV>::Bytes(), items, 1, p, stream, nsm);
+}
+
+template <int K, int BV, typename TIn>
+cudaError_t LaunchReverseV2(const Params& p, cudaStream_t stream, int nsm) {
+  const long long items = static_cast<long long>(p.f.B) * p.f.T * p.f.HV * (p.f.V / BV);
+  return fwd::LaunchGrid(ReverseKernelV2<K, BV, TIn>, ReverseV2Smem<K, BV>::Bytes(), items, 1, p, stream, nsm);
+}
+
+template <int K>
+cudaError_t LaunchStatesV2K(const Params& p, cudaStream_t stream, int nsm) {
+  switch (ChooseBV(p.f, nsm)) {
+    case 64: return LaunchStatesV2<K, 64>(p, stream, nsm);
+    case 32: return LaunchStatesV2<K, 32>(p, stream, nsm);
+    default: return LaunchStatesV2<K, 16>(p, stream, nsm);
+  }
+}
+
+template <int K, typename TIn>
+cudaError_t LaunchReverseV2K(const Params& p, cudaStream_t stream, int nsm) {
+  switch (ChooseBV(p.f, nsm)) {
+    case 64: return LaunchReverseV2<K, 64, TIn>(p, stream, nsm);
+    case 32: return LaunchReverseV2<K, 32, TIn>(p, stream, nsm);
+    default: return LaunchReverseV2<K, 16, TIn>(p, stream, nsm);
+  }
+}
+
 }  // namespace
 
 cudaError_t LaunchStates(const Params& p, cudaStream_t stream, int nsm) {
+  if (RecurV2Selected()) {
+    switch (p.f.K) {
+      case 64: return LaunchStatesV2K<64>(p, stream, nsm);
+      case 128: return LaunchStatesV2K<128>(p, stream, nsm);
+      default: return cudaErrorInvalidValue;
+    }
+  }
   const long long items = static_cast<long long>(p.f.B) * p.f.T * p.f.HV * (p.f.V / kBV);
   switch (p.f.K) {
     case 64: return fwd::LaunchGrid(StatesKernel<64>, StatesSmem<64>::Bytes(), items, 1, p, stream, nsm);
@@ -235,6 +730,13 @@ cudaError_t LaunchStates(const Params& p, cudaStream_t stream, int nsm) {
 
 template <typename TIn>
 cudaError_t LaunchReverse(const Params& p, cudaStream_t stream, int nsm) {
+  if (RecurV2Selected()) {
+    switch (p.f.K) {
+      case 64: return LaunchReverseV2K<64, TIn>(p, stream, nsm);
+      case 128: return LaunchReverseV2K<128, TIn>(p, stream, nsm);
+      default: return cudaErrorInvalidValue;
+    }
+  }
   const long long items = static_cast<long long>(p.f.B) * p.f.T * p.f.HV * (p.f.V / kBV);
   switch (p.f.K) {
     case 64: return fwd::LaunchGrid(ReverseKernel<64, TIn>, ReverseSmem<64>::Bytes(), items, 1, p, stream, nsm);
