@@ -1,4 +1,5 @@
-// flashkda_bwd, stages "grad1" and "grad2": the fully parallel per-(chunk, value head) gradients.
+// flashkda_bwd, stage "grad2": the fully parallel per-(chunk, value head) gradients of the raw inputs (grad1,
+// the chunk-state products, is kda_bwd_grad1.cu).
 // See kda_bwd_common.cuh for the algorithm; tests/test_bwd_algorithm.py models every formula here.
 #include "kda_bwd_common.cuh"
 #include "kda_fwd_launch.h"
@@ -14,177 +15,6 @@ using bf16 = __nv_bfloat16;
 
 __device__ __forceinline__ float Sigmoid(float x) { return 1.f / (1.f + __expf(-x)); }
 __device__ __forceinline__ float Softplus(float x) { return fmaxf(x, 0.f) + log1pf(__expf(-fabsf(x))); }
-
-// ------------------------------------------------------------------------------------------------------
-// grad1: R = U - W S, dR = A_qk^T dO + Kd dS_next, then dQg = dO S^T, dKd = R dS_next^T, dW = -dR S^T,
-// dU = dR, dA_qk = tril(dO R^T), dgamma = rowsum(S * dS_next). Operands bf16 in shared memory, f32 math.
-// ------------------------------------------------------------------------------------------------------
-template <int K>
-struct Grad1Smem {
-  static constexpr int C = kChunk, V = K;
-  static constexpr int SP = V + 2;   // bf16 pitch of S, dS_next, dO (odd word pitch)
-  static constexpr int RP = V + 1;   // f32 pitch of R, dR
-  static constexpr int KP = K + 2;   // bf16 pitch of W, Kd
-  static constexpr int AP = C + 2;   // bf16 pitch of A_qk
-  static constexpr size_t Bytes() {
-    return (2 * static_cast<size_t>(K) * SP + static_cast<size_t>(C) * SP + 2 * static_cast<size_t>(C) * KP +
-            static_cast<size_t>(C) * AP) *
-               2 +
-           2 * static_cast<size_t>(C) * RP * 4;
-  }
-};
-
-template <int K, typename TIn>
-__global__ void __launch_bounds__(kThreads) Grad1Kernel(Params P) {
-  using SM = Grad1Smem<K>;
-  constexpr int C = kChunk, V = K, SP = SM::SP, RP = SM::RP, KP = SM::KP, AP = SM::AP;
-  constexpr int TN = K / 16;  // C x K (and C x V) outputs: 16 x 16 threads, 4 x TN each
-  const fwd::Params& p = P.f;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  float* sR = reinterpret_cast<float*>(smem_raw);  // [C][RP]
-  float* sdR = sR + C * RP;                         // [C][RP]
-  bf16* sS = reinterpret_cast<bf16*>(sdR + C * RP); // [K][SP]
-  bf16* sdS = sS + K * SP;                          // [K][SP]
-  bf16* sdO = sdS + K * SP;                         // [C][SP]
-  bf16* sW = sdO + C * SP;                          // [C][KP]
-  bf16* sKd = sW + C * KP;                          // [C][KP]
-  bf16* sA = sKd + C * KP;                          // [C][AP]
-  const int tid = threadIdx.x, tm = tid / 16, tn = tid % 16;
-  const int HV = p.HV;
-  const int nitems = p.counters[0] * HV;
-  const TIn* gdo = static_cast<const TIn*>(P.d_o);
-  for (int it = blockIdx.x; it < nitems; it += gridDim.x) {
-    const int ci = it / HV, hv = it - ci * HV;
-    const int4 e = p.chunk_list[ci];
-    const int b = e.x, cs = e.y, se = e.z, s = e.w;
-    const int L = min(C, se - cs);
-    const bool first = p.seq_start[(size_t)b * p.T + cs] == cs;
-    const bool last = cs + C >= se;
-    const size_t tb = (size_t)b * p.T + cs;
-    __syncthreads();
-    // ---- loads ----
-    {
-      const float* src = nullptr;
-      bool vk = false;
-      if (first) {
-        if (s < p.S_init) src = p.init + (((size_t)b * p.S_init + s) * HV + hv) * K * V;
-        vk = p.state_vk;
-      } else {
-        src = P.Hs + (((size_t)b * (p.NW + 1) + (cs + C - 1) / C) * HV + hv) * K * V;
-      }
-      const float* dsrc = nullptr;
-      bool dvk = false;
-      if (last) {
-        if (P.dfin != nullptr && s < P.S_out) dsrc = P.dfin + (((size_t)b * P.S_out + s) * HV + hv) * K * V;
-        dvk = p.state_vk;
-      } else {
-        dsrc = P.dH + (((size_t)b * (p.NW + 1) + (cs + 2 * C - 1) / C) * HV + hv) * K * V;
-      }
-      for (int idx = tid; idx < K * V; idx += kThreads) {
-        const int r = idx / V, c = idx % V;
-        sS[r * SP + c] = __float2bfloat16(src ? src[StateAt(vk, K, V, r, c)] : 0.f);
-        sdS[r * SP + c] = __float2bfloat16(dsrc ? dsrc[StateAt(dvk, K, V, r, c)] : 0.f);
-      }
-    }
-    for (int idx = tid; idx < C * V; idx += kThreads) {
-      const int r = idx / V, c = idx % V;
-      const bool ok = r < L;
-      const size_t o = ((tb + (ok ? r : 0)) * HV + hv) * V + c;
-      sdO[r * SP + c] = __float2bfloat16(ok ? fwd::ToF<TIn>(gdo[o]) : 0.f);
-      sR[r * RP + c] = ok ? Bf(p.U[o]) : 0.f;
-    }
-    for (int idx = tid; idx < C * K; idx += kThreads) {
-      const int r = idx / K, c = idx % K;
-      const bool ok = r < L;
-      const size_t o = ((tb + (ok ? r : 0)) * HV + hv) * K + c;
-      sW[r * KP + c] = ok ? p.W[o] : __float2bfloat16(0.f);
-      sKd[r * KP + c] = ok ? p.Kd[o] : __float2bfloat16(0.f);
-    }
-    for (int idx = tid; idx < C * C; idx += kThreads) {
-      const int r = idx / C, c = idx % C;
-      sA[r * AP + c] = r < L ? p.Aqk[((tb + r) * HV + hv) * C + c] : __float2bfloat16(0.f);
-    }
-    __syncthreads();
-    // ---- R = U - W S;  dR = A_qk^T dO + Kd dS_next ----
-    {
-      float acc[4][TN];
-      Zero(acc);
-      MicroGemm<4, TN>(acc, tm, 16, tn, 16, K, [&](int m, int kk) { return Bf(sW[m * KP + kk]); },
-                       [&](int kk, int n) { return Bf(sS[kk * SP + n]); });
-#pragma unroll
-      for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int j = 0; j < TN; ++j) sR[(tm + 16 * i) * RP + tn + 16 * j] -= acc[i][j];
-      Zero(acc);
-      MicroGemm<4, TN>(acc, tm, 16, tn, 16, C, [&](int m, int kk) { return Bf(sA[kk * AP + m]); },
-                       [&](int kk, int n) { return Bf(sdO[kk * SP + n]); });
-      MicroGemm<4, TN>(acc, tm, 16, tn, 16, K, [&](int m, int kk) { return Bf(sKd[m * KP + kk]); },
-                       [&](int kk, int n) { return Bf(sdS[kk * SP + n]); });
-#pragma unroll
-      for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int j = 0; j < TN; ++j) sdR[(tm + 16 * i) * RP + tn + 16 * j] = acc[i][j];
-    }
-    __syncthreads();
-    // ---- outputs (rows < L) ----
-    auto store = [&](float* base, int width, const float (&acc)[4][TN], float sign) {
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int r = tm + 16 * i;
-        if (r < L) {
-#pragma unroll
-          for (int j = 0; j < TN; ++j) base[((tb + r) * HV + hv) * width + tn + 16 * j] = sign * acc[i][j];
-        }
-      }
-    };
-    {
-      float acc[4][TN];
-      Zero(acc);  // dQg = dO S^T
-      MicroGemm<4, TN>(acc, tm, 16, tn, 16, V, [&](int m, int kk) { return Bf(sdO[m * SP + kk]); },
-                       [&](int kk, int n) { return Bf(sS[n * SP + kk]); });
-      store(P.sQg, K, acc, 1.f);
-      Zero(acc);  // dKd = R dS_next^T
-      MicroGemm<4, TN>(acc, tm, 16, tn, 16, V, [&](int m, int kk) { return sR[m * RP + kk]; },
-                       [&](int kk, int n) { return Bf(sdS[n * SP + kk]); });
-      store(P.sKd, K, acc, 1.f);
-      Zero(acc);  // dW = -dR S^T
-      MicroGemm<4, TN>(acc, tm, 16, tn, 16, V, [&](int m, int kk) { return sdR[m * RP + kk]; },
-                       [&](int kk, int n) { return Bf(sS[n * SP + kk]); });
-      store(P.sW, K, acc, -1.f);
-    }
-    {  // dA_qk = tril(dO R^T)
-      float acc[4][4];
-      Zero(acc);
-      MicroGemm<4, 4>(acc, tm, 16, tn, 16, V, [&](int m, int kk) { return Bf(sdO[m * SP + kk]); },
-                      [&](int kk, int n) { return sR[n * RP + kk]; });
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int r = tm + 16 * i;
-        if (r < L) {
-#pragma unroll
-          for (int j = 0; j < 4; ++j) {
-            const int c = tn + 16 * j;
-            P.sA[((tb + r) * HV + hv) * C + c] = c <= r ? acc[i][j] : 0.f;
-          }
-        }
-      }
-    }
-    for (int idx = tid; idx < L * V; idx += kThreads) {  // dU = dR
-      const int r = idx / V, c = idx % V;
-      P.sU[((tb + r) * HV + hv) * V + c] = sdR[r * RP + c];
-    }
-    {
-      const int gidx = GammaIndex(p, cs, se, s);
-      if (gidx >= 0) {
-        for (int r = tid; r < K; r += kThreads) {
-          float acc = 0.f;
-          for (int c = 0; c < V; ++c) acc = fmaf(Bf(sS[r * SP + c]), Bf(sdS[r * SP + c]), acc);
-          P.dgam[(((size_t)b * p.NG + gidx) * HV + hv) * K + r] = acc;
-        }
-      }
-    }
-  }
-}
 
 // ------------------------------------------------------------------------------------------------------
 // grad2: everything else of the chunk, recomputed in f32 from the raw inputs (see kda_bwd_common.cuh).
@@ -711,16 +541,6 @@ __global__ void __launch_bounds__(kThreads, 1) Grad2Kernel(Params P) {
 
 }  // namespace
 
-template <typename TIn>
-cudaError_t LaunchGrad1(const Params& p, cudaStream_t stream, int nsm) {
-  const long long items = static_cast<long long>(p.f.B) * p.f.T * p.f.HV;  // bound on (chunk, head) items
-  switch (p.f.K) {
-    case 64: return fwd::LaunchGrid(Grad1Kernel<64, TIn>, Grad1Smem<64>::Bytes(), items, 4, p, stream, nsm);
-    case 128: return fwd::LaunchGrid(Grad1Kernel<128, TIn>, Grad1Smem<128>::Bytes(), items, 4, p, stream, nsm);
-    default: return cudaErrorInvalidValue;
-  }
-}
-
 namespace {
 // FLASHKDA_BWD_GRAD2=v2 selects Grad2Kernel<K, TIn, true> (factored decay products on tensor cores); unset or
 // anything else keeps the default Grad2Kernel<K, TIn, false>. Read once per process, at the first launch.
@@ -748,9 +568,6 @@ cudaError_t LaunchGrad2(const Params& p, cudaStream_t stream, int nsm) {
   }
 }
 
-template cudaError_t LaunchGrad1<__nv_bfloat16>(const Params&, cudaStream_t, int);
-template cudaError_t LaunchGrad1<__half>(const Params&, cudaStream_t, int);
-template cudaError_t LaunchGrad1<float>(const Params&, cudaStream_t, int);
 template cudaError_t LaunchGrad2<__nv_bfloat16>(const Params&, cudaStream_t, int);
 template cudaError_t LaunchGrad2<__half>(const Params&, cudaStream_t, int);
 template cudaError_t LaunchGrad2<float>(const Params&, cudaStream_t, int);
