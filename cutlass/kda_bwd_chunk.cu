@@ -36,6 +36,13 @@ struct Grad2Smem {
 // diagonal: row 7 of the block when max_c (G_first - G_last) <= 80, else exact pairwise decays), so that
 //   M_IJ = Xr_I Yr_J^T,  dx_I += exp(G_I - G_r) o (dM_IJ Yr_J),  dy_J += exp(G_r - G_J) o (dM_IJ^T Xr_I)
 // with Xr = x exp(G - G_r), Yr = y exp(G_r - G): bf16 tensor-core products, fp32 accumulation and scaling.
+// The decay products' share of dG (x o dx - y o dy) is formed from the same bf16-rounded factors as the
+// products themselves: dG_I += Xr~_I o (dM~_IJ Yr~_J), dG_J -= Yr~_J o (dM~_IJ^T Xr~_I) (~: bf16 as in the
+// mma operands). In exact arithmetic dG sums to zero over a chunk (the reverse cumsum dg_t keeps only the
+// pairs i >= t > j); with the same rounded values on both sides the pairs that do not straddle t still
+// cancel to f32 accuracy. Forming it as x o dx - y o dy instead leaves their bf16 rounding (~2^-9 of every
+// term, diagonal i = j included) in dg: with strong decays (bounded gates) dg is small next to those terms,
+// and its error reached 0.13 (tests/test_bwd_precision_model.py models both).
 // Grad2Kernel<K, TIn, true> runs these in stages 3, 7a and 7b; everything else is shared with the default.
 // ------------------------------------------------------------------------------------------------------
 
@@ -50,9 +57,11 @@ __device__ __forceinline__ bool DiagFastV2(const float* sG, int GP, int I, int l
 }
 
 // Gradients of the decay products M = sum_c x_ic y_jc exp(G_ic - G_jc) (j <= i) from dM (sB, f32, pitch BP;
-// zero where j > i, and on the diagonal when strict): dx and dy, handed per element to onx(i, c, dx) and
-// ony(j, c, dy). Warp w owns the rows of block Q = w & 3 and the channels of half w >> 2 of K, for dx (over
-// J <= Q) and for dy (over I >= Q): no two warps touch the same (row, channel).
+// zero where j > i, and on the diagonal when strict): dx and dy, handed per element with their shares of dG
+// to onx(i, c, dx, gx) (dG_i += gx, gx ~ x_i dx_i) and ony(j, c, dy, gy) (dG_j -= gy, gy ~ y_j dy_j; both
+// from the rounded factors, see above; exact diagonal blocks: x_i dx_i, y_j dy_j in f32). Warp w owns the
+// rows of block Q = w & 3 and the channels of half w >> 2 of K, for dx (over J <= Q) and for dy (over
+// I >= Q): no two warps touch the same (row, channel).
 template <int K, int BP, typename FX, typename FY>
 __device__ __forceinline__ void DecayGradV2(const float* sB, const float* sG, int GP, const float* x, int xp,
                                             const float* y, int yp, int warp, int lane, FX onx, FY ony) {
@@ -60,12 +69,12 @@ __device__ __forceinline__ void DecayGradV2(const float* sB, const float* sG, in
   const int Q = warp & 3, c0 = (warp >> 2) * (K / 2);
   const int gr = lane >> 2, t4 = lane & 3;
   const bool dfast = DiagFastV2<K>(sG, GP, Q, lane);
-  float acc[NT][4];
+  float acc[NT][4], accg[NT][4];  // dx (dy), and its share of dG
   // ---- dx of rows in block Q: sum over column blocks J <= Q ----
 #pragma unroll
   for (int n = 0; n < NT; ++n)
 #pragma unroll
-    for (int e = 0; e < 4; ++e) acc[n][e] = 0.f;
+    for (int e = 0; e < 4; ++e) acc[n][e] = accg[n][e] = 0.f;
   for (int J = 0; J <= Q; ++J) {
     const bool diag = J == Q;
     if (diag && !dfast) {  // exact pairwise decays
@@ -78,6 +87,7 @@ __device__ __forceinline__ void DecayGradV2(const float* sB, const float* sG, in
           float s = 0.f;
           for (int j = 16 * Q; j <= i; ++j) s = fmaf(sB[i * BP + j] * y[j * yp + c], __expf(gi - sG[j * GP + c]), s);
           acc[n][e] += s;
+          accg[n][e] = fmaf(x[i * xp + c], s, accg[n][e]);
         }
       continue;
     }
@@ -106,19 +116,22 @@ __device__ __forceinline__ void DecayGradV2(const float* sB, const float* sG, in
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int i = 16 * Q + gr + 8 * (e >> 1), c = c0 + 8 * n + 2 * t4 + (e & 1);
-        acc[n][e] = fmaf(__expf(sG[i * GP + c] - sG[r * GP + c]), t[e], acc[n][e]);
+        const float ei = __expf(sG[i * GP + c] - sG[r * GP + c]);
+        acc[n][e] = fmaf(ei, t[e], acc[n][e]);
+        // Xr~_ic: the bf16 value the dy products (below, other warps) take for this (i, c, r)
+        accg[n][e] = fmaf(__bfloat162float(__float2bfloat16_rn(x[i * xp + c] * ei)), t[e], accg[n][e]);
       }
     }
   }
 #pragma unroll
   for (int n = 0; n < NT; ++n)
 #pragma unroll
-    for (int e = 0; e < 4; ++e) onx(16 * Q + gr + 8 * (e >> 1), c0 + 8 * n + 2 * t4 + (e & 1), acc[n][e]);
+    for (int e = 0; e < 4; ++e) onx(16 * Q + gr + 8 * (e >> 1), c0 + 8 * n + 2 * t4 + (e & 1), acc[n][e], accg[n][e]);
   // ---- dy of rows (columns of M) in block Q: sum over row blocks I >= Q ----
 #pragma unroll
   for (int n = 0; n < NT; ++n)
 #pragma unroll
-    for (int e = 0; e < 4; ++e) acc[n][e] = 0.f;
+    for (int e = 0; e < 4; ++e) acc[n][e] = accg[n][e] = 0.f;
   for (int I = Q; I < 4; ++I) {
     const bool diag = I == Q;
     if (diag && !dfast) {
@@ -131,6 +144,7 @@ __device__ __forceinline__ void DecayGradV2(const float* sB, const float* sG, in
           float s = 0.f;
           for (int i = j; i < 16 * Q + 16; ++i) s = fmaf(sB[i * BP + j] * x[i * xp + c], __expf(sG[i * GP + c] - gj), s);
           acc[n][e] += s;
+          accg[n][e] = fmaf(y[j * yp + c], s, accg[n][e]);
         }
       continue;
     }
@@ -159,14 +173,17 @@ __device__ __forceinline__ void DecayGradV2(const float* sB, const float* sG, in
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int j = 16 * Q + gr + 8 * (e >> 1), c = c0 + 8 * n + 2 * t4 + (e & 1);
-        acc[n][e] = fmaf(__expf(sG[r * GP + c] - sG[j * GP + c]), t[e], acc[n][e]);
+        const float ej = __expf(sG[r * GP + c] - sG[j * GP + c]);
+        acc[n][e] = fmaf(ej, t[e], acc[n][e]);
+        // Yr~_jc: the bf16 value the dx products (above, other warps) take for this (j, c, r)
+        accg[n][e] = fmaf(__bfloat162float(__float2bfloat16_rn(y[j * yp + c] * ej)), t[e], accg[n][e]);
       }
     }
   }
 #pragma unroll
   for (int n = 0; n < NT; ++n)
 #pragma unroll
-    for (int e = 0; e < 4; ++e) ony(16 * Q + gr + 8 * (e >> 1), c0 + 8 * n + 2 * t4 + (e & 1), acc[n][e]);
+    for (int e = 0; e < 4; ++e) ony(16 * Q + gr + 8 * (e >> 1), c0 + 8 * n + 2 * t4 + (e & 1), acc[n][e], accg[n][e]);
 }
 
 // B_kk[i][j] = sum_c k_ic k_jc exp(G_ic - G_jc) for j < i, 0 for j >= i inside the lower blocks (upper blocks
@@ -417,13 +434,13 @@ __global__ void __launch_bounds__(kThreads, 1) Grad2Kernel(Params P) {
     if constexpr (kFactored) {
       DecayGradV2<K, BP>(
           sB, sG, GP, sK, GP, sK, GP, warp, lane,
-          [&](int i, int c, float dx) {
+          [&](int i, int c, float dx, float gx) {
             sY[i * XP + c] += dx;
-            sY[i * XP + K + c] += sK[i * GP + c] * dx;
+            sY[i * XP + K + c] += gx;
           },
-          [&](int j, int c, float dy) {
+          [&](int j, int c, float dy, float gy) {
             sY[j * XP + c] += dy;
-            sY[j * XP + K + c] -= sK[j * GP + c] * dy;
+            sY[j * XP + K + c] -= gy;
           });
     } else {
       for (int idx = tid; idx < C * K; idx += kThreads) {
@@ -446,13 +463,13 @@ __global__ void __launch_bounds__(kThreads, 1) Grad2Kernel(Params P) {
     if constexpr (kFactored) {
       DecayGradV2<K, BP>(
           sB, sG, GP, sX, XP, sK, GP, warp, lane,
-          [&](int i, int c, float dx) {
+          [&](int i, int c, float dx, float gx) {
             sX[i * XP + K + c] += dx;
-            sY[i * XP + K + c] += sX[i * XP + c] * dx;
+            sY[i * XP + K + c] += gx;
           },
-          [&](int j, int c, float dy) {
+          [&](int j, int c, float dy, float gy) {
             sY[j * XP + c] += dy;
-            sY[j * XP + K + c] -= sK[j * GP + c] * dy;
+            sY[j * XP + K + c] -= gy;
           });
     } else {
       for (int idx = tid; idx < C * K; idx += kThreads) {
