@@ -6,6 +6,8 @@
 #            elsewhere for this machine's Python, e.g. with scripts/build_wheel_cp312.sh), tests, bwd (CUDA backward tests,
 #            stage by stage first), sanitize (compute-sanitizer memcheck of small fwd/decode/bwd runs),
 #            bench, softplus, grad (fwd+bwd table with the CUDA backward forced on), decode,
+#            variants (each opt-in backward variant of VARIANTS alone, and all together: the CUDA backward
+#            tests in parallel processes, then fwd+bwd timings one after another),
 #            multi (needs >= 2 GPUs: sharded == unsharded on the GPUs, context-parallel speed-up at 64k)
 #   BENCH_ARGS  extra args for bench_gpu.py's forward tables (e.g. "--reps 10 --cases b1-t8k-h16")
 #   GRAD_ARGS   extra args for the fwd+bwd table
@@ -68,6 +70,27 @@ bench() {  # name, extra args (BENCH_ARGS, then GRAD_ARGS for the fwd+bwd table)
   timeout ${BENCH_TIMEOUT:-280} python3 benchmarks/bench_gpu.py "$@" >"$LOG/$name.log" 2>&1
   summary+=("$name rc=$?")
 }
+if has variants; then
+  VARIANTS=${VARIANTS:-"FLASHKDA_BWD_RECUR=v2 FLASHKDA_BWD_GRAD1=mma FLASHKDA_BWD_GRAD2=v2"}
+  sets=(); for v in $VARIANTS; do sets+=("$v"); done; sets+=("$VARIANTS")
+  i=0
+  for set in "${sets[@]}"; do
+    (cd tests && env XLA_PYTHON_CLIENT_PREALLOCATE=false $set timeout 300 python3 -m pytest -q -p no:cacheprovider \
+       test_cuda_bwd_stages.py test_cuda_bwd.py >"$LOG/variant_$i.log" 2>&1) &
+    i=$((i + 1))
+  done
+  wait
+  i=0
+  for set in "${sets[@]}"; do
+    env $set timeout 120 python3 benchmarks/bench_gpu.py --grad --no-fla --reps 5 \
+      --cases ${VARIANT_CASES:-b1-t8k-h16,b8-t4k-h16} >"$LOG/variant_bench_$i.log" 2>&1
+    summary+=("[$set] tests: $(tail -1 "$LOG/variant_$i.log") | ms: $(grep -E '^b[0-9]+-[a-z0-9-]+ +[0-9]' "$LOG/variant_bench_$i.log" | awk '{printf "%s %s  ", $1, $2}')")
+    i=$((i + 1))
+  done
+  timeout 120 python3 benchmarks/bench_gpu.py --grad --no-fla --reps 5 --cases ${VARIANT_CASES:-b1-t8k-h16,b8-t4k-h16} \
+    >"$LOG/variant_bench_default.log" 2>&1
+  summary+=("[defaults] ms: $(grep -E '^b[0-9]+-[a-z0-9-]+ +[0-9]' "$LOG/variant_bench_default.log" | awk '{printf "%s %s  ", $1, $2}')")
+fi
 has bench && bench bench_bounded ${BENCH_ARGS:-} --gate bounded
 has softplus && bench bench_softplus ${BENCH_ARGS:-} --gate softplus
 has grad && bench bench_grad ${GRAD_ARGS:-} --gate bounded --grad --cuda-bwd --xla
@@ -83,6 +106,9 @@ echo "==== summary"
 printf '%s\n' "${summary[@]}"
 for f in tests_gpu tests_cuda_impl tests_bwd sanitize; do
   [ -f "$LOG/$f.log" ] && grep -E "^(FAILED|ERROR)" "$LOG/$f.log" | head -15
+done
+for f in "$LOG"/variant_[0-9]*.log; do
+  [ -f "$f" ] && grep -E "^(FAILED|ERROR)" "$f" | sed "s|^|$(basename "$f" .log): |" | head -6
 done
 for f in bench_bounded bench_softplus bench_grad bench_decode multi_gpu; do
   [ -f "$LOG/$f.log" ] && { echo "---- $f"; tail -10 "$LOG/$f.log"; }
