@@ -14,7 +14,6 @@ sequences (segment ids), which cross the context-parallel boundaries. The loss m
 from __future__ import annotations
 
 import os
-import sys
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -28,8 +27,7 @@ import numpy as np  # noqa: E402
 from jax.sharding import Mesh, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import flashkda_jax as F  # noqa: E402
+import flashkda_jax as F  # noqa: E402  (the installed package, with its compiled kernels)
 
 VOCAB = 32
 
