@@ -253,8 +253,133 @@ __device__ __forceinline__ void BkkV2(float* sB, const float* sG, const float* s
   }
 }
 
-// kFactored selects the v2 stages (3: BkkV2; 7a / 7b: DecayGradV2); false is the default kernel.
-template <int K, typename TIn, bool kFactored>
+// ------------------------------------------------------------------------------------------------------
+// grad2's WY solve on tensor cores (FLASHKDA_BWD_GRAD2_SOLVE=mma; tests/test_grad2_solve_model.py models it):
+// T = (I + A)^{-1}, A = diag(beta) B_kk, once per chunk in fp32 by 16x16 blocks, then
+//   W | U = bf16(T) bf16(diag(beta) [e^G k | v]),   [dKb | dVb] = bf16(T)^T bf16([dW | dU])
+// (fp32 accumulation) instead of the forward and back substitutions. T is formed exactly as the forward prep's
+// InvertDiagBlocks / InvertOffDiagBlocks (kda_fwd_prep.cu: same blocks, same order, same fp32 operations),
+// replicated here for grad2's layout: the forward's sAkk holds A^T in its strict upper and T in its strict lower
+// triangle; grad2's sB holds B_kk (without beta) in its strict lower triangle, sB[i * BP + j] = B_ij (i > j), so
+// T goes transposed into the strict upper one, sB[j * BP + i] = T_ij (i > j), A_ij = fp32(beta_i B_ij) as the
+// substitution forms it. sB's diagonal is neither read nor written (T's unit diagonal is implied); stage 5 zeroes
+// the upper triangle again once the products are done (7a of grad2 v2 reads the diagonal blocks whole).
+// ------------------------------------------------------------------------------------------------------
+
+// T_II, I = 0..3: thread (I, j) of the first 64 forms column j of T_II by substitution (reads only B, beta).
+template <int BP>
+__device__ __forceinline__ void Grad2InvertDiag(float* sB, const float* sBeta, int tid) {
+  if (tid < 64) {
+    const int I = tid >> 4, j = tid & 15;
+    float* blk = sB + 16 * I * BP + 16 * I;  // blk[i * BP + m] = B_II[i][m] (i > m); blk[m * BP + i] = T_II[i][m]
+    const float* bt = sBeta + 16 * I;
+    float x[16];
+#pragma unroll
+    for (int i = 0; i < 16; ++i) x[i] = i == j ? 1.f : 0.f;  // x[i] stays 0 for i < j
+#pragma unroll
+    for (int m = 0; m < 15; ++m) {
+      const float xm = x[m];
+#pragma unroll
+      for (int i = m + 1; i < 16; ++i) x[i] -= (bt[i] * blk[i * BP + m]) * xm;
+    }
+#pragma unroll
+    for (int i = 1; i < 16; ++i)
+      if (i > j) blk[j * BP + i] = x[i];
+  }
+}
+
+// Off-diagonal blocks of T (after a barrier behind Grad2InvertDiag), by distance d = I - J = 1, 2, 3:
+// T_IJ = -T_II P, P = sum_{M=J}^{I-1} A_IM T_MJ. Thread (r, c) = (tid & 15, tid >> 4): a half warp holds one
+// column c of P, and T_II P is formed with shuffles. Ends with a barrier.
+template <int BP>
+__device__ __forceinline__ void Grad2InvertOffDiag(float* sB, const float* sBeta, int tid) {
+  const int r = tid & 15, c = tid >> 4;
+#pragma unroll
+  for (int d = 1; d < 4; ++d) {
+#pragma unroll
+    for (int I = d; I < 4; ++I) {
+      const int J = I - d;
+      const float br = sBeta[16 * I + r];
+      const float* brow = sB + (16 * I + r) * BP;  // B_ij, i = 16 I + r, j < 16 I
+      float* tcol = sB + (16 * J + c) * BP;        // T_ij, j = 16 J + c, i > j
+      float pv = 0.f;                              // P[r][c]
+#pragma unroll
+      for (int s = 0; s < 16; ++s) {  // M = J: T_JJ[s][c] is 1 at s = c and 0 above
+        const float t = s > c ? tcol[16 * J + s] : (s == c ? 1.f : 0.f);
+        pv += (br * brow[16 * J + s]) * t;
+      }
+#pragma unroll
+      for (int M = J + 1; M < I; ++M)
+#pragma unroll
+        for (int s = 0; s < 16; ++s) pv += (br * brow[16 * M + s]) * tcol[16 * M + s];
+      float out = pv;  // (T_II P)[r][c] = P[r][c] + sum_{s < r} T_II[r][s] P[s][c]
+#pragma unroll
+      for (int s = 0; s < 15; ++s) {
+        const float ps = __shfl_sync(0xffffffffu, pv, s, 16);
+        if (s < r) out += sB[(16 * I + s) * BP + 16 * I + r] * ps;
+      }
+      tcol[16 * I + r] = -out;
+    }
+    __syncthreads();
+  }
+}
+
+// Element (i, j) of T (kTrans: of T^T) from sB (see above): unit diagonal, zero above (below) it.
+template <int BP, bool kTrans>
+__device__ __forceinline__ float Grad2TAt(const float* sB, int i, int j) {
+  const int a = kTrans ? j : i, b = kTrans ? i : j;  // T[a][b]
+  return a > b ? sB[b * BP + a] : (a == b ? 1.f : 0.f);
+}
+
+// out(i, col, x) for the 64 x (K + V) product X = T R (kTrans: T^T R), R(i, col) = rhs(i, col) (f32, 0 for rows
+// >= L), both operands rounded to bf16, fp32 accumulation. Warp w takes the 16-column strips 16 w, 16 w + 128,
+// ... (4 m tiles; the k blocks of T / T^T that are zero are skipped); A fragments are packed from T in f32.
+template <int K, int BP, bool kTrans, typename FR, typename FO>
+__device__ __forceinline__ void Grad2SolveMma(const float* sB, int warp, int lane, FR rhs, FO out) {
+  const int gr = lane >> 2, t4 = lane & 3;
+  for (int n0 = warp * 16; n0 < 2 * K; n0 += kThreads / 2) {  // K + V = 2 K columns
+    float acc[4][2][4];
+#pragma unroll
+    for (int I = 0; I < 4; ++I)
+#pragma unroll
+      for (int n = 0; n < 2; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[I][n][e] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      uint32_t bb[2][2];  // R rows 16 kk + 2 t4 (+1) and + 8 (+9), column n0 + 8 n + gr
+#pragma unroll
+      for (int n = 0; n < 2; ++n)
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+          const int i = 16 * kk + 2 * t4 + 8 * hh, col = n0 + 8 * n + gr;
+          bb[n][hh] = fwd::PackBF16(rhs(i, col), rhs(i + 1, col));
+        }
+#pragma unroll
+      for (int I = 0; I < 4; ++I) {
+        if (kTrans ? I > kk : I < kk) continue;  // T is lower block triangular, T^T upper
+        uint32_t a[4];
+#pragma unroll
+        for (int m = 0; m < 4; ++m) {
+          const int i = 16 * I + gr + 8 * (m & 1), j = 16 * kk + 2 * t4 + 8 * (m >> 1);
+          a[m] = fwd::PackBF16(Grad2TAt<BP, kTrans>(sB, i, j), Grad2TAt<BP, kTrans>(sB, i, j + 1));
+        }
+        fwd::Mma(acc[I][0], a, bb[0][0], bb[0][1]);
+        fwd::Mma(acc[I][1], a, bb[1][0], bb[1][1]);
+      }
+    }
+#pragma unroll
+    for (int I = 0; I < 4; ++I)
+#pragma unroll
+      for (int n = 0; n < 2; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) out(16 * I + gr + 8 * (e >> 1), n0 + 8 * n + 2 * t4 + (e & 1), acc[I][n][e]);
+  }
+}
+
+// kFactored selects the v2 stages (3: BkkV2; 7a / 7b: DecayGradV2); kMmaSolve the tensor-core WY solve of stage 4
+// (Grad2InvertDiag / Grad2InvertOffDiag / Grad2SolveMma); both false is the default kernel.
+template <int K, typename TIn, bool kFactored, bool kMmaSolve>
 __global__ void __launch_bounds__(kThreads, 1) Grad2Kernel(Params P) {
   using SM = Grad2Smem<K>;
   constexpr int C = kChunk, V = K, GP = SM::GP, BP = SM::BP, XP = SM::XP;
@@ -344,40 +469,67 @@ __global__ void __launch_bounds__(kThreads, 1) Grad2Kernel(Params P) {
       }
     }
     __syncthreads();
-    // ---- 4. W | U by forward substitution; dKb | dVb by back substitution (one column per thread) ----
-    for (int col = tid; col < K + V; col += kThreads) {
-      float x[C];
+    // ---- 4. W | U by forward substitution; dKb | dVb by back substitution (one column per thread); kMmaSolve:
+    // T = (I + diag(beta) B_kk)^{-1} into sB's upper triangle, W | U = T R and dKb | dVb = T^T [dW | dU] ----
+    if constexpr (kMmaSolve) {
+      Grad2InvertDiag<BP>(sB, sBeta, tid);
+      __syncthreads();
+      Grad2InvertOffDiag<BP>(sB, sBeta, tid);
+      // R = diag(beta) [e^G k | v] (rows >= L: 0), formed as the substitution forms it
+      Grad2SolveMma<K, BP, false>(
+          sB, warp, lane,
+          [&](int i, int col) {
+            float rhs = 0.f;
+            if (i < L) {
+              rhs = col < K ? __expf(sG[i * GP + col]) * sK[i * GP + col]
+                            : fwd::ToF<TIn>(gv[((tb + i) * HV + hv) * V + col - K]);
+            }
+            return sBeta[i] * rhs;
+          },
+          [&](int i, int col, float x) { sX[i * XP + col] = x; });
+      Grad2SolveMma<K, BP, true>(
+          sB, warp, lane,
+          [&](int i, int col) {
+            const float* src = col < K ? P.sW + col : P.sU + (col - K);
+            const int width = col < K ? K : V;
+            return i < L ? src[((tb + i) * HV + hv) * width] : 0.f;
+          },
+          [&](int i, int col, float x) { sY[i * XP + col] = x; });
+    } else {
+      for (int col = tid; col < K + V; col += kThreads) {
+        float x[C];
 #pragma unroll
-      for (int i = 0; i < C; ++i) {
-        float rhs = 0.f;
-        if (i < L) {
-          rhs = col < K ? __expf(sG[i * GP + col]) * sK[i * GP + col]
-                        : fwd::ToF<TIn>(gv[((tb + i) * HV + hv) * V + col - K]);
+        for (int i = 0; i < C; ++i) {
+          float rhs = 0.f;
+          if (i < L) {
+            rhs = col < K ? __expf(sG[i * GP + col]) * sK[i * GP + col]
+                          : fwd::ToF<TIn>(gv[((tb + i) * HV + hv) * V + col - K]);
+          }
+          x[i] = sBeta[i] * rhs;
         }
-        x[i] = sBeta[i] * rhs;
+        // Right-looking: x_i -= beta_i B_ij x_j for i > j, once x_j is final.
+#pragma unroll
+        for (int j = 0; j < C - 1; ++j) {
+          const float xj = x[j];
+#pragma unroll
+          for (int i = j + 1; i < C; ++i) x[i] = fmaf(-sBeta[i] * sB[i * BP + j], xj, x[i]);
+        }
+#pragma unroll
+        for (int i = 0; i < C; ++i) sX[i * XP + col] = x[i];
+        const float* src = col < K ? P.sW + col : P.sU + (col - K);
+        const int width = col < K ? K : V;
+#pragma unroll
+        for (int i = 0; i < C; ++i) x[i] = i < L ? src[((tb + i) * HV + hv) * width] : 0.f;
+        // Right-looking back substitution: y_i -= beta_j B_ji y_j for i < j, once y_j is final.
+#pragma unroll
+        for (int j = C - 1; j > 0; --j) {
+          const float yj = x[j] * sBeta[j];
+#pragma unroll
+          for (int i = 0; i < j; ++i) x[i] = fmaf(-sB[j * BP + i], yj, x[i]);
+        }
+#pragma unroll
+        for (int i = 0; i < C; ++i) sY[i * XP + col] = x[i];
       }
-      // Right-looking: x_i -= beta_i B_ij x_j for i > j, once x_j is final.
-#pragma unroll
-      for (int j = 0; j < C - 1; ++j) {
-        const float xj = x[j];
-#pragma unroll
-        for (int i = j + 1; i < C; ++i) x[i] = fmaf(-sBeta[i] * sB[i * BP + j], xj, x[i]);
-      }
-#pragma unroll
-      for (int i = 0; i < C; ++i) sX[i * XP + col] = x[i];
-      const float* src = col < K ? P.sW + col : P.sU + (col - K);
-      const int width = col < K ? K : V;
-#pragma unroll
-      for (int i = 0; i < C; ++i) x[i] = i < L ? src[((tb + i) * HV + hv) * width] : 0.f;
-      // Right-looking back substitution: y_i -= beta_j B_ji y_j for i < j, once y_j is final.
-#pragma unroll
-      for (int j = C - 1; j > 0; --j) {
-        const float yj = x[j] * sBeta[j];
-#pragma unroll
-        for (int i = 0; i < j; ++i) x[i] = fmaf(-sB[j * BP + i], yj, x[i]);
-      }
-#pragma unroll
-      for (int i = 0; i < C; ++i) sY[i * XP + col] = x[i];
     }
     __syncthreads();
     // ---- 5. dA = -strict_tril(dKb W^T + dVb U^T); dbeta += rowsum(dA * B); dB = diag(beta) dA (in place) ----
@@ -394,6 +546,9 @@ __global__ void __launch_bounds__(kThreads, 1) Grad2Kernel(Params P) {
       db += __shfl_xor_sync(0xffffffffu, db, 1);
       db += __shfl_xor_sync(0xffffffffu, db, 2);
       if (q4 == 0) sDb[i] += db;
+      if constexpr (kMmaSolve) {  // T out of the upper triangle (v2's 7a reads the diagonal blocks whole)
+        for (int j = i + 1 + q4; j < C; j += 4) sB[i * BP + j] = 0.f;
+      }
     }
     __syncthreads();
     // ---- 6. Vb = beta v, Kb = beta e^G k terms; q into sX; dk | dG into sY ----
@@ -559,8 +714,8 @@ __global__ void __launch_bounds__(kThreads, 1) Grad2Kernel(Params P) {
 }  // namespace
 
 namespace {
-// FLASHKDA_BWD_GRAD2=v2 selects Grad2Kernel<K, TIn, true> (factored decay products on tensor cores); unset or
-// anything else keeps the default Grad2Kernel<K, TIn, false>. Read once per process, at the first launch.
+// FLASHKDA_BWD_GRAD2=v2 selects Grad2Kernel<K, TIn, true, .> (factored decay products on tensor cores); unset or
+// anything else keeps the default Grad2Kernel<K, TIn, false, .>. Read once per process, at the first launch.
 bool Grad2V2Selected() {
   static const bool on = [] {
     const char* s = std::getenv("FLASHKDA_BWD_GRAD2");
@@ -568,19 +723,32 @@ bool Grad2V2Selected() {
   }();
   return on;
 }
+
+// FLASHKDA_BWD_GRAD2_SOLVE=mma selects Grad2Kernel<K, TIn, ., true> (the WY solve of stage 4 on tensor cores,
+// bf16 operands); unset or anything else keeps the fp32 substitutions. Read once per process, at the first launch.
+bool Grad2MmaSolveSelected() {
+  static const bool on = [] {
+    const char* s = std::getenv("FLASHKDA_BWD_GRAD2_SOLVE");
+    return s != nullptr && std::strcmp(s, "mma") == 0;
+  }();
+  return on;
+}
+
+template <int K, typename TIn>
+cudaError_t LaunchGrad2K(const Params& p, cudaStream_t stream, int nsm, long long items) {
+  const bool v2 = Grad2V2Selected(), mma = Grad2MmaSolveSelected();
+  auto kernel = v2 ? (mma ? Grad2Kernel<K, TIn, true, true> : Grad2Kernel<K, TIn, true, false>)
+                   : (mma ? Grad2Kernel<K, TIn, false, true> : Grad2Kernel<K, TIn, false, false>);
+  return fwd::LaunchGrid(kernel, Grad2Smem<K>::Bytes(), items, 4, p, stream, nsm);
+}
 }  // namespace
 
 template <typename TIn>
 cudaError_t LaunchGrad2(const Params& p, cudaStream_t stream, int nsm) {
   const long long items = static_cast<long long>(p.f.B) * p.f.T * p.f.HV;
-  const bool v2 = Grad2V2Selected();
   switch (p.f.K) {
-    case 64:
-      return fwd::LaunchGrid(v2 ? Grad2Kernel<64, TIn, true> : Grad2Kernel<64, TIn, false>, Grad2Smem<64>::Bytes(),
-                             items, 4, p, stream, nsm);
-    case 128:
-      return fwd::LaunchGrid(v2 ? Grad2Kernel<128, TIn, true> : Grad2Kernel<128, TIn, false>, Grad2Smem<128>::Bytes(),
-                             items, 4, p, stream, nsm);
+    case 64: return LaunchGrad2K<64, TIn>(p, stream, nsm, items);
+    case 128: return LaunchGrad2K<128, TIn>(p, stream, nsm, items);
     default: return cudaErrorInvalidValue;
   }
 }

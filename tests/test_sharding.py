@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 import flashkda_jax as F
+from flashkda_jax import _ffi
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 T_GLOBAL = 64
@@ -25,12 +26,19 @@ CASES = ("batch", "heads", "batch_heads", "context", "data_context", "layer", "s
 TOL = 2e-5  # fp32; context parallelism reassociates the state sums
 
 
-@pytest.fixture(scope="module")
-def reports():
+@pytest.fixture(scope="module", params=["xla", "cpu"])
+def reports(request):
+    # Both implementations: the pure-JAX program and the C++ kernels (whose backward's state-only mode
+    # context parallelism uses). FLASHKDA_SHARDING_IMPL picks one.
+    impl = request.param
+    only = os.environ.get("FLASHKDA_SHARDING_IMPL")
+    if only and only != impl:
+        pytest.skip(f"FLASHKDA_SHARDING_IMPL={only}")
+    if impl == "cpu" and not _ffi.has_extension():
+        pytest.skip("flashkda_jax extension not built")
     env = dict(os.environ)
     env.pop("XLA_FLAGS", None)
     env["JAX_PLATFORMS"] = "cpu"
-    impl = os.environ.get("FLASHKDA_SHARDING_IMPL", "xla")
     proc = subprocess.run([sys.executable, os.path.join(HERE, "sharding_worker.py"), "--impl", impl,
                            "--cases", ",".join(CASES)],
                           capture_output=True, text=True, timeout=900, env=env, cwd=os.path.dirname(HERE))
