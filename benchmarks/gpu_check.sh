@@ -71,7 +71,7 @@ bench() {  # name, extra args (BENCH_ARGS, then GRAD_ARGS for the fwd+bwd table)
   summary+=("$name rc=$?")
 }
 if has variants; then
-  VARIANTS=${VARIANTS:-"FLASHKDA_BWD_RECUR=v2 FLASHKDA_BWD_GRAD1=mma FLASHKDA_BWD_GRAD2=v2"}
+  VARIANTS=${VARIANTS:-"FLASHKDA_BWD_RECUR=v2 FLASHKDA_BWD_GRAD1=mma FLASHKDA_BWD_GRAD2=v2 FLASHKDA_BWD_GRAD2_SOLVE=mma"}
   sets=(); for v in $VARIANTS; do sets+=("$v"); done; sets+=("$VARIANTS")
   i=0
   for set in "${sets[@]}"; do
