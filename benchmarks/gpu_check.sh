@@ -79,7 +79,10 @@ if has variants; then
        test_cuda_bwd_stages.py test_cuda_bwd.py >"$LOG/variant_$i.log" 2>&1) &
     i=$((i + 1))
   done
+  (cd tests && timeout 500 python3 -m pytest -q -p no:cacheprovider test_cuda_bwd_variants.py \
+     >"$LOG/variant_paths.log" 2>&1) &
   wait
+  summary+=("[variant paths: BV 16/32/64, long / many sequences, fp16/fp32, vk] $(tail -1 "$LOG/variant_paths.log")")
   i=0
   for set in "${sets[@]}"; do
     env $set timeout 120 python3 benchmarks/bench_gpu.py --grad --no-fla --reps 5 \
@@ -107,7 +110,7 @@ printf '%s\n' "${summary[@]}"
 for f in tests_gpu tests_cuda_impl tests_bwd sanitize; do
   [ -f "$LOG/$f.log" ] && grep -E "^(FAILED|ERROR)" "$LOG/$f.log" | head -15
 done
-for f in "$LOG"/variant_[0-9]*.log; do
+for f in "$LOG"/variant_[0-9]*.log "$LOG"/variant_paths.log; do
   [ -f "$f" ] && grep -E "^(FAILED|ERROR)" "$f" | sed "s|^|$(basename "$f" .log): |" | head -6
 done
 for f in bench_bounded bench_softplus bench_grad bench_decode multi_gpu; do

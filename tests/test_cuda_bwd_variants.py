@@ -1,0 +1,159 @@
+"""The opt-in CUDA backward variants (FLASHKDA_BWD_RECUR=v2 and its column block FLASHKDA_BWD_RECUR_BV,
+FLASHKDA_BWD_GRAD1=mma) on the paths tests/test_cuda_bwd.py's small problems miss: BV = 32 / 64, long sequences
+(17 / 18 chunks: stage parity, partial last chunk), many sequences per row with padding and exactly-one-chunk
+sequences, fewer state slots than sequences, several items per CTA, fp16 / fp32 dO, the vk state layout.
+
+Every variant runs in a child process (the switches are read once per process). Checks: (1) v2 at BV = 16 / 32
+/ 64 gives bit-identical gradients (each output element sees the same operands in the same accumulation order
+whatever BV is, so a difference is an indexing or race bug); (2) the variants against the default kernels,
+whole arrays and per 64-token block (a bug local to one chunk hides in a whole-array norm); (3) against the
+fp32 oracle on the dense cases. GPU only; run once (benchmarks/gpu_check.sh stage "variants" runs it).
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+from kda_testing import random_state, rel_err, requires_cuda_kernels
+from test_cuda_bwd import TOL, _grads, _inputs
+
+pytestmark = requires_cuda_kernels()
+
+_VARIANT_ENV_KEYS = ("FLASHKDA_BWD_RECUR", "FLASHKDA_BWD_RECUR_BV", "FLASHKDA_BWD_GRAD1", "FLASHKDA_BWD_GRAD2",
+                     "FLASHKDA_BWD_GRAD2_SOLVE")
+# (length, padding before it) runs, cycled; each row starts at another point of the cycle, after b * 17 pad tokens
+_SEG_PATTERN = [(64, 0), (1, 3), (65, 0), (128, 0), (63, 5), (129, 0), (2, 0), (200, 7), (64, 0), (130, 1)]
+
+
+def _seg_rows(B, T, shift=17):
+    rows = []
+    for b in range(B):
+        row, nid, i = [0] * (b * shift), 1, b
+        while len(row) < T:
+            n, pad = _SEG_PATTERN[i % len(_SEG_PATTERN)]
+            row += [0] * pad + [nid] * n
+            nid, i = nid + 1, i + 1
+        rows.append(row[:T])
+    return np.array(rows, np.int32)
+
+
+# name: (seed, B, T, H, HV, K, dtype, gate, extra); all with initial_state and a dfinal_state cotangent
+_VARIANT_CASES = {
+    "long128_even": (21, 1, 1100, 2, 2, 128, "bfloat16", "bounded", {}),       # 18 chunks, last 12 tokens
+    "long64_odd": (22, 1, 1030, 1, 2, 64, "bfloat16", "softplus", {}),        # 17 chunks, last 6 tokens
+    "segs64_slots": (23, 3, 900, 2, 8, 64, "bfloat16", "bounded", {"S": 4}),  # ~9 sequences/row, 4 slots
+    "segs128_slots": (24, 2, 700, 2, 2, 128, "bfloat16", "softplus", {"S": 3}),
+    "fp16_128": (25, 1, 300, 2, 2, 128, "float16", "softplus", {}),
+    "fp32_64": (26, 2, 260, 1, 2, 64, "float32", "bounded", {}),
+    "vk64": (27, 2, 270, 1, 2, 64, "bfloat16", "bounded", {"vk": True}),
+}
+
+
+def _variant_case(name):
+    seed, B, T, H, HV, K, dtype, gate, extra = _VARIANT_CASES[name]
+    args, params, kw = _inputs(seed, B, T, H, HV, K, K, getattr(jnp, dtype), gate)
+    if "S" in extra:
+        S = extra["S"]
+        kw.update(segment_ids=jnp.asarray(_seg_rows(B, T)), max_segments=S)
+        init = random_state(seed + 1, (B, S, HV, K, K))
+        dfin = random_state(seed + 2, (B, S, HV, K, K))
+    else:
+        init = random_state(seed + 1, (B, HV, K, K))
+        dfin = random_state(seed + 2, (B, HV, K, K))
+    if extra.get("vk"):
+        kw.update(state_layout="vk")
+    return args, params, kw, init, dfin
+
+
+_VARIANT_CHILD = r"""
+import sys
+sys.path.insert(0, sys.argv[1])
+import numpy as np
+import test_cuda_bwd_variants as t
+
+out = {}
+for name in sys.argv[3].split(","):
+    got = t._grads("cuda", *t._variant_case(name))
+    for k, x in got.items():
+        out[name + "/" + k] = np.asarray(x, np.float32)
+    print("ok", name, flush=True)
+np.savez(sys.argv[2], **out)
+"""
+
+
+def _variant_run(tmp_path, tag, env_extra, cases=tuple(_VARIANT_CASES)):
+    import os
+    import subprocess
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    saved = tmp_path / f"{tag}.npz"
+    env = {k: v for k, v in os.environ.items() if k not in _VARIANT_ENV_KEYS}
+    env.update(env_extra, XLA_PYTHON_CLIENT_PREALLOCATE="false")
+    proc = subprocess.run([sys.executable, "-c", _VARIANT_CHILD, here, str(saved), ",".join(cases)],
+                          capture_output=True, text=True, timeout=1200, env=env, cwd=str(tmp_path))
+    assert proc.returncode == 0, f"{tag} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-6000:]}"
+    assert proc.stdout.count("ok ") == len(cases), proc.stdout
+    return dict(np.load(saved))
+
+
+def _block_errs(got, ref, blk=64):
+    """Worst relative error over 64-token blocks (axis 1 = T), blocks of negligible norm measured against a
+    floor of 1% of the array's mean block norm."""
+    T = ref.shape[1]
+    nb = -(-T // blk)
+    floor = 1e-2 * np.linalg.norm(ref) / np.sqrt(nb)
+    worst = 0.0
+    for a in range(0, T, blk):
+        r = ref[:, a:a + blk].astype(np.float64)
+        g = got[:, a:a + blk].astype(np.float64)
+        worst = max(worst, float(np.linalg.norm(g - r) / max(np.linalg.norm(r), floor, 1e-30)))
+    return worst
+
+
+def test_recur_v2_bv_invariant(tmp_path):
+    # BV = 16 passed against the oracle on the GPU; 32 / 64 must give the same bits.
+    runs = {bv: _variant_run(tmp_path, f"v2_bv{bv}", {"FLASHKDA_BWD_RECUR": "v2", "FLASHKDA_BWD_RECUR_BV": str(bv)})
+            for bv in (16, 32, 64)}
+    for bv in (32, 64):
+        for key, x in runs[16].items():
+            y = runs[bv][key]
+            assert np.all(np.isfinite(y)), f"BV={bv} {key} not finite"
+            np.testing.assert_array_equal(y, x, err_msg=f"BV={bv} vs BV=16: {key}")
+
+
+def test_recur_v2_grad1_mma_vs_default(tmp_path):
+    base = _variant_run(tmp_path, "default", {})
+    variants = {
+        "v2+mma": _variant_run(tmp_path, "v2_mma", {"FLASHKDA_BWD_RECUR": "v2", "FLASHKDA_BWD_GRAD1": "mma"}),
+        "grad1 mma": _variant_run(tmp_path, "mma", {"FLASHKDA_BWD_GRAD1": "mma"}),
+        "v2 bv64": _variant_run(tmp_path, "v2_64", {"FLASHKDA_BWD_RECUR": "v2", "FLASHKDA_BWD_RECUR_BV": "64"}),
+    }
+    for tag, got in variants.items():
+        for key, r in base.items():
+            name = key.split("/")[1]
+            x = got[key]
+            assert np.all(np.isfinite(x)), f"{tag} {key} not finite"
+            e = rel_err(x, r)
+            assert e <= TOL[name], f"{tag} {key} vs default rel err {e:.3e}"
+            if name in ("q", "k", "v", "beta"):
+                eb = _block_errs(x, r)
+                assert eb <= 5e-2, f"{tag} {key} vs default: worst 64-token block rel err {eb:.3e}"
+            if name == "initial_state":  # per (row, slot, head) state block
+                rr, xx = r.reshape(-1, r.shape[-2] * r.shape[-1]), x.reshape(-1, x.shape[-2] * x.shape[-1])
+                for i in range(rr.shape[0]):
+                    e_ = rel_err(xx[i], rr[i])
+                    assert e_ <= 3e-2, f"{tag} {key} vs default: state block {i} rel err {e_:.3e}"
+
+
+def test_recur_v2_grad1_mma_vs_oracle(tmp_path):
+    dense = [n for n, c in _VARIANT_CASES.items() if "S" not in c[-1]]
+    got = _variant_run(tmp_path, "v2_mma_oracle", {"FLASHKDA_BWD_RECUR": "v2", "FLASHKDA_BWD_GRAD1": "mma"}, dense)
+    for case in dense:
+        ref = _grads("ref", *_variant_case(case))
+        for name, r in ref.items():
+            if name in ("g", "A_log", "dt_bias"):  # decay gradients: bounded by the default's accuracy, not the variants'
+                continue
+            e = rel_err(got[f"{case}/{name}"], r)
+            assert e <= TOL[name], f"v2+mma {case} d{name} vs oracle rel err {e:.3e}"
