@@ -43,7 +43,9 @@ struct Grad2Smem {
 // cancel to f32 accuracy. Forming it as x o dx - y o dy instead leaves their bf16 rounding (~2^-9 of every
 // term, diagonal i = j included) in dg: with strong decays (bounded gates) dg is small next to those terms,
 // and its error reached 0.13 (tests/test_bwd_precision_model.py models both).
-// Grad2Kernel<K, TIn, true> runs these in stages 3, 7a and 7b; everything else is shared with the default.
+// Grad2Kernel<K, TIn, kFactored = true, *> runs these in stages 3, 7a and 7b; everything else is shared with the
+// default. Keep the factor expression x * __expf(G - G_r) (then bf16) the same on the operand side and in the
+// dG epilogue: the cancellation above depends on both sides producing the same bits.
 // ------------------------------------------------------------------------------------------------------
 
 // Whether diagonal block I takes the factored path: its decay range stays within e^80 (whole warp).

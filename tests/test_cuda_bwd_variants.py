@@ -1,5 +1,5 @@
 """The opt-in CUDA backward variants (FLASHKDA_BWD_RECUR=v2 and its column block FLASHKDA_BWD_RECUR_BV,
-FLASHKDA_BWD_GRAD1=mma) on the paths tests/test_cuda_bwd.py's small problems miss: BV = 32 / 64, long sequences
+FLASHKDA_BWD_GRAD1=mma; FLASHKDA_BWD_GRAD2_SOLVE=mma alone and with FLASHKDA_BWD_GRAD2=v2, at the end) on the paths tests/test_cuda_bwd.py's small problems miss: BV = 32 / 64, long sequences
 (17 / 18 chunks: stage parity, partial last chunk), many sequences per row with padding and exactly-one-chunk
 sequences, fewer state slots than sequences, several items per CTA, fp16 / fp32 dO, the vk state layout.
 
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from kda_testing import random_state, rel_err, requires_cuda_kernels
 from test_cuda_bwd import TOL, _grads, _inputs
@@ -157,3 +158,66 @@ def test_recur_v2_grad1_mma_vs_oracle(tmp_path):
                 continue
             e = rel_err(got[f"{case}/{name}"], r)
             assert e <= TOL[name], f"v2+mma {case} d{name} vs oracle rel err {e:.3e}"
+
+
+# ----------------------------------------------------------------------------------------------------
+# grad2's tensor-core solve (FLASHKDA_BWD_GRAD2_SOLVE=mma), alone and with grad2 v2: against the oracle
+# (inside the child, at the usual tolerances) and against the default kernels per 64-token chunk.
+# ----------------------------------------------------------------------------------------------------
+
+_GRAD2_SOLVE_CHILD = r"""
+import sys
+sys.path.insert(0, sys.argv[1])
+import jax.numpy as jnp, numpy as np
+import test_cuda_bwd as t
+from kda_testing import random_state
+out = {}
+def case(name, seed, B, T, H, HV, K, gate, dtype=jnp.bfloat16, strong=False, **kwx):
+    args, params, kw = t._inputs(seed, B, T, H, HV, K, K, dtype, gate)
+    kw.update(kwx)
+    if strong:  # some diagonal 16-blocks beyond e^80 (v2 exact path) next to factored ones
+        q, k, v, g, beta = args
+        args = (q, k, v, (g.astype(jnp.float32) * 30.0).astype(dtype), beta)
+    init, dfin = random_state(seed + 2, (B, HV, K, K)), random_state(seed + 3, (B, HV, K, K))
+    got = t._compare(args, params, kw, init, dfin, "grad2 solve " + name)
+    for n, x in got.items():
+        out[name + "/" + n] = np.asarray(x, np.float32)
+    print("ok", name, flush=True)
+case("bounded128", 1, 2, 200, 2, 4, 128, "bounded")
+case("softplus64", 2, 2, 200, 2, 4, 64, "softplus")
+for T in (1, 17, 63, 65, 130):                       # rows >= L of T, R, T^T R
+    case(f"len{T}", 2, 1, T, 1, 2, 64, "bounded")
+case("fp16_neg", 5, 1, 150, 2, 2, 128, "softplus", jnp.float16, allow_neg_eigval=True, scale=0.2)
+case("fp32_neg", 5, 1, 150, 2, 2, 128, "softplus", jnp.float32, allow_neg_eigval=True, scale=0.2)
+case("strong128", 3, 1, 150, 1, 2, 128, "precomputed", strong=True)
+np.savez(sys.argv[2], **out)
+"""
+
+
+@pytest.mark.parametrize("env", [{"FLASHKDA_BWD_GRAD2_SOLVE": "mma"},
+                                 {"FLASHKDA_BWD_GRAD2_SOLVE": "mma", "FLASHKDA_BWD_GRAD2": "v2"}],
+                         ids=["mma", "v2+mma"])
+def test_grad2_solve_env(tmp_path, env):
+    import os
+    import subprocess
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    runs = {}
+    for tag, e in (("variant", env), ("default", {})):
+        base = {k: v for k, v in os.environ.items() if k not in _VARIANT_ENV_KEYS}
+        saved = tmp_path / f"{tag}.npz"
+        proc = subprocess.run([sys.executable, "-c", _GRAD2_SOLVE_CHILD, here, str(saved)], capture_output=True,
+                              text=True, timeout=1200, cwd=str(tmp_path),
+                              env=dict(base, XLA_PYTHON_CLIENT_PREALLOCATE="false", **e))
+        assert proc.returncode == 0, f"{tag}:\n{proc.stdout[-2000:]}\n{proc.stderr[-6000:]}"
+        runs[tag] = np.load(saved)
+    var, ref = runs["variant"], runs["default"]
+    assert any(not np.array_equal(var[k], ref[k]) for k in ref.files), "the switch changed nothing"
+    for key in ref.files:  # per 64-token chunk: a T / T^T indexing bug shows up locally
+        name = key.split("/")[1]
+        a, b = var[key], ref[key]
+        if a.ndim >= 2 and a.shape[1] > 1 and name not in ("A_log", "dt_bias", "initial_state"):
+            for c0 in range(0, a.shape[1], 64):
+                e = rel_err(a[:, c0:c0 + 64], b[:, c0:c0 + 64])
+                assert e <= TOL[name], f"{key} chunk {c0 // 64}: {e:.3e} vs default"
