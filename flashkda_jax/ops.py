@@ -92,43 +92,37 @@ def _ffi_forward(args, opts, impl):
     return o, (fin if opts.return_final_state else None)
 
 
-def _ffi_backward(args, do, dfin, opts, impl):
+def _ffi_backward_call(args, do, dfin, opts, impl, grad_types):
+    """The flashkda_bwd call with the given result types of the 7 input gradients -> (those 7, dinit)."""
     q, k, v, g, beta, a_log, dt_bias, slot, init = args
-    sizes = _sizes(q, v, opts)
-    ws = _workspace.bwd_workspace_bytes(impl, opts=opts, **sizes)
-    f32 = jnp.float32
-    out_types = (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
-                 jax.ShapeDtypeStruct(v.shape, v.dtype), jax.ShapeDtypeStruct(g.shape, g.dtype),
-                 jax.ShapeDtypeStruct(beta.shape, beta.dtype), jax.ShapeDtypeStruct(a_log.shape, f32),
-                 jax.ShapeDtypeStruct(dt_bias.shape, f32),
-                 _state_struct(q, v, opts, init is not None),
-                 jax.ShapeDtypeStruct((ws,), jnp.uint8))
+    ws = _workspace.bwd_workspace_bytes(impl, opts=opts, **_sizes(q, v, opts))
+    out_types = tuple(grad_types) + (_state_struct(q, v, opts, init is not None),
+                                     jax.ShapeDtypeStruct((ws,), jnp.uint8))
     if dfin is None:
         dfin = _empty_state(q)
     outs = jax.ffi.ffi_call(_ffi.BWD_TARGET, out_types, vmap_method="broadcast_all")(
         q, k, v, g, beta, a_log, dt_bias, slot, _empty_state(q) if init is None else init,
         do.astype(v.dtype), dfin.astype(_inputs.compute_dtype(q.dtype)), **opts.ffi_attrs())
-    dq, dk, dv, dg, dbeta, da, ddt, dinit, _ = outs
+    return outs[:8]
+
+
+def _ffi_backward(args, do, dfin, opts, impl):
+    q, k, v, g, beta, a_log, dt_bias, _, init = args
+    f32 = jnp.float32
+    grad_types = (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
+                  jax.ShapeDtypeStruct(v.shape, v.dtype), jax.ShapeDtypeStruct(g.shape, g.dtype),
+                  jax.ShapeDtypeStruct(beta.shape, beta.dtype), jax.ShapeDtypeStruct(a_log.shape, f32),
+                  jax.ShapeDtypeStruct(dt_bias.shape, f32))
+    dq, dk, dv, dg, dbeta, da, ddt, dinit = _ffi_backward_call(args, do, dfin, opts, impl, grad_types)
     return dq, dk, dv, dg, dbeta, da, ddt, (dinit if init is not None else None)
 
 
 def _ffi_backward_state(args, do, dfin, opts, impl):
     """Only dinitial_state of the backward (its state-only mode: empty input-gradient results; on CUDA only
     the reverse pass runs). Needs an initial state."""
-    q, k, v, g, beta, a_log, dt_bias, slot, init = args
-    sizes = _sizes(q, v, opts)
-    ws = _workspace.bwd_workspace_bytes(impl, opts=opts, **sizes)
-    none = jax.ShapeDtypeStruct((0,), jnp.float32)
-    out_types = (jax.ShapeDtypeStruct((0,), q.dtype), jax.ShapeDtypeStruct((0,), k.dtype),
-                 jax.ShapeDtypeStruct((0,), v.dtype), jax.ShapeDtypeStruct((0,), g.dtype),
-                 jax.ShapeDtypeStruct((0,), beta.dtype), none, none,
-                 _state_struct(q, v, opts, True), jax.ShapeDtypeStruct((ws,), jnp.uint8))
-    if dfin is None:
-        dfin = _empty_state(q)
-    outs = jax.ffi.ffi_call(_ffi.BWD_TARGET, out_types, vmap_method="broadcast_all")(
-        q, k, v, g, beta, a_log, dt_bias, slot, init,
-        do.astype(v.dtype), dfin.astype(_inputs.compute_dtype(q.dtype)), **opts.ffi_attrs())
-    return outs[7]
+    empty = tuple(jax.ShapeDtypeStruct((0,), x.dtype) for x in args[:5])
+    empty += (jax.ShapeDtypeStruct((0,), jnp.float32),) * 2
+    return _ffi_backward_call(args, do, dfin, opts, impl, empty)[7]
 
 
 def _backward_impl(impl: str, q, v) -> str:
