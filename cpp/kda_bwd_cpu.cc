@@ -506,8 +506,7 @@ ffi::Error KdaBwd(ffi::ThreadPool& pool, FLASHKDA_BWD_PARAMS) {
   // State-only mode (docs/ffi.md): every input-gradient result empty -> only dinitial_state is produced.
   // Here the gradients are still computed, into scratch (the CUDA handler skips their stages).
   const size_t nrow = size_t(s.B * s.HV);
-  const bool state_only = StateOnlyRequested(*dq, *dk, *dv, *dg, *dbeta, *da_log_partial, *ddt_bias_partial) &&
-                          2 * nq + nv + ng + nb + nrow * (1 + s.K) > 0;
+  const bool state_only = StateOnlyRequested(s, *dq, *dk, *dv, *dg, *dbeta, *da_log_partial, *ddt_bias_partial);
   if (state_only && P.S_in == 0) {
     return ffi::Error::InvalidArgument("flashkda_bwd: the state-only backward needs an initial_state");
   }

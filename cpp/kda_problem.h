@@ -142,11 +142,14 @@ inline int64_t StateSlots(const ffi::AnyBuffer& state, const KdaShape& s) {
 }
 
 // The backward's state-only mode: every input-gradient result (dq, dk, dv, dg, dbeta, da_log_partial,
-// ddt_bias_partial) has 0 elements, so only dinitial_state is wanted (context parallelism needs the gradient
-// w.r.t. a slice's incoming state alone; the CUDA handler then runs only the reverse pass).
+// ddt_bias_partial) has 0 elements although the problem gives them some, so only dinitial_state is wanted
+// (context parallelism needs the gradient w.r.t. a slice's incoming state alone; the CUDA handler then runs
+// only the reverse pass).
 template <class... Buffers>
-inline bool StateOnlyRequested(const Buffers&... grads) {
-  return ((grads.element_count() == 0) && ...);
+inline bool StateOnlyRequested(const KdaShape& s, const Buffers&... grads) {
+  const int64_t tok = s.B * s.T;
+  const int64_t expected = tok * (2 * s.H * s.K + s.HV * (s.V + s.K + 1)) + s.B * s.HV * (1 + s.K);
+  return expected > 0 && ((grads.element_count() == 0) && ...);
 }
 
 }  // namespace flashkda

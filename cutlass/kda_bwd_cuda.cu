@@ -247,8 +247,7 @@ static ffi::Error KdaCudaBwdImpl(cudaStream_t stream, FLASHKDA_BWD_PARAMS) {
   // State-only mode (docs/ffi.md): every input-gradient result empty -> only the reverse pass runs, for
   // dinitial_state.
   const size_t nrow = static_cast<size_t>(s.B * s.HV);
-  const bool state_only = StateOnlyRequested(*dq, *dk, *dv, *dg, *dbeta, *da_log_partial, *ddt_bias_partial) &&
-                          2 * nq + nv + ng + nb + nrow * (1 + s.K) > 0;
+  const bool state_only = StateOnlyRequested(s, *dq, *dk, *dv, *dg, *dbeta, *da_log_partial, *ddt_bias_partial);
   if (state_only && !s.has_initial_state) {
     return ffi::Error::InvalidArgument("flashkda_bwd (CUDA): the state-only backward needs an initial_state");
   }
