@@ -2,10 +2,9 @@
 // the chunk-state products, is kda_bwd_grad1.cu).
 // See kda_bwd_common.cuh for the algorithm; tests/test_bwd_algorithm.py models every formula here.
 #include "kda_bwd_common.cuh"
+#include "kda_env.h"
 #include "kda_fwd_launch.h"
 
-#include <cstdlib>
-#include <cstring>
 
 namespace flashkda {
 namespace bwd {
@@ -719,20 +718,14 @@ namespace {
 // FLASHKDA_BWD_GRAD2=v2 selects Grad2Kernel<K, TIn, true, .> (factored decay products on tensor cores); unset or
 // anything else keeps the default Grad2Kernel<K, TIn, false, .>. Read once per process, at the first launch.
 bool Grad2V2Selected() {
-  static const bool on = [] {
-    const char* s = std::getenv("FLASHKDA_BWD_GRAD2");
-    return s != nullptr && std::strcmp(s, "v2") == 0;
-  }();
+  static const bool on = EnvEquals("FLASHKDA_BWD_GRAD2", "v2");
   return on;
 }
 
 // FLASHKDA_BWD_GRAD2_SOLVE=mma selects Grad2Kernel<K, TIn, ., true> (the WY solve of stage 4 on tensor cores,
 // bf16 operands); unset or anything else keeps the fp32 substitutions. Read once per process, at the first launch.
 bool Grad2MmaSolveSelected() {
-  static const bool on = [] {
-    const char* s = std::getenv("FLASHKDA_BWD_GRAD2_SOLVE");
-    return s != nullptr && std::strcmp(s, "mma") == 0;
-  }();
+  static const bool on = EnvEquals("FLASHKDA_BWD_GRAD2_SOLVE", "mma");
   return on;
 }
 

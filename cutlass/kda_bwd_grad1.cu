@@ -2,10 +2,9 @@
 // the default (SIMT f32 math on bf16 operands) and FLASHKDA_BWD_GRAD1=mma (bf16 tensor cores, f32 accumulation).
 // See kda_bwd_common.cuh for the algorithm; tests/test_bwd_algorithm.py models every formula here.
 #include "kda_bwd_common.cuh"
+#include "kda_env.h"
 #include "kda_fwd_launch.h"
 
-#include <cstdlib>
-#include <cstring>
 #include <type_traits>
 
 namespace flashkda {
@@ -584,10 +583,7 @@ __global__ void __launch_bounds__(kThreads, 2) Grad1MmaKernel(Params P) {
 // FLASHKDA_BWD_GRAD1=mma selects Grad1MmaKernel; unset or anything else keeps the default Grad1Kernel. Read once
 // per process, at the first launch.
 bool Grad1MmaSelected() {
-  static const bool on = [] {
-    const char* s = std::getenv("FLASHKDA_BWD_GRAD1");
-    return s != nullptr && std::strcmp(s, "mma") == 0;
-  }();
+  static const bool on = EnvEquals("FLASHKDA_BWD_GRAD1", "mma");
   return on;
 }
 

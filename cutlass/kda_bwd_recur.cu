@@ -3,10 +3,9 @@
 // from the prep workspace. See kda_bwd_common.cuh for the algorithm. FLASHKDA_BWD_RECUR=v2 selects the
 // tensor-core versions further down (StatesKernelV2 / ReverseKernelV2).
 #include "kda_bwd_common.cuh"
+#include "kda_env.h"
 #include "kda_fwd_launch.h"
 
-#include <cstdlib>
-#include <cstring>
 #include <type_traits>
 
 namespace flashkda {
@@ -656,10 +655,7 @@ __global__ void __launch_bounds__(kThreads, 1) ReverseKernelV2(Params P) {
 // FLASHKDA_BWD_RECUR=v2 selects the v2 kernels; unset or anything else keeps the default ones. Read once per
 // process, at the first launch.
 bool RecurV2Selected() {
-  static const bool on = [] {
-    const char* s = std::getenv("FLASHKDA_BWD_RECUR");
-    return s != nullptr && std::strcmp(s, "v2") == 0;
-  }();
+  static const bool on = EnvEquals("FLASHKDA_BWD_RECUR", "v2");
   return on;
 }
 
@@ -668,11 +664,7 @@ bool RecurV2Selected() {
 // one sequence per batch row is assumed (more sequences only make more items). FLASHKDA_BWD_RECUR_BV=16|32|64
 // forces a width (for tuning; read once).
 int ChooseBV(const fwd::Params& p, int nsm) {
-  static const int forced = [] {
-    const char* s = std::getenv("FLASHKDA_BWD_RECUR_BV");
-    const int v = s != nullptr ? std::atoi(s) : 0;
-    return (v == 16 || v == 32 || v == 64) ? v : 0;
-  }();
+  static const int forced = EnvColumnBlock("FLASHKDA_BWD_RECUR_BV");
   if (forced != 0 && p.V % forced == 0) return forced;
   const long long heads = static_cast<long long>(p.B) * p.HV;
   if (p.V % 64 == 0 && heads * (p.V / 64) >= nsm) return 64;

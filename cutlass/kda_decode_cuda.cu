@@ -18,10 +18,10 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
-#include <cstdlib>
 
 #include "kda_bindings.h"
 #include "kda_decode_binding.h"
+#include "kda_env.h"
 
 namespace ffi = xla::ffi;
 
@@ -349,11 +349,7 @@ cudaError_t Launch(cudaStream_t stream, DecodeParams p, int64_t blocks) {
 // CTAs in flight), 64 for large launches (more state bytes in flight per thread), else 32.
 // FLASHKDA_DECODE_BV=16|32|64 in the environment forces one (read once; a tuning knob for benchmarks).
 inline int ForcedBv() {
-  static const int bv = [] {
-    const char* e = std::getenv("FLASHKDA_DECODE_BV");
-    const int v = e ? std::atoi(e) : 0;
-    return (v == 16 || v == 32 || v == 64) ? v : 0;
-  }();
+  static const int bv = flashkda::EnvColumnBlock("FLASHKDA_DECODE_BV");
   return bv;
 }
 

@@ -1,10 +1,9 @@
 // flashkda_fwd, stage "prep": everything inside a chunk, fully parallel over (chunk, value head).
 // See kda_fwd_common.cuh for the algorithm and the workspace it writes.
-#include <cstdlib>
-#include <cstring>
 #include <type_traits>
 
 #include "kda_fwd_common.cuh"
+#include "kda_env.h"
 #include "kda_fwd_launch.h"
 
 namespace flashkda {
@@ -533,12 +532,9 @@ cudaError_t LaunchPrepK(const Params& p, cudaStream_t stream, int nsm, bool mma)
 // whose operands are bf16-rounded anyway; the SIMT substitution for fp32 inputs (T stays fp32). The env var
 // FLASHKDA_FWD_SOLVE=mma|simt forces one for every dtype. Read once per process, at the first launch.
 int ForcedSolve() {  // 1 = mma, 0 = simt, -1 = by dtype
-  static const int forced = [] {
-    const char* s = std::getenv("FLASHKDA_FWD_SOLVE");
-    if (s != nullptr && std::strcmp(s, "mma") == 0) return 1;
-    if (s != nullptr && std::strcmp(s, "simt") == 0) return 0;
-    return -1;
-  }();
+  static const int forced = EnvEquals("FLASHKDA_FWD_SOLVE", "mma")    ? 1
+                            : EnvEquals("FLASHKDA_FWD_SOLVE", "simt") ? 0
+                                                                      : -1;
   return forced;
 }
 
