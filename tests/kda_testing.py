@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -157,3 +160,19 @@ def state_only_vs_full_backward(impl, *, K, dtype, seed=0):
     except Exception as e:  # noqa: BLE001 - the FFI error surfaces as an XlaRuntimeError
         err = e
     return np.asarray(only), np.asarray(full), err
+
+
+def run_child(code, tmp_path, saved_name, *args, env, drop=(), what="child run", timeout=1200):
+    """Runs `code` (``python -c``) in a fresh process, as the kernel variant switches are read once per
+    process: argv = [this tests dir, tmp_path / saved_name (where the child saves its results), *args];
+    environment = this one without the names in `drop`, plus `env`, without GPU memory preallocation; cwd =
+    tmp_path, so that the child imports the installed package, not the checkout. Asserts that it succeeded.
+    -> (its stdout, the save path)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    saved = tmp_path / saved_name
+    full_env = {k: v for k, v in os.environ.items() if k not in drop}
+    full_env.update(env, XLA_PYTHON_CLIENT_PREALLOCATE="false")
+    proc = subprocess.run([sys.executable, "-c", code, here, str(saved), *args], capture_output=True, text=True,
+                          timeout=timeout, env=full_env, cwd=str(tmp_path))
+    assert proc.returncode == 0, f"{what} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-6000:]}"
+    return proc.stdout, saved

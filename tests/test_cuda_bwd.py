@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kda_testing import chunk_crossing_segments, cuda_kernels_present, gpu_visible, rel_err, random_state, requires_cuda_kernels
+from kda_testing import chunk_crossing_segments, cuda_kernels_present, gpu_visible, rel_err, random_state, requires_cuda_kernels, run_child
 
 pytestmark = requires_cuda_kernels()
 
@@ -244,16 +244,10 @@ def test_grad2_v2_env(tmp_path):
     # first launch): a fresh process runs a few cases against the oracle at the usual tolerances; its dk must
     # differ from this process's (default grad2) in some bits, or the switch did nothing.
     import os
-    import subprocess
-    import sys
 
-    here = os.path.dirname(os.path.abspath(__file__))
-    saved = tmp_path / "v2_dk.npy"
-    env = dict(os.environ, FLASHKDA_BWD_GRAD2="v2", XLA_PYTHON_CLIENT_PREALLOCATE="false")
-    proc = subprocess.run([sys.executable, "-c", _GRAD2_V2_CHILD, here, str(saved)], capture_output=True, text=True,
-                          timeout=900, env=env, cwd=str(tmp_path))  # not the checkout: import the installed package
-    assert proc.returncode == 0, f"grad2 v2 run failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-6000:]}"
-    assert proc.stdout.count("ok ") == 3, proc.stdout
+    out, saved = run_child(_GRAD2_V2_CHILD, tmp_path, "v2_dk.npy", env={"FLASHKDA_BWD_GRAD2": "v2"},
+                           what="grad2 v2 run", timeout=900)
+    assert out.count("ok ") == 3, out
     if os.environ.get("FLASHKDA_BWD_GRAD2") != "v2":  # this process runs the default grad2
         args, params, kw = _inputs(1, 2, 200, 2, 4, 128, 128, jnp.bfloat16, "bounded")
         init = random_state(3, (2, 4, 128, 128))

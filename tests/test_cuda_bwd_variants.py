@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kda_testing import random_state, rel_err, requires_cuda_kernels
+from kda_testing import random_state, rel_err, requires_cuda_kernels, run_child
 from test_cuda_bwd import TOL, _grads, _inputs
 
 pytestmark = requires_cuda_kernels()
@@ -84,18 +84,9 @@ np.savez(sys.argv[2], **out)
 
 
 def _variant_run(tmp_path, tag, env_extra, cases=tuple(_VARIANT_CASES)):
-    import os
-    import subprocess
-    import sys
-
-    here = os.path.dirname(os.path.abspath(__file__))
-    saved = tmp_path / f"{tag}.npz"
-    env = {k: v for k, v in os.environ.items() if k not in _VARIANT_ENV_KEYS}
-    env.update(env_extra, XLA_PYTHON_CLIENT_PREALLOCATE="false")
-    proc = subprocess.run([sys.executable, "-c", _VARIANT_CHILD, here, str(saved), ",".join(cases)],
-                          capture_output=True, text=True, timeout=1200, env=env, cwd=str(tmp_path))
-    assert proc.returncode == 0, f"{tag} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-6000:]}"
-    assert proc.stdout.count("ok ") == len(cases), proc.stdout
+    out, saved = run_child(_VARIANT_CHILD, tmp_path, f"{tag}.npz", ",".join(cases), env=env_extra,
+                           drop=_VARIANT_ENV_KEYS, what=tag)
+    assert out.count("ok ") == len(cases), out
     return dict(np.load(saved))
 
 
@@ -198,19 +189,9 @@ np.savez(sys.argv[2], **out)
                                  {"FLASHKDA_BWD_GRAD2_SOLVE": "mma", "FLASHKDA_BWD_GRAD2": "v2"}],
                          ids=["mma", "v2+mma"])
 def test_grad2_solve_env(tmp_path, env):
-    import os
-    import subprocess
-    import sys
-
-    here = os.path.dirname(os.path.abspath(__file__))
     runs = {}
     for tag, e in (("variant", env), ("default", {})):
-        base = {k: v for k, v in os.environ.items() if k not in _VARIANT_ENV_KEYS}
-        saved = tmp_path / f"{tag}.npz"
-        proc = subprocess.run([sys.executable, "-c", _GRAD2_SOLVE_CHILD, here, str(saved)], capture_output=True,
-                              text=True, timeout=1200, cwd=str(tmp_path),
-                              env=dict(base, XLA_PYTHON_CLIENT_PREALLOCATE="false", **e))
-        assert proc.returncode == 0, f"{tag}:\n{proc.stdout[-2000:]}\n{proc.stderr[-6000:]}"
+        _, saved = run_child(_GRAD2_SOLVE_CHILD, tmp_path, f"{tag}.npz", env=e, drop=_VARIANT_ENV_KEYS, what=tag)
         runs[tag] = np.load(saved)
     var, ref = runs["variant"], runs["default"]
     assert any(not np.array_equal(var[k], ref[k]) for k in ref.files), "the switch changed nothing"

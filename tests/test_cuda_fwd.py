@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kda_testing import chunk_crossing_segments, cuda_kernels_present, gpu_visible, rel_err, random_state, requires_cuda_kernels
+from kda_testing import chunk_crossing_segments, cuda_kernels_present, gpu_visible, rel_err, random_state, requires_cuda_kernels, run_child
 
 pytestmark = requires_cuda_kernels()
 
@@ -209,16 +209,10 @@ def test_simt_solve_env(tmp_path):
     # runs the forward with the SIMT solve against the oracle at the usual tolerance; its first output must
     # differ from this process's in some bits, or the switch did nothing.
     import os
-    import subprocess
-    import sys
 
-    here = os.path.dirname(os.path.abspath(__file__))
-    saved = tmp_path / "simt_o.npy"
-    env = dict(os.environ, FLASHKDA_FWD_SOLVE="simt", XLA_PYTHON_CLIENT_PREALLOCATE="false")
-    proc = subprocess.run([sys.executable, "-c", _SOLVE_CHILD, here, str(saved)], capture_output=True, text=True,
-                          timeout=900, env=env, cwd=str(tmp_path))  # not the checkout: import the installed package
-    assert proc.returncode == 0, f"simt solve run failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-6000:]}"
-    assert proc.stdout.count("ok ") == 7, proc.stdout
+    out, saved = run_child(_SOLVE_CHILD, tmp_path, "simt_o.npy", env={"FLASHKDA_FWD_SOLVE": "simt"},
+                           what="simt solve run", timeout=900)
+    assert out.count("ok ") == 7, out
     args, kw = _inputs(1, 2, 200, 2, 4, 128, 128, jnp.bfloat16, "bounded")
     kw.update(initial_state=random_state(2, (2, 4, 128, 128)), return_final_state=True)
     if os.environ.get("FLASHKDA_FWD_SOLVE") is None:  # this process runs the default (mma for bf16)
