@@ -30,6 +30,14 @@ if ls .whl/extra/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site_extra .whl/extra/*.whl \
     >>"$LOG/wheels.log" 2>&1 && EXTRA_SITE=/tmp/site_extra
 fi
+# fla's Triton autotuning costs ~1 min per shape; its results (small *.autotune.json files of Triton's cache)
+# are restored from .triton_autotune/ (git-ignored; carry it) and written back to $LOG/triton_autotune.
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/triton_cache}
+if [ -d .triton_autotune ]; then mkdir -p "$TRITON_CACHE_DIR" && cp -r .triton_autotune/. "$TRITON_CACHE_DIR/"; fi
+save_autotune() {
+  (cd "$TRITON_CACHE_DIR" 2>/dev/null && find . -name "*.autotune.json" -exec cp --parents {} "$LOG/triton_autotune/" \; ) 2>/dev/null
+}
+mkdir -p "$LOG/triton_autotune"
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv >"$LOG/gpu.txt" 2>&1
 has() { [[ " $STAGES " == *" $1 "* ]]; }
 summary=()
@@ -70,21 +78,37 @@ bench() {  # name, extra args (BENCH_ARGS, then GRAD_ARGS for the fwd+bwd table)
   timeout ${BENCH_TIMEOUT:-280} python3 benchmarks/bench_gpu.py "$@" >"$LOG/$name.log" 2>&1
   summary+=("$name rc=$?")
 }
+fla_pid=
+fla_done() {
+  if [ -n "$fla_pid" ]; then wait $fla_pid; summary+=("fla_layer: $(tail -1 "$LOG/fla_layer.log")"); fla_pid=; fi
+}
+if has fla_layer; then
+  (cd tests && env XLA_PYTHON_CLIENT_PREALLOCATE=false timeout ${FLA_LAYER_TIMEOUT:-450} python3 -c "import sys; \
+sys.path.append('$EXTRA_SITE') if '$EXTRA_SITE' else None; import pytest; sys.exit(pytest.main(sys.argv[1:]))" \
+     -v -rs -p no:cacheprovider test_nn_fla_gpu.py ${FLA_LAYER_TESTS:+-k "$FLA_LAYER_TESTS"} \
+     >"$LOG/fla_layer.log" 2>&1) &
+  fla_pid=$!
+fi
 if has variants; then
   VARIANTS=${VARIANTS:-"FLASHKDA_BWD_RECUR=v2 FLASHKDA_BWD_GRAD1=mma FLASHKDA_BWD_GRAD2=v2 FLASHKDA_BWD_GRAD2_SOLVE=mma"}
   sets=(); for v in $VARIANTS; do sets+=("$v"); done; sets+=("$VARIANTS")
-  i=0
+  i=0; vpids=()
   for set in "${sets[@]}"; do
     (cd tests && env XLA_PYTHON_CLIENT_PREALLOCATE=false $set timeout 300 python3 -m pytest -q -p no:cacheprovider \
        test_cuda_bwd_stages.py test_cuda_bwd.py >"$LOG/variant_$i.log" 2>&1) &
-    i=$((i + 1))
+    vpids+=($!); i=$((i + 1))
   done
-  (cd tests && timeout 500 python3 -m pytest -q -p no:cacheprovider test_cuda_bwd_variants.py \
-     >"$LOG/variant_paths.log" 2>&1) &
-  wait
+  (cd tests && env XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 300 python3 -m pytest -q -p no:cacheprovider \
+     test_cuda_bwd_variants.py >"$LOG/variant_paths.log" 2>&1) &
+  vpids+=($!)
+  wait "${vpids[@]}"
+  fla_done  # the timings below must not share the GPU with it
   summary+=("[variant paths: BV 16/32/64, long / many sequences, fp16/fp32, vk] $(tail -1 "$LOG/variant_paths.log")")
   i=0
   for set in "${sets[@]}"; do
+    if [ "${VARIANT_BENCH:-each}" = all ] && [ "$set" != "$VARIANTS" ]; then
+      summary+=("[$set] tests: $(tail -1 "$LOG/variant_$i.log")"); i=$((i + 1)); continue
+    fi
     env $set timeout 120 python3 benchmarks/bench_gpu.py --grad --no-fla --reps 5 \
       --cases ${VARIANT_CASES:-b1-t8k-h16,b8-t4k-h16} >"$LOG/variant_bench_$i.log" 2>&1
     summary+=("[$set] tests: $(tail -1 "$LOG/variant_$i.log") | ms: $(grep -E '^b[0-9]+-[a-z0-9-]+ +[0-9]' "$LOG/variant_bench_$i.log" | awk '{printf "%s %s  ", $1, $2}')")
@@ -101,10 +125,17 @@ if has decode; then
   timeout 200 python3 benchmarks/bench_decode.py --check >"$LOG/bench_decode.log" 2>&1
   summary+=("bench_decode rc=$?")
 fi
+if has prof; then
+  env ${PROF_ENV:-} timeout 240 ncu --clock-control none --metrics gpu__time_duration.sum --print-summary per-kernel \
+    python3 benchmarks/prof.py --grad --calls 1 ${PROF_CASES:-b8-t4k-h16} >"$LOG/prof.log" 2>&1
+  summary+=("prof rc=$? [${PROF_ENV:-defaults}]")
+fi
 if has multi; then
   timeout 500 python3 benchmarks/multi_gpu.py --cuda-bwd >"$LOG/multi_gpu.log" 2>&1
   summary+=("multi_gpu rc=$?")
 fi
+fla_done
+save_autotune
 echo "==== summary"
 printf '%s\n' "${summary[@]}"
 for f in tests_gpu tests_cuda_impl tests_bwd sanitize; do
@@ -113,6 +144,9 @@ done
 for f in "$LOG"/variant_[0-9]*.log "$LOG"/variant_paths.log; do
   [ -f "$f" ] && grep -E "^(FAILED|ERROR)" "$f" | sed "s|^|$(basename "$f" .log): |" | head -6
 done
+[ -f "$LOG/fla_layer.log" ] && grep -E "(PASSED|FAILED|ERROR)" "$LOG/fla_layer.log" | head -12
+[ -f "$LOG/prof.log" ] && grep -E "^  [^ ].*\(|gpu__time_duration" "$LOG/prof.log" | sed -E 's/ +/ /g; s/\(.*\) \(/ (/' | \
+  cut -c1-140 | head -40
 for f in bench_bounded bench_softplus bench_grad bench_decode multi_gpu; do
   [ -f "$LOG/$f.log" ] && { echo "---- $f"; tail -10 "$LOG/$f.log"; }
 done
