@@ -11,6 +11,8 @@
 #            multi (needs >= 2 GPUs: sharded == unsharded on the GPUs, context-parallel speed-up at 64k)
 #   BENCH_ARGS  extra args for bench_gpu.py's forward tables (e.g. "--reps 10 --cases b1-t8k-h16")
 #   GRAD_ARGS   extra args for the fwd+bwd table
+#   PACK_LOGS   1: at the end, pack every log into $1/logs.tgz and leave only that (the device call returns at
+#               most 8 files)
 #   TESTS    pytest -k expression for the GPU test files
 set -uo pipefail
 LOG=${1:-/tmp/gpu_check}
@@ -151,3 +153,6 @@ for f in bench_bounded bench_softplus bench_grad bench_decode multi_gpu; do
   [ -f "$LOG/$f.log" ] && { echo "---- $f"; tail -10 "$LOG/$f.log"; }
 done
 cat "$LOG/gpu.txt"
+if [ "${PACK_LOGS:-0}" = 1 ]; then
+  tar czf /tmp/flashkda_logs.tgz -C "$LOG" . && rm -rf "${LOG:?}"/* && mv /tmp/flashkda_logs.tgz "$LOG/logs.tgz"
+fi
