@@ -379,7 +379,7 @@ __device__ __forceinline__ void Grad2SolveMma(const float* sB, int warp, int lan
 }
 
 // kFactored selects the v2 stages (3: BkkV2; 7a / 7b: DecayGradV2); kMmaSolve the tensor-core WY solve of stage 4
-// (Grad2InvertDiag / Grad2InvertOffDiag / Grad2SolveMma); both false is the default kernel.
+// (Grad2InvertDiag / Grad2InvertOffDiag / Grad2SolveMma); both true is the default, both false the first version.
 template <int K, typename TIn, bool kFactored, bool kMmaSolve>
 __global__ void __launch_bounds__(kThreads, 1) Grad2Kernel(Params P) {
   using SM = Grad2Smem<K>;
@@ -715,17 +715,18 @@ __global__ void __launch_bounds__(kThreads, 1) Grad2Kernel(Params P) {
 }  // namespace
 
 namespace {
-// FLASHKDA_BWD_GRAD2=v2 selects Grad2Kernel<K, TIn, true, .> (factored decay products on tensor cores); unset or
-// anything else keeps the default Grad2Kernel<K, TIn, false, .>. Read once per process, at the first launch.
+// Grad2Kernel<K, TIn, true, .> (factored decay products on tensor cores) is the default; FLASHKDA_BWD_GRAD2=v1
+// selects Grad2Kernel<K, TIn, false, .> (pairwise exponentials, SIMT: the first version, kept as a reference for
+// the tests). Read once per process, at the first launch.
 bool Grad2V2Selected() {
-  static const bool on = EnvEquals("FLASHKDA_BWD_GRAD2", "v2");
+  static const bool on = !EnvEquals("FLASHKDA_BWD_GRAD2", "v1");
   return on;
 }
 
-// FLASHKDA_BWD_GRAD2_SOLVE=mma selects Grad2Kernel<K, TIn, ., true> (the WY solve of stage 4 on tensor cores,
-// bf16 operands); unset or anything else keeps the fp32 substitutions. Read once per process, at the first launch.
+// Grad2Kernel<K, TIn, ., true> (the WY solve of stage 4 on tensor cores, bf16 operands) is the default;
+// FLASHKDA_BWD_GRAD2_SOLVE=simt selects the fp32 substitutions. Read once per process, at the first launch.
 bool Grad2MmaSolveSelected() {
-  static const bool on = EnvEquals("FLASHKDA_BWD_GRAD2_SOLVE", "mma");
+  static const bool on = !EnvEquals("FLASHKDA_BWD_GRAD2_SOLVE", "simt");
   return on;
 }
 

@@ -580,10 +580,10 @@ __global__ void __launch_bounds__(kThreads, 2) Grad1MmaKernel(Params P) {
   }
 }
 
-// FLASHKDA_BWD_GRAD1=mma selects Grad1MmaKernel; unset or anything else keeps the default Grad1Kernel. Read once
-// per process, at the first launch.
+// Grad1MmaKernel is the default; FLASHKDA_BWD_GRAD1=simt selects the SIMT Grad1Kernel (the first version, kept
+// as a reference for the tests). Read once per process, at the first launch.
 bool Grad1MmaSelected() {
-  static const bool on = EnvEquals("FLASHKDA_BWD_GRAD1", "mma");
+  static const bool on = !EnvEquals("FLASHKDA_BWD_GRAD1", "simt");
   return on;
 }
 

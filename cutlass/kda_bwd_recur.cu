@@ -652,10 +652,10 @@ __global__ void __launch_bounds__(kThreads, 1) ReverseKernelV2(Params P) {
   }
 }
 
-// FLASHKDA_BWD_RECUR=v2 selects the v2 kernels; unset or anything else keeps the default ones. Read once per
-// process, at the first launch.
+// The v2 (tensor-core) kernels are the default; FLASHKDA_BWD_RECUR=v1 selects the SIMT ones (the first version,
+// kept as a reference for the tests). Read once per process, at the first launch.
 bool RecurV2Selected() {
-  static const bool on = EnvEquals("FLASHKDA_BWD_RECUR", "v2");
+  static const bool on = !EnvEquals("FLASHKDA_BWD_RECUR", "v1");
   return on;
 }
 
