@@ -6,8 +6,8 @@
 #            elsewhere for this machine's Python, e.g. with scripts/build_wheel_cp312.sh), tests, bwd (CUDA backward tests,
 #            stage by stage first), sanitize (compute-sanitizer memcheck of small fwd/decode/bwd runs),
 #            bench, softplus, grad (fwd+bwd table with the CUDA backward forced on), decode,
-#            variants (each opt-in backward variant of VARIANTS alone, and all together: the CUDA backward
-#            tests in parallel processes, then fwd+bwd timings one after another),
+#            variants (the CUDA backward tests and tests/test_cuda_bwd_variants.py, test by test, in parallel
+#            processes; then fwd+bwd timings of the default kernels and of the backward's first versions),
 #            multi (needs >= 2 GPUs: sharded == unsharded on the GPUs, context-parallel speed-up at 64k)
 #   BENCH_ARGS  extra args for bench_gpu.py's forward tables (e.g. "--reps 10 --cases b1-t8k-h16")
 #   GRAD_ARGS   extra args for the fwd+bwd table
@@ -16,7 +16,7 @@
 #   TESTS    pytest -k expression for the GPU test files
 set -uo pipefail
 LOG=${1:-/tmp/gpu_check}
-STAGES=${STAGES:-build tests bench}
+STAGES=${STAGES-build tests bench}  # STAGES="" (or none): only the install
 mkdir -p "$LOG"
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -92,33 +92,32 @@ sys.path.append('$EXTRA_SITE') if '$EXTRA_SITE' else None; import pytest; sys.ex
   fla_pid=$!
 fi
 if has variants; then
-  VARIANTS=${VARIANTS:-"FLASHKDA_BWD_RECUR=v2 FLASHKDA_BWD_GRAD1=mma FLASHKDA_BWD_GRAD2=v2 FLASHKDA_BWD_GRAD2_SOLVE=mma"}
-  sets=(); for v in $VARIANTS; do sets+=("$v"); done; sets+=("$VARIANTS")
-  i=0; vpids=()
-  for set in "${sets[@]}"; do
-    (cd tests && env XLA_PYTHON_CLIENT_PREALLOCATE=false $set timeout 300 python3 -m pytest -q -p no:cacheprovider \
-       test_cuda_bwd_stages.py test_cuda_bwd.py >"$LOG/variant_$i.log" 2>&1) &
+  # The backward's tensor-core defaults: the CUDA backward tests, and each test of test_cuda_bwd_variants.py
+  # (defaults vs the first versions and vs the oracle) in its own process, all in parallel; then fwd+bwd
+  # timings of the defaults and of the first versions (FIRST_VERSION below = FIRST_VERSION_ENV of test_cuda_bwd.py).
+  FIRST_VERSION="FLASHKDA_BWD_GRAD2=v1 FLASHKDA_BWD_GRAD2_SOLVE=simt FLASHKDA_BWD_GRAD1=simt FLASHKDA_BWD_RECUR=v1"
+  vpids=()
+  (cd tests && env XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 400 python3 -m pytest -q -p no:cacheprovider \
+     test_cuda_bwd_stages.py test_cuda_bwd.py >"$LOG/variant_bwd.log" 2>&1) &
+  vpids+=($!)
+  i=0
+  for t in bv_invariant vs_first_version vs_oracle vs_simt_solve vs_first_grad2; do
+    (cd tests && env XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 400 python3 -m pytest -q -p no:cacheprovider \
+       test_cuda_bwd_variants.py -k "$t" >"$LOG/variant_$i.log" 2>&1) &
     vpids+=($!); i=$((i + 1))
   done
-  (cd tests && env XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 300 python3 -m pytest -q -p no:cacheprovider \
-     test_cuda_bwd_variants.py >"$LOG/variant_paths.log" 2>&1) &
-  vpids+=($!)
   wait "${vpids[@]}"
   fla_done  # the timings below must not share the GPU with it
-  summary+=("[variant paths: BV 16/32/64, long / many sequences, fp16/fp32, vk] $(tail -1 "$LOG/variant_paths.log")")
+  summary+=("[backward tests, defaults] $(tail -1 "$LOG/variant_bwd.log")")
   i=0
-  for set in "${sets[@]}"; do
-    if [ "${VARIANT_BENCH:-each}" = all ] && [ "$set" != "$VARIANTS" ]; then
-      summary+=("[$set] tests: $(tail -1 "$LOG/variant_$i.log")"); i=$((i + 1)); continue
-    fi
-    env $set timeout 120 python3 benchmarks/bench_gpu.py --grad --no-fla --reps 5 \
-      --cases ${VARIANT_CASES:-b1-t8k-h16,b8-t4k-h16} >"$LOG/variant_bench_$i.log" 2>&1
-    summary+=("[$set] tests: $(tail -1 "$LOG/variant_$i.log") | ms: $(grep -E '^b[0-9]+-[a-z0-9-]+ +[0-9]' "$LOG/variant_bench_$i.log" | awk '{printf "%s %s  ", $1, $2}')")
-    i=$((i + 1))
+  for t in bv_invariant vs_first_version vs_oracle vs_simt_solve vs_first_grad2; do
+    summary+=("[variants -k $t] $(tail -1 "$LOG/variant_$i.log")"); i=$((i + 1))
   done
-  timeout 120 python3 benchmarks/bench_gpu.py --grad --no-fla --reps 5 --cases ${VARIANT_CASES:-b1-t8k-h16,b8-t4k-h16} \
-    >"$LOG/variant_bench_default.log" 2>&1
-  summary+=("[defaults] ms: $(grep -E '^b[0-9]+-[a-z0-9-]+ +[0-9]' "$LOG/variant_bench_default.log" | awk '{printf "%s %s  ", $1, $2}')")
+  for set in "" "$FIRST_VERSION"; do
+    env $set timeout 120 python3 benchmarks/bench_gpu.py --grad --no-fla --reps 5 \
+      --cases ${VARIANT_CASES:-b1-t8k-h16,b8-t4k-h16} >"$LOG/variant_bench.log" 2>&1
+    summary+=("[${set:-defaults}] fwd+bwd ms: $(grep -E '^b[0-9]+-[a-z0-9-]+ +[0-9]' "$LOG/variant_bench.log" | awk '{printf "%s %s  ", $1, $2}')")
+  done
 fi
 has bench && bench bench_bounded ${BENCH_ARGS:-} --gate bounded
 has softplus && bench bench_softplus ${BENCH_ARGS:-} --gate softplus
@@ -143,7 +142,7 @@ printf '%s\n' "${summary[@]}"
 for f in tests_gpu tests_cuda_impl tests_bwd sanitize; do
   [ -f "$LOG/$f.log" ] && grep -E "^(FAILED|ERROR)" "$LOG/$f.log" | head -15
 done
-for f in "$LOG"/variant_[0-9]*.log "$LOG"/variant_paths.log; do
+for f in "$LOG"/variant_*.log; do
   [ -f "$f" ] && grep -E "^(FAILED|ERROR)" "$f" | sed "s|^|$(basename "$f" .log): |" | head -6
 done
 [ -f "$LOG/fla_layer.log" ] && grep -E "(PASSED|FAILED|ERROR)" "$LOG/fla_layer.log" | head -12

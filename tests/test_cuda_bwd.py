@@ -213,7 +213,12 @@ def test_state_only_backward_matches_full(K):
     assert err is not None and "needs an initial_state" in str(err)
 
 
-_GRAD2_V2_CHILD = r"""
+# The backward's first versions (SIMT), selected per process by these switches; the defaults are the
+# tensor-core kernels. tests/test_cuda_bwd_variants.py compares the two sets on larger problems.
+FIRST_VERSION_ENV = {"FLASHKDA_BWD_GRAD2": "v1", "FLASHKDA_BWD_GRAD2_SOLVE": "simt", "FLASHKDA_BWD_GRAD1": "simt",
+                     "FLASHKDA_BWD_RECUR": "v1"}
+
+_FIRST_VERSION_CHILD = r"""
 import sys
 sys.path.insert(0, sys.argv[1])
 import jax.numpy as jnp
@@ -228,7 +233,7 @@ def case(name, seed, B, T, H, HV, K, gate, strong=False):
         args = (q, k, v, (g.astype(jnp.float32) * 30.0).astype(jnp.bfloat16), beta)
     init = random_state(seed + 2, (B, HV, K, K))
     dfin = random_state(seed + 3, (B, HV, K, K))
-    got = t._compare(args, params, kw, init, dfin, "grad2 v2 " + name)
+    got = t._compare(args, params, kw, init, dfin, "first version " + name)
     print("ok", name, flush=True)
     return got
 
@@ -239,18 +244,18 @@ case("strong precomputed K=128", 3, 1, 150, 1, 2, 128, "precomputed", strong=Tru
 """
 
 
-def test_grad2_v2_env(tmp_path):
-    # grad2 v2 (FLASHKDA_BWD_GRAD2=v2: factored decay products on tensor cores, read once per process at the
-    # first launch): a fresh process runs a few cases against the oracle at the usual tolerances; its dk must
-    # differ from this process's (default grad2) in some bits, or the switch did nothing.
+def test_first_version_kernels_env(tmp_path):
+    # The first-version kernels (FIRST_VERSION_ENV, read once per process at the first launch) in a fresh
+    # process against the oracle at the usual tolerances; their dk must differ from this process's (the
+    # tensor-core defaults) in some bits, or the switches did nothing.
     import os
 
-    out, saved = run_child(_GRAD2_V2_CHILD, tmp_path, "v2_dk.npy", env={"FLASHKDA_BWD_GRAD2": "v2"},
-                           what="grad2 v2 run", timeout=900)
+    out, saved = run_child(_FIRST_VERSION_CHILD, tmp_path, "v1_dk.npy", env=FIRST_VERSION_ENV,
+                           what="first-version run", timeout=900)
     assert out.count("ok ") == 3, out
-    if os.environ.get("FLASHKDA_BWD_GRAD2") != "v2":  # this process runs the default grad2
+    if not any(os.environ.get(k) == v for k, v in FIRST_VERSION_ENV.items()):  # this process: the defaults
         args, params, kw = _inputs(1, 2, 200, 2, 4, 128, 128, jnp.bfloat16, "bounded")
         init = random_state(3, (2, 4, 128, 128))
         dfin = random_state(4, (2, 4, 128, 128))
         default = np.asarray(_grads("cuda", args, params, kw, init, dfin)["k"], np.float32)
-        assert not np.array_equal(default, np.load(saved)), "FLASHKDA_BWD_GRAD2=v2 gave the default grad2's bits"
+        assert not np.array_equal(default, np.load(saved)), "the first-version switches gave the defaults' bits"

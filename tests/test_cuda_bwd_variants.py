@@ -1,13 +1,16 @@
-"""The opt-in CUDA backward variants (FLASHKDA_BWD_RECUR=v2 and its column block FLASHKDA_BWD_RECUR_BV,
-FLASHKDA_BWD_GRAD1=mma; FLASHKDA_BWD_GRAD2_SOLVE=mma alone and with FLASHKDA_BWD_GRAD2=v2, at the end) on the paths tests/test_cuda_bwd.py's small problems miss: BV = 32 / 64, long sequences
+"""The CUDA backward's default tensor-core kernels against its first versions (SIMT; FIRST_VERSION_ENV of
+test_cuda_bwd.py selects them per process) and against the oracle, on the paths tests/test_cuda_bwd.py's small
+problems miss: the v2 recurrence's column blocks (FLASHKDA_BWD_RECUR_BV = 16 / 32 / 64), long sequences
 (17 / 18 chunks: stage parity, partial last chunk), many sequences per row with padding and exactly-one-chunk
 sequences, fewer state slots than sequences, several items per CTA, fp16 / fp32 dO, the vk state layout.
 
-Every variant runs in a child process (the switches are read once per process). Checks: (1) v2 at BV = 16 / 32
-/ 64 gives bit-identical gradients (each output element sees the same operands in the same accumulation order
-whatever BV is, so a difference is an indexing or race bug); (2) the variants against the default kernels,
-whole arrays and per 64-token block (a bug local to one chunk hides in a whole-array norm); (3) against the
-fp32 oracle on the dense cases. GPU only; run once (benchmarks/gpu_check.sh stage "variants" runs it).
+Kernel switches are read once per process, so every kernel set runs in a child process. Checks: (1) the v2
+recurrence at BV = 16 / 32 / 64 gives bit-identical gradients except where the sum over column blocks enters
+(the chunk decay's gradient dgamma: g, A_log, dt_bias, to 1e-5), so a difference is an indexing or race bug;
+(2) the defaults against the first versions, whole arrays and per 64-token block (a bug local to one chunk hides
+in a whole-array norm); (3) the defaults against the fp32 oracle, the decay gradients (g, A_log, dt_bias) at
+the tolerance or, where the first version misses it too (fp16), no worse than 1.5x the first version's error.
+GPU only; run once (benchmarks/gpu_check.sh stage "variants" runs it).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import numpy as np
 import pytest
 
 from kda_testing import random_state, rel_err, requires_cuda_kernels, run_child
-from test_cuda_bwd import TOL, _grads, _inputs
+from test_cuda_bwd import FIRST_VERSION_ENV, TOL, _grads, _inputs
 
 pytestmark = requires_cuda_kernels()
 
@@ -104,56 +107,66 @@ def _block_errs(got, ref, blk=64):
     return worst
 
 
+_DECAY_GRADS = ("g", "A_log", "dt_bias")  # they take dgamma, summed over the column blocks of the v2 passes
+
+
 def test_recur_v2_bv_invariant(tmp_path):
-    # BV = 16 passed against the oracle on the GPU; 32 / 64 must give the same bits.
-    runs = {bv: _variant_run(tmp_path, f"v2_bv{bv}", {"FLASHKDA_BWD_RECUR": "v2", "FLASHKDA_BWD_RECUR_BV": str(bv)})
-            for bv in (16, 32, 64)}
+    runs = {bv: _variant_run(tmp_path, f"v2_bv{bv}", {"FLASHKDA_BWD_RECUR_BV": str(bv)}) for bv in (16, 32, 64)}
     for bv in (32, 64):
         for key, x in runs[16].items():
             y = runs[bv][key]
             assert np.all(np.isfinite(y)), f"BV={bv} {key} not finite"
-            np.testing.assert_array_equal(y, x, err_msg=f"BV={bv} vs BV=16: {key}")
+            if key.split("/")[1] in _DECAY_GRADS:
+                e = rel_err(y, x)
+                assert e <= 1e-5, f"BV={bv} vs BV=16: {key} rel err {e:.3e}"
+            else:
+                np.testing.assert_array_equal(y, x, err_msg=f"BV={bv} vs BV=16: {key}")
 
 
-def test_recur_v2_grad1_mma_vs_default(tmp_path):
-    base = _variant_run(tmp_path, "default", {})
+def test_defaults_vs_first_version(tmp_path):
+    base = _variant_run(tmp_path, "first", FIRST_VERSION_ENV)
     variants = {
-        "v2+mma": _variant_run(tmp_path, "v2_mma", {"FLASHKDA_BWD_RECUR": "v2", "FLASHKDA_BWD_GRAD1": "mma"}),
-        "grad1 mma": _variant_run(tmp_path, "mma", {"FLASHKDA_BWD_GRAD1": "mma"}),
-        "v2 bv64": _variant_run(tmp_path, "v2_64", {"FLASHKDA_BWD_RECUR": "v2", "FLASHKDA_BWD_RECUR_BV": "64"}),
+        "defaults": _variant_run(tmp_path, "defaults", {}),
+        "recur v2 + grad1 mma": _variant_run(tmp_path, "recur_grad1",
+                                             {"FLASHKDA_BWD_GRAD2": "v1", "FLASHKDA_BWD_GRAD2_SOLVE": "simt"}),
+        "defaults bv64": _variant_run(tmp_path, "bv64", {"FLASHKDA_BWD_RECUR_BV": "64"}),
     }
     for tag, got in variants.items():
         for key, r in base.items():
             name = key.split("/")[1]
             x = got[key]
             assert np.all(np.isfinite(x)), f"{tag} {key} not finite"
+            if name in _DECAY_GRADS:  # checked against the oracle below (fp16: both sets miss 2e-2 by themselves)
+                continue
             e = rel_err(x, r)
-            assert e <= TOL[name], f"{tag} {key} vs default rel err {e:.3e}"
+            assert e <= TOL[name], f"{tag} {key} vs first version rel err {e:.3e}"
             if name in ("q", "k", "v", "beta"):
                 eb = _block_errs(x, r)
-                assert eb <= 5e-2, f"{tag} {key} vs default: worst 64-token block rel err {eb:.3e}"
+                assert eb <= 5e-2, f"{tag} {key} vs first version: worst 64-token block rel err {eb:.3e}"
             if name == "initial_state":  # per (row, slot, head) state block
                 rr, xx = r.reshape(-1, r.shape[-2] * r.shape[-1]), x.reshape(-1, x.shape[-2] * x.shape[-1])
                 for i in range(rr.shape[0]):
                     e_ = rel_err(xx[i], rr[i])
-                    assert e_ <= 3e-2, f"{tag} {key} vs default: state block {i} rel err {e_:.3e}"
+                    assert e_ <= 3e-2, f"{tag} {key} vs first version: state block {i} rel err {e_:.3e}"
 
 
-def test_recur_v2_grad1_mma_vs_oracle(tmp_path):
-    dense = [n for n, c in _VARIANT_CASES.items() if "S" not in c[-1]]
-    got = _variant_run(tmp_path, "v2_mma_oracle", {"FLASHKDA_BWD_RECUR": "v2", "FLASHKDA_BWD_GRAD1": "mma"}, dense)
-    for case in dense:
+def test_defaults_vs_oracle(tmp_path):
+    cases = list(_VARIANT_CASES)
+    got = _variant_run(tmp_path, "defaults_oracle", {}, cases)
+    first = _variant_run(tmp_path, "first_oracle", FIRST_VERSION_ENV, cases)
+    for case in cases:
         ref = _grads("ref", *_variant_case(case))
         for name, r in ref.items():
-            if name in ("g", "A_log", "dt_bias"):  # decay gradients: bounded by the default's accuracy, not the variants'
-                continue
             e = rel_err(got[f"{case}/{name}"], r)
-            assert e <= TOL[name], f"v2+mma {case} d{name} vs oracle rel err {e:.3e}"
+            bound = TOL[name]
+            if name in _DECAY_GRADS:
+                bound = max(bound, 1.5 * rel_err(first[f"{case}/{name}"], r))
+            assert e <= bound, f"defaults {case} d{name} vs oracle rel err {e:.3e} (bound {bound:.3e})"
 
 
 # ----------------------------------------------------------------------------------------------------
-# grad2's tensor-core solve (FLASHKDA_BWD_GRAD2_SOLVE=mma), alone and with grad2 v2: against the oracle
-# (inside the child, at the usual tolerances) and against the default kernels per 64-token chunk.
+# grad2's tensor-core solve (the default; FLASHKDA_BWD_GRAD2_SOLVE=simt selects the substitutions): against the
+# oracle (inside the child, at the usual tolerances) and against the substitutions per 64-token chunk.
 # ----------------------------------------------------------------------------------------------------
 
 _GRAD2_SOLVE_CHILD = r"""
@@ -185,20 +198,25 @@ np.savez(sys.argv[2], **out)
 """
 
 
-@pytest.mark.parametrize("env", [{"FLASHKDA_BWD_GRAD2_SOLVE": "mma"},
-                                 {"FLASHKDA_BWD_GRAD2_SOLVE": "mma", "FLASHKDA_BWD_GRAD2": "v2"}],
-                         ids=["mma", "v2+mma"])
-def test_grad2_solve_env(tmp_path, env):
+@pytest.mark.parametrize("ref_env", [{"FLASHKDA_BWD_GRAD2_SOLVE": "simt"},
+                                     {"FLASHKDA_BWD_GRAD2_SOLVE": "simt", "FLASHKDA_BWD_GRAD2": "v1"}],
+                         ids=["vs_simt_solve", "vs_first_grad2"])
+def test_grad2_solve(tmp_path, ref_env):
+    # The default grad2 (tensor-core solve, factored decay products) against grad2 with the fp32 substitutions
+    # (alone, then also with the first version's pairwise decays). Each child also checks its results against
+    # the oracle at the usual tolerances.
     runs = {}
-    for tag, e in (("variant", env), ("default", {})):
+    for tag, e in (("default", {}), ("reference", ref_env)):
         _, saved = run_child(_GRAD2_SOLVE_CHILD, tmp_path, f"{tag}.npz", env=e, drop=_VARIANT_ENV_KEYS, what=tag)
         runs[tag] = np.load(saved)
-    var, ref = runs["variant"], runs["default"]
+    var, ref = runs["default"], runs["reference"]
     assert any(not np.array_equal(var[k], ref[k]) for k in ref.files), "the switch changed nothing"
     for key in ref.files:  # per 64-token chunk: a T / T^T indexing bug shows up locally
         name = key.split("/")[1]
         a, b = var[key], ref[key]
         if a.ndim >= 2 and a.shape[1] > 1 and name not in ("A_log", "dt_bias", "initial_state"):
-            for c0 in range(0, a.shape[1], 64):
-                e = rel_err(a[:, c0:c0 + 64], b[:, c0:c0 + 64])
-                assert e <= TOL[name], f"{key} chunk {c0 // 64}: {e:.3e} vs default"
+            e = rel_err(a, b)
+            assert e <= TOL[name], f"{key}: {e:.3e} vs reference"
+            # blocks of little norm (a 1-token last chunk) against a floor, as in test_defaults_vs_first_version
+            eb = _block_errs(a, b)
+            assert eb <= 5e-2, f"{key}: worst 64-token block rel err {eb:.3e} vs reference"
