@@ -11,6 +11,7 @@
 #            multi (needs >= 2 GPUs: sharded == unsharded on the GPUs, context-parallel speed-up at 64k)
 #   BENCH_ARGS  extra args for bench_gpu.py's forward tables (e.g. "--reps 10 --cases b1-t8k-h16")
 #   GRAD_ARGS   extra args for the fwd+bwd table
+#   BENCH_FIRST_VERSION  0: the variants stage times only the defaults
 #   PACK_LOGS   1: at the end, pack every log into $1/logs.tgz and leave only that (the device call returns at
 #               most 8 files)
 #   TESTS    pytest -k expression for the GPU test files
@@ -113,7 +114,8 @@ if has variants; then
   for t in bv_invariant vs_first_version vs_oracle vs_simt_solve vs_first_grad2; do
     summary+=("[variants -k $t] $(tail -1 "$LOG/variant_$i.log")"); i=$((i + 1))
   done
-  for set in "" "$FIRST_VERSION"; do
+  sets=(""); [ "${BENCH_FIRST_VERSION:-1}" = 1 ] && sets+=("$FIRST_VERSION")
+  for set in "${sets[@]}"; do
     env $set timeout 120 python3 benchmarks/bench_gpu.py --grad --no-fla --reps 5 \
       --cases ${VARIANT_CASES:-b1-t8k-h16,b8-t4k-h16} >"$LOG/variant_bench.log" 2>&1
     summary+=("[${set:-defaults}] fwd+bwd ms: $(grep -E '^b[0-9]+-[a-z0-9-]+ +[0-9]' "$LOG/variant_bench.log" | awk '{printf "%s %s  ", $1, $2}')")

@@ -47,6 +47,12 @@ struct Grad2Smem {
 // dG epilogue: the cancellation above depends on both sides producing the same bits.
 // ------------------------------------------------------------------------------------------------------
 
+// k order of the bf16 m16n8k16 products over a 16-row block (DecayGradV2, Grad2SolveMma): the mma's k pair
+// 2 t4 + 8 h (+1) of lane (gr, t4) takes rows 4 t4 + 2 h (+1) of the block, the same map for A and B (any
+// permutation of k leaves the product unchanged). With the odd pitches (row stride = 1 bank) fragment loads of
+// element (gr + .., k) hit bank gr + 4 t4 + .. (2-way) instead of gr + 2 t4 + .. (4-way).
+__device__ __forceinline__ int KPerm16(int t4, int h) { return 4 * t4 + 2 * h; }
+
 // Whether diagonal block I takes the factored path: its decay range stays within e^80 (whole warp).
 template <int K>
 __device__ __forceinline__ bool DiagFastV2(const float* sG, int GP, int I, int lane) {
@@ -96,7 +102,7 @@ __device__ __forceinline__ void DecayGradV2(const float* sB, const float* sG, in
     uint32_t a[4];
 #pragma unroll
     for (int m = 0; m < 4; ++m) {
-      const int i = 16 * Q + gr + 8 * (m & 1), j = 16 * J + 2 * t4 + 8 * (m >> 1);
+      const int i = 16 * Q + gr + 8 * (m & 1), j = 16 * J + KPerm16(t4, m >> 1);
       a[m] = fwd::PackBF16(sB[i * BP + j], sB[i * BP + j + 1]);
     }
 #pragma unroll
@@ -107,7 +113,7 @@ __device__ __forceinline__ void DecayGradV2(const float* sB, const float* sG, in
         const float grc = sG[r * GP + c];
 #pragma unroll
         for (int hh = 0; hh < 2; ++hh) {
-          const int j = 16 * J + 2 * t4 + 8 * hh;
+          const int j = 16 * J + KPerm16(t4, hh);
           bb[hh] = fwd::PackBF16(y[j * yp + c] * __expf(grc - sG[j * GP + c]),
                                  y[(j + 1) * yp + c] * __expf(grc - sG[(j + 1) * GP + c]));
         }
@@ -153,7 +159,7 @@ __device__ __forceinline__ void DecayGradV2(const float* sB, const float* sG, in
     uint32_t a[4];  // dM^T: rows j of block Q, k = rows i of block I
 #pragma unroll
     for (int m = 0; m < 4; ++m) {
-      const int j = 16 * Q + gr + 8 * (m & 1), i = 16 * I + 2 * t4 + 8 * (m >> 1);
+      const int j = 16 * Q + gr + 8 * (m & 1), i = 16 * I + KPerm16(t4, m >> 1);
       a[m] = fwd::PackBF16(sB[i * BP + j], sB[(i + 1) * BP + j]);
     }
 #pragma unroll
@@ -164,7 +170,7 @@ __device__ __forceinline__ void DecayGradV2(const float* sB, const float* sG, in
         const float grc = sG[r * GP + c];
 #pragma unroll
         for (int hh = 0; hh < 2; ++hh) {
-          const int i = 16 * I + 2 * t4 + 8 * hh;
+          const int i = 16 * I + KPerm16(t4, hh);
           bb[hh] = fwd::PackBF16(x[i * xp + c] * __expf(sG[i * GP + c] - grc),
                                  x[(i + 1) * xp + c] * __expf(sG[(i + 1) * GP + c] - grc));
         }
@@ -207,11 +213,14 @@ __device__ __forceinline__ void BkkV2(float* sB, const float* sG, const float* s
         for (int e = 0; e < 4; ++e) acc[n][e] = 0.f;
 #pragma unroll 2
       for (int kk = 0; kk < K / 16; ++kk) {
+        // k order (a sum over channels): in the 32-channel step kk >> 1 lane (gr, t4) takes channels 8 t4 .. 8 t4 + 7,
+        // the half kk & 1 of them in this k step (k = 2 t4 + 8 h (+1) -> cb + 2 h (+1)): conflict-free loads, GP odd.
+        const int cb = (kk >> 1) * 32 + 8 * t4 + 4 * (kk & 1);
         uint32_t a[4];
 #pragma unroll
         for (int m = 0; m < 4; ++m) {
           const int i = 16 * I + gr + 8 * (m & 1);
-          const int c = kk * 16 + 2 * t4 + 8 * (m >> 1);
+          const int c = cb + 2 * (m >> 1);
           a[m] = fwd::PackBF16(sK[i * GP + c] * __expf(sG[i * GP + c] - sG[r * GP + c]),
                                sK[i * GP + c + 1] * __expf(sG[i * GP + c + 1] - sG[r * GP + c + 1]));
         }
@@ -221,7 +230,7 @@ __device__ __forceinline__ void BkkV2(float* sB, const float* sG, const float* s
           uint32_t bb[2];
 #pragma unroll
           for (int hh = 0; hh < 2; ++hh) {
-            const int c = kk * 16 + 2 * t4 + 8 * hh;
+            const int c = cb + 2 * hh;
             bb[hh] = fwd::PackBF16(sK[j * GP + c] * __expf(sG[r * GP + c] - sG[j * GP + c]),
                                    sK[j * GP + c + 1] * __expf(sG[r * GP + c + 1] - sG[j * GP + c + 1]));
           }
@@ -353,7 +362,7 @@ __device__ __forceinline__ void Grad2SolveMma(const float* sB, int warp, int lan
       for (int n = 0; n < 2; ++n)
 #pragma unroll
         for (int hh = 0; hh < 2; ++hh) {
-          const int i = 16 * kk + 2 * t4 + 8 * hh, col = n0 + 8 * n + gr;
+          const int i = 16 * kk + KPerm16(t4, hh), col = n0 + 8 * n + gr;
           bb[n][hh] = fwd::PackBF16(rhs(i, col), rhs(i + 1, col));
         }
 #pragma unroll
@@ -362,7 +371,7 @@ __device__ __forceinline__ void Grad2SolveMma(const float* sB, int warp, int lan
         uint32_t a[4];
 #pragma unroll
         for (int m = 0; m < 4; ++m) {
-          const int i = 16 * I + gr + 8 * (m & 1), j = 16 * kk + 2 * t4 + 8 * (m >> 1);
+          const int i = 16 * I + gr + 8 * (m & 1), j = 16 * kk + KPerm16(t4, m >> 1);
           a[m] = fwd::PackBF16(Grad2TAt<BP, kTrans>(sB, i, j), Grad2TAt<BP, kTrans>(sB, i, j + 1));
         }
         fwd::Mma(acc[I][0], a, bb[0][0], bb[0][1]);
@@ -378,6 +387,93 @@ __device__ __forceinline__ void Grad2SolveMma(const float* sB, int warp, int lan
   }
 }
 
+// ---- stage 5 on tensor cores (kFactored): tf32 m16n8k8 mma, fp32 accumulation ----
+__device__ __forceinline__ uint32_t ToTF32(float x) {
+  uint32_t r;
+  asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
+  return r;
+}
+// D += A(16x8, tf32) * B(8x8, tf32). Fragments (gr = lane >> 2, t4 = lane & 3): a0 (gr, t4), a1 (gr + 8, t4),
+// a2 (gr, t4 + 4), a3 (gr + 8, t4 + 4); b0 (k = t4, n = gr), b1 (k = t4 + 4, n = gr); d as in the bf16 Mma.
+__device__ __forceinline__ void MmaTF32(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Stage 5 of the factored kernel: dA = -strict_tril(sY sX^T) (64 x 64 x (K + V), sX = W | U, sY = dKb | dVb, both
+// f32 in smem, rounded to tf32 as mma operands: 2^-11 relative per operand; tests/test_grad2_stage5_model.py), then,
+// for j < i,
+//   sB[i][j] = beta_i dA_ij,   sB[j][i] = dA_ij B_ij   (B_ij = sB[i][j] before; the strict upper triangle of sB is
+// dead here: T of the mma solve, or unused),
+// and after a barrier thread i (< 64) sums row i's products from sB's strict upper column i in a fixed order (four
+// running sums over j mod 4) into sDb[i] and zeroes them (the upper triangle ends 0, as 7a needs).
+// Tasks: the ten lower 16x16 blocks (J <= I) split in two 8-column halves, 20 tasks over the 8 warps.
+// The mma's k index is mapped to columns so that the fragment loads are conflict-free with the odd pitch XP
+// (bank = row + column mod 32): in a 32-column step, lane (gr, t4) takes columns 8 t4 + s and 8 t4 + 4 + s of
+// the step for k = t4 and t4 + 4 of mma s (s = 0..3): every column once, the same map for A and B.
+template <int K, int BP, int XP>
+__device__ __forceinline__ void Grad2DaMma(float* sB, const float* sX, const float* sY, const float* sBeta,
+                                           float* sDb, int warp, int lane, int tid) {
+  const int gr = lane >> 2, t4 = lane & 3;
+  for (int task = warp; task < 20; task += kThreads / 32) {
+    const int blk = task >> 1, n = task & 1;
+    const bool diag = blk >= 6;
+    // off-diagonal blocks 0..5: (I, J) = (1,0) (2,0) (3,0) (2,1) (3,1) (3,2), as BkkV2 (nibble tables, no local array)
+    const int I = diag ? blk - 6 : (0x332321 >> (4 * blk)) & 15;
+    const int J = diag ? I : (0x211000 >> (4 * blk)) & 15;
+    const float* ya = sY + (16 * I + gr) * XP + 8 * t4;      // rows gr, gr + 8 of block I
+    const float* xb = sX + (16 * J + 8 * n + gr) * XP + 8 * t4;  // row (column of dA) gr of half n of block J
+    float acc[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll 2
+    for (int c0 = 0; c0 < 2 * K; c0 += 32) {  // K + V = 2 K columns
+      float av[2][8], bv[8];
+#pragma unroll
+      for (int u = 0; u < 8; ++u) {
+        av[0][u] = ya[c0 + u];
+        av[1][u] = ya[8 * XP + c0 + u];
+        bv[u] = xb[c0 + u];
+      }
+#pragma unroll
+      for (int s = 0; s < 4; ++s) {
+        uint32_t a[4];
+        a[0] = ToTF32(av[0][s]);
+        a[1] = ToTF32(av[1][s]);
+        a[2] = ToTF32(av[0][s + 4]);
+        a[3] = ToTF32(av[1][s + 4]);
+        MmaTF32(acc, a, ToTF32(bv[s]), ToTF32(bv[s + 4]));
+      }
+    }
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int i = 16 * I + gr + 8 * (e >> 1), j = 16 * J + 8 * n + 2 * t4 + (e & 1);
+      if (j < i) {
+        const float da = -acc[e];
+        sB[j * BP + i] = da * sB[i * BP + j];
+        sB[i * BP + j] = sBeta[i] * da;
+      }
+    }
+  }
+  __syncthreads();
+  if (tid < kChunk) {  // fixed order: four running sums over j mod 4, then (s0 + s1) + (s2 + s3)
+    const int i = tid;
+    float d4[4] = {0.f, 0.f, 0.f, 0.f};
+    for (int j0 = 0; j0 < i; j0 += 4) {
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const int j = j0 + q;
+        if (j < i) {
+          d4[q] += sB[j * BP + i];
+          sB[j * BP + i] = 0.f;
+        }
+      }
+    }
+    sDb[i] += (d4[0] + d4[1]) + (d4[2] + d4[3]);
+  }
+}
+
 // kFactored selects the v2 stages (3: BkkV2; 7a / 7b: DecayGradV2); kMmaSolve the tensor-core WY solve of stage 4
 // (Grad2InvertDiag / Grad2InvertOffDiag / Grad2SolveMma); both true is the default, both false the first version.
 template <int K, typename TIn, bool kFactored, bool kMmaSolve>
@@ -385,6 +481,8 @@ __global__ void __launch_bounds__(kThreads, 1) Grad2Kernel(Params P) {
   using SM = Grad2Smem<K>;
   constexpr int C = kChunk, V = K, GP = SM::GP, BP = SM::BP, XP = SM::XP;
   constexpr int PL = K / 32;  // channels per lane in row-per-warp steps
+  constexpr int kRS = kThreads / 32;  // row stride of the row-per-warp steps (they take rows r0 and r0 + kRS)
+  static_assert(C % (2 * kRS) == 0, "row-per-warp steps take two rows");
   const fwd::Params& p = P.f;
   extern __shared__ __align__(16) float smem[];
   float* sG = smem;            // [C][GP] cumulative log-decay
@@ -423,27 +521,41 @@ __global__ void __launch_bounds__(kThreads, 1) Grad2Kernel(Params P) {
     };
     __syncthreads();
     // ---- 1. rows: k (l2norm), effective gate, effective beta ----
-    for (int r = warp; r < C; r += kThreads / 32) {
-      const bool ok = r < L;
-      float kv[PL];
-      float ss = 0.f;
+    // Two rows per warp step (r0, r0 + kRS): both rows' global loads are issued before either row is reduced.
+    for (int r0 = warp; r0 < C; r0 += 2 * kRS) {
+      float kv[2][PL], graw[2][PL], braw[2];
 #pragma unroll
-      for (int u = 0; u < PL; ++u) {
-        kv[u] = ok ? fwd::ToF<TIn>(gk[((tb + r) * H + h) * K + lane + 32 * u]) : 0.f;
-        ss += kv[u] * kv[u];
-      }
-      const float ks = p.qk_l2norm ? rsqrtf(fwd::WarpSum(ss) + 1e-6f) : 1.f;
+      for (int h2 = 0; h2 < 2; ++h2) {
+        const int r = r0 + h2 * kRS;
+        const bool ok = r < L;
 #pragma unroll
-      for (int u = 0; u < PL; ++u) {
-        const int c = lane + 32 * u;
-        sK[r * GP + c] = kv[u] * ks;
-        sG[r * GP + c] = ok ? gate(fwd::ToF<TIn>(gg[((tb + r) * HV + hv) * K + c]), c) : 0.f;
+        for (int u = 0; u < PL; ++u) {
+          const int c = lane + 32 * u;
+          kv[h2][u] = ok ? fwd::ToF<TIn>(gk[((tb + r) * H + h) * K + c]) : 0.f;
+          graw[h2][u] = ok ? fwd::ToF<TIn>(gg[((tb + r) * HV + hv) * K + c]) : 0.f;
+        }
+        braw[h2] = (ok && lane == 0) ? fwd::ToF<TIn>(gb[(tb + r) * HV + hv]) : 0.f;
       }
-      if (lane == 0) {
-        float bb = ok ? fwd::ToF<TIn>(gb[(tb + r) * HV + hv]) : 0.f;
-        if (ok && p.beta_sigmoid) bb = Sigmoid(bb) * (p.allow_neg ? 2.f : 1.f);
-        sBeta[r] = bb;
-        sDb[r] = 0.f;
+#pragma unroll
+      for (int h2 = 0; h2 < 2; ++h2) {
+        const int r = r0 + h2 * kRS;
+        const bool ok = r < L;
+        float ss = 0.f;
+#pragma unroll
+        for (int u = 0; u < PL; ++u) ss += kv[h2][u] * kv[h2][u];
+        const float ks = p.qk_l2norm ? rsqrtf(fwd::WarpSum(ss) + 1e-6f) : 1.f;
+#pragma unroll
+        for (int u = 0; u < PL; ++u) {
+          const int c = lane + 32 * u;
+          sK[r * GP + c] = kv[h2][u] * ks;
+          sG[r * GP + c] = ok ? gate(graw[h2][u], c) : 0.f;
+        }
+        if (lane == 0) {
+          float bb = braw[h2];
+          if (ok && p.beta_sigmoid) bb = Sigmoid(bb) * (p.allow_neg ? 2.f : 1.f);
+          sBeta[r] = bb;
+          sDb[r] = 0.f;
+        }
       }
     }
     __syncthreads();
@@ -534,7 +646,9 @@ __global__ void __launch_bounds__(kThreads, 1) Grad2Kernel(Params P) {
     }
     __syncthreads();
     // ---- 5. dA = -strict_tril(dKb W^T + dVb U^T); dbeta += rowsum(dA * B); dB = diag(beta) dA (in place) ----
-    {
+    if constexpr (kFactored) {
+      Grad2DaMma<K, BP, XP>(sB, sX, sY, sBeta, sDb, warp, lane, tid);
+    } else {
       const int i = tid >> 2, q4 = tid & 3;
       float db = 0.f;
       for (int j = q4; j < i; j += 4) {
@@ -553,37 +667,53 @@ __global__ void __launch_bounds__(kThreads, 1) Grad2Kernel(Params P) {
     }
     __syncthreads();
     // ---- 6. Vb = beta v, Kb = beta e^G k terms; q into sX; dk | dG into sY ----
-    for (int r = warp; r < C; r += kThreads / 32) {
-      const bool ok = r < L;
-      const float bt = sBeta[r];
-      float db = 0.f, qv[PL], sq = 0.f;
+    // Two rows per warp step (r0, r0 + kRS): both rows' global loads (v, q) first.
+    for (int r0 = warp; r0 < C; r0 += 2 * kRS) {
+      float vv[2][PL], qv[2][PL];
 #pragma unroll
-      for (int u = 0; u < PL; ++u) {
-        const int c = lane + 32 * u;
-        const float dvb = sY[r * XP + K + c];
-        const float dkb = sY[r * XP + c];
-        const float eg = __expf(sG[r * GP + c]);
-        const float kc = sK[r * GP + c];
-        if (ok) {
-          const size_t o = ((tb + r) * HV + hv) * V + c;
-          db = fmaf(fwd::ToF<TIn>(gv[o]), dvb, db);
-          odv[o] = fwd::FromF<TIn>(bt * dvb);
+      for (int h2 = 0; h2 < 2; ++h2) {
+        const int r = r0 + h2 * kRS;
+        const bool ok = r < L;
+#pragma unroll
+        for (int u = 0; u < PL; ++u) {
+          const int c = lane + 32 * u;
+          vv[h2][u] = ok ? fwd::ToF<TIn>(gv[((tb + r) * HV + hv) * V + c]) : 0.f;
+          qv[h2][u] = ok ? fwd::ToF<TIn>(gq[((tb + r) * H + h) * K + c]) : 0.f;
         }
-        db = fmaf(eg * kc, dkb, db);
-        sY[r * XP + c] = bt * eg * dkb;           // dk
-        sY[r * XP + K + c] = bt * eg * kc * dkb;  // dG
-        qv[u] = ok ? fwd::ToF<TIn>(gq[((tb + r) * H + h) * K + c]) : 0.f;
-        sq += qv[u] * qv[u];
       }
-      db = fwd::WarpSum(db);
-      const float qs = p.scale * (p.qk_l2norm ? rsqrtf(fwd::WarpSum(sq) + 1e-6f) : 1.f);
 #pragma unroll
-      for (int u = 0; u < PL; ++u) {
-        const int c = lane + 32 * u;
-        sX[r * XP + c] = qv[u] * qs;   // q
-        sX[r * XP + K + c] = 0.f;      // dq
+      for (int h2 = 0; h2 < 2; ++h2) {
+        const int r = r0 + h2 * kRS;
+        const bool ok = r < L;
+        const float bt = sBeta[r];
+        float db = 0.f, sq = 0.f;
+#pragma unroll
+        for (int u = 0; u < PL; ++u) {
+          const int c = lane + 32 * u;
+          const float dvb = sY[r * XP + K + c];
+          const float dkb = sY[r * XP + c];
+          const float eg = __expf(sG[r * GP + c]);
+          const float kc = sK[r * GP + c];
+          if (ok) {
+            const size_t o = ((tb + r) * HV + hv) * V + c;
+            db = fmaf(vv[h2][u], dvb, db);
+            odv[o] = fwd::FromF<TIn>(bt * dvb);
+          }
+          db = fmaf(eg * kc, dkb, db);
+          sY[r * XP + c] = bt * eg * dkb;           // dk
+          sY[r * XP + K + c] = bt * eg * kc * dkb;  // dG
+          sq += qv[h2][u] * qv[h2][u];
+        }
+        db = fwd::WarpSum(db);
+        const float qs = p.scale * (p.qk_l2norm ? rsqrtf(fwd::WarpSum(sq) + 1e-6f) : 1.f);
+#pragma unroll
+        for (int u = 0; u < PL; ++u) {
+          const int c = lane + 32 * u;
+          sX[r * XP + c] = qv[h2][u] * qs;   // q
+          sX[r * XP + K + c] = 0.f;          // dq
+        }
+        if (lane == 0) sDb[r] += db;
       }
-      if (lane == 0) sDb[r] += db;
     }
     __syncthreads();
     // ---- 7a. B_kk = decay product (k, k), strict: dk += dx + dy, dG += k dx - k dy ----
@@ -610,9 +740,20 @@ __global__ void __launch_bounds__(kThreads, 1) Grad2Kernel(Params P) {
       }
     }
     __syncthreads();
-    for (int idx = tid; idx < C * C; idx += kThreads) {
-      const int r = idx / C, c = idx % C;
-      sB[r * BP + c] = r < L ? P.sA[((tb + r) * HV + hv) * C + c] : 0.f;
+    {  // dA_qk into sB: all of a thread's global loads first, then the smem stores
+      constexpr int kN = C * C / kThreads;
+      static_assert(C * C % kThreads == 0, "");
+      float va[kN];
+#pragma unroll
+      for (int u = 0; u < kN; ++u) {
+        const int idx = tid + u * kThreads, r = idx / C, c = idx % C;
+        va[u] = r < L ? P.sA[((tb + r) * HV + hv) * C + c] : 0.f;
+      }
+#pragma unroll
+      for (int u = 0; u < kN; ++u) {
+        const int idx = tid + u * kThreads, r = idx / C, c = idx % C;
+        sB[r * BP + c] = va[u];
+      }
     }
     __syncthreads();
     // ---- 7b. A_qk = decay product (q, k), lower incl. diagonal: dq += dx, dk += dy, dG += q dx - k dy ----
@@ -641,71 +782,121 @@ __global__ void __launch_bounds__(kThreads, 1) Grad2Kernel(Params P) {
     }
     __syncthreads();
     // ---- 8. Qg = e^G q, Kd = e^(G_last - G) k ----
+    // With kThreads a multiple of K, thread tid only sees channel c = tid % K (rows tid / K + n kThreads / K): it
+    // also sums stage 9's sum_r Kd_rc dKd_rc over its rows (kd_part), from the same loads. Global loads go in
+    // batches of kB8 rows per thread, issued before any is used.
+    static_assert(kThreads % K == 0, "stage 8 keeps one channel per thread");
     const float* gl = sG + (C - 1) * GP;
-    for (int idx = tid; idx < L * K; idx += kThreads) {
-      const int r = idx / K, c = idx % K;
-      const size_t o = ((tb + r) * HV + hv) * K + c;
-      const float eg = __expf(sG[r * GP + c]), dec = __expf(gl[c] - sG[r * GP + c]);
-      const float dqg = P.sQg[o], dkd = P.sKd[o];
-      sX[r * XP + K + c] += eg * dqg;
-      sY[r * XP + K + c] += eg * sX[r * XP + c] * dqg - dec * sK[r * GP + c] * dkd;
-      sY[r * XP + c] += dec * dkd;
+    // stage 9's dgamma of channel tid (tid < K), loaded here so that its latency overlaps stage 8
+    const int gidx = GammaIndex(p, cs, se, s);
+    const float dgam_c = (tid < K && gidx >= 0) ? P.dgam[(((size_t)b * p.NG + gidx) * HV + hv) * K + tid] : 0.f;
+    {
+      constexpr int kB8 = 8;
+      const int c = tid % K;
+      const float glc = gl[c];
+      float kd_part = 0.f;
+      for (int idx0 = tid; idx0 < L * K; idx0 += kB8 * kThreads) {
+        float dqg[kB8], dkd[kB8];
+#pragma unroll
+        for (int u = 0; u < kB8; ++u) {
+          const int idx = idx0 + u * kThreads;
+          dqg[u] = dkd[u] = 0.f;
+          if (idx < L * K) {
+            const size_t o = ((tb + idx / K) * HV + hv) * K + c;
+            dqg[u] = P.sQg[o];
+            dkd[u] = P.sKd[o];
+          }
+        }
+#pragma unroll
+        for (int u = 0; u < kB8; ++u) {
+          const int idx = idx0 + u * kThreads;
+          if (idx < L * K) {
+            const int r = idx / K;
+            const float eg = __expf(sG[r * GP + c]), dec = __expf(glc - sG[r * GP + c]);
+            const float kdec = dec * sK[r * GP + c];
+            sX[r * XP + K + c] += eg * dqg[u];
+            sY[r * XP + K + c] += eg * sX[r * XP + c] * dqg[u] - kdec * dkd[u];
+            sY[r * XP + c] += dec * dkd[u];
+            kd_part = fmaf(kdec, dkd[u], kd_part);
+          }
+        }
+      }
+      sB[tid] = kd_part;  // sB is free after 7b; rows tid / K of the partials, channel c
     }
     __syncthreads();
     // G_last collects sum_i Kd_i dKd_i + gamma dgamma.
-    {
-      const int gidx = GammaIndex(p, cs, se, s);
-      for (int c = tid; c < K; c += kThreads) {
-        float acc = gidx >= 0 ? __expf(gl[c]) * P.dgam[(((size_t)b * p.NG + gidx) * HV + hv) * K + c] : 0.f;
-        for (int r = 0; r < L; ++r) {
-          acc = fmaf(__expf(gl[c] - sG[r * GP + c]) * sK[r * GP + c], P.sKd[((tb + r) * HV + hv) * K + c], acc);
-        }
-        // ---- 9. reverse cumsum of dG inside the chunk (this thread owns channel c) ----
-        float run = acc;
-        for (int r = L - 1; r >= 0; --r) {
-          run += sY[r * XP + K + c];
-          sY[r * XP + K + c] = run;
-        }
+    // Stage 8's partials of channel c are added in the fixed order q = 0 .. kThreads / K - 1.
+    if (tid < K) {
+      const int c = tid;
+      float acc = gidx >= 0 ? __expf(gl[c]) * dgam_c : 0.f;
+#pragma unroll
+      for (int q = 0; q < kThreads / K; ++q) acc += sB[q * K + c];
+      // ---- 9. reverse cumsum of dG inside the chunk (this thread owns channel c) ----
+      float run = acc;
+      for (int r = L - 1; r >= 0; --r) {
+        run += sY[r * XP + K + c];
+        sY[r * XP + K + c] = run;
       }
     }
     __syncthreads();
     // ---- 10. outputs: dg (gate chain), gate-parameter terms, dbeta, dq / dk (effective) ----
-    for (int r = warp; r < L; r += kThreads / 32) {
-      const size_t tok = tb + r;
-      float da = 0.f;
+    // Two rows per warp step (r0, r0 + kRS): both rows' global loads (raw gate, raw beta) first.
+    for (int r0 = warp; r0 < L; r0 += 2 * kRS) {
+      float graw[2][PL], braw[2], dtv[PL];
 #pragma unroll
-      for (int u = 0; u < PL; ++u) {
-        const int c = lane + 32 * u;
-        const size_t o = (tok * HV + hv) * K + c;
-        const float dge = sY[r * XP + K + c];
-        float dgr = dge;
-        if (p.gate_mode != 0) {
-          const float x = fwd::ToF<TIn>(gg[o]) + dtb[c];
-          if (p.gate_mode == 1) {
-            dgr = -a_coef * Sigmoid(x) * dge;
-            da = fmaf(dge, -a_coef * Softplus(x), da);
-          } else {
-            const float z = p.use_a_log ? a_coef * x : x;
-            const float sg = Sigmoid(z);
-            const float dz = p.lower_bound * sg * (1.f - sg) * dge;
-            dgr = p.use_a_log ? a_coef * dz : dz;
-            if (p.use_a_log) da = fmaf(dz, z, da);
-          }
-          P.sW[o] = dgr;
+      for (int u = 0; u < PL; ++u) dtv[u] = p.gate_mode != 0 ? dtb[lane + 32 * u] : 0.f;
+#pragma unroll
+      for (int h2 = 0; h2 < 2; ++h2) {
+        const int r = r0 + h2 * kRS;
+        const bool ok = r < L;
+        const size_t tok = tb + r;
+#pragma unroll
+        for (int u = 0; u < PL; ++u) {
+          const int c = lane + 32 * u;
+          graw[h2][u] = (ok && p.gate_mode != 0) ? fwd::ToF<TIn>(gg[(tok * HV + hv) * K + c]) : 0.f;
         }
-        odg[o] = fwd::FromF<TIn>(dgr);
-        P.sQg[o] = sX[r * XP + K + c];
-        P.sKd[o] = sY[r * XP + c];
+        braw[h2] = (ok && lane == 0 && p.beta_sigmoid) ? fwd::ToF<TIn>(gb[tok * HV + hv]) : 0.f;
       }
-      da = fwd::WarpSum(da);
-      if (lane == 0) {
-        P.sDa[tok * HV + hv] = da;
-        float db = sDb[r];
-        if (p.beta_sigmoid) {
-          const float sg = Sigmoid(fwd::ToF<TIn>(gb[tok * HV + hv]));
-          db *= (p.allow_neg ? 2.f : 1.f) * sg * (1.f - sg);
+#pragma unroll
+      for (int h2 = 0; h2 < 2; ++h2) {
+        const int r = r0 + h2 * kRS;
+        if (r >= L) break;  // warp-uniform
+        const size_t tok = tb + r;
+        float da = 0.f;
+#pragma unroll
+        for (int u = 0; u < PL; ++u) {
+          const int c = lane + 32 * u;
+          const size_t o = (tok * HV + hv) * K + c;
+          const float dge = sY[r * XP + K + c];
+          float dgr = dge;
+          if (p.gate_mode != 0) {
+            const float x = graw[h2][u] + dtv[u];
+            if (p.gate_mode == 1) {
+              dgr = -a_coef * Sigmoid(x) * dge;
+              da = fmaf(dge, -a_coef * Softplus(x), da);
+            } else {
+              const float z = p.use_a_log ? a_coef * x : x;
+              const float sg = Sigmoid(z);
+              const float dz = p.lower_bound * sg * (1.f - sg) * dge;
+              dgr = p.use_a_log ? a_coef * dz : dz;
+              if (p.use_a_log) da = fmaf(dz, z, da);
+            }
+            P.sW[o] = dgr;
+          }
+          odg[o] = fwd::FromF<TIn>(dgr);
+          P.sQg[o] = sX[r * XP + K + c];
+          P.sKd[o] = sY[r * XP + c];
         }
-        odb[tok * HV + hv] = fwd::FromF<TIn>(db);
+        da = fwd::WarpSum(da);
+        if (lane == 0) {
+          P.sDa[tok * HV + hv] = da;
+          float db = sDb[r];
+          if (p.beta_sigmoid) {
+            const float sg = Sigmoid(braw[h2]);
+            db *= (p.allow_neg ? 2.f : 1.f) * sg * (1.f - sg);
+          }
+          odb[tok * HV + hv] = fwd::FromF<TIn>(db);
+        }
       }
     }
   }
