@@ -81,10 +81,19 @@ bench() {  # name, extra args (BENCH_ARGS, then GRAD_ARGS for the fwd+bwd table)
   timeout ${BENCH_TIMEOUT:-280} python3 benchmarks/bench_gpu.py "$@" >"$LOG/$name.log" 2>&1
   summary+=("$name rc=$?")
 }
-fla_pid=
-fla_done() {
+fla_pid=; fwd_pid=
+fla_done() {  # waits for the background test stages (fla_layer, fwd)
   if [ -n "$fla_pid" ]; then wait $fla_pid; summary+=("fla_layer: $(tail -1 "$LOG/fla_layer.log")"); fla_pid=; fi
+  if [ -n "$fwd_pid" ]; then wait $fwd_pid
+    summary+=("fwd tests: $(tail -1 "$LOG/tests_fwd.log") | $(tail -1 "$LOG/tests_cuda_impl.log")"); fwd_pid=; fi
 }
+if has fwd; then
+  (cd tests && env XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 400 python3 -m pytest -q -rs -p no:cacheprovider \
+     test_cuda_fwd.py >"$LOG/tests_fwd.log" 2>&1
+   env XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 400 python3 -m pytest -q -rs -p no:cacheprovider test_kda.py \
+     test_decode.py -k "cuda" >"$LOG/tests_cuda_impl.log" 2>&1) &
+  fwd_pid=$!
+fi
 if has fla_layer; then
   (cd tests && env XLA_PYTHON_CLIENT_PREALLOCATE=false timeout ${FLA_LAYER_TIMEOUT:-450} python3 -c "import sys; \
 sys.path.append('$EXTRA_SITE') if '$EXTRA_SITE' else None; import pytest; sys.exit(pytest.main(sys.argv[1:]))" \
@@ -141,7 +150,7 @@ fla_done
 save_autotune
 echo "==== summary"
 printf '%s\n' "${summary[@]}"
-for f in tests_gpu tests_cuda_impl tests_bwd sanitize; do
+for f in tests_gpu tests_fwd tests_cuda_impl tests_bwd sanitize; do
   [ -f "$LOG/$f.log" ] && grep -E "^(FAILED|ERROR)" "$LOG/$f.log" | head -15
 done
 for f in "$LOG"/variant_*.log; do

@@ -222,12 +222,44 @@ __device__ __forceinline__ void SolveMma(const Params& p, const bf16* sT, const 
   }
 }
 
+// Raw-tile prefetch of PrepKernel (kAsync, 2-byte inputs): cp.async of the raw k and g tiles of item `item`
+// (rows >= L zero-filled) into sK and the upper half of each row of sG (TIn elements K .. 2K - 1 of the f32
+// row), one commit group. sK and sG are free from the barrier before InvertOffDiagBlocks on, so the next
+// item's are issued there and land while the current item's T and [W | U] are formed.
+template <int K, typename TIn>
+__device__ __forceinline__ void IssueRawKG(const Params& p, bf16* sK, float* sG, int item, int tid) {
+  constexpr int C = kChunk, KP = PrepSmem<K>::KP, GP = PrepSmem<K>::GP;
+  constexpr int KC = K * static_cast<int>(sizeof(TIn)) / 16;  // 16-byte chunks per row
+  const TIn* gk = static_cast<const TIn*>(p.k);
+  const TIn* gg = static_cast<const TIn*>(p.g);
+  const int HV = p.HV;
+  const int ci = item / HV, hv = item - ci * HV;
+  const int4 e = p.chunk_list[ci];
+  const int L = min(C, e.z - e.y);
+  const int h = hv / p.group;
+  const size_t tok0 = (size_t)e.x * p.T + e.y;
+  for (int idx = tid; idx < C * KC; idx += kThreads) {
+    const int r = idx / KC, c8 = (idx - r * KC) * 8;
+    const bool ok = r < L;
+    const size_t tok = tok0 + (ok ? r : 0);
+    CpAsync16(sK + r * KP + c8, gk + (tok * p.H + h) * K + c8, ok);
+    CpAsync16(reinterpret_cast<TIn*>(sG + r * GP) + K + c8, gg + (tok * HV + hv) * K + c8, ok);
+  }
+  CpAsyncCommit();
+}
+
 // kMmaSolve: the WY solve on tensor cores (SolveMma) instead of the SIMT substitution (SolveSimt).
 template <int K, typename TIn, bool kMmaSolve>
 __global__ void __launch_bounds__(kThreads, K <= 128 ? 2 : 1) PrepKernel(Params p) {
   using SM = PrepSmem<K>;
   constexpr int C = kChunk, KP = SM::KP, GP = SM::GP, AP = SM::AP, QP = SM::QP;
   constexpr int PL = K / 32;  // channels per lane
+  constexpr int VPL = 8;      // v elements per lane (V <= 256)
+  // kAsync: raw q / k / v / g tiles by cp.async for 2-byte inputs (in place in the bf16 tiles; raw g in sG),
+  // k and g of the next item prefetched during this one's solve. K = 256 (1 CTA/SM), fp32 inputs and the SIMT
+  // solve (its x[64] spills more with it) keep the register path.
+  constexpr bool kAsync = sizeof(TIn) == 2 && K <= 128 && kMmaSolve;
+  static_assert(!kAsync || sizeof(TIn) * 2 == sizeof(float), "raw g must fit in the upper half of a row of sG");
   extern __shared__ __align__(16) unsigned char smem[];
   const int V = p.V, VP = V + 8;
   bf16* sQ = reinterpret_cast<bf16*>(smem);
@@ -248,6 +280,11 @@ __global__ void __launch_bounds__(kThreads, K <= 128 ? 2 : 1) PrepKernel(Params 
   const TIn* gg = static_cast<const TIn*>(p.g);
   const TIn* gb = static_cast<const TIn*>(p.beta);
 
+  constexpr int KC = K * static_cast<int>(sizeof(TIn)) / 16;  // 16-byte chunks per row of q / k / g
+  if constexpr (kAsync) {
+    if (blockIdx.x < nitems) IssueRawKG<K, TIn>(p, sK, sG, blockIdx.x, tid);
+  }
+
   for (int it = blockIdx.x; it < nitems; it += gridDim.x) {
     const int ci = it / HV, hv = it - ci * HV;
     const int4 e = p.chunk_list[ci];
@@ -255,6 +292,30 @@ __global__ void __launch_bounds__(kThreads, K <= 128 ? 2 : 1) PrepKernel(Params 
     const int L = min(C, send - cs);
     const int h = hv / p.group;
 
+    // kAsync: the raw q, k, v, g tiles of all 64 rows are in flight at once (cp.async, zero-filled past L):
+    // k and g (issued by the previous item, see IssueRawKG), q straight into sQ, v into sV; then k, g, and
+    // then q are pre-processed in place. Same float operations on the same values as the register path below
+    // (the q and k sums of squares were independent there too).
+    float braw = 0.f;  // kAsync: raw beta of row tid (tid < C)
+    if constexpr (kAsync) {
+      const size_t tok0 = (size_t)b * p.T + cs;
+      for (int idx = tid; idx < C * KC; idx += kThreads) {
+        const int r = idx / KC, c8 = (idx - r * KC) * 8;
+        const bool ok = r < L;
+        const size_t tok = tok0 + (ok ? r : 0);
+        CpAsync16(sQ + r * KP + c8, gq + (tok * p.H + h) * K + c8, ok);
+      }
+      CpAsyncCommit();
+      const int VC = V / 8;
+      for (int idx = tid; idx < C * VC; idx += kThreads) {
+        const int r = idx / VC, c8 = (idx - r * VC) * 8;
+        const bool ok = r < L;
+        const size_t tok = tok0 + (ok ? r : 0);
+        CpAsync16(reinterpret_cast<TIn*>(sV + r * VP) + c8, gv + (tok * HV + hv) * V + c8, ok);
+      }
+      CpAsyncCommit();
+      if (tid < L) braw = ToF<TIn>(gb[(tok0 + tid) * HV + hv]);
+    }
     for (int i = tid; i < C * AP; i += kThreads) sAkk[i] = 0.f;
     for (int i = tid; i < C * QP / 2; i += kThreads) reinterpret_cast<uint32_t*>(sAqk)[i] = 0u;
     // ---- load + pre-process one row per warp step ----
@@ -263,10 +324,87 @@ __global__ void __launch_bounds__(kThreads, K <= 128 ? 2 : 1) PrepKernel(Params 
     float dtb[PL];
 #pragma unroll
     for (int i = 0; i < PL; ++i) dtb[i] = p.gate_mode != 0 ? p.dt_bias[((size_t)b * HV + hv) * K + lane * PL + i] : 0.f;
-    constexpr int RB = 4;                 // rows per warp whose loads are in flight together
-    constexpr int VPL = 8;                // v elements per lane (V <= 256)
+    if constexpr (kAsync) {
+      // k and g first (their group was issued one item earlier) while q and v are still in flight.
+      CpAsyncWait<2>();
+      __syncthreads();
 #pragma unroll 1
-    for (int r0 = warp; r0 < C; r0 += RB * (kThreads / 32)) {
+      for (int r = warp; r < C; r += kThreads / 32) {
+        const bool valid = r < L;
+        float kv[PL], gvv[PL];
+        LoadVec<TIn, PL>(reinterpret_cast<const TIn*>(sK + r * KP) + lane * PL, kv);
+        LoadVec<TIn, PL>(reinterpret_cast<const TIn*>(sG + r * GP) + K + lane * PL, gvv);
+        __syncwarp();  // row r's raw g (read by the whole warp) is overwritten by its f32 G below
+        float ks = 1.f;
+        if (p.qk_l2norm) {
+          float sk = 0.f;
+#pragma unroll
+          for (int i = 0; i < PL; ++i) sk += kv[i] * kv[i];
+          sk = WarpSum(sk);
+          ks = rsqrtf(sk + 1e-6f);
+        }
+        // Each lane rewrites only the k elements it read.
+#pragma unroll
+        for (int i = 0; i < PL; ++i) {
+          const int c = lane * PL + i;
+          sK[r * KP + c] = __float2bfloat16(kv[i] * ks);
+          float x = gvv[i];
+          if (p.gate_mode != 0) {
+            x += dtb[i];
+            if (p.gate_mode == 1) {
+              x = -a_coef * Softplus(x);
+            } else {
+              if (p.use_a_log) x *= a_coef;
+              x = p.lower_bound * Sigmoid(x);
+            }
+          }
+          sG[r * GP + c] = valid ? x : 0.f;
+        }
+      }
+      // q (and, fp16, v: converted in place; bf16 v needs no conversion, so its group may still be in flight).
+      if constexpr (std::is_same<TIn, bf16>::value) CpAsyncWait<1>();
+      else CpAsyncWait<0>();
+      __syncthreads();
+#pragma unroll 1
+      for (int r = warp; r < C; r += kThreads / 32) {
+        float qv[PL];
+        LoadVec<TIn, PL>(reinterpret_cast<const TIn*>(sQ + r * KP) + lane * PL, qv);
+        float qs = p.scale;
+        if (p.qk_l2norm) {
+          float sq = 0.f;
+#pragma unroll
+          for (int i = 0; i < PL; ++i) sq += qv[i] * qv[i];
+          sq = WarpSum(sq);
+          qs *= rsqrtf(sq + 1e-6f);
+        }
+        // Each lane rewrites only the q elements it read.
+#pragma unroll
+        for (int i = 0; i < PL; ++i) sQ[r * KP + lane * PL + i] = __float2bfloat16(qv[i] * qs);
+        if constexpr (!std::is_same<TIn, bf16>::value) {
+          const TIn* rv = reinterpret_cast<const TIn*>(sV + r * VP);
+#pragma unroll
+          for (int i = 0; i < VPL; ++i) {
+            const int c = lane + 32 * i;
+            if (c < V) {
+              const float x = ToF<TIn>(rv[c]);
+              sV[r * VP + c] = __float2bfloat16(x);
+            }
+          }
+        }
+      }
+      if (tid < C) {
+        float bb = braw;
+        if (tid < L && p.beta_sigmoid) {
+          bb = Sigmoid(bb);
+          if (p.allow_neg) bb *= 2.f;
+        }
+        sBeta[tid] = bb;
+      }
+      CpAsyncWait<0>();  // bf16 v; visible after the barrier below
+    }
+    constexpr int RB = 4;                 // rows per warp whose loads are in flight together
+#pragma unroll 1
+    for (int r0 = warp; r0 < (kAsync ? 0 : C); r0 += RB * (kThreads / 32)) {
       float qv[RB][PL], kv[RB][PL], gvv[RB][PL], vv[RB][VPL], bt[RB];
 #pragma unroll
       for (int u = 0; u < RB; ++u) {
@@ -510,6 +648,9 @@ __global__ void __launch_bounds__(kThreads, K <= 128 ? 2 : 1) PrepKernel(Params 
     }
     if constexpr (kMmaSolve) {
       __syncthreads();  // A_qk written out (sAqk free for T), T_II, right-hand sides
+      if constexpr (kAsync) {
+        if (it + (int)gridDim.x < nitems) IssueRawKG<K, TIn>(p, sK, sG, it + gridDim.x, tid);  // sK, sG free
+      }
       InvertOffDiagBlocks(sAkk, sAqk, tid);
       SolveMma<K>(p, sAqk, sQ, sV, b, cs, L, hv, warp, lane);
     }
