@@ -1,8 +1,6 @@
 // flashkda_bwd, stage "grad2": the fully parallel per-(chunk, value head) gradients of the raw inputs (grad1,
 // the chunk-state products, is kda_bwd_grad1.cu).
 // See kda_bwd_common.cuh for the algorithm; tests/test_bwd_algorithm.py models every formula here.
-#include <type_traits>
-
 #include "kda_bwd_common.cuh"
 #include "kda_env.h"
 #include "kda_fwd_launch.h"
@@ -199,12 +197,12 @@ __device__ __forceinline__ void DecayGradV2(const float* sB, const float* sG, in
 // are not written: nothing reads them). Ten 16x16 block tasks over the warps, as in the forward prep.
 template <int K, int BP>
 __device__ __forceinline__ void BkkV2(float* sB, const float* sG, const float* sK, int GP, int warp, int lane) {
+  constexpr int kPI[6] = {1, 2, 3, 2, 3, 3}, kPJ[6] = {0, 0, 0, 1, 1, 2};
   const int gr = lane >> 2, t4 = lane & 3;
   for (int task = warp; task < 10; task += kThreads / 32) {
     const bool diag = task >= 6;
-    // off-diagonal tasks 0..5: (I, J) = (1,0) (2,0) (3,0) (2,1) (3,1) (3,2) (nibble tables, no local array)
-    const int I = diag ? task - 6 : (0x332321 >> (4 * task)) & 15;
-    const int J = diag ? I : (0x211000 >> (4 * task)) & 15;
+    const int I = diag ? task - 6 : kPI[task];
+    const int J = diag ? I : kPJ[task];
     const int r = diag ? 16 * I + 7 : 16 * J + 15;
     const bool fast = !diag || DiagFastV2<K>(sG, GP, I, lane);
     if (fast) {
@@ -380,65 +378,12 @@ __device__ __forceinline__ void Grad2SolveMma(const float* sB, int warp, int lan
         fwd::Mma(acc[I][1], a, bb[1][0], bb[1][1]);
       }
     }
-    __syncwarp();  // every lane's rhs reads of this strip before any lane's writes (in-place callers)
 #pragma unroll
     for (int I = 0; I < 4; ++I)
 #pragma unroll
       for (int n = 0; n < 2; ++n)
 #pragma unroll
         for (int e = 0; e < 4; ++e) out(16 * I + gr + 8 * (e >> 1), n0 + 8 * n + 2 * t4 + (e & 1), acc[I][n][e]);
-  }
-}
-
-// ---- stage 4's right-hand sides through shared memory (kMmaSolve) ----
-// 4-byte async global->shared copy (cp.async.ca); zero-fills when !pred (no bytes are read then).
-__device__ __forceinline__ void CpAsync4(float* smem, const void* gmem, bool pred) {
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(s), "l"(gmem), "r"(pred ? 4 : 0) : "memory");
-}
-__device__ __forceinline__ void CpAsyncWaitAll() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
-
-// Issued right after stage 1 (stages 2, 3 and the inversion do not touch sX / sY), waited for after the inversion;
-// coalesced along the channel axis, rows >= L zero-filled:
-//   sY[i][c] = dW[i][c], sY[i][K + c] = dU[i][c] (f32): the rhs of T^T [dW | dU], solved in place;
-//   sX's V half: v's raw TIn words (kPack = 4 / sizeof(TIn) channels each), the word of channels kPack w ..
-//   kPack w + kPack - 1 at float slot K + kPack w of the row (Grad2VAt), the rhs of T R's V half, solved in place.
-// In place works because Grad2SolveMma reads and writes only its own 16-column strips, all reads of a strip before
-// its writes (a pair of channels never straddles a strip).
-template <int K, int XP, typename TIn>
-__device__ __forceinline__ void Grad2IssueSolveLoads(float* sX, float* sY, const TIn* gv, const float* gw,
-                                                     const float* gu, size_t tb, int hv, int HV, int L, int tid) {
-  constexpr int C = kChunk, V = K, kPack = 4 / static_cast<int>(sizeof(TIn)), WV = V / kPack;
-  static_assert(C * 2 * K % kThreads == 0 && C * WV % kThreads == 0, "");
-#pragma unroll 4
-  for (int idx = tid; idx < C * 2 * K; idx += kThreads) {
-    const int r = idx / (2 * K), c = idx % (2 * K);
-    const bool ok = r < L;
-    const size_t row = (tb + (ok ? r : 0)) * HV + hv;
-    CpAsync4(sY + r * XP + c, c < K ? gw + row * K + c : gu + row * V + (c - K), ok);
-  }
-#pragma unroll 4
-  for (int idx = tid; idx < C * WV; idx += kThreads) {
-    const int r = idx / WV, w = idx % WV;
-    const bool ok = r < L;
-    const size_t row = (tb + (ok ? r : 0)) * HV + hv;
-    CpAsync4(sX + r * XP + K + kPack * w, gv + row * V + kPack * w, ok);
-  }
-}
-
-// Channel cc of v from a row's V half as Grad2IssueSolveLoads leaves it (vrow = sX + i * XP + K), as a float.
-template <typename TIn>
-__device__ __forceinline__ float Grad2VAt(const float* vrow, int cc) {
-  if constexpr (sizeof(TIn) == 4) {
-    return fwd::ToF<TIn>(vrow[cc]);
-  } else {
-    const uint32_t w = __float_as_uint(vrow[cc & ~1]);
-    const unsigned short hb = static_cast<unsigned short>((cc & 1) ? (w >> 16) : (w & 0xffffu));
-    if constexpr (std::is_same<TIn, __half>::value) {
-      return fwd::ToF<TIn>(__ushort_as_half(hb));
-    } else {
-      return fwd::ToF<TIn>(__ushort_as_bfloat16(hb));
-    }
   }
 }
 
@@ -574,11 +519,11 @@ __global__ void __launch_bounds__(kThreads, 1) Grad2Kernel(Params P) {
       if (p.gate_mode == 1) return -a_coef * Softplus(x);
       return p.lower_bound * Sigmoid(p.use_a_log ? a_coef * x : x);
     };
+    __syncthreads();
     // ---- 1. rows: k (l2norm), effective gate, effective beta ----
-    // Two rows per warp step (r0, r0 + kRS): both rows' global loads are issued before either row is reduced, one
-    // step ahead (load1; the first step's before the barrier).
-    float kv1[2][PL], graw1[2][PL], braw1[2];
-    auto load1 = [&](int r0) {
+    // Two rows per warp step (r0, r0 + kRS): both rows' global loads are issued before either row is reduced.
+    for (int r0 = warp; r0 < C; r0 += 2 * kRS) {
+      float kv[2][PL], graw[2][PL], braw[2];
 #pragma unroll
       for (int h2 = 0; h2 < 2; ++h2) {
         const int r = r0 + h2 * kRS;
@@ -586,26 +531,11 @@ __global__ void __launch_bounds__(kThreads, 1) Grad2Kernel(Params P) {
 #pragma unroll
         for (int u = 0; u < PL; ++u) {
           const int c = lane + 32 * u;
-          kv1[h2][u] = ok ? fwd::ToF<TIn>(gk[((tb + r) * H + h) * K + c]) : 0.f;
-          graw1[h2][u] = ok ? fwd::ToF<TIn>(gg[((tb + r) * HV + hv) * K + c]) : 0.f;
+          kv[h2][u] = ok ? fwd::ToF<TIn>(gk[((tb + r) * H + h) * K + c]) : 0.f;
+          graw[h2][u] = ok ? fwd::ToF<TIn>(gg[((tb + r) * HV + hv) * K + c]) : 0.f;
         }
-        braw1[h2] = (ok && lane == 0) ? fwd::ToF<TIn>(gb[(tb + r) * HV + hv]) : 0.f;
+        braw[h2] = (ok && lane == 0) ? fwd::ToF<TIn>(gb[(tb + r) * HV + hv]) : 0.f;
       }
-    };
-    load1(warp);
-    __syncthreads();
-    for (int r0 = warp; r0 < C; r0 += 2 * kRS) {
-      float kv[2][PL], graw[2][PL], braw[2];
-#pragma unroll
-      for (int h2 = 0; h2 < 2; ++h2) {
-#pragma unroll
-        for (int u = 0; u < PL; ++u) {
-          kv[h2][u] = kv1[h2][u];
-          graw[h2][u] = graw1[h2][u];
-        }
-        braw[h2] = braw1[h2];
-      }
-      if (r0 + 2 * kRS < C) load1(r0 + 2 * kRS);  // warp-uniform
 #pragma unroll
       for (int h2 = 0; h2 < 2; ++h2) {
         const int r = r0 + h2 * kRS;
@@ -628,8 +558,6 @@ __global__ void __launch_bounds__(kThreads, 1) Grad2Kernel(Params P) {
         }
       }
     }
-    // stage 4's right-hand sides (dW | dU into sY, v into sX's V half): in flight through stages 2, 3 and the inversion
-    if constexpr (kMmaSolve) Grad2IssueSolveLoads<K, XP, TIn>(sX, sY, gv, P.sW, P.sU, tb, hv, HV, L, tid);
     __syncthreads();
     // ---- 2. G = inclusive cumsum (rows >= L have g = 0: G stays at G_{L-1}) ----
     for (int c = tid; c < K; c += kThreads) {
@@ -660,22 +588,25 @@ __global__ void __launch_bounds__(kThreads, 1) Grad2Kernel(Params P) {
       Grad2InvertDiag<BP>(sB, sBeta, tid);
       __syncthreads();
       Grad2InvertOffDiag<BP>(sB, sBeta, tid);
-      CpAsyncWaitAll();  // Grad2IssueSolveLoads (after stage 1)
-      __syncthreads();
-      // R = diag(beta) [e^G k | v] (rows >= L: 0), formed as the substitution forms it; v from sX's V half, in place
+      // R = diag(beta) [e^G k | v] (rows >= L: 0), formed as the substitution forms it
       Grad2SolveMma<K, BP, false>(
           sB, warp, lane,
           [&](int i, int col) {
             float rhs = 0.f;
             if (i < L) {
-              rhs = col < K ? __expf(sG[i * GP + col]) * sK[i * GP + col] : Grad2VAt<TIn>(sX + i * XP + K, col - K);
+              rhs = col < K ? __expf(sG[i * GP + col]) * sK[i * GP + col]
+                            : fwd::ToF<TIn>(gv[((tb + i) * HV + hv) * V + col - K]);
             }
             return sBeta[i] * rhs;
           },
           [&](int i, int col, float x) { sX[i * XP + col] = x; });
-      // [dW | dU] from sY (rows >= L: 0), in place
       Grad2SolveMma<K, BP, true>(
-          sB, warp, lane, [&](int i, int col) { return sY[i * XP + col]; },
+          sB, warp, lane,
+          [&](int i, int col) {
+            const float* src = col < K ? P.sW + col : P.sU + (col - K);
+            const int width = col < K ? K : V;
+            return i < L ? src[((tb + i) * HV + hv) * width] : 0.f;
+          },
           [&](int i, int col, float x) { sY[i * XP + col] = x; });
     } else {
       for (int col = tid; col < K + V; col += kThreads) {
@@ -734,11 +665,11 @@ __global__ void __launch_bounds__(kThreads, 1) Grad2Kernel(Params P) {
         for (int j = i + 1 + q4; j < C; j += 4) sB[i * BP + j] = 0.f;
       }
     }
+    __syncthreads();
     // ---- 6. Vb = beta v, Kb = beta e^G k terms; q into sX; dk | dG into sY ----
-    // Two rows per warp step (r0, r0 + kRS): both rows' global loads (v, q) first, one step ahead (load6; the
-    // first step's before the barrier behind stage 5).
-    float vv6[2][PL], qv6[2][PL];
-    auto load6 = [&](int r0) {
+    // Two rows per warp step (r0, r0 + kRS): both rows' global loads (v, q) first.
+    for (int r0 = warp; r0 < C; r0 += 2 * kRS) {
+      float vv[2][PL], qv[2][PL];
 #pragma unroll
       for (int h2 = 0; h2 < 2; ++h2) {
         const int r = r0 + h2 * kRS;
@@ -746,23 +677,10 @@ __global__ void __launch_bounds__(kThreads, 1) Grad2Kernel(Params P) {
 #pragma unroll
         for (int u = 0; u < PL; ++u) {
           const int c = lane + 32 * u;
-          vv6[h2][u] = ok ? fwd::ToF<TIn>(gv[((tb + r) * HV + hv) * V + c]) : 0.f;
-          qv6[h2][u] = ok ? fwd::ToF<TIn>(gq[((tb + r) * H + h) * K + c]) : 0.f;
+          vv[h2][u] = ok ? fwd::ToF<TIn>(gv[((tb + r) * HV + hv) * V + c]) : 0.f;
+          qv[h2][u] = ok ? fwd::ToF<TIn>(gq[((tb + r) * H + h) * K + c]) : 0.f;
         }
       }
-    };
-    load6(warp);
-    __syncthreads();
-    for (int r0 = warp; r0 < C; r0 += 2 * kRS) {
-      float vv[2][PL], qv[2][PL];
-#pragma unroll
-      for (int h2 = 0; h2 < 2; ++h2)
-#pragma unroll
-        for (int u = 0; u < PL; ++u) {
-          vv[h2][u] = vv6[h2][u];
-          qv[h2][u] = qv6[h2][u];
-        }
-      if (r0 + 2 * kRS < C) load6(r0 + 2 * kRS);  // warp-uniform
 #pragma unroll
       for (int h2 = 0; h2 < 2; ++h2) {
         const int r = r0 + h2 * kRS;
@@ -905,26 +823,6 @@ __global__ void __launch_bounds__(kThreads, 1) Grad2Kernel(Params P) {
       }
       sB[tid] = kd_part;  // sB is free after 7b; rows tid / K of the partials, channel c
     }
-    // Stage 10's global loads (raw gate, raw beta) of a warp step (r0, r0 + kRS), into graw10 / braw10: the first
-    // step's are issued here, so that their latency overlaps stage 9; each step issues the next one's.
-    float graw10[2][PL], braw10[2], dtv[PL];
-    auto load10 = [&](int r0) {
-#pragma unroll
-      for (int h2 = 0; h2 < 2; ++h2) {
-        const int r = r0 + h2 * kRS;
-        const bool ok = r < L;
-        const size_t tok = tb + (ok ? r : 0);
-#pragma unroll
-        for (int u = 0; u < PL; ++u) {
-          const int c = lane + 32 * u;
-          graw10[h2][u] = (ok && p.gate_mode != 0) ? fwd::ToF<TIn>(gg[(tok * HV + hv) * K + c]) : 0.f;
-        }
-        braw10[h2] = (ok && lane == 0 && p.beta_sigmoid) ? fwd::ToF<TIn>(gb[tok * HV + hv]) : 0.f;
-      }
-    };
-#pragma unroll
-    for (int u = 0; u < PL; ++u) dtv[u] = p.gate_mode != 0 ? dtb[lane + 32 * u] : 0.f;
-    load10(warp);
     __syncthreads();
     // G_last collects sum_i Kd_i dKd_i + gamma dgamma.
     // Stage 8's partials of channel c are added in the fixed order q = 0 .. kThreads / K - 1.
@@ -942,17 +840,23 @@ __global__ void __launch_bounds__(kThreads, 1) Grad2Kernel(Params P) {
     }
     __syncthreads();
     // ---- 10. outputs: dg (gate chain), gate-parameter terms, dbeta, dq / dk (effective) ----
-    // Two rows per warp step (r0, r0 + kRS): their global loads (raw gate, raw beta) were issued one step ahead
-    // (load10; the first step's before stage 9).
+    // Two rows per warp step (r0, r0 + kRS): both rows' global loads (raw gate, raw beta) first.
     for (int r0 = warp; r0 < L; r0 += 2 * kRS) {
-      float graw[2][PL], braw[2];
+      float graw[2][PL], braw[2], dtv[PL];
+#pragma unroll
+      for (int u = 0; u < PL; ++u) dtv[u] = p.gate_mode != 0 ? dtb[lane + 32 * u] : 0.f;
 #pragma unroll
       for (int h2 = 0; h2 < 2; ++h2) {
+        const int r = r0 + h2 * kRS;
+        const bool ok = r < L;
+        const size_t tok = tb + r;
 #pragma unroll
-        for (int u = 0; u < PL; ++u) graw[h2][u] = graw10[h2][u];
-        braw[h2] = braw10[h2];
+        for (int u = 0; u < PL; ++u) {
+          const int c = lane + 32 * u;
+          graw[h2][u] = (ok && p.gate_mode != 0) ? fwd::ToF<TIn>(gg[(tok * HV + hv) * K + c]) : 0.f;
+        }
+        braw[h2] = (ok && lane == 0 && p.beta_sigmoid) ? fwd::ToF<TIn>(gb[tok * HV + hv]) : 0.f;
       }
-      if (r0 + 2 * kRS < L) load10(r0 + 2 * kRS);  // warp-uniform
 #pragma unroll
       for (int h2 = 0; h2 < 2; ++h2) {
         const int r = r0 + h2 * kRS;
