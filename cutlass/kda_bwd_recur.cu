@@ -1,7 +1,7 @@
 // flashkda_bwd, stages "states" and "reverse": the two sequential passes over the chunks of each sequence,
 // one CTA per (sequence, value head, kBV state columns), state block in shared memory (f32), chunk operands
-// from the prep workspace. See kda_bwd_common.cuh for the algorithm. FLASHKDA_BWD_RECUR=v2 selects the
-// tensor-core versions further down (StatesKernelV2 / ReverseKernelV2).
+// from the prep workspace. See kda_bwd_common.cuh for the algorithm. The tensor-core versions further
+// down (StatesKernelV2 / ReverseKernelV2) are the default; FLASHKDA_BWD_RECUR=v1 selects the first ones.
 #include "kda_bwd_common.cuh"
 #include "kda_env.h"
 #include "kda_fwd_launch.h"
@@ -228,7 +228,7 @@ __global__ void __launch_bounds__(kThreads) ReverseKernel(Params P) {
 
 
 // ---------------------------------------------------------------------------------------------------------
-// v2 (FLASHKDA_BWD_RECUR=v2): both passes on tensor cores in the style of the forward's RecurKernel. One CTA
+// v2 (the default): both passes on tensor cores in the style of the forward's RecurKernel. One CTA
 // per (sequence, value head, BV state columns), BV in {16, 32, 64} chosen on the host so that the items fill
 // the SMs; the state (S or dS) lives in registers as fp32 mma accumulators, with a bf16 copy in shared memory
 // as the B operand of the next chunk's products; chunk operands (bf16, prep workspace) are double-buffered
