@@ -29,7 +29,8 @@ struct Grad2Smem {
 };
 
 // ------------------------------------------------------------------------------------------------------
-// grad2 v2 (the default; FLASHKDA_BWD_GRAD2=v1 selects the first version): grad2 with the decay products factored by 16x16 blocks, as in the forward
+// grad2 v2 (the default; FLASHKDA_BWD_GRAD2=v1 selects the first version): grad2 with the decay products
+// factored by 16x16 blocks, as in the forward
 // prep's A_kk / A_qk (tests/test_bwd_algorithm.py: decay_product_factored / decay_product_grad_factored).
 // Block (I, J), J <= I, takes a reference row r (off-diagonal: the last row of J, both factors <= 1;
 // diagonal: row 7 of the block when max_c (G_first - G_last) <= 80, else exact pairwise decays), so that
@@ -264,7 +265,8 @@ __device__ __forceinline__ void BkkV2(float* sB, const float* sG, const float* s
 }
 
 // ------------------------------------------------------------------------------------------------------
-// grad2's WY solve on tensor cores (the default; FLASHKDA_BWD_GRAD2_SOLVE=simt selects the substitutions; tests/test_grad2_solve_model.py models it):
+// grad2's WY solve on tensor cores (the default; FLASHKDA_BWD_GRAD2_SOLVE=simt selects the substitutions;
+// tests/test_grad2_solve_model.py models it):
 // T = (I + A)^{-1}, A = diag(beta) B_kk, once per chunk in fp32 by 16x16 blocks, then
 //   W | U = bf16(T) bf16(diag(beta) [e^G k | v]),   [dKb | dVb] = bf16(T)^T bf16([dW | dU])
 // (fp32 accumulation) instead of the forward and back substitutions. T is formed exactly as the forward prep's

@@ -187,7 +187,8 @@ __global__ void __launch_bounds__(kThreads) Grad1Kernel(Params P) {
 
 
 // ------------------------------------------------------------------------------------------------------
-// grad1 on tensor cores (the default; FLASHKDA_BWD_GRAD1=simt selects Grad1Kernel): the same products with bf16 operands (S, dS_next and dO
+// grad1 on tensor cores (the default; FLASHKDA_BWD_GRAD1=simt selects Grad1Kernel): the same products with bf16
+// operands (S, dS_next and dO
 // rounded to bf16, as the default kernel rounds them; R and dR rounded to bf16 where they are operands) and
 // f32 accumulation. Warps 0-3 own the rows 16m..16m+15 (m = warp & 3) of R, warps 4-7 those of dR, both kept
 // in registers (all V columns): their accumulators re-packed as bf16 are the A operands of dKd = R dS_next^T
