@@ -58,13 +58,21 @@ if [ -n "${PREBUILT:-}" ]; then
   summary+=("prebuilt install rc=$rc ($PREBUILT)")
   [ $rc -ne 0 ] && { cat "$LOG/build.log"; exit 1; }
 fi
+# pytest (400 s limit) with .whl/extra searched after site-packages (what fla.layers needs); run from tests/.
+pytest_extra() {
+  timeout ${PYTEST_TIMEOUT:-400} python3 -c "import sys; sys.path.append('$EXTRA_SITE') if '$EXTRA_SITE' else None; \
+import pytest; sys.exit(pytest.main(sys.argv[1:]))" -p no:cacheprovider "$@"
+}
+# The forward's GPU tests (test_cuda_fwd.py and the files given), then the public op's cuda tests.
+fwd_tests() {
+  (cd tests && export XLA_PYTHON_CLIENT_PREALLOCATE=false
+   pytest_extra -q -rs test_cuda_fwd.py "$@" ${TESTS:+-k "$TESTS"} >"$LOG/tests_fwd.log" 2>&1
+   pytest_extra -q -rs test_kda.py test_decode.py -k "cuda" >"$LOG/tests_cuda_impl.log" 2>&1)
+}
+fwd_summary() { echo "$(tail -1 "$LOG/tests_fwd.log") | $(tail -1 "$LOG/tests_cuda_impl.log")"; }
 if has tests; then
-  (cd tests && timeout 400 python3 -c "import sys; sys.path.append('$EXTRA_SITE') if '$EXTRA_SITE' else None; \
-import pytest; sys.exit(pytest.main(sys.argv[1:]))" -q -rs -p no:cacheprovider test_cuda_fwd.py test_nn_fla_gpu.py \
-     ${TESTS:+-k "$TESTS"} >"$LOG/tests_gpu.log" 2>&1
-   timeout 400 python3 -m pytest -q -rs -p no:cacheprovider test_kda.py test_decode.py -k "cuda" \
-     >"$LOG/tests_cuda_impl.log" 2>&1)
-  summary+=("tests: $(tail -1 "$LOG/tests_gpu.log") | $(tail -1 "$LOG/tests_cuda_impl.log")")
+  fwd_tests test_nn_fla_gpu.py
+  summary+=("tests: $(fwd_summary)")
 fi
 if has bwd; then
   (cd tests && timeout 400 python3 -m pytest -v -rs -p no:cacheprovider test_cuda_bwd_stages.py test_cuda_bwd.py \
@@ -82,23 +90,18 @@ bench() {  # name, extra args (BENCH_ARGS, then GRAD_ARGS for the fwd+bwd table)
   summary+=("$name rc=$?")
 }
 fla_pid=; fwd_pid=
-fla_done() {  # waits for the background test stages (fla_layer, fwd)
+background_done() {  # waits for the background test stages (fla_layer, fwd)
   if [ -n "$fla_pid" ]; then wait $fla_pid; summary+=("fla_layer: $(tail -1 "$LOG/fla_layer.log")"); fla_pid=; fi
-  if [ -n "$fwd_pid" ]; then wait $fwd_pid
-    summary+=("fwd tests: $(tail -1 "$LOG/tests_fwd.log") | $(tail -1 "$LOG/tests_cuda_impl.log")"); fwd_pid=; fi
+  if [ -n "$fwd_pid" ]; then wait $fwd_pid; summary+=("fwd tests: $(fwd_summary)"); fwd_pid=; fi
 }
 if has fwd; then
-  (cd tests && env XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 400 python3 -m pytest -q -rs -p no:cacheprovider \
-     test_cuda_fwd.py >"$LOG/tests_fwd.log" 2>&1
-   env XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 400 python3 -m pytest -q -rs -p no:cacheprovider test_kda.py \
-     test_decode.py -k "cuda" >"$LOG/tests_cuda_impl.log" 2>&1) &
+  fwd_tests &
   fwd_pid=$!
 fi
 if has fla_layer; then
-  (cd tests && env XLA_PYTHON_CLIENT_PREALLOCATE=false timeout ${FLA_LAYER_TIMEOUT:-450} python3 -c "import sys; \
-sys.path.append('$EXTRA_SITE') if '$EXTRA_SITE' else None; import pytest; sys.exit(pytest.main(sys.argv[1:]))" \
-     -v -rs -p no:cacheprovider test_nn_fla_gpu.py ${FLA_LAYER_TESTS:+-k "$FLA_LAYER_TESTS"} \
-     >"$LOG/fla_layer.log" 2>&1) &
+  (cd tests && export XLA_PYTHON_CLIENT_PREALLOCATE=false
+   PYTEST_TIMEOUT=${FLA_LAYER_TIMEOUT:-450} pytest_extra -v -rs test_nn_fla_gpu.py \
+     ${FLA_LAYER_TESTS:+-k "$FLA_LAYER_TESTS"} >"$LOG/fla_layer.log" 2>&1) &
   fla_pid=$!
 fi
 if has variants; then
@@ -110,17 +113,18 @@ if has variants; then
   (cd tests && env XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 400 python3 -m pytest -q -p no:cacheprovider \
      test_cuda_bwd_stages.py test_cuda_bwd.py >"$LOG/variant_bwd.log" 2>&1) &
   vpids+=($!)
+  VARIANT_TESTS=(bv_invariant vs_first_version vs_oracle vs_simt_solve vs_first_grad2)  # -k of each process
   i=0
-  for t in bv_invariant vs_first_version vs_oracle vs_simt_solve vs_first_grad2; do
+  for t in "${VARIANT_TESTS[@]}"; do
     (cd tests && env XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 400 python3 -m pytest -q -p no:cacheprovider \
        test_cuda_bwd_variants.py -k "$t" >"$LOG/variant_$i.log" 2>&1) &
     vpids+=($!); i=$((i + 1))
   done
   wait "${vpids[@]}"
-  fla_done  # the timings below must not share the GPU with it
+  background_done  # the timings below must not share the GPU with them
   summary+=("[backward tests, defaults] $(tail -1 "$LOG/variant_bwd.log")")
   i=0
-  for t in bv_invariant vs_first_version vs_oracle vs_simt_solve vs_first_grad2; do
+  for t in "${VARIANT_TESTS[@]}"; do
     summary+=("[variants -k $t] $(tail -1 "$LOG/variant_$i.log")"); i=$((i + 1))
   done
   sets=(""); [ "${BENCH_FIRST_VERSION:-1}" = 1 ] && sets+=("$FIRST_VERSION")
@@ -146,11 +150,11 @@ if has multi; then
   timeout 500 python3 benchmarks/multi_gpu.py --cuda-bwd >"$LOG/multi_gpu.log" 2>&1
   summary+=("multi_gpu rc=$?")
 fi
-fla_done
+background_done
 save_autotune
 echo "==== summary"
 printf '%s\n' "${summary[@]}"
-for f in tests_gpu tests_fwd tests_cuda_impl tests_bwd sanitize; do
+for f in tests_fwd tests_cuda_impl tests_bwd sanitize; do
   [ -f "$LOG/$f.log" ] && grep -E "^(FAILED|ERROR)" "$LOG/$f.log" | head -15
 done
 for f in "$LOG"/variant_*.log; do
