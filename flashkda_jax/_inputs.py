@@ -42,6 +42,9 @@ class KdaOptions:
     return_final_state: bool = False
     num_slots: int = 0  # S: state slots per row (0 = states not used)
     state_mode: str = "dense"  # "dense" [B,HV,K,V], "segments" [B,S,...], "cu_seqlens" [N,...]
+    # Context parallelism requested (kda's context_parallel_axis): width R of the record [B, T, HV, R] that the
+    # forward hands its backward (flashkda_jax.sharding); 0 = none (the backward rebuilds what it needs).
+    cp_record: int = 0
 
     @property
     def gate_mode(self) -> int:

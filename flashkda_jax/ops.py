@@ -8,6 +8,8 @@ backward recomputes the per-chunk states instead of storing them.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
@@ -183,6 +185,7 @@ def kda(q, k, v, g, beta, *, scale=None, initial_state=None, segment_ids=None, m
         A_log=A_log, dt_bias=dt_bias, lower_bound=lower_bound, state_layout=state_layout)
     impl = _select(implementation, core, opts)
     if context_parallel_axis is not None:
-        core = _sharding.constrain_context_parallel(core, context_parallel_axis)
+        core, record = _sharding.constrain_context_parallel(core, context_parallel_axis)
+        opts = dataclasses.replace(opts, cp_record=record)
     o, fin = run_core(core, opts, impl)
     return o, _inputs.restore_final_state(fin, opts)

@@ -40,7 +40,10 @@ before it, ``X ↦ P·X + H`` with ``P = ∏ (I − β k kᵀ) Diag(exp g)`` (K�
    the slice resets the dependence: ``P_i = 0``);
 3. all-gathers the small ``(P_j, H_j)`` over the cp axes and composes them in order,
    ``X_j = P_j X_{j-1} + H_j``, to get its true incoming state ``X_{i-1}``;
-4. reruns its slice from the true incoming state (this run's outputs and states are the result).
+4. forms its true outputs without a third run: the state is affine in the carried state,
+   ``S_t = P_t X_{i-1} + H_t``, so ``o_t = o⁰_t + (q_tᵀ P_t) X_{i-1}`` where ``o⁰`` are run 1's outputs and
+   ``q_tᵀ P_t`` run 2's (zero off the continuing sequence); the continuing sequence's final state gains
+   ``P_end X_{i-1}`` likewise.
 
 Sequence boundaries come from the global slot map (segment ids / cu_seqlens); the sequence continuing
 from the previous device and the one running into the next device get two extra local state slots, so
@@ -51,9 +54,11 @@ The backward (``_cp_bwd``) runs ONE full backward per device: with ``D_i`` the c
 outgoing state, device i's input gradients are the backward of its true run with ``D_i`` added to the
 final-state cotangent of the sequence running into the next device; ``D`` comes from a reverse scan over
 devices, ``D_{j-1} = L_j + P_jᵀ D_j``, where ``L_j`` (the gradient of device j's own outputs w.r.t. its
-incoming state) is the backward op's state-only mode (on CUDA the reverse pass alone). Cost per device:
-forward 3 passes (one with V = K); backward 2 forward passes (to rebuild ``P_i`` and the carry), the
-state-only pass and one full backward, all on T/n tokens.
+incoming state) is the backward op's state-only mode (on CUDA the reverse pass alone). With
+``kda(..., context_parallel_axis=...)`` the forward hands ``(X_{i-1}, P_i)`` to the backward in a record laid
+along the sequence (``KdaOptions.cp_record``); without it (T sharded by other means) the backward reruns
+runs 1-2. Cost per device, on T/n tokens: forward 2 passes (one with V = K); backward the state-only pass
+and one full backward.
 
 Turn it on by sharding T of the inputs, or with ``kda(..., context_parallel_axis="cp")`` which places a
 sharding constraint on T (needs a mesh in context: ``with jax.set_mesh(mesh):`` or
@@ -227,7 +232,9 @@ def _cp_local_init(base, carry, last_init):
 
 
 def _cp_maps(fargs, plan, base, last_init, lopts, impl, axes):
-    """(X_{i-1}: the true state carried into this slice, P_i: this slice's linear map of it)."""
+    """Runs 1-2 and the composition of the maps: (X_{i-1}: the true state carried into this slice, P_i: this
+    slice's linear map of it, (o0, fin0): the zero-carry run, (o_map, p_end): the map run's outputs and its
+    final map)."""
     q, k, v, g, beta, a, dt, _ = fargs
     B, Tl, HV, V = v.shape
     K = q.shape[-1]
@@ -236,14 +243,15 @@ def _cp_maps(fargs, plan, base, last_init, lopts, impl, axes):
     lslot = plan["lslot"]
     # 1. zero carried state: the state handed to the next device, from a zero incoming state.
     zero = jnp.zeros((B, HV, K, V), cdt)
-    _, fin0 = _diff_core((q, k, v, g, beta, a, dt, lslot, _cp_local_init(base, zero, last_init)), lopts, impl)
+    o0, fin0 = _diff_core((q, k, v, g, beta, a, dt, lslot, _cp_local_init(base, zero, last_init)), lopts, impl)
     spans = plan["spans"]
     h_out = jnp.where(spans[:, None, None, None], fin0[:, S], fin0[:, S + 1])
-    # 2. the linear part for the sequence continuing through the whole slice: v = 0 from the identity.
+    # 2. the linear part for the sequence continuing from the previous device: v = 0 from the identity. Its
+    # outputs are q_t^T P_t (P_t: the map up to token t), zero on the other sequences' tokens (padding here).
     popts = dataclasses.replace(lopts, num_slots=1)
     pslot = jnp.where(plan["is_c"], 0, -1).astype(jnp.int32)
     eye = jnp.broadcast_to(jnp.eye(K, dtype=cdt), (B, 1, HV, K, K))
-    _, pfin = _diff_core((q, k, jnp.zeros((B, Tl, HV, K), v.dtype), g, beta, a, dt, pslot, eye), popts, impl)
+    o_map, pfin = _diff_core((q, k, jnp.zeros((B, Tl, HV, K), v.dtype), g, beta, a, dt, pslot, eye), popts, impl)
     p_map = jnp.where(spans[:, None, None, None], pfin[:, 0], 0.0)
     # 3. compose the maps of all devices in order: X_j = P_j X_{j-1} + H_j.
     ps = jax.lax.all_gather(p_map, axes)                    # [n, B, HV, K, K]
@@ -256,7 +264,20 @@ def _cp_maps(fargs, plan, base, last_init, lopts, impl, axes):
     _, xs_in = jax.lax.scan(step, zero, (ps, hs))           # xs_in[j] = X_{j-1}
     carry = jax.lax.dynamic_index_in_dim(xs_in, plan["i"], axis=0, keepdims=False)
     carry = jnp.where(plan["cont"][:, None, None, None], carry, 0.0)
-    return carry, p_map
+    return carry, p_map, (o0, fin0), (o_map, pfin[:, 0])
+
+
+def _cp_true_run(zero_run, map_run, carry, S):
+    """4. this slice's true outputs and local final states from runs 1-2: the state is affine in the carried
+    state X, S_t = P_t X + H_t, so o_t = o0_t + (q_t^T P_t) X on the continuing sequence's tokens (o_map is
+    zero elsewhere, and X is zero where nothing continues), and that sequence's final state (slot S) gains
+    P_end X."""
+    (o0, fin0), (o_map, p_end) = zero_run, map_run
+    cdt = carry.dtype
+    corr = jnp.einsum("bthk,bhkv->bthv", o_map.astype(cdt), carry, precision=_HI)
+    o = (o0.astype(cdt) + corr).astype(o0.dtype)
+    fin = fin0.at[:, S].add(jnp.einsum("bhkl,bhlv->bhkv", p_end.astype(cdt), carry, precision=_HI))
+    return o, fin
 
 
 def _cp_finals(fin, slot, plan, S):
@@ -271,16 +292,49 @@ def _cp_finals(fin, slot, plan, S):
 
 
 def _cp_local(fargs, slot, plan, opts, impl, axes):
-    """(o, (final-state contributions [B, S, HV, K, V] (kv), which) or None) of this device's slice."""
-    q, k, v, g, beta, a, dt, _ = fargs
+    """(o, (final-state contributions [B, S, HV, K, V] (kv), which) or None, (carry, P_i)) of this device's
+    slice."""
     base, last_init, lopts = _cp_setup(fargs, plan, opts)
-    carry, _ = _cp_maps(fargs, plan, base, last_init, lopts, impl, axes)
-    # 4. the true run, from the true incoming state.
-    o, fin = _diff_core((q, k, v, g, beta, a, dt, plan["lslot"], _cp_local_init(base, carry, last_init)), lopts,
-                        impl)
-    if not opts.return_final_state:
-        return o, None
-    return o, _cp_finals(fin, slot, plan, opts.num_slots)
+    carry, p_map, zero_run, map_run = _cp_maps(fargs, plan, base, last_init, lopts, impl, axes)
+    o, fin = _cp_true_run(zero_run, map_run, carry, opts.num_slots)
+    extra = _cp_finals(fin, slot, plan, opts.num_slots) if opts.return_final_state else None
+    return o, extra, (carry, p_map)
+
+
+# The context-parallel record: the forward's per-device (carry, P_i) handed to the backward, so that it need
+# not rerun runs 1-2. A custom_partitioning result needs a global shape, so the record is laid along the
+# sequence like q, [B, T, HV, R] f32: device i writes, per (row, head), carry (K x V), P_i (K x K) and the
+# stamp (i + 1, n) into the first K (V + K) + 2 of its T/n x R values (R = opts.cp_record, chosen by
+# constrain_context_parallel so that they fit). A record whose stamp does not match the backward's device
+# layout poisons the gradients with NaN instead of being silently wrong.
+
+def _record_size(K, V):
+    return K * V + K * K + 2
+
+
+def record_width(T_local, K, V):
+    """R: values per (token, head) of the context-parallel record for slices of T_local tokens."""
+    return -(-_record_size(K, V) // T_local)
+
+
+def _cp_record(carry, p_map, plan, n, Tl, R):
+    B, HV, K, V = carry.shape
+    stamp = jnp.broadcast_to(jnp.stack([plan["i"] + 1, jnp.int32(n)]).astype(jnp.float32), (B, HV, 2))
+    flat = jnp.concatenate([carry.reshape(B, HV, K * V).astype(jnp.float32),
+                            p_map.reshape(B, HV, K * K).astype(jnp.float32), stamp], axis=-1)
+    flat = jnp.pad(flat, ((0, 0), (0, 0), (0, Tl * R - flat.shape[-1])))
+    return jnp.swapaxes(flat.reshape(B, HV, Tl, R), 1, 2)          # [B, Tl, HV, R]
+
+
+def _cp_unrecord(rec, plan, n, K, V, cdt):
+    B, Tl, HV, R = rec.shape
+    flat = jnp.swapaxes(rec, 1, 2).reshape(B, HV, Tl * R)
+    carry = flat[..., :K * V].reshape(B, HV, K, V)
+    p_map = flat[..., K * V:K * V + K * K].reshape(B, HV, K, K)
+    stamp = flat[..., K * V + K * K:K * V + K * K + 2]
+    ok = jnp.all(stamp[..., 0] == (plan["i"] + 1).astype(jnp.float32)) & jnp.all(stamp[..., 1] == n)
+    poison = jnp.where(ok, 0.0, jnp.nan).astype(cdt)
+    return carry.astype(cdt) + poison, p_map.astype(cdt) + poison
 
 
 def _final_hits(slot, plan, S):
@@ -293,22 +347,24 @@ def _to_layout(state_kv, opts):
     return jnp.swapaxes(state_kv, -1, -2) if opts.state_vk else state_kv
 
 
-def _cp_fwd(args, opts, impl, axes):
+def _cp_fwd(args, opts, impl, axes, n):
+    """-> (o, final state or None, record or None) of this device."""
     q, k, v, g, beta, a, dt, slot, init = args
     plan = _cp_plan(slot, opts.num_slots, axes)
-    o, extra = _cp_local((q, k, v, g, beta, a, dt, init), slot, plan, opts, impl, axes)
+    o, extra, (carry, p_map) = _cp_local((q, k, v, g, beta, a, dt, init), slot, plan, opts, impl, axes)
+    rec = _cp_record(carry, p_map, plan, n, q.shape[1], opts.cp_record) if opts.cp_record else None
     if extra is None:
-        return o, None
+        return o, None, rec
     contrib, has = extra
     reached = jax.lax.psum(has.astype(jnp.int32), axes) > 0
     fin = jax.lax.psum(contrib, axes)
     if init is not None:
         base = jnp.swapaxes(init, -1, -2) if opts.state_vk else init
         fin = jnp.where(reached[:, :, None, None, None], fin, base.astype(fin.dtype))
-    return o, _to_layout(fin, opts)
+    return o, _to_layout(fin, opts), rec
 
 
-def _cp_bwd(args, do, dfin, opts, impl, axes):
+def _cp_bwd(args, do, dfin, rec, opts, impl, axes, n):
     """Backward of the context-parallel program with one full backward per device.
 
     Device i's inputs reach the loss through its outputs and final states (its true run, given its incoming
@@ -317,13 +373,17 @@ def _cp_bwd(args, do, dfin, opts, impl, axes):
     true run with D_i added to the trailing slot's final-state cotangent (runs 1-2 need no backward: their
     influence is exactly this term). D comes from a reverse scan over devices,
     D_{j-1} = L_j + P_j^T D_j, where L_j, the gradient of device j's local loss w.r.t. its incoming state,
-    is the state-only backward (the reverse pass alone on CUDA)."""
+    is the state-only backward (the reverse pass alone on CUDA). carry and P_i come from the forward's record
+    when there is one (rec), else runs 1-2 are rebuilt."""
     q, k, v, g, beta, a, dt, slot, init = args
     S = opts.num_slots
     plan = _cp_plan(slot, S, axes)
     fargs = (q, k, v, g, beta, a, dt, init)
     base, last_init, lopts = _cp_setup(fargs, plan, opts)
-    carry, p_map = _cp_maps(fargs, plan, base, last_init, lopts, impl, axes)
+    if rec is not None:
+        carry, p_map = _cp_unrecord(rec, plan, n, q.shape[-1], v.shape[-1], base.dtype)
+    else:
+        carry, p_map = _cp_maps(fargs, plan, base, last_init, lopts, impl, axes)[:2]
     largs = (q, k, v, g, beta, a, dt, plan["lslot"], _cp_local_init(base, carry, last_init))
     cdt = base.dtype
     zero_fin = jnp.zeros(base.shape[:1] + (S + 2,) + base.shape[2:], cdt)
@@ -380,6 +440,8 @@ def _shape(t):
 
 
 def _rule(num_args, has_init, has_ct_fin, H, HV, opts, backward):
+    # opts.cp_record: the forward also returns the context-parallel record [B, T, HV, R] (laid like v, its
+    # last axis "z" never split) and the backward takes it as its last operand.
     hv = "h" if H == HV else "(h r)"
     st = f"b s {hv} d k" if opts.state_vk else f"b s {hv} k d"
     q = "b t h k"
@@ -388,17 +450,18 @@ def _rule(num_args, has_init, has_ct_fin, H, HV, opts, backward):
     beta = f"b t {hv}"
     a = f"b {hv}"
     dt = f"b {hv} k"
+    rec = [f"b t {hv} z"] if opts.cp_record else []
     ins = [q, q, v, g, beta, a, dt, "b t"] + ([st] if has_init else [])
     if not backward:
-        outs = [v] + ([st] if opts.return_final_state else [])
+        outs = [v] + ([st] if opts.return_final_state else []) + rec
     else:
-        ins += [v] + ([st] if has_ct_fin else [])
+        ins += [v] + ([st] if has_ct_fin else []) + rec
         outs = [q, q, v, g, beta, a, dt] + ([st] if has_init else [])
     assert len(ins) == num_args, (ins, num_args)
     rule = ", ".join(ins) + " -> " + ", ".join(outs)
     order = list(dict.fromkeys(rule.replace("(", " ").replace(")", " ").replace(",", " ").replace("->", " ").split()))
     # Shardy wants special factors in the order factors first appear in the rule.
-    kw = dict(need_replication_factors=tuple(f for f in order if f in ("k", "d", "s", "r")))
+    kw = dict(need_replication_factors=tuple(f for f in order if f in ("k", "d", "s", "r", "z")))
     if H != HV:
         kw["r"] = HV // H
     return rule, kw
@@ -414,7 +477,7 @@ def _bwd_rule(opts, impl, mesh, operand_types, result_types):
     del impl, mesh
     H, HV = _shape(operand_types[0])[2], _shape(operand_types[2])[2]
     has_init = len(result_types) == 8
-    n_fixed = 8 + int(has_init) + 1
+    n_fixed = 8 + int(has_init) + 1 + int(bool(opts.cp_record))
     return _rule(len(operand_types), has_init, len(operand_types) > n_fixed, H, HV, opts, backward=True)
 
 
@@ -483,37 +546,48 @@ def _fwd_partition(opts, impl, mesh, arg_shapes, result_shape):
     sp = _specs(mesh, b, t, h)
     args = arg_shapes[0]
     in_sh = (_arg_shardings(sp, args),)
-    out_sh = (sp["q"], sp["st"] if result_shape[1] is not None else None)
+    out_sh = (sp["q"], sp["st"] if result_shape[1] is not None else None, sp["q"] if opts.cp_record else None)
 
     def lower(args):
         if t:
-            return _cp_fwd(args, opts, impl, t)
-        return _core_fwd(args, opts, impl)
+            return _cp_fwd(args, opts, impl, t, _axes_size(mesh, t))
+        return _with_record(_core_fwd(args, opts, impl), args, opts)
 
     return mesh, lower, out_sh, in_sh
 
 
 def _bwd_partition(opts, impl, mesh, arg_shapes, result_shape):
-    args, do, dfin = arg_shapes
+    args, do, dfin, rec = arg_shapes
     b, t, h = _plan_shardings(mesh, (args,), (do,))
     sp = _specs(mesh, b, t, h)
-    in_sh = (_arg_shardings(sp, args), sp["q"], None if dfin is None else sp["st"])
+    in_sh = (_arg_shardings(sp, args), sp["q"], None if dfin is None else sp["st"], None if rec is None else sp["q"])
     out_sh = (sp["q"], sp["q"], sp["q"], sp["q"], sp["beta"], sp["a"], sp["dt"],
               None if result_shape[7] is None else sp["st"])
 
-    def lower(args, do, dfin):
+    def lower(args, do, dfin, rec):
         if t:
-            return _cp_bwd(args, do, dfin, opts, impl, t)
+            return _cp_bwd(args, do, dfin, rec, opts, impl, t, _axes_size(mesh, t))
         return _core_bwd(args, do, dfin, opts, impl)
 
     return mesh, lower, out_sh, in_sh
 
 
+def _with_record(out, args, opts):
+    """(o, fin) of an unpartitioned (or not sequence-sharded) forward, with an empty (all-zero, unstamped)
+    context-parallel record when opts asks for one."""
+    o, fin = out
+    if not opts.cp_record:
+        return o, fin, None
+    v = args[2]
+    return o, fin, jnp.zeros(v.shape[:3] + (opts.cp_record,), jnp.float32)
+
+
 def _fwd_body(opts, impl, args):
-    return _core_fwd(args, opts, impl)
+    return _with_record(_core_fwd(args, opts, impl), args, opts)
 
 
-def _bwd_body(opts, impl, args, do, dfin):
+def _bwd_body(opts, impl, args, do, dfin, rec):
+    del rec  # one device: no carried state
     return _core_bwd(args, do, dfin, opts, impl)
 
 
@@ -578,21 +652,23 @@ def _vmappable(kind, opts, impl):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
 def _sharded_core(args, opts, impl):
-    return _vmappable("fwd", opts, impl)(args)
+    return _vmappable("fwd", opts, impl)(args)[:2]
 
 
 def _sharded_core_fwd(args, opts, impl):
-    return _vmappable("fwd", opts, impl)(args), args
+    o, fin, rec = _vmappable("fwd", opts, impl)(args)
+    return (o, fin), (args, rec)
 
 
-def _sharded_core_bwd(opts, impl, args, cts):
+def _sharded_core_bwd(opts, impl, res, cts):
+    args, rec = res
     do, dfin = cts
     if not opts.return_final_state:
         dfin = None
     elif dfin is not None:
         dfin = dfin.astype(_inputs.compute_dtype(args[0].dtype))
     do = do.astype(args[2].dtype)
-    dq, dk, dv, dg, dbeta, da, ddt, dinit = _vmappable("bwd", opts, impl)(args, do, dfin)
+    dq, dk, dv, dg, dbeta, da, ddt, dinit = _vmappable("bwd", opts, impl)(args, do, dfin, rec)
     return ((dq, dk, dv, dg, dbeta, da, ddt, None, dinit),)
 
 
@@ -627,7 +703,8 @@ def _context_mesh():
 
 
 def constrain_context_parallel(c: _inputs.CoreInputs, axis):
-    """Shards the sequence axis of the canonical inputs over the mesh axis (or axes) ``axis``."""
+    """Shards the sequence axis of the canonical inputs over the mesh axis (or axes) ``axis`` -> (inputs,
+    width of the context-parallel record: KdaOptions.cp_record, 0 on one device)."""
     mesh = _context_mesh()
     axes = tuple(axis) if isinstance(axis, (tuple, list)) else (axis,)
     if mesh is None:
@@ -643,10 +720,11 @@ def constrain_context_parallel(c: _inputs.CoreInputs, axis):
         raise ValueError(f"flashkda_jax.kda: context parallelism over {axes} ({n} devices) needs T divisible "
                          f"by {n}, got T={T}")
     if n == 1:
-        return c
+        return c, 0
     U = P.UNCONSTRAINED
     ax = _e(axes)
     wsc = jax.lax.with_sharding_constraint
     seq = lambda x: wsc(x, P(*((U, ax) + (U,) * (x.ndim - 2))))
-    return dataclasses.replace(c, q=seq(c.q), k=seq(c.k), v=seq(c.v), g=seq(c.g), beta=seq(c.beta),
-                               slot=seq(c.slot))
+    c = dataclasses.replace(c, q=seq(c.q), k=seq(c.k), v=seq(c.v), g=seq(c.g), beta=seq(c.beta),
+                            slot=seq(c.slot))
+    return c, record_width(T // n, c.q.shape[-1], c.v.shape[-1])

@@ -125,7 +125,12 @@ def run_case(name, mesh, specs, dims, cp_axis=None, impl="xla", kw=None, K=16, V
     for nm, a, b in zip(("dq", "dk", "dv", "dg", "dbeta", "dA_log", "ddt_bias", "dh0"), gs, gr):
         errors[nm] = rel_err(a, b)
     colls = collectives(hlo)
-    return dict(errors=errors, collectives=colls, o_sharding=str(o.sharding.spec), T=T)
+    return dict(errors=errors, collectives=colls, o_sharding=str(o.sharding.spec), T=T, ffi_calls=ffi_calls(hlo))
+
+
+def ffi_calls(hlo_text):
+    """{op: number of its FFI custom calls in the compiled (per-device) program}."""
+    return {op: len(re.findall(rf'custom_call_target="flashkda_{op}"', hlo_text)) for op in ("fwd", "bwd")}
 
 
 def run_layer_case(devs, impl="xla"):
@@ -260,7 +265,7 @@ def main():
                 (axes, shape), specs, dims, cp = cases[name]
                 mesh = Mesh(devs[: int(np.prod(shape))].reshape(shape), axes)
                 res = run_case(name, mesh, specs, dims, cp_axis=cp, impl=a.impl)
-            res.update(case=name, ok=True)
+            res.update(case=name, ok=True, impl=a.impl)
         except Exception as e:  # reported to the parent test
             res = dict(case=name, ok=False, msg="".join(traceback.format_exception(e))[-4000:])
         print("RESULT " + json.dumps(res), flush=True)

@@ -87,6 +87,18 @@ def test_context_parallel_moves_only_state_maps(reports, case):
             assert len(dims) == 5 and dims[-2] == 16 and dims[-1] in (16, 8), (case, op, dims)  # [n,B,HV,K,K|V]
 
 
+@pytest.mark.parametrize("case", ("context", "data_context"))
+def test_context_parallel_runs_two_forwards_and_no_rebuild(reports, case):
+    """Per device the context-parallel value_and_grad runs the zero-carry and the map forward (the true
+    outputs are their affine combination) and, in the backward, the state-only and the full backward: the
+    forward's record spares the backward rebuilding runs 1-2 (C++ kernels: their FFI calls are countable)."""
+    r = _get(reports, case)
+    if r["impl"] == "xla":
+        assert r["ffi_calls"] == {"fwd": 0, "bwd": 0}, r["ffi_calls"]  # the pure-JAX program: nothing to count
+        return
+    assert r["ffi_calls"] == {"fwd": 2, "bwd": 2}, r["ffi_calls"]
+
+
 def test_decode_partitions_without_communication(reports):
     """kda_decode (C++ kernel) with dense states split over rows and heads, and with a pool split over
     heads: same outputs and states as one device, the new state stays sharded, no collective at all."""
