@@ -57,8 +57,9 @@ struct Params {
   float* ddt;      // [B, HV, K]
   float* dinit;    // [B, S_init, HV, K, V] or null
   // workspace
-  float* Hs;       // [B, NW + 1, HV, K, V] chunk start states
-  float* dH;       // [B, NW + 1, HV, K, V] gradients w.r.t. chunk start states
+  float* Hs;       // [B, NW + 1, HV, K, V] chunk start states (bf16 when states_bf16)
+  float* dH;       // [B, NW + 1, HV, K, V] gradients w.r.t. chunk start states (bf16 when states_bf16)
+  int states_bf16; // Hs / dH hold bf16 (StatesInBf16()), else f32
   float* dgam;     // [B, NG, HV, K]       dgamma per chunk (indexed like gamma)
   float* sQg;      // [B, T, HV, K]  dQg, then dq (effective) of grad2
   float* sKd;      // [B, T, HV, K]  dKd, then dk (effective)
@@ -75,8 +76,14 @@ struct Layout {
   size_t hs, dh, dgam, sqg, skd, sw, su, sa, sda, seqs, gred, total;
 };
 
+// Whether the chunk states Hs / dH are stored in bf16: with the default kernels (v2 states / reverse passes and
+// the tensor-core grad1), whose only reader rounds them to bf16 mma operands anyway, so the values used are the
+// same and the states' traffic and workspace halve. The first versions (FLASHKDA_BWD_RECUR=v1 or
+// FLASHKDA_BWD_GRAD1=simt) keep f32. Host only; flashkda_jax/_workspace.py reads the same switches.
+bool StatesInBf16();
+
 // Workspace layout; mirrored by flashkda_jax/_workspace.py:cuda_bwd_workspace_bytes (keep both in sync).
-inline Layout MakeLayout(int64_t B, int64_t T, int64_t HV, int64_t K, int64_t V, int64_t S_out) {
+inline Layout MakeLayout(int64_t B, int64_t T, int64_t HV, int64_t K, int64_t V, int64_t S_out, bool states_bf16) {
   Layout l{};
   // The forward's layout without splitting (its HP / Sstart blocks are then empty).
   l.f = fwd::MakeLayout(B, T, HV, K, V, S_out, /*no_split=*/true);
@@ -87,7 +94,7 @@ inline Layout MakeLayout(int64_t B, int64_t T, int64_t HV, int64_t K, int64_t V,
     return at;
   };
   const size_t tok = static_cast<size_t>(B * T * HV);
-  const size_t nst = static_cast<size_t>(B) * (l.f.NW + 1) * HV * K * V * 4;
+  const size_t nst = static_cast<size_t>(B) * (l.f.NW + 1) * HV * K * V * (states_bf16 ? 2 : 4);
   l.hs = take(nst);
   l.dh = take(nst);
   l.dgam = take(static_cast<size_t>(B) * l.f.NG * HV * K * 4);
@@ -145,6 +152,8 @@ __device__ __forceinline__ void Zero(float (&acc)[TM][TN]) {
 __device__ __forceinline__ float Bf(__nv_bfloat16 x) { return __bfloat162float(x); }
 
 // Launchers (one translation unit per kernel family).
+bool RecurV2Selected();   // kda_bwd_recur.cu
+bool Grad1MmaSelected();  // kda_bwd_grad1.cu
 cudaError_t LaunchStates(const Params& p, cudaStream_t stream, int nsm);
 template <typename TIn>
 cudaError_t LaunchReverse(const Params& p, cudaStream_t stream, int nsm);

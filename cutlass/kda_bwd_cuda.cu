@@ -264,7 +264,8 @@ static ffi::Error KdaCudaBwdImpl(cudaStream_t stream, FLASHKDA_BWD_PARAMS) {
       e.failure()) {
     return e;
   }
-  const Layout lay = MakeLayout(s.B, s.T, s.HV, s.K, s.V, s_out);
+  const bool states_bf16 = StatesInBf16();
+  const Layout lay = MakeLayout(s.B, s.T, s.HV, s.K, s.V, s_out, states_bf16);
   if (workspace->size_bytes() < lay.total) {
     return ffi::Error::InvalidArgument("flashkda_bwd (CUDA): workspace too small: " +
                                        std::to_string(workspace->size_bytes()) + " < " + std::to_string(lay.total) +
@@ -305,6 +306,7 @@ static ffi::Error KdaCudaBwdImpl(cudaStream_t stream, FLASHKDA_BWD_PARAMS) {
   P.dinit = s.has_initial_state ? static_cast<float*>(dinitial_state->untyped_data()) : nullptr;
   P.Hs = reinterpret_cast<float*>(ws + lay.hs);
   P.dH = reinterpret_cast<float*>(ws + lay.dh);
+  P.states_bf16 = states_bf16 ? 1 : 0;
   P.dgam = reinterpret_cast<float*>(ws + lay.dgam);
   P.sQg = reinterpret_cast<float*>(ws + lay.sqg);
   P.sKd = reinterpret_cast<float*>(ws + lay.skd);

@@ -271,6 +271,19 @@ __device__ __forceinline__ void StateToSmem(bf16* dst, const float* src, bool vk
   }
 }
 
+// The same from a bf16 [K, V] chunk state (Params::states_bf16): 16-byte cp.async copies, committed as one
+// group (the caller waits for it).
+template <int K, int SP>
+__device__ __forceinline__ void StateToSmemBf16(bf16* dst, const bf16* src, int tid) {
+  constexpr int V = K, N8 = K * V / 8;
+#pragma unroll 1
+  for (int idx = tid; idx < N8; idx += kThreads) {
+    const int r = idx / (V / 8), c8 = idx - r * (V / 8);
+    fwd::CpAsync16(dst + r * SP + 8 * c8, src + static_cast<size_t>(idx) * 8, true);
+  }
+  fwd::CpAsyncCommit();
+}
+
 // Eight consecutive dO elements -> bf16 (16 bytes).
 template <typename TIn>
 __device__ __forceinline__ uint4 LoadBf16x8(const TIn* g);
@@ -367,26 +380,28 @@ __global__ void __launch_bounds__(kThreads, 2) Grad1MmaKernel(Params P) {
         }
       }
     }
-    // ---- S and dS_next (f32 -> bf16), as the default kernel picks them ----
+    // ---- S and dS_next (bf16 in shared memory), as the default kernel picks them: the Hs / dH chunk states as
+    // stored (bf16 with states_bf16, else f32 rounded here), initial / final states (f32) rounded here ----
     {
-      const float* src = nullptr;
-      bool vk = false;
+      const size_t hidx = (((size_t)b * (p.NW + 1) + (cs + C - 1) / C) * HV + hv) * K * V;
+      const size_t didx = (((size_t)b * (p.NW + 1) + (cs + 2 * C - 1) / C) * HV + hv) * K * V;
       if (first) {
-        if (s < p.S_init) src = p.init + (((size_t)b * p.S_init + s) * HV + hv) * K * V;
-        vk = p.state_vk;
+        const float* src = s < p.S_init ? p.init + (((size_t)b * p.S_init + s) * HV + hv) * K * V : nullptr;
+        StateToSmem<K, SP>(sS, src, p.state_vk, tid);
+      } else if (P.states_bf16) {
+        StateToSmemBf16<K, SP>(sS, reinterpret_cast<const bf16*>(P.Hs) + hidx, tid);
       } else {
-        src = P.Hs + (((size_t)b * (p.NW + 1) + (cs + C - 1) / C) * HV + hv) * K * V;
+        StateToSmem<K, SP>(sS, P.Hs + hidx, false, tid);
       }
-      const float* dsrc = nullptr;
-      bool dvk = false;
       if (last) {
-        if (P.dfin != nullptr && s < P.S_out) dsrc = P.dfin + (((size_t)b * P.S_out + s) * HV + hv) * K * V;
-        dvk = p.state_vk;
+        const float* dsrc = (P.dfin != nullptr && s < P.S_out) ? P.dfin + (((size_t)b * P.S_out + s) * HV + hv) * K * V
+                                                               : nullptr;
+        StateToSmem<K, SP>(sdS, dsrc, p.state_vk, tid);
+      } else if (P.states_bf16) {
+        StateToSmemBf16<K, SP>(sdS, reinterpret_cast<const bf16*>(P.dH) + didx, tid);
       } else {
-        dsrc = P.dH + (((size_t)b * (p.NW + 1) + (cs + 2 * C - 1) / C) * HV + hv) * K * V;
+        StateToSmem<K, SP>(sdS, P.dH + didx, false, tid);
       }
-      StateToSmem<K, SP>(sS, src, vk, tid);
-      StateToSmem<K, SP>(sdS, dsrc, dvk, tid);
     }
     fwd::CpAsyncWait<0>();
     __syncthreads();  // shared memory is read-only from here to the end of the item
@@ -582,6 +597,8 @@ __global__ void __launch_bounds__(kThreads, 2) Grad1MmaKernel(Params P) {
   }
 }
 
+}  // namespace
+
 // Grad1MmaKernel is the default; FLASHKDA_BWD_GRAD1=simt selects the SIMT Grad1Kernel (the first version, kept
 // as a reference for the tests). Read once per process, at the first launch.
 bool Grad1MmaSelected() {
@@ -589,7 +606,7 @@ bool Grad1MmaSelected() {
   return on;
 }
 
-}  // namespace
+bool StatesInBf16() { return RecurV2Selected() && Grad1MmaSelected(); }
 
 template <typename TIn>
 cudaError_t LaunchGrad1(const Params& p, cudaStream_t stream, int nsm) {

@@ -327,6 +327,32 @@ __device__ __forceinline__ void StoreStateKV(const float (&st)[TilesV2<K, BV>::M
             make_float2(st[mi][ni][2 * hh], st[mi][ni][2 * hh + 1]);
 }
 
+// The same to a bf16 [K, V] matrix (Params::states_bf16).
+template <int K, int BV>
+__device__ __forceinline__ void StoreStateKV(const float (&st)[TilesV2<K, BV>::MTW3][TilesV2<K, BV>::NTW3][4],
+                                             const StateTile<K, BV>& tt, bf16* dst, int V, int col0) {
+#pragma unroll
+  for (int mi = 0; mi < TilesV2<K, BV>::MTW3; ++mi)
+#pragma unroll
+    for (int ni = 0; ni < TilesV2<K, BV>::NTW3; ++ni)
+#pragma unroll
+      for (int hh = 0; hh < 2; ++hh)
+        *reinterpret_cast<uint32_t*>(dst + (size_t)tt.Row(mi, 2 * hh) * V + col0 + tt.Col(ni, 0)) =
+            fwd::PackBF16(st[mi][ni][2 * hh], st[mi][ni][2 * hh + 1]);
+}
+
+// Stores the state block as chunk state `idx` of Hs / dH (`base`), in bf16 or f32 as Params::states_bf16 says.
+template <int K, int BV>
+__device__ __forceinline__ void StoreChunkState(const float (&st)[TilesV2<K, BV>::MTW3][TilesV2<K, BV>::NTW3][4],
+                                                const StateTile<K, BV>& tt, const Params& P, float* base, size_t idx,
+                                                int V, int col0) {
+  if (P.states_bf16) {
+    StoreStateKV<K, BV>(st, tt, reinterpret_cast<bf16*>(base) + idx, V, col0);
+  } else {
+    StoreStateKV<K, BV>(st, tt, base + idx, V, col0);
+  }
+}
+
 // bf16 copy of the state block in shared memory ([K][ld]).
 template <int K, int BV>
 __device__ __forceinline__ void StoreStateSmem(const float (&st)[TilesV2<K, BV>::MTW3][TilesV2<K, BV>::NTW3][4],
@@ -468,7 +494,8 @@ __global__ void __launch_bounds__(kThreads, 1) StatesKernelV2(Params P) {
       __syncthreads();  // B: R visible; everyone is done reading sS
       ScaleRows<K, BV>(st, tt, sGam + stg * K);
       AccXtY<K, BV>(st, tt, sKd + stg * C * KP, KP, sR, VP, lane);
-      StoreStateKV<K, BV>(st, tt, P.Hs + (((size_t)b * (p.NW + 1) + (cs + 2 * C - 1) / C) * HV + hv) * K * V, V, col0);
+      StoreChunkState<K, BV>(st, tt, P, P.Hs, (((size_t)b * (p.NW + 1) + (cs + 2 * C - 1) / C) * HV + hv) * K * V, V,
+                             col0);
       if (m + 1 < nst) StoreStateSmem<K, BV>(st, tt, sS, VP);
     }
   }
@@ -604,8 +631,8 @@ __global__ void __launch_bounds__(kThreads, 1) ReverseKernelV2(Params P) {
       __syncthreads();  // A: chunk m and sdS visible; everyone is done with chunk m + 1 (stage stg ^ 1, sdR)
       if (m > 0) load_chunk(m - 1, stg ^ 1);
       if (m + 1 < nch)  // dS_next of this chunk = gradient w.r.t. the start state of the next one
-        StoreStateKV<K, BV>(st, tt, P.dH + (((size_t)b * (p.NW + 1) + (cs + 2 * C - 1) / C) * HV + hv) * K * V, V,
-                            col0);
+        StoreChunkState<K, BV>(st, tt, P, P.dH, (((size_t)b * (p.NW + 1) + (cs + 2 * C - 1) / C) * HV + hv) * K * V,
+                               V, col0);
       {  // dR = A_qk^T dO + Kd dS  (rows mt * 16.., columns nt0 * 8..); A_qk is lower triangular: i >= j only
         float acc[NTW][4] = {};
         const bf16* aa = ATBase(sA + stg * C * AP, AP, lane) + mt * 16;
@@ -652,13 +679,6 @@ __global__ void __launch_bounds__(kThreads, 1) ReverseKernelV2(Params P) {
   }
 }
 
-// The v2 (tensor-core) kernels are the default; FLASHKDA_BWD_RECUR=v1 selects the SIMT ones (the first version,
-// kept as a reference for the tests). Read once per process, at the first launch.
-bool RecurV2Selected() {
-  static const bool on = !EnvEquals("FLASHKDA_BWD_RECUR", "v1");
-  return on;
-}
-
 // Columns per CTA of the v2 kernels: the widest block whose items still cover the SMs (the per-chunk latency
 // shrinks with the block; W, Kd, ... are re-read per block). The host does not know the sequence count, so
 // one sequence per batch row is assumed (more sequences only make more items). FLASHKDA_BWD_RECUR_BV=16|32|64
@@ -703,6 +723,13 @@ cudaError_t LaunchReverseV2K(const Params& p, cudaStream_t stream, int nsm) {
 }
 
 }  // namespace
+
+// The v2 (tensor-core) kernels are the default; FLASHKDA_BWD_RECUR=v1 selects the SIMT ones (the first version,
+// kept as a reference for the tests). Read once per process, at the first launch.
+bool RecurV2Selected() {
+  static const bool on = !EnvEquals("FLASHKDA_BWD_RECUR", "v1");
+  return on;
+}
 
 cudaError_t LaunchStates(const Params& p, cudaStream_t stream, int nsm) {
   if (RecurV2Selected()) {

@@ -13,6 +13,8 @@ back through them. Sizes are derived from the layouts: one list of regions per o
 
 from __future__ import annotations
 
+import os
+
 # Constants of cutlass/kda_fwd_common.cuh.
 _CHUNK = 64
 _SEG_MIN_CHUNKS = 8
@@ -105,15 +107,22 @@ def fwd_workspace_bytes(platform: str, *, B: int, T: int, H: int, HV: int, K: in
 _REDUCE_TILE = 64  # flashkda::bwd::kReduceTile
 
 
+def cuda_bwd_states_bf16() -> bool:
+    """Mirrors ``flashkda::bwd::StatesInBf16``: the default kernels keep the chunk states (hs, dh) in bf16; the
+    first versions (``FLASHKDA_BWD_RECUR=v1`` or ``FLASHKDA_BWD_GRAD1=simt``, docs/ffi.md) keep f32. Both sides
+    read the same environment (C++ at its first launch, this at trace time)."""
+    return os.environ.get("FLASHKDA_BWD_RECUR") != "v1" and os.environ.get("FLASHKDA_BWD_GRAD1") != "simt"
+
+
 def _cuda_bwd_pack(B: int, T: int, HV: int, K: int, V: int, S: int) -> tuple[dict, int]:
     fwd, off = _pack(_cuda_fwd_regions(B, T, HV, K, V, S, no_split=True))
     nw = -(-T // _CHUNK)
     tok = B * T * HV
-    states = B * (nw + 1) * HV * K * V * 4
+    states = B * (nw + 1) * HV * K * V * (2 if cuda_bwd_states_bf16() else 4)
     # Names are the fields of flashkda::bwd::Layout, in its order (after the forward's, embedded first).
     bwd, off = _pack([
-        ("hs", states),                    # chunk start states (f32) [B, NW + 1, HV, K, V]
-        ("dh", states),                    # their gradients (f32) [B, NW + 1, HV, K, V]
+        ("hs", states),                    # chunk start states (bf16, or f32) [B, NW + 1, HV, K, V]
+        ("dh", states),                    # their gradients (bf16, or f32) [B, NW + 1, HV, K, V]
         ("dgam", B * (nw + S) * HV * K * 4),  # dgamma per chunk (f32) [B, NG, HV, K]
         ("sqg", tok * K * 4),              # dQg, then dq (effective) (f32) [B, T, HV, K]
         ("skd", tok * K * 4),              # dKd, then dk (effective)

@@ -135,11 +135,12 @@ def _spec(B, T, HV, K, V, S_out):
     NW = -(-T // C)
     NG = NW + S_out
     bf16, f32, i32 = jnp.bfloat16, np.float32, np.int32
+    st = bf16 if W.cuda_bwd_states_bf16() else f32  # chunk states (flashkda::bwd::StatesInBf16)
     return dict(
         qg=(bf16, (B, T, HV, K)), kd=(bf16, (B, T, HV, K)), w=(bf16, (B, T, HV, K)), u=(bf16, (B, T, HV, V)),
         aqk=(bf16, (B, T, HV, C)), gamma=(f32, (B, NG, HV, K)),
         seq_start=(i32, (B, T)), seq_end=(i32, (B, T)), chunks=(i32, (B * T, 4)), counters=(i32, (16,)),
-        hs=(f32, (B, NW + 1, HV, K, V)), dh=(f32, (B, NW + 1, HV, K, V)), dgam=(f32, (B, NG, HV, K)),
+        hs=(st, (B, NW + 1, HV, K, V)), dh=(st, (B, NW + 1, HV, K, V)), dgam=(f32, (B, NG, HV, K)),
         sqg=(f32, (B, T, HV, K)), skd=(f32, (B, T, HV, K)), sw=(f32, (B, T, HV, K)), su=(f32, (B, T, HV, V)),
         sa=(f32, (B, T, HV, C)), sda=(f32, (B, T, HV)), seqs=(i32, (B * T, 4)))
 
@@ -415,7 +416,8 @@ def test_stage8_reduce(name):
 # ----------------------------------------------------------------------------------------------------
 
 # Totals of the sizes before the layouts got names (hard-coded from that code; the backward's grew by the
-# gate reduction's per-tile sums "gred" in session 3).
+# gate reduction's per-tile sums "gred" in session 3). The backward's are those of f32 chunk states (the first
+# versions); the defaults store them in bf16 (session 5): _BWD_BF16_STATES.
 _TOTALS = {  # (B, T, HV, K, V, S): (bwd bytes, fwd bytes, fwd bytes no_split)
     (1, 130, 2, 64, 64, 1): (779520, 177152, 177152),
     (1, 260, 2, 64, 64, 3): (1425152, 352768, 352768),
@@ -427,6 +429,17 @@ _TOTALS = {  # (B, T, HV, K, V, S): (bwd bytes, fwd bytes, fwd bytes no_split)
     (2, 1000, 3, 256, 256, 5): (93170944, 13297664, 13297664),
     (0, 0, 0, 64, 64, 0): (256, 256, 256),
 }
+_BWD_BF16_STATES = {
+    (1, 130, 2, 64, 64, 1): 648448,
+    (1, 260, 2, 64, 64, 3): 1228544,
+    (2, 70, 2, 64, 64, 1): 754944,
+    (2, 200, 4, 128, 128, 0): 8236288,
+    (3, 1, 1, 64, 64, 2): 112384,
+    (1, 8192, 16, 128, 128, 4): 592584960,
+    (4, 4096, 8, 64, 64, 0): 289022208,
+    (2, 1000, 3, 256, 256, 5): 66432256,
+    (0, 0, 0, 64, 64, 0): 256,
+}
 
 _FWD_ORDER = ("qg", "kd", "w", "u", "aqk", "gamma", "hp", "sstart", "seq_start", "seq_end", "chunks", "segs",
               "multi", "counters")
@@ -434,9 +447,17 @@ _BWD_ORDER = ("hs", "dh", "dgam", "sqg", "skd", "sw", "su", "sa", "sda", "seqs",
 
 
 @pytest.mark.parametrize("shape", sorted(_TOTALS))
-def test_workspace_totals_unchanged(shape):
+@pytest.mark.parametrize("states", ["bf16", "f32_recur_v1", "f32_grad1_simt"])
+def test_workspace_totals_unchanged(shape, states, monkeypatch):
+    monkeypatch.delenv("FLASHKDA_BWD_RECUR", raising=False)
+    monkeypatch.delenv("FLASHKDA_BWD_GRAD1", raising=False)
+    if states == "f32_recur_v1":
+        monkeypatch.setenv("FLASHKDA_BWD_RECUR", "v1")
+    elif states == "f32_grad1_simt":
+        monkeypatch.setenv("FLASHKDA_BWD_GRAD1", "simt")
     bwd, fwd, fwd_ns = _TOTALS[shape]
-    assert W.cuda_bwd_workspace_bytes(*shape) == bwd
+    assert W.cuda_bwd_states_bf16() == (states == "bf16")
+    assert W.cuda_bwd_workspace_bytes(*shape) == (_BWD_BF16_STATES[shape] if states == "bf16" else bwd)
     assert W.cuda_fwd_workspace_bytes(*shape) == fwd
     assert W.cuda_fwd_workspace_bytes(*shape, no_split=True) == fwd_ns
 
