@@ -505,6 +505,9 @@ __global__ void __launch_bounds__(kThreads, 1) Grad2Kernel(Params P) {
   TIn* odv = static_cast<TIn*>(P.dv);
   TIn* odg = static_cast<TIn*>(P.dg);
   TIn* odb = static_cast<TIn*>(P.dbeta);
+  TIn* odq = static_cast<TIn*>(P.dq);
+  TIn* odk = static_cast<TIn*>(P.dk);
+  const bool fin = FinishInGrad2(p);  // h == hv: dq / dk out of stage 10 (scale, l2norm), no finish pass
   for (int it = blockIdx.x; it < nitems; it += gridDim.x) {
     const int ci = it / HV, hv = it - ci * HV;
     const int4 e = p.chunk_list[ci];
@@ -841,10 +844,12 @@ __global__ void __launch_bounds__(kThreads, 1) Grad2Kernel(Params P) {
       }
     }
     __syncthreads();
-    // ---- 10. outputs: dg (gate chain), gate-parameter terms, dbeta, dq / dk (effective) ----
-    // Two rows per warp step (r0, r0 + kRS): both rows' global loads (raw gate, raw beta) first.
+    // ---- 10. outputs: dg (gate chain), gate-parameter terms, dbeta, dq / dk (effective; fin: final) ----
+    // Two rows per warp step (r0, r0 + kRS): both rows' global loads (raw gate, raw beta; fin with l2norm:
+    // raw q, k) first.
+    const bool fin_l2 = fin && p.qk_l2norm;
     for (int r0 = warp; r0 < L; r0 += 2 * kRS) {
-      float graw[2][PL], braw[2], dtv[PL];
+      float graw[2][PL], braw[2], dtv[PL], qraw[2][PL], kraw[2][PL];
 #pragma unroll
       for (int u = 0; u < PL; ++u) dtv[u] = p.gate_mode != 0 ? dtb[lane + 32 * u] : 0.f;
 #pragma unroll
@@ -856,6 +861,8 @@ __global__ void __launch_bounds__(kThreads, 1) Grad2Kernel(Params P) {
         for (int u = 0; u < PL; ++u) {
           const int c = lane + 32 * u;
           graw[h2][u] = (ok && p.gate_mode != 0) ? fwd::ToF<TIn>(gg[(tok * HV + hv) * K + c]) : 0.f;
+          qraw[h2][u] = (ok && fin_l2) ? fwd::ToF<TIn>(gq[(tok * H + h) * K + c]) : 0.f;
+          kraw[h2][u] = (ok && fin_l2) ? fwd::ToF<TIn>(gk[(tok * H + h) * K + c]) : 0.f;
         }
         braw[h2] = (ok && lane == 0 && p.beta_sigmoid) ? fwd::ToF<TIn>(gb[tok * HV + hv]) : 0.f;
       }
@@ -886,8 +893,28 @@ __global__ void __launch_bounds__(kThreads, 1) Grad2Kernel(Params P) {
             P.sW[o] = dgr;
           }
           odg[o] = fwd::FromF<TIn>(dgr);
-          P.sQg[o] = sX[r * XP + K + c];
-          P.sKd[o] = sY[r * XP + c];
+          if (!fin) {
+            P.sQg[o] = sX[r * XP + K + c];
+            P.sKd[o] = sY[r * XP + c];
+          }
+        }
+        if (fin) {  // as Finish with one value head: dq = scale dq_eff, then both through the l2norm
+          float dqv[PL], dkv[PL];
+#pragma unroll
+          for (int u = 0; u < PL; ++u) {
+            dqv[u] = sX[r * XP + K + lane + 32 * u] * p.scale;
+            dkv[u] = sY[r * XP + lane + 32 * u];
+          }
+          if (fin_l2) {
+            L2NormBackwardRow<PL>(dqv, qraw[h2]);
+            L2NormBackwardRow<PL>(dkv, kraw[h2]);
+          }
+#pragma unroll
+          for (int u = 0; u < PL; ++u) {
+            const size_t o = (tok * H + h) * K + lane + 32 * u;
+            odq[o] = fwd::FromF<TIn>(dqv[u]);
+            odk[o] = fwd::FromF<TIn>(dkv[u]);
+          }
         }
         da = fwd::WarpSum(da);
         if (lane == 0) {

@@ -20,7 +20,8 @@
 //            gamma, Kb = beta e^G k, Vb = beta v; dg = reverse cumsum of dG; gate and beta-sigmoid chains.
 //            Writes dv, dg, dbeta and f32 per-(token, value head) dq, dk (w.r.t. the scaled, normalised
 //            q/k) and gate-parameter terms
-//   finish   per (token, q/k head): sum over the value heads of the group in order, scale, l2norm
+//   finish   per (token, q/k head): sum over the value heads of the group in order, scale, l2norm; without
+//            GVA (one value head per q/k head) grad2 does this itself and writes dq / dk (FinishInGrad2)
 //   reduce   per (batch row, value head): da_log_partial and ddt_bias_partial, sums over tokens in order:
 //            per tile of kReduceTile tokens in parallel (gred), then over the tiles in order
 // No float atomics: every result element has one writer and a fixed summation order.
@@ -150,6 +151,26 @@ __device__ __forceinline__ void Zero(float (&acc)[TM][TN]) {
 }
 
 __device__ __forceinline__ float Bf(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+// Without GVA grad2 writes dq / dk itself (the finish pass has one value head to sum); PadZero then zeroes them
+// on padding tokens.
+__host__ __device__ __forceinline__ bool FinishInGrad2(const fwd::Params& p) { return p.group == 1; }
+
+// Backward of the fused l2norm y = x r, r = rsqrt(|x|^2 + 1e-6), for one row held by a warp (PL channels per
+// lane, lane + 32 u): dy <- r (dy - x r (dy . x r)). Shared by Finish and grad2 (same operations, same order).
+template <int PL>
+__device__ __forceinline__ void L2NormBackwardRow(float (&dy)[PL], const float (&x)[PL]) {
+  float ss = 0.f;
+#pragma unroll
+  for (int u = 0; u < PL; ++u) ss += x[u] * x[u];
+  const float r = rsqrtf(fwd::WarpSum(ss) + 1e-6f);
+  float dot = 0.f;
+#pragma unroll
+  for (int u = 0; u < PL; ++u) dot += dy[u] * x[u] * r;
+  dot = fwd::WarpSum(dot);
+#pragma unroll
+  for (int u = 0; u < PL; ++u) dy[u] = r * (dy[u] - x[u] * r * dot);
+}
 
 // Launchers (one translation unit per kernel family).
 bool RecurV2Selected();   // kda_bwd_recur.cu

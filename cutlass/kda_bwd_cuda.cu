@@ -16,7 +16,7 @@ namespace flashkda {
 namespace bwd {
 namespace {
 
-// Zero dv, dg, dbeta of padding tokens (one warp per token).
+// Zero dv, dg, dbeta (and, FinishInGrad2, dq, dk) of padding tokens (one warp per token).
 template <typename TIn>
 __global__ void __launch_bounds__(256) PadZero(Params P) {
   const fwd::Params& p = P.f;
@@ -31,6 +31,11 @@ __global__ void __launch_bounds__(256) PadZero(Params P) {
     for (int i = lane; i < p.HV * p.V; i += 32) dv[i] = z;
     for (int i = lane; i < p.HV * p.K; i += 32) dg[i] = z;
     for (int i = lane; i < p.HV; i += 32) db[i] = z;
+    if (FinishInGrad2(p)) {
+      TIn* dq = static_cast<TIn*>(P.dq) + tok * p.H * p.K;
+      TIn* dk = static_cast<TIn*>(P.dk) + tok * p.H * p.K;
+      for (int i = lane; i < p.H * p.K; i += 32) dq[i] = dk[i] = z;
+    }
   }
 }
 
@@ -68,19 +73,9 @@ __global__ void __launch_bounds__(256) Finish(Params P) {
           for (int u = 0; u < PL; ++u) dy[u] *= p.scale;
         }
         if (p.qk_l2norm) {
-          float ss = 0.f;
 #pragma unroll
-          for (int u = 0; u < PL; ++u) {
-            xv[u] = fwd::ToF<TIn>(x[((size_t)tok * p.H + h) * K + lane + 32 * u]);
-            ss += xv[u] * xv[u];
-          }
-          const float r = rsqrtf(fwd::WarpSum(ss) + 1e-6f);
-          float dot = 0.f;
-#pragma unroll
-          for (int u = 0; u < PL; ++u) dot += dy[u] * xv[u] * r;
-          dot = fwd::WarpSum(dot);
-#pragma unroll
-          for (int u = 0; u < PL; ++u) dy[u] = r * (dy[u] - xv[u] * r * dot);
+          for (int u = 0; u < PL; ++u) xv[u] = fwd::ToF<TIn>(x[((size_t)tok * p.H + h) * K + lane + 32 * u]);
+          L2NormBackwardRow<PL>(dy, xv);
         }
       }
 #pragma unroll
@@ -190,12 +185,13 @@ ffi::Error Run(cudaStream_t stream, Params& P, bool state_only) {
     const long long tiles = rows * ((p.T + kReduceTile - 1) / kReduceTile);
     const int gt = static_cast<int>(tiles < 16ll * nsm ? tiles : 16ll * nsm);
     const int gr = static_cast<int>(rows < 4ll * nsm ? rows : 4ll * nsm);
+    const bool finish = !FinishInGrad2(p);
     if (p.K == 64) {
-      Finish<64, TIn><<<static_cast<int>(grid), 256, 0, stream>>>(P);
+      if (finish) Finish<64, TIn><<<static_cast<int>(grid), 256, 0, stream>>>(P);
       if (gt > 0) ReduceGateTiles<64><<<gt, 256, 0, stream>>>(P);
       if (gr > 0) ReduceGate<64><<<gr, 256, 0, stream>>>(P);
     } else {
-      Finish<128, TIn><<<static_cast<int>(grid), 256, 0, stream>>>(P);
+      if (finish) Finish<128, TIn><<<static_cast<int>(grid), 256, 0, stream>>>(P);
       if (gt > 0) ReduceGateTiles<128><<<gt, 256, 0, stream>>>(P);
       if (gr > 0) ReduceGate<128><<<gr, 256, 0, stream>>>(P);
     }
