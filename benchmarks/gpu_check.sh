@@ -113,7 +113,7 @@ if has variants; then
   (cd tests && env XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 400 python3 -m pytest -q -p no:cacheprovider \
      test_cuda_bwd_stages.py test_cuda_bwd.py >"$LOG/variant_bwd.log" 2>&1) &
   vpids+=($!)
-  VARIANT_TESTS=(bv_invariant vs_first_version vs_oracle vs_simt_solve vs_first_grad2)  # -k of each process
+  VARIANT_TESTS=(bv_invariant vs_first_version vs_oracle vs_simt_solve vs_first_grad2 vs_solved_wu)  # -k of each
   i=0
   for t in "${VARIANT_TESTS[@]}"; do
     (cd tests && env XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 400 python3 -m pytest -q -p no:cacheprovider \

@@ -508,6 +508,7 @@ __global__ void __launch_bounds__(kThreads, 1) Grad2Kernel(Params P) {
   TIn* odq = static_cast<TIn*>(P.dq);
   TIn* odk = static_cast<TIn*>(P.dk);
   const bool fin = FinishInGrad2(p);  // h == hv: dq / dk out of stage 10 (scale, l2norm), no finish pass
+  const bool wu_prep = P.grad2_wu_prep;  // kMmaSolve: W | U from the prep workspace instead of solved again
   for (int it = blockIdx.x; it < nitems; it += gridDim.x) {
     const int ci = it / HV, hv = it - ci * HV;
     const int4 e = p.chunk_list[ci];
@@ -590,21 +591,43 @@ __global__ void __launch_bounds__(kThreads, 1) Grad2Kernel(Params P) {
     // ---- 4. W | U by forward substitution; dKb | dVb by back substitution (one column per thread); kMmaSolve:
     // T = (I + diag(beta) B_kk)^{-1} into sB's upper triangle, W | U = T R and dKb | dVb = T^T [dW | dU] ----
     if constexpr (kMmaSolve) {
+      if (wu_prep) {
+        // W | U as the forward's prep computed them (bf16, the values the forward's outputs used; the backward's
+        // prep rewrote the same bits), loaded before the inversion so that their latency overlaps it.
+        constexpr int N8 = 2 * K / 8;  // 8-column groups of a row of W | U
+        for (int idx = tid; idx < C * N8; idx += kThreads) {
+          const int r = idx / N8, c8 = (idx - r * N8) * 8;
+          uint4 w = make_uint4(0u, 0u, 0u, 0u);
+          if (r < L) {
+            const bf16* src = c8 < K ? p.W + ((tb + r) * HV + hv) * K + c8 : p.U + ((tb + r) * HV + hv) * V + (c8 - K);
+            w = __ldg(reinterpret_cast<const uint4*>(src));
+          }
+          const uint32_t ww[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const __nv_bfloat162 x = *reinterpret_cast<const __nv_bfloat162*>(&ww[e]);
+            sX[r * XP + c8 + 2 * e] = __low2float(x);
+            sX[r * XP + c8 + 2 * e + 1] = __high2float(x);
+          }
+        }
+      }
       Grad2InvertDiag<BP>(sB, sBeta, tid);
       __syncthreads();
       Grad2InvertOffDiag<BP>(sB, sBeta, tid);
-      // R = diag(beta) [e^G k | v] (rows >= L: 0), formed as the substitution forms it
-      Grad2SolveMma<K, BP, false>(
-          sB, warp, lane,
-          [&](int i, int col) {
-            float rhs = 0.f;
-            if (i < L) {
-              rhs = col < K ? __expf(sG[i * GP + col]) * sK[i * GP + col]
-                            : fwd::ToF<TIn>(gv[((tb + i) * HV + hv) * V + col - K]);
-            }
-            return sBeta[i] * rhs;
-          },
-          [&](int i, int col, float x) { sX[i * XP + col] = x; });
+      if (!wu_prep) {
+        // R = diag(beta) [e^G k | v] (rows >= L: 0), formed as the substitution forms it
+        Grad2SolveMma<K, BP, false>(
+            sB, warp, lane,
+            [&](int i, int col) {
+              float rhs = 0.f;
+              if (i < L) {
+                rhs = col < K ? __expf(sG[i * GP + col]) * sK[i * GP + col]
+                              : fwd::ToF<TIn>(gv[((tb + i) * HV + hv) * V + col - K]);
+              }
+              return sBeta[i] * rhs;
+            },
+            [&](int i, int col, float x) { sX[i * XP + col] = x; });
+      }
       Grad2SolveMma<K, BP, true>(
           sB, warp, lane,
           [&](int i, int col) {
@@ -943,6 +966,14 @@ bool Grad2V2Selected() {
   return on;
 }
 
+// With the tensor-core solve, stage 4 takes W | U from the prep workspace (bf16, what the forward used) by
+// default; FLASHKDA_BWD_GRAD2_WU=solve solves them again from the raw inputs (fp32 results of bf16 products, the
+// session-4 default). Read once per process, at the first launch.
+bool Grad2WuFromPrep() {
+  static const bool on = !EnvEquals("FLASHKDA_BWD_GRAD2_WU", "solve");
+  return on;
+}
+
 // Grad2Kernel<K, TIn, ., true> (the WY solve of stage 4 on tensor cores, bf16 operands) is the default;
 // FLASHKDA_BWD_GRAD2_SOLVE=simt selects the fp32 substitutions. Read once per process, at the first launch.
 bool Grad2MmaSolveSelected() {
@@ -953,9 +984,11 @@ bool Grad2MmaSolveSelected() {
 template <int K, typename TIn>
 cudaError_t LaunchGrad2K(const Params& p, cudaStream_t stream, int nsm, long long items) {
   const bool v2 = Grad2V2Selected(), mma = Grad2MmaSolveSelected();
+  Params q = p;
+  q.grad2_wu_prep = mma && Grad2WuFromPrep() ? 1 : 0;
   auto kernel = v2 ? (mma ? Grad2Kernel<K, TIn, true, true> : Grad2Kernel<K, TIn, true, false>)
                    : (mma ? Grad2Kernel<K, TIn, false, true> : Grad2Kernel<K, TIn, false, false>);
-  return fwd::LaunchGrid(kernel, Grad2Smem<K>::Bytes(), items, 4, p, stream, nsm);
+  return fwd::LaunchGrid(kernel, Grad2Smem<K>::Bytes(), items, 4, q, stream, nsm);
 }
 }  // namespace
 

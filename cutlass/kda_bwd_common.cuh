@@ -61,6 +61,7 @@ struct Params {
   float* Hs;       // [B, NW + 1, HV, K, V] chunk start states (bf16 when states_bf16)
   float* dH;       // [B, NW + 1, HV, K, V] gradients w.r.t. chunk start states (bf16 when states_bf16)
   int states_bf16; // Hs / dH hold bf16 (StatesInBf16()), else f32
+  int grad2_wu_prep;  // grad2 (tensor-core solve) reads W | U from the prep workspace (set by LaunchGrad2)
   float* dgam;     // [B, NG, HV, K]       dgamma per chunk (indexed like gamma)
   float* sQg;      // [B, T, HV, K]  dQg, then dq (effective) of grad2
   float* sKd;      // [B, T, HV, K]  dKd, then dk (effective)

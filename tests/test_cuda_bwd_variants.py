@@ -25,7 +25,7 @@ from test_cuda_bwd import FIRST_VERSION_ENV, TOL, _grads, _inputs
 pytestmark = requires_cuda_kernels()
 
 _VARIANT_ENV_KEYS = ("FLASHKDA_BWD_RECUR", "FLASHKDA_BWD_RECUR_BV", "FLASHKDA_BWD_GRAD1", "FLASHKDA_BWD_GRAD2",
-                     "FLASHKDA_BWD_GRAD2_SOLVE")
+                     "FLASHKDA_BWD_GRAD2_SOLVE", "FLASHKDA_BWD_GRAD2_WU")
 # (length, padding before it) runs, cycled; each row starts at another point of the cycle, after b * 17 pad tokens
 _SEG_PATTERN = [(64, 0), (1, 3), (65, 0), (128, 0), (63, 5), (129, 0), (2, 0), (200, 7), (64, 0), (130, 1)]
 
@@ -201,11 +201,13 @@ np.savez(sys.argv[2], **out)
 
 
 @pytest.mark.parametrize("ref_env", [{"FLASHKDA_BWD_GRAD2_SOLVE": "simt"},
-                                     {"FLASHKDA_BWD_GRAD2_SOLVE": "simt", "FLASHKDA_BWD_GRAD2": "v1"}],
-                         ids=["vs_simt_solve", "vs_first_grad2"])
+                                     {"FLASHKDA_BWD_GRAD2_SOLVE": "simt", "FLASHKDA_BWD_GRAD2": "v1"},
+                                     {"FLASHKDA_BWD_GRAD2_WU": "solve"}],
+                         ids=["vs_simt_solve", "vs_first_grad2", "vs_solved_wu"])
 def test_grad2_solve(tmp_path, ref_env):
-    # The default grad2 (tensor-core solve, factored decay products) against grad2 with the fp32 substitutions
-    # (alone, then also with the first version's pairwise decays), and both against the oracle: every gradient
+    # The default grad2 (tensor-core solve, factored decay products, W | U from the prep) against grad2 with the
+    # fp32 substitutions (alone, then also with the first version's pairwise decays), and against W | U solved
+    # again in grad2 (the session-4 default), and both against the oracle: every gradient
     # within the tolerance, the decay gradients (fp16 / fp32 softplus with A_log) within it or no worse than
     # 1.5x the reference kernels' own error.
     runs = {}
