@@ -121,7 +121,8 @@ def _ffi_backward(args, do, dfin, opts, impl):
 
 def _ffi_backward_state(args, do, dfin, opts, impl):
     """Only dinitial_state of the backward (its state-only mode: empty input-gradient results; on CUDA only
-    the reverse pass runs). Needs an initial state."""
+    the reverse pass runs). Needs an initial state. Part of the FFI contract (docs/ffi.md); the library itself no
+    longer calls it (context parallelism gets that gradient from run 2's outputs, flashkda_jax.sharding)."""
     empty = tuple(jax.ShapeDtypeStruct((0,), x.dtype) for x in args[:5])
     empty += (jax.ShapeDtypeStruct((0,), jnp.float32),) * 2
     return _ffi_backward_call(args, do, dfin, opts, impl, empty)[7]

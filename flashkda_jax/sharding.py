@@ -53,12 +53,13 @@ cp axes (each slot ends on exactly one device).
 The backward (``_cp_bwd``) runs ONE full backward per device: with ``D_i`` the cotangent of device i's
 outgoing state, device i's input gradients are the backward of its true run with ``D_i`` added to the
 final-state cotangent of the sequence running into the next device; ``D`` comes from a reverse scan over
-devices, ``D_{j-1} = L_j + P_jᵀ D_j``, where ``L_j`` (the gradient of device j's own outputs w.r.t. its
-incoming state) is the backward op's state-only mode (on CUDA the reverse pass alone). With
-``kda(..., context_parallel_axis=...)`` the forward hands ``(X_{i-1}, P_i)`` to the backward in a record laid
-along the sequence (``KdaOptions.cp_record``); without it (T sharded by other means) the backward reruns
-runs 1-2. Cost per device, on T/n tokens: forward 2 passes (one with V = K); backward the state-only pass
-and one full backward.
+devices, ``D_{j-1} = L_j + P_jᵀ D_j``, where ``L_j`` is the gradient of device j's own outputs and final
+states w.r.t. its incoming state: they see it only through ``(q_tᵀ P_t) X`` and ``P_end X``, so
+``L_j = Σ_t (q_tᵀ P_t)ᵀ dO_t + P_endᵀ dfin``, one contraction of run 2's outputs with dO (no backward pass).
+With ``kda(..., context_parallel_axis=...)`` the forward hands ``(X_{i-1}, P_i, P_end)`` and run 2's outputs to
+the backward (a record laid along the sequence, ``KdaOptions.cp_record``, and ``o_map``); without it (T sharded
+by other means) the backward reruns runs 1-2. Cost per device, on T/n tokens: forward 2 passes (one with
+V = K); backward one full backward and a [K x T] x [T x V] contraction.
 
 Turn it on by sharding T of the inputs, or with ``kda(..., context_parallel_axis="cp")`` which places a
 sharding constraint on T (needs a mesh in context: ``with jax.set_mesh(mesh):`` or
@@ -136,21 +137,6 @@ def _core_bwd(args, do, dfin, opts, impl):
     if bimpl == "xla":
         return tuple(_xla_bwd(args, do, dfin, opts))
     return tuple(ops._ffi_backward(args, do, dfin, opts, bimpl))
-
-
-def _core_bwd_state(args, do, dfin, opts, impl):
-    """Only the gradient w.r.t. the initial state (args[-1], required): the backward's state-only mode."""
-    ops = _ops()
-    bimpl = impl if impl == "xla" else ops._backward_impl(impl, args[0], args[2])
-    if bimpl == "xla":
-        *rest, init = args
-
-        def f(init_):
-            return _xla_fwd((*rest, init_), opts)
-
-        _, vjp = jax.vjp(f, init)
-        return vjp((do, dfin))[0]
-    return ops._ffi_backward_state(args, do, dfin, opts, bimpl)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
@@ -292,24 +278,25 @@ def _cp_finals(fin, slot, plan, S):
 
 
 def _cp_local(fargs, slot, plan, opts, impl, axes):
-    """(o, (final-state contributions [B, S, HV, K, V] (kv), which) or None, (carry, P_i)) of this device's
-    slice."""
+    """(o, (final-state contributions [B, S, HV, K, V] (kv), which) or None, (carry, P_i, (o_map, P_end))) of
+    this device's slice."""
     base, last_init, lopts = _cp_setup(fargs, plan, opts)
     carry, p_map, zero_run, map_run = _cp_maps(fargs, plan, base, last_init, lopts, impl, axes)
     o, fin = _cp_true_run(zero_run, map_run, carry, opts.num_slots)
     extra = _cp_finals(fin, slot, plan, opts.num_slots) if opts.return_final_state else None
-    return o, extra, (carry, p_map)
+    return o, extra, (carry, p_map, map_run)
 
 
-# The context-parallel record: the forward's per-device (carry, P_i) handed to the backward, so that it need
-# not rerun runs 1-2. A custom_partitioning result needs a global shape, so the record is laid along the
-# sequence like q, [B, T, HV, R] f32: device i writes, per (row, head), carry (K x V), P_i (K x K) and the
-# stamp (i + 1, n) into the first K (V + K) + 2 of its T/n x R values (R = opts.cp_record, chosen by
+# The context-parallel record: the forward's per-device (carry, P_i, P_end) handed to the backward, so that it
+# need not rerun runs 1-2. A custom_partitioning result needs a global shape, so the record is laid along the
+# sequence like q, [B, T, HV, R] f32: device i writes, per (row, head), carry (K x V), P_i and P_end (K x K) and
+# the stamp (i + 1, n) into the first K (V + 2 K) + 2 of its T/n x R values (R = opts.cp_record, chosen by
 # constrain_context_parallel so that they fit). A record whose stamp does not match the backward's device
-# layout poisons the gradients with NaN instead of being silently wrong.
+# layout poisons the gradients with NaN instead of being silently wrong. Run 2's outputs q_t^T P_t (o_map,
+# [B, T, HV, K] in v's dtype) travel beside it as a second residual.
 
 def _record_size(K, V):
-    return K * V + K * K + 2
+    return K * V + 2 * K * K + 2
 
 
 def record_width(T_local, K, V):
@@ -317,11 +304,12 @@ def record_width(T_local, K, V):
     return -(-_record_size(K, V) // T_local)
 
 
-def _cp_record(carry, p_map, plan, n, Tl, R):
+def _cp_record(carry, p_map, p_end, plan, n, Tl, R):
     B, HV, K, V = carry.shape
     stamp = jnp.broadcast_to(jnp.stack([plan["i"] + 1, jnp.int32(n)]).astype(jnp.float32), (B, HV, 2))
     flat = jnp.concatenate([carry.reshape(B, HV, K * V).astype(jnp.float32),
-                            p_map.reshape(B, HV, K * K).astype(jnp.float32), stamp], axis=-1)
+                            p_map.reshape(B, HV, K * K).astype(jnp.float32),
+                            p_end.reshape(B, HV, K * K).astype(jnp.float32), stamp], axis=-1)
     flat = jnp.pad(flat, ((0, 0), (0, 0), (0, Tl * R - flat.shape[-1])))
     return jnp.swapaxes(flat.reshape(B, HV, Tl, R), 1, 2)          # [B, Tl, HV, R]
 
@@ -331,10 +319,19 @@ def _cp_unrecord(rec, plan, n, K, V, cdt):
     flat = jnp.swapaxes(rec, 1, 2).reshape(B, HV, Tl * R)
     carry = flat[..., :K * V].reshape(B, HV, K, V)
     p_map = flat[..., K * V:K * V + K * K].reshape(B, HV, K, K)
-    stamp = flat[..., K * V + K * K:K * V + K * K + 2]
+    p_end = flat[..., K * V + K * K:K * V + 2 * K * K].reshape(B, HV, K, K)
+    stamp = flat[..., K * V + 2 * K * K:K * V + 2 * K * K + 2]
     ok = jnp.all(stamp[..., 0] == (plan["i"] + 1).astype(jnp.float32)) & jnp.all(stamp[..., 1] == n)
     poison = jnp.where(ok, 0.0, jnp.nan).astype(cdt)
-    return carry.astype(cdt) + poison, p_map.astype(cdt) + poison
+    return carry.astype(cdt) + poison, p_map.astype(cdt) + poison, p_end.astype(cdt) + poison
+
+
+def _contract_tokens(a, b, cdt):
+    """sum_t a[:, t]^T b[:, t] per (row, head): [B, T, HV, K] x [B, T, HV, V] -> [B, HV, K, V] (cdt), with the
+    products formed exactly (2-byte inputs: on tensor cores, f32 accumulation)."""
+    if a.dtype == b.dtype and a.dtype in (jnp.bfloat16, jnp.float16):
+        return jnp.einsum("bthk,bthv->bhkv", a, b, preferred_element_type=jnp.float32).astype(cdt)
+    return jnp.einsum("bthk,bthv->bhkv", a.astype(cdt), b.astype(cdt), precision=_HI)
 
 
 def _final_hits(slot, plan, S):
@@ -348,23 +345,26 @@ def _to_layout(state_kv, opts):
 
 
 def _cp_fwd(args, opts, impl, axes, n):
-    """-> (o, final state or None, record or None) of this device."""
+    """-> (o, final state or None, record or None, o_map or None) of this device."""
     q, k, v, g, beta, a, dt, slot, init = args
     plan = _cp_plan(slot, opts.num_slots, axes)
-    o, extra, (carry, p_map) = _cp_local((q, k, v, g, beta, a, dt, init), slot, plan, opts, impl, axes)
-    rec = _cp_record(carry, p_map, plan, n, q.shape[1], opts.cp_record) if opts.cp_record else None
+    o, extra, (carry, p_map, (o_map, p_end)) = _cp_local((q, k, v, g, beta, a, dt, init), slot, plan, opts, impl,
+                                                         axes)
+    rec = omap = None
+    if opts.cp_record:
+        rec, omap = _cp_record(carry, p_map, p_end, plan, n, q.shape[1], opts.cp_record), o_map
     if extra is None:
-        return o, None, rec
+        return o, None, rec, omap
     contrib, has = extra
     reached = jax.lax.psum(has.astype(jnp.int32), axes) > 0
     fin = jax.lax.psum(contrib, axes)
     if init is not None:
         base = jnp.swapaxes(init, -1, -2) if opts.state_vk else init
         fin = jnp.where(reached[:, :, None, None, None], fin, base.astype(fin.dtype))
-    return o, _to_layout(fin, opts), rec
+    return o, _to_layout(fin, opts), rec, omap
 
 
-def _cp_bwd(args, do, dfin, rec, opts, impl, axes, n):
+def _cp_bwd(args, do, dfin, rec, omap, opts, impl, axes, n):
     """Backward of the context-parallel program with one full backward per device.
 
     Device i's inputs reach the loss through its outputs and final states (its true run, given its incoming
@@ -372,18 +372,21 @@ def _cp_bwd(args, do, dfin, rec, opts, impl, axes, n):
     later devices consume. With D_i = dLoss/dX_i, the gradient of device i's inputs is the backward of its
     true run with D_i added to the trailing slot's final-state cotangent (runs 1-2 need no backward: their
     influence is exactly this term). D comes from a reverse scan over devices,
-    D_{j-1} = L_j + P_j^T D_j, where L_j, the gradient of device j's local loss w.r.t. its incoming state,
-    is the state-only backward (the reverse pass alone on CUDA). carry and P_i come from the forward's record
-    when there is one (rec), else runs 1-2 are rebuilt."""
+    D_{j-1} = L_j + P_j^T D_j, where L_j is the gradient of device j's local loss w.r.t. its incoming state X.
+    The local loss sees X only through o_t = o0_t + (q_t^T P_t) X and the continuing sequence's final state
+    fin0 + P_end X, so L_j = sum_t (q_t^T P_t)^T dO_t + P_end^T dfin: one contraction of run 2's outputs with
+    dO, no backward pass. carry, P_i, P_end and o_map come from the forward (rec, omap) when it recorded them,
+    else runs 1-2 are rebuilt."""
     q, k, v, g, beta, a, dt, slot, init = args
     S = opts.num_slots
     plan = _cp_plan(slot, S, axes)
     fargs = (q, k, v, g, beta, a, dt, init)
     base, last_init, lopts = _cp_setup(fargs, plan, opts)
     if rec is not None:
-        carry, p_map = _cp_unrecord(rec, plan, n, q.shape[-1], v.shape[-1], base.dtype)
+        carry, p_map, p_end = _cp_unrecord(rec, plan, n, q.shape[-1], v.shape[-1], base.dtype)
+        o_map = omap
     else:
-        carry, p_map = _cp_maps(fargs, plan, base, last_init, lopts, impl, axes)[:2]
+        carry, p_map, _, (o_map, p_end) = _cp_maps(fargs, plan, base, last_init, lopts, impl, axes)
     largs = (q, k, v, g, beta, a, dt, plan["lslot"], _cp_local_init(base, carry, last_init))
     cdt = base.dtype
     zero_fin = jnp.zeros(base.shape[:1] + (S + 2,) + base.shape[2:], cdt)
@@ -395,7 +398,7 @@ def _cp_bwd(args, do, dfin, rec, opts, impl, axes, n):
     else:
         dfin_l = zero_fin
     # (a) this slice's local-loss gradient w.r.t. its incoming state (zero where nothing continues into it).
-    ell = _core_bwd_state(largs, do, dfin_l, lopts, impl)[:, S]
+    ell = _contract_tokens(o_map, do, cdt) + jnp.einsum("bhlk,bhlv->bhkv", p_end, dfin_l[:, S], precision=_HI)
     ell = jnp.where(plan["cont"][:, None, None, None], ell, 0.0)
     # (b) D_j for every device, last to first.
     ls = jax.lax.all_gather(ell, axes)                      # [n, B, HV, K, V]
@@ -441,7 +444,7 @@ def _shape(t):
 
 def _rule(num_args, has_init, has_ct_fin, H, HV, opts, backward):
     # opts.cp_record: the forward also returns the context-parallel record [B, T, HV, R] (laid like v, its
-    # last axis "z" never split) and the backward takes it as its last operand.
+    # last axis "z" never split) and o_map [B, T, HV, K]; the backward takes both as its last operands.
     hv = "h" if H == HV else "(h r)"
     st = f"b s {hv} d k" if opts.state_vk else f"b s {hv} k d"
     q = "b t h k"
@@ -450,7 +453,7 @@ def _rule(num_args, has_init, has_ct_fin, H, HV, opts, backward):
     beta = f"b t {hv}"
     a = f"b {hv}"
     dt = f"b {hv} k"
-    rec = [f"b t {hv} z"] if opts.cp_record else []
+    rec = [f"b t {hv} z", f"b t {hv} k"] if opts.cp_record else []  # the record, o_map
     ins = [q, q, v, g, beta, a, dt, "b t"] + ([st] if has_init else [])
     if not backward:
         outs = [v] + ([st] if opts.return_final_state else []) + rec
@@ -477,7 +480,7 @@ def _bwd_rule(opts, impl, mesh, operand_types, result_types):
     del impl, mesh
     H, HV = _shape(operand_types[0])[2], _shape(operand_types[2])[2]
     has_init = len(result_types) == 8
-    n_fixed = 8 + int(has_init) + 1 + int(bool(opts.cp_record))
+    n_fixed = 8 + int(has_init) + 1 + 2 * int(bool(opts.cp_record))
     return _rule(len(operand_types), has_init, len(operand_types) > n_fixed, H, HV, opts, backward=True)
 
 
@@ -546,7 +549,8 @@ def _fwd_partition(opts, impl, mesh, arg_shapes, result_shape):
     sp = _specs(mesh, b, t, h)
     args = arg_shapes[0]
     in_sh = (_arg_shardings(sp, args),)
-    out_sh = (sp["q"], sp["st"] if result_shape[1] is not None else None, sp["q"] if opts.cp_record else None)
+    out_sh = (sp["q"], sp["st"] if result_shape[1] is not None else None) + \
+        ((sp["q"], sp["q"]) if opts.cp_record else (None, None))
 
     def lower(args):
         if t:
@@ -557,16 +561,17 @@ def _fwd_partition(opts, impl, mesh, arg_shapes, result_shape):
 
 
 def _bwd_partition(opts, impl, mesh, arg_shapes, result_shape):
-    args, do, dfin, rec = arg_shapes
+    args, do, dfin, rec, omap = arg_shapes
     b, t, h = _plan_shardings(mesh, (args,), (do,))
     sp = _specs(mesh, b, t, h)
-    in_sh = (_arg_shardings(sp, args), sp["q"], None if dfin is None else sp["st"], None if rec is None else sp["q"])
+    in_sh = (_arg_shardings(sp, args), sp["q"], None if dfin is None else sp["st"], None if rec is None else sp["q"],
+             None if omap is None else sp["q"])
     out_sh = (sp["q"], sp["q"], sp["q"], sp["q"], sp["beta"], sp["a"], sp["dt"],
               None if result_shape[7] is None else sp["st"])
 
-    def lower(args, do, dfin, rec):
+    def lower(args, do, dfin, rec, omap):
         if t:
-            return _cp_bwd(args, do, dfin, rec, opts, impl, t, _axes_size(mesh, t))
+            return _cp_bwd(args, do, dfin, rec, omap, opts, impl, t, _axes_size(mesh, t))
         return _core_bwd(args, do, dfin, opts, impl)
 
     return mesh, lower, out_sh, in_sh
@@ -574,20 +579,21 @@ def _bwd_partition(opts, impl, mesh, arg_shapes, result_shape):
 
 def _with_record(out, args, opts):
     """(o, fin) of an unpartitioned (or not sequence-sharded) forward, with an empty (all-zero, unstamped)
-    context-parallel record when opts asks for one."""
+    context-parallel record and o_map when opts asks for them."""
     o, fin = out
     if not opts.cp_record:
-        return o, fin, None
-    v = args[2]
-    return o, fin, jnp.zeros(v.shape[:3] + (opts.cp_record,), jnp.float32)
+        return o, fin, None, None
+    q, v = args[0], args[2]
+    return (o, fin, jnp.zeros(v.shape[:3] + (opts.cp_record,), jnp.float32),
+            jnp.zeros(v.shape[:3] + (q.shape[-1],), v.dtype))
 
 
 def _fwd_body(opts, impl, args):
     return _with_record(_core_fwd(args, opts, impl), args, opts)
 
 
-def _bwd_body(opts, impl, args, do, dfin, rec):
-    del rec  # one device: no carried state
+def _bwd_body(opts, impl, args, do, dfin, rec, omap):
+    del rec, omap  # one device: no carried state
     return _core_bwd(args, do, dfin, opts, impl)
 
 
@@ -656,19 +662,19 @@ def _sharded_core(args, opts, impl):
 
 
 def _sharded_core_fwd(args, opts, impl):
-    o, fin, rec = _vmappable("fwd", opts, impl)(args)
-    return (o, fin), (args, rec)
+    o, fin, rec, omap = _vmappable("fwd", opts, impl)(args)
+    return (o, fin), (args, rec, omap)
 
 
 def _sharded_core_bwd(opts, impl, res, cts):
-    args, rec = res
+    args, rec, omap = res
     do, dfin = cts
     if not opts.return_final_state:
         dfin = None
     elif dfin is not None:
         dfin = dfin.astype(_inputs.compute_dtype(args[0].dtype))
     do = do.astype(args[2].dtype)
-    dq, dk, dv, dg, dbeta, da, ddt, dinit = _vmappable("bwd", opts, impl)(args, do, dfin, rec)
+    dq, dk, dv, dg, dbeta, da, ddt, dinit = _vmappable("bwd", opts, impl)(args, do, dfin, rec, omap)
     return ((dq, dk, dv, dg, dbeta, da, ddt, None, dinit),)
 
 

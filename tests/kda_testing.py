@@ -133,7 +133,7 @@ def split_by_segments(seg_row):
 
 def state_only_vs_full_backward(impl, *, K, dtype, seed=0):
     """(dinitial_state of the backward's state-only mode, that of the full backward, state-only without an
-    initial state -> the error it raises or None): the FFI contract that context parallelism relies on."""
+    initial state -> the error it raises or None): the FFI contract of docs/ffi.md."""
     from flashkda_jax import _inputs as I
     from flashkda_jax import ops
 
