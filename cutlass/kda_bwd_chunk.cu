@@ -198,12 +198,13 @@ __device__ __forceinline__ void DecayGradV2(const float* sB, const float* sG, in
 // are not written: nothing reads them). Ten 16x16 block tasks over the warps, as in the forward prep.
 template <int K, int BP>
 __device__ __forceinline__ void BkkV2(float* sB, const float* sG, const float* sK, int GP, int warp, int lane) {
-  constexpr int kPI[6] = {1, 2, 3, 2, 3, 3}, kPJ[6] = {0, 0, 0, 1, 1, 2};
+  // Off-diagonal task t < 6 is block (I, J) = ({1, 2, 3, 2, 3, 3}[t], {0, 0, 0, 1, 1, 2}[t]), read as nibbles of
+  // two constants (an indexed array would live in local memory).
   const int gr = lane >> 2, t4 = lane & 3;
   for (int task = warp; task < 10; task += kThreads / 32) {
     const bool diag = task >= 6;
-    const int I = diag ? task - 6 : kPI[task];
-    const int J = diag ? I : kPJ[task];
+    const int I = diag ? task - 6 : (0x332321 >> (4 * task)) & 0xf;
+    const int J = diag ? I : (0x211000 >> (4 * task)) & 0xf;
     const int r = diag ? 16 * I + 7 : 16 * J + 15;
     const bool fast = !diag || DiagFastV2<K>(sG, GP, I, lane);
     if (fast) {
@@ -516,12 +517,19 @@ __global__ void __launch_bounds__(kThreads, 1) Grad2Kernel(Params P) {
     const int L = min(C, se - cs);
     const int h = hv / p.group;
     const size_t tb = (size_t)b * p.T + cs;
-    const float a_coef = (p.gate_mode == 1 || (p.gate_mode == 2 && p.use_a_log)) ? __expf(p.a_log[(size_t)b * HV + hv]) : 1.f;
+    // a_log and dt_bias are loaded here and first used in stage 1, after its row loads are issued (a load
+    // consumed right away would stall every warp at the start of each item).
+    const bool has_a = p.gate_mode == 1 || (p.gate_mode == 2 && p.use_a_log);
+    const float a_raw = has_a ? p.a_log[(size_t)b * HV + hv] : 0.f;
+    float a_coef = 1.f;  // exp(a_raw), set in stage 1
     const float* dtb = p.dt_bias + ((size_t)b * HV + hv) * K;
-    // Effective log-decay of the raw gate input x (before dt_bias).
-    auto gate = [&](float graw, int c) {
+    float dt1[PL];  // dt_bias of this lane's channels lane + 32 u
+#pragma unroll
+    for (int u = 0; u < PL; ++u) dt1[u] = p.gate_mode != 0 ? dtb[lane + 32 * u] : 0.f;
+    // Effective log-decay of the raw gate input x (before dt_bias dt).
+    auto gate = [&](float graw, float dt) {
       if (p.gate_mode == 0) return graw;
-      const float x = graw + dtb[c];
+      const float x = graw + dt;
       if (p.gate_mode == 1) return -a_coef * Softplus(x);
       return p.lower_bound * Sigmoid(p.use_a_log ? a_coef * x : x);
     };
@@ -542,6 +550,7 @@ __global__ void __launch_bounds__(kThreads, 1) Grad2Kernel(Params P) {
         }
         braw[h2] = (ok && lane == 0) ? fwd::ToF<TIn>(gb[(tb + r) * HV + hv]) : 0.f;
       }
+      a_coef = has_a ? __expf(a_raw) : 1.f;
 #pragma unroll
       for (int h2 = 0; h2 < 2; ++h2) {
         const int r = r0 + h2 * kRS;
@@ -554,7 +563,7 @@ __global__ void __launch_bounds__(kThreads, 1) Grad2Kernel(Params P) {
         for (int u = 0; u < PL; ++u) {
           const int c = lane + 32 * u;
           sK[r * GP + c] = kv[h2][u] * ks;
-          sG[r * GP + c] = ok ? gate(graw[h2][u], c) : 0.f;
+          sG[r * GP + c] = ok ? gate(graw[h2][u], dt1[u]) : 0.f;
         }
         if (lane == 0) {
           float bb = braw[h2];
@@ -591,30 +600,45 @@ __global__ void __launch_bounds__(kThreads, 1) Grad2Kernel(Params P) {
     // ---- 4. W | U by forward substitution; dKb | dVb by back substitution (one column per thread); kMmaSolve:
     // T = (I + diag(beta) B_kk)^{-1} into sB's upper triangle, W | U = T R and dKb | dVb = T^T [dW | dU] ----
     if constexpr (kMmaSolve) {
+      // W | U as the forward's prep computed them (bf16, the values the forward's outputs used; the backward's
+      // prep rewrote the same bits): staged in sY by cp.async (free until the back substitution writes it) while
+      // T is inverted, then widened into sX.
+      constexpr int WP = 2 * K + 8;  // bf16 pitch of the staged rows (16-byte aligned)
+      bf16* sWU = reinterpret_cast<bf16*>(sY);
+      static_assert(C * WP * 2 <= C * XP * 4, "staging fits in sY");
       if (wu_prep) {
-        // W | U as the forward's prep computed them (bf16, the values the forward's outputs used; the backward's
-        // prep rewrote the same bits), loaded before the inversion so that their latency overlaps it.
         constexpr int N8 = 2 * K / 8;  // 8-column groups of a row of W | U
         for (int idx = tid; idx < C * N8; idx += kThreads) {
           const int r = idx / N8, c8 = (idx - r * N8) * 8;
-          uint4 w = make_uint4(0u, 0u, 0u, 0u);
-          if (r < L) {
-            const bf16* src = c8 < K ? p.W + ((tb + r) * HV + hv) * K + c8 : p.U + ((tb + r) * HV + hv) * V + (c8 - K);
-            w = __ldg(reinterpret_cast<const uint4*>(src));
-          }
-          const uint32_t ww[4] = {w.x, w.y, w.z, w.w};
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const __nv_bfloat162 x = *reinterpret_cast<const __nv_bfloat162*>(&ww[e]);
-            sX[r * XP + c8 + 2 * e] = __low2float(x);
-            sX[r * XP + c8 + 2 * e + 1] = __high2float(x);
-          }
+          const bool ok = r < L;
+          const size_t row = (tb + (ok ? r : 0)) * HV + hv;
+          const bf16* src = c8 < K ? p.W + row * K + c8 : p.U + row * V + (c8 - K);
+          fwd::CpAsync16(sWU + r * WP + c8, src, ok);
         }
+        fwd::CpAsyncCommit();
       }
       Grad2InvertDiag<BP>(sB, sBeta, tid);
       __syncthreads();
-      Grad2InvertOffDiag<BP>(sB, sBeta, tid);
-      if (!wu_prep) {
+      Grad2InvertOffDiag<BP>(sB, sBeta, tid);  // ends with a barrier
+      if (wu_prep) {
+        fwd::CpAsyncWait<0>();
+        __syncthreads();  // every thread's staged rows visible
+        constexpr int N8 = 2 * K / 8;
+        for (int idx = tid; idx < C * N8; idx += kThreads) {
+          const int r = idx / N8, c8 = (idx - r * N8) * 8;
+          const uint4 w = *reinterpret_cast<const uint4*>(sWU + r * WP + c8);
+          float* dst = sX + r * XP + c8;
+          auto widen = [&](uint32_t u, int e) {  // bf16 pair -> two floats (exact)
+            dst[2 * e] = __uint_as_float(u << 16);
+            dst[2 * e + 1] = __uint_as_float(u & 0xffff0000u);
+          };
+          widen(w.x, 0);
+          widen(w.y, 1);
+          widen(w.z, 2);
+          widen(w.w, 3);
+        }
+        __syncthreads();  // the staging in sY is consumed before the back substitution overwrites it
+      } else {
         // R = diag(beta) [e^G k | v] (rows >= L: 0), formed as the substitution forms it
         Grad2SolveMma<K, BP, false>(
             sB, warp, lane,
