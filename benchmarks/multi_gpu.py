@@ -47,6 +47,7 @@ def check(devs, impl):
                                                              P(None, None, "tp"), P(None, None, "tp")],
                   (2, T, n, 2 * n), None),
         "context": (("cp",), (n,), [R] * 11, (2, T, 2, 4), "cp"),
+        "context_bf16": (("cp",), (n,), [R] * 11, (2, T, 2, 4), "cp"),
         "data_context": (("dp", "cp"), (n // half, half), [P("dp", "cp")] * 5 + [R, R, P("dp"), P("dp", "cp"),
                                                                               P("dp", "cp"), P("dp")],
                          (2, T, 2, 4), "cp"),
@@ -55,7 +56,8 @@ def check(devs, impl):
     for name, (axes, shape, specs, dims, cp) in cases.items():
         mesh = Mesh(np.array(devs[: int(np.prod(shape))]).reshape(shape), axes)
         try:
-            r = W.run_case(name, mesh, specs, dims, cp_axis=cp, impl=impl, K=64, V=64)
+            r = W.run_case(name, mesh, specs, dims, cp_axis=cp, impl=impl, K=64, V=64,
+                           dtype=jnp.bfloat16 if name.endswith("_bf16") else jnp.float32)
             bad = {k: v for k, v in r["errors"].items() if not v < TOL}
             # segment ids (int32) may be gathered; no float tensor with the sequence axis may be
             gathers = [c for c in r["collectives"]

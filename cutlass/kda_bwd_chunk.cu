@@ -600,33 +600,21 @@ __global__ void __launch_bounds__(kThreads, 1) Grad2Kernel(Params P) {
     // ---- 4. W | U by forward substitution; dKb | dVb by back substitution (one column per thread); kMmaSolve:
     // T = (I + diag(beta) B_kk)^{-1} into sB's upper triangle, W | U = T R and dKb | dVb = T^T [dW | dU] ----
     if constexpr (kMmaSolve) {
-      // W | U as the forward's prep computed them (bf16, the values the forward's outputs used; the backward's
-      // prep rewrote the same bits): staged in sY by cp.async (free until the back substitution writes it) while
-      // T is inverted, then widened into sX.
-      constexpr int WP = 2 * K + 8;  // bf16 pitch of the staged rows (16-byte aligned)
-      bf16* sWU = reinterpret_cast<bf16*>(sY);
-      static_assert(C * WP * 2 <= C * XP * 4, "staging fits in sY");
-      if (wu_prep) {
-        constexpr int N8 = 2 * K / 8;  // 8-column groups of a row of W | U
-        for (int idx = tid; idx < C * N8; idx += kThreads) {
-          const int r = idx / N8, c8 = (idx - r * N8) * 8;
-          const bool ok = r < L;
-          const size_t row = (tb + (ok ? r : 0)) * HV + hv;
-          const bf16* src = c8 < K ? p.W + row * K + c8 : p.U + row * V + (c8 - K);
-          fwd::CpAsync16(sWU + r * WP + c8, src, ok);
-        }
-        fwd::CpAsyncCommit();
-      }
       Grad2InvertDiag<BP>(sB, sBeta, tid);
       __syncthreads();
       Grad2InvertOffDiag<BP>(sB, sBeta, tid);  // ends with a barrier
       if (wu_prep) {
-        fwd::CpAsyncWait<0>();
-        __syncthreads();  // every thread's staged rows visible
-        constexpr int N8 = 2 * K / 8;
+        // W | U as the forward's prep computed them (bf16, the values the forward's outputs used; the backward's
+        // prep rewrote the same bits), widened into sX. (Staging them by cp.async during the inversion gained
+        // nothing on the H100: 7.01 vs 7.02 ms at b8-t4k-h16.)
+        constexpr int N8 = 2 * K / 8;  // 8-column groups of a row of W | U
         for (int idx = tid; idx < C * N8; idx += kThreads) {
           const int r = idx / N8, c8 = (idx - r * N8) * 8;
-          const uint4 w = *reinterpret_cast<const uint4*>(sWU + r * WP + c8);
+          uint4 w = make_uint4(0u, 0u, 0u, 0u);
+          if (r < L) {
+            const size_t row = (tb + r) * HV + hv;
+            w = __ldg(reinterpret_cast<const uint4*>(c8 < K ? p.W + row * K + c8 : p.U + row * V + (c8 - K)));
+          }
           float* dst = sX + r * XP + c8;
           auto widen = [&](uint32_t u, int e) {  // bf16 pair -> two floats (exact)
             dst[2 * e] = __uint_as_float(u << 16);
@@ -637,7 +625,6 @@ __global__ void __launch_bounds__(kThreads, 1) Grad2Kernel(Params P) {
           widen(w.z, 2);
           widen(w.w, 3);
         }
-        __syncthreads();  // the staging in sY is consumed before the back substitution overwrites it
       } else {
         // R = diag(beta) [e^G k | v] (rows >= L: 0), formed as the substitution forms it
         Grad2SolveMma<K, BP, false>(

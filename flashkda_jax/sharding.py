@@ -253,15 +253,20 @@ def _cp_maps(fargs, plan, base, last_init, lopts, impl, axes):
     return carry, p_map, (o0, fin0), (o_map, pfin[:, 0])
 
 
-def _cp_true_run(zero_run, map_run, carry, S):
+def _cp_true_run(zero_run, map_run, carry, S, impl):
     """4. this slice's true outputs and local final states from runs 1-2: the state is affine in the carried
     state X, S_t = P_t X + H_t, so o_t = o0_t + (q_t^T P_t) X on the continuing sequence's tokens (o_map is
     zero elsewhere, and X is zero where nothing continues), and that sequence's final state (slot S) gains
     P_end X."""
     (o0, fin0), (o_map, p_end) = zero_run, map_run
     cdt = carry.dtype
-    corr = jnp.einsum("bthk,bhkv->bthv", o_map.astype(cdt), carry, precision=_HI)
-    o = (o0.astype(cdt) + corr).astype(o0.dtype)
+    if impl == "cuda" and o_map.dtype in (jnp.bfloat16, jnp.float16):
+        # 2-byte outputs on the GPU: the carried state as a 2-byte operand, as the forward kernel's own output
+        # products (Qg S with S rounded to bf16) take it; f32 accumulation on tensor cores.
+        corr = jnp.einsum("bthk,bhkv->bthv", o_map, carry.astype(o_map.dtype), preferred_element_type=jnp.float32)
+    else:
+        corr = jnp.einsum("bthk,bhkv->bthv", o_map.astype(cdt), carry, precision=_HI)
+    o = (o0.astype(cdt) + corr.astype(cdt)).astype(o0.dtype)
     fin = fin0.at[:, S].add(jnp.einsum("bhkl,bhlv->bhkv", p_end.astype(cdt), carry, precision=_HI))
     return o, fin
 
@@ -282,7 +287,7 @@ def _cp_local(fargs, slot, plan, opts, impl, axes):
     this device's slice."""
     base, last_init, lopts = _cp_setup(fargs, plan, opts)
     carry, p_map, zero_run, map_run = _cp_maps(fargs, plan, base, last_init, lopts, impl, axes)
-    o, fin = _cp_true_run(zero_run, map_run, carry, opts.num_slots)
+    o, fin = _cp_true_run(zero_run, map_run, carry, opts.num_slots, impl)
     extra = _cp_finals(fin, slot, plan, opts.num_slots) if opts.return_final_state else None
     return o, extra, (carry, p_map, map_run)
 
@@ -326,10 +331,10 @@ def _cp_unrecord(rec, plan, n, K, V, cdt):
     return carry.astype(cdt) + poison, p_map.astype(cdt) + poison, p_end.astype(cdt) + poison
 
 
-def _contract_tokens(a, b, cdt):
+def _contract_tokens(a, b, cdt, impl):
     """sum_t a[:, t]^T b[:, t] per (row, head): [B, T, HV, K] x [B, T, HV, V] -> [B, HV, K, V] (cdt), with the
-    products formed exactly (2-byte inputs: on tensor cores, f32 accumulation)."""
-    if a.dtype == b.dtype and a.dtype in (jnp.bfloat16, jnp.float16):
+    products formed exactly (2-byte inputs on the GPU: on tensor cores, f32 accumulation)."""
+    if impl == "cuda" and a.dtype == b.dtype and a.dtype in (jnp.bfloat16, jnp.float16):
         return jnp.einsum("bthk,bthv->bhkv", a, b, preferred_element_type=jnp.float32).astype(cdt)
     return jnp.einsum("bthk,bthv->bhkv", a.astype(cdt), b.astype(cdt), precision=_HI)
 
@@ -398,7 +403,7 @@ def _cp_bwd(args, do, dfin, rec, omap, opts, impl, axes, n):
     else:
         dfin_l = zero_fin
     # (a) this slice's local-loss gradient w.r.t. its incoming state (zero where nothing continues into it).
-    ell = _contract_tokens(o_map, do, cdt) + jnp.einsum("bhlk,bhlv->bhkv", p_end, dfin_l[:, S], precision=_HI)
+    ell = _contract_tokens(o_map, do, cdt, impl) + jnp.einsum("bhlk,bhlv->bhkv", p_end, dfin_l[:, S], precision=_HI)
     ell = jnp.where(plan["cont"][:, None, None, None], ell, 0.0)
     # (b) D_j for every device, last to first.
     ls = jax.lax.all_gather(ell, axes)                      # [n, B, HV, K, V]

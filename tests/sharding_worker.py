@@ -102,10 +102,12 @@ def collectives(hlo_text):
     return out
 
 
-def run_case(name, mesh, specs, dims, cp_axis=None, impl="xla", kw=None, K=16, V=8):
+def run_case(name, mesh, specs, dims, cp_axis=None, impl="xla", kw=None, K=16, V=8, dtype=jnp.float32):
     kw = dict(kw or {})
     B, T, H, HV = dims
     p = problem(sum(map(ord, name)), B, T, H, HV, K=K, V=V)
+    for n in ("q", "k", "v", "g", "beta"):  # 2-byte inputs take the tensor-core paths of context parallelism
+        p[n] = p[n].astype(dtype)
     S = 6
     seg = segments_crossing(B, T, 8)
     h0 = random_state(3, (B, S, HV, K, V))
@@ -249,6 +251,7 @@ def main():
                                                                             P("dp", None, "tp")],
                         (2, T, 4, 8), None),
         "context": ((("cp",), (8,)), [R] * 11, (2, T, 2, 4), "cp"),
+        "context_bf16": ((("cp",), (8,)), [R] * 11, (2, T, 2, 4), "cp"),
         "data_context": ((("dp", "cp"), (2, 4)), [P("dp", "cp")] * 5 + [R, R, P("dp"), P("dp", "cp"),
                                                                        P("dp", "cp"), P("dp")],
                          (2, T, 2, 4), "cp"),
@@ -264,7 +267,8 @@ def main():
             else:
                 (axes, shape), specs, dims, cp = cases[name]
                 mesh = Mesh(devs[: int(np.prod(shape))].reshape(shape), axes)
-                res = run_case(name, mesh, specs, dims, cp_axis=cp, impl=a.impl)
+                res = run_case(name, mesh, specs, dims, cp_axis=cp, impl=a.impl,
+                               dtype=jnp.bfloat16 if name.endswith("_bf16") else jnp.float32)
             res.update(case=name, ok=True, impl=a.impl)
         except Exception as e:  # reported to the parent test
             res = dict(case=name, ok=False, msg="".join(traceback.format_exception(e))[-4000:])
