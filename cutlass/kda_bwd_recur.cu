@@ -327,35 +327,10 @@ __device__ __forceinline__ void StoreStateKV(const float (&st)[TilesV2<K, BV>::M
             make_float2(st[mi][ni][2 * hh], st[mi][ni][2 * hh + 1]);
 }
 
-// The same to a bf16 [K, V] matrix (Params::states_bf16).
+// bf16 copy of the state block as a [K][ld] matrix: the shared-memory operand of the next chunk, or (ld = V, s at
+// column col0 of a chunk state) a bf16 chunk state in global memory.
 template <int K, int BV>
-__device__ __forceinline__ void StoreStateKV(const float (&st)[TilesV2<K, BV>::MTW3][TilesV2<K, BV>::NTW3][4],
-                                             const StateTile<K, BV>& tt, bf16* dst, int V, int col0) {
-#pragma unroll
-  for (int mi = 0; mi < TilesV2<K, BV>::MTW3; ++mi)
-#pragma unroll
-    for (int ni = 0; ni < TilesV2<K, BV>::NTW3; ++ni)
-#pragma unroll
-      for (int hh = 0; hh < 2; ++hh)
-        *reinterpret_cast<uint32_t*>(dst + (size_t)tt.Row(mi, 2 * hh) * V + col0 + tt.Col(ni, 0)) =
-            fwd::PackBF16(st[mi][ni][2 * hh], st[mi][ni][2 * hh + 1]);
-}
-
-// Stores the state block as chunk state `idx` of Hs / dH (`base`), in bf16 or f32 as Params::states_bf16 says.
-template <int K, int BV>
-__device__ __forceinline__ void StoreChunkState(const float (&st)[TilesV2<K, BV>::MTW3][TilesV2<K, BV>::NTW3][4],
-                                                const StateTile<K, BV>& tt, const Params& P, float* base, size_t idx,
-                                                int V, int col0) {
-  if (P.states_bf16) {
-    StoreStateKV<K, BV>(st, tt, reinterpret_cast<bf16*>(base) + idx, V, col0);
-  } else {
-    StoreStateKV<K, BV>(st, tt, base + idx, V, col0);
-  }
-}
-
-// bf16 copy of the state block in shared memory ([K][ld]).
-template <int K, int BV>
-__device__ __forceinline__ void StoreStateSmem(const float (&st)[TilesV2<K, BV>::MTW3][TilesV2<K, BV>::NTW3][4],
+__device__ __forceinline__ void StoreStateBf16(const float (&st)[TilesV2<K, BV>::MTW3][TilesV2<K, BV>::NTW3][4],
                                                const StateTile<K, BV>& tt, bf16* s, int ld) {
 #pragma unroll
   for (int mi = 0; mi < TilesV2<K, BV>::MTW3; ++mi)
@@ -365,6 +340,18 @@ __device__ __forceinline__ void StoreStateSmem(const float (&st)[TilesV2<K, BV>:
       for (int hh = 0; hh < 2; ++hh)
         *reinterpret_cast<uint32_t*>(s + tt.Row(mi, 2 * hh) * ld + tt.Col(ni, 0)) =
             fwd::PackBF16(st[mi][ni][2 * hh], st[mi][ni][2 * hh + 1]);
+}
+
+// Stores the state block as chunk state `idx` of Hs / dH (`base`), in bf16 or f32 as Params::states_bf16 says.
+template <int K, int BV>
+__device__ __forceinline__ void StoreChunkState(const float (&st)[TilesV2<K, BV>::MTW3][TilesV2<K, BV>::NTW3][4],
+                                                const StateTile<K, BV>& tt, const Params& P, float* base, size_t idx,
+                                                int V, int col0) {
+  if (P.states_bf16) {
+    StoreStateBf16<K, BV>(st, tt, reinterpret_cast<bf16*>(base) + idx + col0, V);
+  } else {
+    StoreStateKV<K, BV>(st, tt, base + idx, V, col0);
+  }
 }
 
 // st = diag(gamma) st (gamma: the chunk's K values in shared memory).
@@ -471,7 +458,7 @@ __global__ void __launch_bounds__(kThreads, 1) StatesKernelV2(Params P) {
 
     __syncthreads();  // the previous item is done with shared memory
     load_chunk(0, 0);
-    StoreStateSmem<K, BV>(st, tt, sS, VP);
+    StoreStateBf16<K, BV>(st, tt, sS, VP);
     for (int m = 0; m < nst; ++m) {
       const int stg = m & 1;
       const int cs = ss + m * C;
@@ -496,7 +483,7 @@ __global__ void __launch_bounds__(kThreads, 1) StatesKernelV2(Params P) {
       AccXtY<K, BV>(st, tt, sKd + stg * C * KP, KP, sR, VP, lane);
       StoreChunkState<K, BV>(st, tt, P, P.Hs, (((size_t)b * (p.NW + 1) + (cs + 2 * C - 1) / C) * HV + hv) * K * V, V,
                              col0);
-      if (m + 1 < nst) StoreStateSmem<K, BV>(st, tt, sS, VP);
+      if (m + 1 < nst) StoreStateBf16<K, BV>(st, tt, sS, VP);
     }
   }
 }
@@ -623,7 +610,7 @@ __global__ void __launch_bounds__(kThreads, 1) ReverseKernelV2(Params P) {
     __syncthreads();  // the previous item is done with shared memory
     load_chunk(nch - 1, 0);
     store_do(0);
-    StoreStateSmem<K, BV>(st, tt, sdS, VP);
+    StoreStateBf16<K, BV>(st, tt, sdS, VP);
     for (int m = nch - 1; m >= 0; --m) {
       const int stg = (nch - 1 - m) & 1;
       const int cs = ss + m * C;
@@ -662,7 +649,7 @@ __global__ void __launch_bounds__(kThreads, 1) ReverseKernelV2(Params P) {
       AccXtY<K, BV>(st, tt, sQg + stg * C * KP, KP, sdO + stg * C * VP, VP, lane);
       AccXtY<K, BV>(st, tt, sW + stg * C * KP, KP, sdR, VP, lane);
       if (m > 0) {
-        StoreStateSmem<K, BV>(st, tt, sdS, VP);
+        StoreStateBf16<K, BV>(st, tt, sdS, VP);
         store_do(stg ^ 1);
       }
     }
