@@ -59,8 +59,12 @@ static ffi::Error KdaCudaFwdImpl(cudaStream_t stream, FLASHKDA_FWD_PARAMS) {
   if (dt != ffi::DataType::BF16 && dt != ffi::DataType::F16 && dt != ffi::DataType::F32) {
     return ffi::Error::InvalidArgument("flashkda_fwd (CUDA): inputs must be bfloat16, float16 or float32");
   }
-  if (s.K != s.V || (s.K != 64 && s.K != 128 && s.K != 256)) {
-    return ffi::Error::InvalidArgument("flashkda_fwd (CUDA): head dims must satisfy K == V in {64, 128, 256}");
+  // V = 2 K (K <= 128): context parallelism's run of a slice's values next to K "map" columns (zero values from
+  // the identity), flashkda_jax/sharding.py; the public API keeps K == V (_capabilities.CUDA_FWD_HEAD_DIMS).
+  const bool kv_ok = s.K == s.V ? (s.K == 64 || s.K == 128 || s.K == 256) : (s.V == 2 * s.K && (s.K == 64 || s.K == 128));
+  if (!kv_ok) {
+    return ffi::Error::InvalidArgument(
+        "flashkda_fwd (CUDA): head dims must satisfy K == V in {64, 128, 256}, or V == 2 K with K in {64, 128}");
   }
   if (s.H * s.K != 0 && q.element_count() != static_cast<size_t>(s.B * s.T * s.H * s.K)) {
     return ffi::Error::InvalidArgument("flashkda_fwd (CUDA): bad q shape");

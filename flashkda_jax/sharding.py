@@ -227,18 +227,30 @@ def _cp_maps(fargs, plan, base, last_init, lopts, impl, axes):
     cdt = base.dtype
     S = lopts.num_slots - 2
     lslot = plan["lslot"]
-    # 1. zero carried state: the state handed to the next device, from a zero incoming state.
     zero = jnp.zeros((B, HV, K, V), cdt)
-    o0, fin0 = _diff_core((q, k, v, g, beta, a, dt, lslot, _cp_local_init(base, zero, last_init)), lopts, impl)
+    init1 = _cp_local_init(base, zero, last_init)
+    # 1. zero carried state: the state handed to the next device, from a zero incoming state; and 2. the linear
+    # part for the sequence continuing from the previous device: v = 0 from the identity, whose outputs are
+    # q_t^T P_t (P_t: the map up to token t), zero on the other sequences' tokens.
+    if _merged_map_run(impl, K, V):
+        # One run of V + K columns: [v | 0] from [init | identity on slot S, zero elsewhere]. The map columns
+        # see no values (their U is 0) and start from zero on every other slot, so they stay zero there.
+        vm = jnp.concatenate([v, jnp.zeros((B, Tl, HV, K), v.dtype)], axis=-1)
+        eye_s = (jnp.arange(S + 2) == S).astype(cdt)[None, :, None, None, None] * jnp.eye(K, dtype=cdt)
+        initm = jnp.concatenate([init1, jnp.broadcast_to(eye_s, (B, S + 2, HV, K, K))], axis=-1)
+        om, finm = _diff_core((q, k, vm, g, beta, a, dt, lslot, initm), lopts, impl)
+        o0, o_map, fin0, p_end = om[..., :V], om[..., V:], finm[..., :V], finm[:, S, ..., V:]
+    else:
+        o0, fin0 = _diff_core((q, k, v, g, beta, a, dt, lslot, init1), lopts, impl)
+        popts = dataclasses.replace(lopts, num_slots=1)
+        pslot = jnp.where(plan["is_c"], 0, -1).astype(jnp.int32)
+        eye = jnp.broadcast_to(jnp.eye(K, dtype=cdt), (B, 1, HV, K, K))
+        o_map, pfin = _diff_core((q, k, jnp.zeros((B, Tl, HV, K), v.dtype), g, beta, a, dt, pslot, eye), popts,
+                                 impl)
+        p_end = pfin[:, 0]
     spans = plan["spans"]
     h_out = jnp.where(spans[:, None, None, None], fin0[:, S], fin0[:, S + 1])
-    # 2. the linear part for the sequence continuing from the previous device: v = 0 from the identity. Its
-    # outputs are q_t^T P_t (P_t: the map up to token t), zero on the other sequences' tokens (padding here).
-    popts = dataclasses.replace(lopts, num_slots=1)
-    pslot = jnp.where(plan["is_c"], 0, -1).astype(jnp.int32)
-    eye = jnp.broadcast_to(jnp.eye(K, dtype=cdt), (B, 1, HV, K, K))
-    o_map, pfin = _diff_core((q, k, jnp.zeros((B, Tl, HV, K), v.dtype), g, beta, a, dt, pslot, eye), popts, impl)
-    p_map = jnp.where(spans[:, None, None, None], pfin[:, 0], 0.0)
+    p_map = jnp.where(spans[:, None, None, None], p_end, 0.0)
     # 3. compose the maps of all devices in order: X_j = P_j X_{j-1} + H_j.
     ps = jax.lax.all_gather(p_map, axes)                    # [n, B, HV, K, K]
     hs = jax.lax.all_gather(h_out, axes)                    # [n, B, HV, K, V]
@@ -250,7 +262,21 @@ def _cp_maps(fargs, plan, base, last_init, lopts, impl, axes):
     _, xs_in = jax.lax.scan(step, zero, (ps, hs))           # xs_in[j] = X_{j-1}
     carry = jax.lax.dynamic_index_in_dim(xs_in, plan["i"], axis=0, keepdims=False)
     carry = jnp.where(plan["cont"][:, None, None, None], carry, 0.0)
-    return carry, p_map, (o0, fin0), (o_map, pfin[:, 0])
+    return carry, p_map, (o0, fin0), (o_map, p_end)
+
+
+# Runs 1-2 as one forward of V + K columns (one prep, twice the recurrence columns) where the implementation
+# takes those head dims; else two forwards. (A module switch so that the tests can take either path.)
+MERGED_MAP_RUN = True
+
+
+def _merged_map_run(impl, K, V):
+    if not MERGED_MAP_RUN:
+        return False
+    if impl == "cuda":
+        from flashkda_jax import _capabilities as _caps
+        return (K, V + K) in _caps.CUDA_FWD_MAP_HEAD_DIMS
+    return True
 
 
 def _cp_true_run(zero_run, map_run, carry, S, impl):

@@ -252,6 +252,7 @@ def main():
                         (2, T, 4, 8), None),
         "context": ((("cp",), (8,)), [R] * 11, (2, T, 2, 4), "cp"),
         "context_bf16": ((("cp",), (8,)), [R] * 11, (2, T, 2, 4), "cp"),
+        "context_tworuns": ((("cp",), (8,)), [R] * 11, (2, T, 2, 4), "cp"),  # runs 1-2 as two forwards
         "data_context": ((("dp", "cp"), (2, 4)), [P("dp", "cp")] * 5 + [R, R, P("dp"), P("dp", "cp"),
                                                                        P("dp", "cp"), P("dp")],
                          (2, T, 2, 4), "cp"),
@@ -267,8 +268,13 @@ def main():
             else:
                 (axes, shape), specs, dims, cp = cases[name]
                 mesh = Mesh(devs[: int(np.prod(shape))].reshape(shape), axes)
-                res = run_case(name, mesh, specs, dims, cp_axis=cp, impl=a.impl,
-                               dtype=jnp.bfloat16 if name.endswith("_bf16") else jnp.float32)
+                from flashkda_jax import sharding as fs
+                fs.MERGED_MAP_RUN = name != "context_tworuns"
+                try:
+                    res = run_case(name, mesh, specs, dims, cp_axis=cp, impl=a.impl,
+                                   dtype=jnp.bfloat16 if name.endswith("_bf16") else jnp.float32)
+                finally:
+                    fs.MERGED_MAP_RUN = True
             res.update(case=name, ok=True, impl=a.impl)
         except Exception as e:  # reported to the parent test
             res = dict(case=name, ok=False, msg="".join(traceback.format_exception(e))[-4000:])

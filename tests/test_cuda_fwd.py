@@ -145,6 +145,18 @@ def test_long_sequence_split(K):
     _check(_run(args, "cuda", **kw), _ref(args, **kw), BF16_TOL, "split")
 
 
+@pytest.mark.parametrize("K", [64, 128])
+@pytest.mark.parametrize("T", [130, 3000])
+def test_map_columns_v_is_2k(K, T, monkeypatch):
+    # V = 2 K: the FFI takes it for context parallelism's combined run (values | map columns; not kda()'s
+    # public head dims, so the capability is widened here). Split (T = 3000) and unsplit, with states.
+    monkeypatch.setattr(_caps, "CUDA_FWD_HEAD_DIMS", _caps.CUDA_FWD_HEAD_DIMS | _caps.CUDA_FWD_MAP_HEAD_DIMS)
+    B, H, HV = 1, 1, 2
+    args, kw = _inputs(21, B, T, H, HV, K, 2 * K, jnp.bfloat16, "bounded")
+    kw.update(initial_state=random_state(22, (B, HV, K, 2 * K)), return_final_state=True)
+    _check(_run(args, "cuda", **kw), _ref(args, **kw), BF16_TOL, f"V = 2K, T = {T}")
+
+
 def test_split_varlen_and_deterministic():
     T, H, HV, K = 2500, 1, 1, 128
     args, kw = _inputs(17, 1, T, H, HV, K, K, jnp.bfloat16, "bounded")
