@@ -37,7 +37,8 @@ before it, ``X ↦ P·X + H`` with ``P = ∏ (I − β k kᵀ) Diag(exp g)`` (K�
    ``H_i``, the state of the sequence crossing into the next device;
 2. runs the same recurrence with ``v = 0`` from the identity (a K×K "state"): ``P_i``, kept only when
    the whole slice belongs to the sequence coming from the previous device (a sequence boundary inside
-   the slice resets the dependence: ``P_i = 0``);
+   the slice resets the dependence: ``P_i = 0``). Runs 1 and 2 are one forward of V + K columns
+   (``[v | 0]`` from ``[init | I]``) where the implementation takes those head dims, else two;
 3. all-gathers the small ``(P_j, H_j)`` over the cp axes and composes them in order,
    ``X_j = P_j X_{j-1} + H_j``, to get its true incoming state ``X_{i-1}``;
 4. forms its true outputs without a third run: the state is affine in the carried state,
@@ -58,8 +59,9 @@ states w.r.t. its incoming state: they see it only through ``(q_tᵀ P_t) X`` an
 ``L_j = Σ_t (q_tᵀ P_t)ᵀ dO_t + P_endᵀ dfin``, one contraction of run 2's outputs with dO (no backward pass).
 With ``kda(..., context_parallel_axis=...)`` the forward hands ``(X_{i-1}, P_i, P_end)`` and run 2's outputs to
 the backward (a record laid along the sequence, ``KdaOptions.cp_record``, and ``o_map``); without it (T sharded
-by other means) the backward reruns runs 1-2. Cost per device, on T/n tokens: forward 2 passes (one with
-V = K); backward one full backward and a [K x T] x [T x V] contraction.
+by other means) the backward reruns runs 1-2. Cost per device, on T/n tokens: forward one pass of V + K
+columns (or two passes); backward one full backward, a [T x K] x [K x V] correction and a [K x T] x [T x V]
+contraction.
 
 Turn it on by sharding T of the inputs, or with ``kda(..., context_parallel_axis="cp")`` which places a
 sharding constraint on T (needs a mesh in context: ``with jax.set_mesh(mesh):`` or
