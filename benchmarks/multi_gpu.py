@@ -53,6 +53,26 @@ def check(devs, impl):
                          (2, T, 2, 4), "cp"),
     }
     ok = True
+    # The other modes of tests/test_sharding.py on these devices: the Flax layer (heads on "model", sequence on
+    # "cp"), kda inside shard_map, kda_decode (dense states over rows and heads, a pool over heads).
+    others = {
+        "layer": lambda: W.run_layer_case(devs, impl, shape=(1, 1, n), head_dim=64, expand_v=1.0),
+        "layer_heads": lambda: W.run_layer_case(devs, impl, shape=(1, n, 1), head_dim=64, expand_v=1.0),
+        "shard_map": lambda: W.run_shard_map_case(devs, impl, K=64, V=64),
+        "decode": lambda: W.run_decode_case(devs, impl, shape=(1, n), K=64, V=64),
+    }
+    for name, run in others.items():
+        try:
+            r = run()
+            bad = {k: v for k, v in r["errors"].items() if not v < TOL}
+            comm = [c for c in r["collectives"] if name == "decode"]  # decode must not communicate at all
+            status = "ok" if not bad and not comm else "FAIL"
+            ok &= status == "ok"
+            print(f"check {name:13s} {status}  max rel err {max(r['errors'].values()):.2e}"
+                  f"{'  bad ' + str(bad) if bad else ''}{'  collectives ' + str(comm) if comm else ''}", flush=True)
+        except Exception as e:  # noqa: BLE001 - report and go on to the next case
+            ok = False
+            print(f"check {name:13s} ERROR {type(e).__name__}: {str(e)[:500]}", flush=True)
     for name, (axes, shape, specs, dims, cp) in cases.items():
         mesh = Mesh(np.array(devs[: int(np.prod(shape))]).reshape(shape), axes)
         try:

@@ -135,16 +135,16 @@ def ffi_calls(hlo_text):
     return {op: len(re.findall(rf'custom_call_target="flashkda_{op}"', hlo_text)) for op in ("fwd", "bwd")}
 
 
-def run_layer_case(devs, impl="xla"):
+def run_layer_case(devs, impl="xla", shape=(2, 2, 2), head_dim=16, expand_v=0.5):
     """The Flax layer on a (data, model, cp) mesh: params placed by their logical axis names (heads on
     "model"), x and segment ids sharded over batch and sequence, context parallelism on "cp"."""
     import flax.linen as nn
     from flashkda_jax.nn import KimiDeltaAttention
 
-    mesh = Mesh(devs.reshape(2, 2, 2), ("data", "model", "cp"))
+    mesh = Mesh(np.asarray(devs)[: int(np.prod(shape))].reshape(shape), ("data", "model", "cp"))
     rules = [("batch", "data"), ("heads", "model"), ("embed", None)]
     B, T, hidden = 2, T_GLOBAL, 24
-    cfg = dict(num_heads=2, head_dim=16, num_v_heads=4, expand_v=0.5, gate="softplus", implementation=impl)
+    cfg = dict(num_heads=2, head_dim=head_dim, num_v_heads=4, expand_v=expand_v, gate="softplus", implementation=impl)
     ks = jax.random.split(jax.random.PRNGKey(7), 3)
     x = jax.random.normal(ks[0], (B, T, hidden))
     wy = jax.random.normal(ks[1], (B, T, hidden))
@@ -172,12 +172,12 @@ def run_layer_case(devs, impl="xla"):
     return dict(errors=errors, collectives=collectives(hlo), o_sharding=heads_sharded, T=T)
 
 
-def run_shard_map_case(devs, impl="xla"):
+def run_shard_map_case(devs, impl="xla", K=16, V=8):
     """kda and its gradients inside shard_map (every mesh axis manual): each device runs its own rows;
     the replicated gate parameters' gradients are summed over devices by the transpose."""
-    mesh = Mesh(devs, ("dp",))
+    mesh = Mesh(np.asarray(devs), ("dp",))
     B, T, H, HV = 8, T_GLOBAL, 2, 4
-    p = problem(11, B, T, H, HV)
+    p = problem(11, B, T, H, HV, K=K, V=V)
     seg = segments_crossing(B, T, 8)
     args = (p["q"], p["k"], p["v"], p["g"], p["beta"], p["A"], p["dt"], seg, p["wo"])
 
@@ -203,11 +203,11 @@ def run_shard_map_case(devs, impl="xla"):
     return dict(errors=errors, collectives=collectives(fn.lower(*args).compile().as_text()), o_sharding="", T=T)
 
 
-def run_decode_case(devs, impl="cpu"):
+def run_decode_case(devs, impl="cpu", shape=(2, 4), K=16, V=8):
     """kda_decode under jit on a (dp, tp) mesh: dense states split by rows and heads, a state pool split by
     heads only; each must equal the unsharded call with no collective at all."""
-    mesh = Mesh(devs.reshape(2, 4), ("dp", "tp"))
-    B, H, HV, K, V, Pn = 8, 4, 8, 16, 8, 12
+    mesh = Mesh(np.asarray(devs)[: int(np.prod(shape))].reshape(shape), ("dp", "tp"))
+    B, H, HV, Pn = 8, 4, 8, 12
     p = problem(5, B, 2, H, HV, K=K, V=V)
     xs = (p["q"], p["k"], p["v"], p["g"], p["beta"])
     kw = dict(gate="softplus", A_log=p["A"], dt_bias=p["dt"], qk_l2norm=True, beta_sigmoid=True, implementation=impl)
