@@ -12,8 +12,8 @@ namespace {
 
 using bf16 = __nv_bfloat16;
 
-__device__ __forceinline__ float Sigmoid(float x) { return 1.f / (1.f + __expf(-x)); }
-__device__ __forceinline__ float Softplus(float x) { return fmaxf(x, 0.f) + log1pf(__expf(-fabsf(x))); }
+using fwd::Sigmoid;
+using fwd::Softplus;
 
 // ------------------------------------------------------------------------------------------------------
 // grad2: everything else of the chunk, recomputed in f32 from the raw inputs (see kda_bwd_common.cuh).
@@ -526,13 +526,6 @@ __global__ void __launch_bounds__(kThreads, 1) Grad2Kernel(Params P) {
     float dt1[PL];  // dt_bias of this lane's channels lane + 32 u
 #pragma unroll
     for (int u = 0; u < PL; ++u) dt1[u] = p.gate_mode != 0 ? dtb[lane + 32 * u] : 0.f;
-    // Effective log-decay of the raw gate input x (before dt_bias dt).
-    auto gate = [&](float graw, float dt) {
-      if (p.gate_mode == 0) return graw;
-      const float x = graw + dt;
-      if (p.gate_mode == 1) return -a_coef * Softplus(x);
-      return p.lower_bound * Sigmoid(p.use_a_log ? a_coef * x : x);
-    };
     __syncthreads();
     // ---- 1. rows: k (l2norm), effective gate, effective beta ----
     // Two rows per warp step (r0, r0 + kRS): both rows' global loads are issued before either row is reduced.
@@ -563,7 +556,7 @@ __global__ void __launch_bounds__(kThreads, 1) Grad2Kernel(Params P) {
         for (int u = 0; u < PL; ++u) {
           const int c = lane + 32 * u;
           sK[r * GP + c] = kv[h2][u] * ks;
-          sG[r * GP + c] = ok ? gate(graw[h2][u], dt1[u]) : 0.f;
+          sG[r * GP + c] = ok ? fwd::GateActivation(p, graw[h2][u], dt1[u], a_coef) : 0.f;
         }
         if (lane == 0) {
           float bb = braw[h2];

@@ -222,6 +222,19 @@ __device__ __forceinline__ void CpAsyncWait() {
   cute::cp_async_wait<N>();
 }
 
+__device__ __forceinline__ float Sigmoid(float x) { return 1.f / (1.f + __expf(-x)); }
+__device__ __forceinline__ float Softplus(float x) { return fmaxf(x, 0.f) + log1pf(__expf(-fabsf(x))); }
+
+// Effective log-decay of a raw gate input x with its dt_bias dt: x itself (gate_mode 0), -a softplus(x + dt)
+// (1), lower_bound sigmoid(a (x + dt)) with use_a_log, else lower_bound sigmoid(x + dt) (2); a = exp(A_log).
+// One definition for the forward's prep and the backward's grad2, so that both see the same bits.
+__device__ __forceinline__ float GateActivation(const Params& p, float x, float dt, float a_coef) {
+  if (p.gate_mode == 0) return x;
+  x += dt;
+  if (p.gate_mode == 1) return -a_coef * Softplus(x);
+  return p.lower_bound * Sigmoid(p.use_a_log ? a_coef * x : x);
+}
+
 __device__ __forceinline__ float WarpSum(float x) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);

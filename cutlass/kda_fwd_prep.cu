@@ -39,8 +39,6 @@ __device__ __forceinline__ void LoadVec(const T* p, float (&out)[N]) {
   }
 }
 
-__device__ __forceinline__ float Softplus(float x) { return fmaxf(x, 0.f) + log1pf(__expf(-fabsf(x))); }
-__device__ __forceinline__ float Sigmoid(float x) { return 1.f / (1.f + __expf(-x)); }
 __device__ __forceinline__ float Bf(bf16 x) { return __bfloat162float(x); }
 
 // Off-diagonal 16x16 blocks (I, J), I > J, handled by warps 0..5.
@@ -348,17 +346,7 @@ __global__ void __launch_bounds__(kThreads, K <= 128 ? 2 : 1) PrepKernel(Params 
         for (int i = 0; i < PL; ++i) {
           const int c = lane * PL + i;
           sK[r * KP + c] = __float2bfloat16(kv[i] * ks);
-          float x = gvv[i];
-          if (p.gate_mode != 0) {
-            x += dtb[i];
-            if (p.gate_mode == 1) {
-              x = -a_coef * Softplus(x);
-            } else {
-              if (p.use_a_log) x *= a_coef;
-              x = p.lower_bound * Sigmoid(x);
-            }
-          }
-          sG[r * GP + c] = valid ? x : 0.f;
+          sG[r * GP + c] = valid ? GateActivation(p, gvv[i], dtb[i], a_coef) : 0.f;
         }
       }
       // q (and, fp16, v: converted in place; bf16 v needs no conversion, so its group may still be in flight).
@@ -451,17 +439,7 @@ __global__ void __launch_bounds__(kThreads, K <= 128 ? 2 : 1) PrepKernel(Params 
           const int c = lane * PL + i;
           sQ[r * KP + c] = __float2bfloat16(qv[u][i] * qs);
           sK[r * KP + c] = __float2bfloat16(kv[u][i] * ks);
-          float x = gvv[u][i];
-          if (p.gate_mode != 0) {
-            x += dtb[i];
-            if (p.gate_mode == 1) {
-              x = -a_coef * Softplus(x);
-            } else {
-              if (p.use_a_log) x *= a_coef;
-              x = p.lower_bound * Sigmoid(x);
-            }
-          }
-          sG[r * GP + c] = valid ? x : 0.f;
+          sG[r * GP + c] = valid ? GateActivation(p, gvv[u][i], dtb[i], a_coef) : 0.f;
         }
 #pragma unroll
         for (int i = 0; i < VPL; ++i) {
