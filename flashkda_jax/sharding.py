@@ -252,7 +252,7 @@ def _cp_maps(fargs, plan, base, last_init, lopts, impl, axes):
         p_end = pfin[:, 0]
     spans = plan["spans"]
     h_out = jnp.where(spans[:, None, None, None], fin0[:, S], fin0[:, S + 1])
-    p_map = jnp.where(spans[:, None, None, None], p_end, 0.0)
+    p_map = _slice_map(p_end, plan)
     # 3. compose the maps of all devices in order: X_j = P_j X_{j-1} + H_j.
     ps = jax.lax.all_gather(p_map, axes)                    # [n, B, HV, K, K]
     hs = jax.lax.all_gather(h_out, axes)                    # [n, B, HV, K, V]
@@ -265,6 +265,12 @@ def _cp_maps(fargs, plan, base, last_init, lopts, impl, axes):
     carry = jax.lax.dynamic_index_in_dim(xs_in, plan["i"], axis=0, keepdims=False)
     carry = jnp.where(plan["cont"][:, None, None, None], carry, 0.0)
     return carry, p_map, (o0, fin0), (o_map, p_end)
+
+
+def _slice_map(p_end, plan):
+    """P_i, this slice's linear map of its incoming state: P_end where the continuing sequence spans the slice,
+    else 0 (a sequence boundary inside the slice cuts the dependence)."""
+    return jnp.where(plan["spans"][:, None, None, None], p_end, 0.0)
 
 
 # Runs 1-2 as one forward of V + K columns (one prep, twice the recurrence columns) where the implementation
@@ -288,13 +294,10 @@ def _cp_true_run(zero_run, map_run, carry, S, impl):
     P_end X."""
     (o0, fin0), (o_map, p_end) = zero_run, map_run
     cdt = carry.dtype
-    if impl == "cuda" and o_map.dtype in (jnp.bfloat16, jnp.float16):
-        # 2-byte outputs on the GPU: the carried state as a 2-byte operand, as the forward kernel's own output
-        # products (Qg S with S rounded to bf16) take it; f32 accumulation on tensor cores.
-        corr = jnp.einsum("bthk,bhkv->bthv", o_map, carry.astype(o_map.dtype), preferred_element_type=jnp.float32)
-    else:
-        corr = jnp.einsum("bthk,bhkv->bthv", o_map.astype(cdt), carry, precision=_HI)
-    o = (o0.astype(cdt) + corr.astype(cdt)).astype(o0.dtype)
+    # the carried state as a 2-byte operand with 2-byte outputs, as the forward kernel's own output products
+    # (Qg S with S rounded to bf16) take it
+    corr = _einsum_like(o_map, "bthk,bhkv->bthv", o_map, carry, cdt, impl)
+    o = (o0.astype(cdt) + corr).astype(o0.dtype)
     fin = fin0.at[:, S].add(jnp.einsum("bhkl,bhlv->bhkv", p_end.astype(cdt), carry, precision=_HI))
     return o, fin
 
@@ -311,25 +314,26 @@ def _cp_finals(fin, slot, plan, S):
 
 
 def _cp_local(fargs, slot, plan, opts, impl, axes):
-    """(o, (final-state contributions [B, S, HV, K, V] (kv), which) or None, (carry, P_i, (o_map, P_end))) of
-    this device's slice."""
+    """(o, (final-state contributions [B, S, HV, K, V] (kv), which) or None, (carry, (o_map, P_end))) of this
+    device's slice."""
     base, last_init, lopts = _cp_setup(fargs, plan, opts)
-    carry, p_map, zero_run, map_run = _cp_maps(fargs, plan, base, last_init, lopts, impl, axes)
+    carry, _, zero_run, map_run = _cp_maps(fargs, plan, base, last_init, lopts, impl, axes)
     o, fin = _cp_true_run(zero_run, map_run, carry, opts.num_slots, impl)
     extra = _cp_finals(fin, slot, plan, opts.num_slots) if opts.return_final_state else None
-    return o, extra, (carry, p_map, map_run)
+    return o, extra, (carry, map_run)
 
 
-# The context-parallel record: the forward's per-device (carry, P_i, P_end) handed to the backward, so that it
-# need not rerun runs 1-2. A custom_partitioning result needs a global shape, so the record is laid along the
-# sequence like q, [B, T, HV, R] f32: device i writes, per (row, head), carry (K x V), P_i and P_end (K x K) and
-# the stamp (i + 1, n) into the first K (V + 2 K) + 2 of its T/n x R values (R = opts.cp_record, chosen by
+# The context-parallel record: the forward's per-device (carry, P_end) handed to the backward, so that it need
+# not rerun runs 1-2 (P_i is P_end where the continuing sequence spans the slice, else 0: _slice_map). A
+# custom_partitioning result needs a global shape, so the record is laid along the sequence like q,
+# [B, T, HV, R] f32: device i writes, per (row, head), carry (K x V), P_end (K x K) and the stamp (i + 1, n)
+# into the first K (V + K) + 2 of its T/n x R values (R = opts.cp_record, chosen by
 # constrain_context_parallel so that they fit). A record whose stamp does not match the backward's device
 # layout poisons the gradients with NaN instead of being silently wrong. Run 2's outputs q_t^T P_t (o_map,
 # [B, T, HV, K] in v's dtype) travel beside it as a second residual.
 
 def _record_size(K, V):
-    return K * V + 2 * K * K + 2
+    return K * V + K * K + 2
 
 
 def record_width(T_local, K, V):
@@ -337,11 +341,10 @@ def record_width(T_local, K, V):
     return -(-_record_size(K, V) // T_local)
 
 
-def _cp_record(carry, p_map, p_end, plan, n, Tl, R):
+def _cp_record(carry, p_end, plan, n, Tl, R):
     B, HV, K, V = carry.shape
     stamp = jnp.broadcast_to(jnp.stack([plan["i"] + 1, jnp.int32(n)]).astype(jnp.float32), (B, HV, 2))
     flat = jnp.concatenate([carry.reshape(B, HV, K * V).astype(jnp.float32),
-                            p_map.reshape(B, HV, K * K).astype(jnp.float32),
                             p_end.reshape(B, HV, K * K).astype(jnp.float32), stamp], axis=-1)
     flat = jnp.pad(flat, ((0, 0), (0, 0), (0, Tl * R - flat.shape[-1])))
     return jnp.swapaxes(flat.reshape(B, HV, Tl, R), 1, 2)          # [B, Tl, HV, R]
@@ -351,20 +354,20 @@ def _cp_unrecord(rec, plan, n, K, V, cdt):
     B, Tl, HV, R = rec.shape
     flat = jnp.swapaxes(rec, 1, 2).reshape(B, HV, Tl * R)
     carry = flat[..., :K * V].reshape(B, HV, K, V)
-    p_map = flat[..., K * V:K * V + K * K].reshape(B, HV, K, K)
-    p_end = flat[..., K * V + K * K:K * V + 2 * K * K].reshape(B, HV, K, K)
-    stamp = flat[..., K * V + 2 * K * K:K * V + 2 * K * K + 2]
+    p_end = flat[..., K * V:K * V + K * K].reshape(B, HV, K, K)
+    stamp = flat[..., K * V + K * K:K * V + K * K + 2]
     ok = jnp.all(stamp[..., 0] == (plan["i"] + 1).astype(jnp.float32)) & jnp.all(stamp[..., 1] == n)
     poison = jnp.where(ok, 0.0, jnp.nan).astype(cdt)
-    return carry.astype(cdt) + poison, p_map.astype(cdt) + poison, p_end.astype(cdt) + poison
+    return carry.astype(cdt) + poison, p_end.astype(cdt) + poison
 
 
-def _contract_tokens(a, b, cdt, impl):
-    """sum_t a[:, t]^T b[:, t] per (row, head): [B, T, HV, K] x [B, T, HV, V] -> [B, HV, K, V] (cdt), with the
-    products formed exactly (2-byte inputs on the GPU: on tensor cores, f32 accumulation)."""
-    if impl == "cuda" and a.dtype == b.dtype and a.dtype in (jnp.bfloat16, jnp.float16):
-        return jnp.einsum("bthk,bthv->bhkv", a, b, preferred_element_type=jnp.float32).astype(cdt)
-    return jnp.einsum("bthk,bthv->bhkv", a.astype(cdt), b.astype(cdt), precision=_HI)
+def _einsum_like(ref, spec, a, b, cdt, impl):
+    """einsum(spec, a, b) in cdt: on the GPU with a 2-byte ref (the slice's outputs), both operands in ref's
+    dtype on tensor cores with f32 accumulation; else in cdt at the highest precision."""
+    if impl == "cuda" and ref.dtype in (jnp.bfloat16, jnp.float16):
+        out = jnp.einsum(spec, a.astype(ref.dtype), b.astype(ref.dtype), preferred_element_type=jnp.float32)
+        return out.astype(cdt)
+    return jnp.einsum(spec, a.astype(cdt), b.astype(cdt), precision=_HI)
 
 
 def _final_hits(slot, plan, S):
@@ -381,11 +384,10 @@ def _cp_fwd(args, opts, impl, axes, n):
     """-> (o, final state or None, record or None, o_map or None) of this device."""
     q, k, v, g, beta, a, dt, slot, init = args
     plan = _cp_plan(slot, opts.num_slots, axes)
-    o, extra, (carry, p_map, (o_map, p_end)) = _cp_local((q, k, v, g, beta, a, dt, init), slot, plan, opts, impl,
-                                                         axes)
+    o, extra, (carry, (o_map, p_end)) = _cp_local((q, k, v, g, beta, a, dt, init), slot, plan, opts, impl, axes)
     rec = omap = None
     if opts.cp_record:
-        rec, omap = _cp_record(carry, p_map, p_end, plan, n, q.shape[1], opts.cp_record), o_map
+        rec, omap = _cp_record(carry, p_end, plan, n, q.shape[1], opts.cp_record), o_map
     if extra is None:
         return o, None, rec, omap
     contrib, has = extra
@@ -416,8 +418,8 @@ def _cp_bwd(args, do, dfin, rec, omap, opts, impl, axes, n):
     fargs = (q, k, v, g, beta, a, dt, init)
     base, last_init, lopts = _cp_setup(fargs, plan, opts)
     if rec is not None:
-        carry, p_map, p_end = _cp_unrecord(rec, plan, n, q.shape[-1], v.shape[-1], base.dtype)
-        o_map = omap
+        carry, p_end = _cp_unrecord(rec, plan, n, q.shape[-1], v.shape[-1], base.dtype)
+        p_map, o_map = _slice_map(p_end, plan), omap
     else:
         carry, p_map, _, (o_map, p_end) = _cp_maps(fargs, plan, base, last_init, lopts, impl, axes)
     largs = (q, k, v, g, beta, a, dt, plan["lslot"], _cp_local_init(base, carry, last_init))
@@ -431,7 +433,8 @@ def _cp_bwd(args, do, dfin, rec, omap, opts, impl, axes, n):
     else:
         dfin_l = zero_fin
     # (a) this slice's local-loss gradient w.r.t. its incoming state (zero where nothing continues into it).
-    ell = _contract_tokens(o_map, do, cdt, impl) + jnp.einsum("bhlk,bhlv->bhkv", p_end, dfin_l[:, S], precision=_HI)
+    ell = (_einsum_like(o_map, "bthk,bthv->bhkv", o_map, do, cdt, impl)
+           + jnp.einsum("bhlk,bhlv->bhkv", p_end, dfin_l[:, S], precision=_HI))
     ell = jnp.where(plan["cont"][:, None, None, None], ell, 0.0)
     # (b) D_j for every device, last to first.
     ls = jax.lax.all_gather(ell, axes)                      # [n, B, HV, K, V]
