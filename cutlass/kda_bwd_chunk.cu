@@ -67,14 +67,16 @@ __device__ __forceinline__ bool DiagFastV2(const float* sG, int GP, int I, int l
 // Gradients of the decay products M = sum_c x_ic y_jc exp(G_ic - G_jc) (j <= i) from dM (sB, f32, pitch BP;
 // zero where j > i, and on the diagonal when strict): dx and dy, handed per element with their shares of dG
 // to onx(i, c, dx, gx) (dG_i += gx, gx ~ x_i dx_i) and ony(j, c, dy, gy) (dG_j -= gy, gy ~ y_j dy_j; both
-// from the rounded factors, see above; exact diagonal blocks: x_i dx_i, y_j dy_j in f32). Warp w owns the
-// rows of block Q = w & 3 and the channels of half w >> 2 of K, for dx (over J <= Q) and for dy (over
-// I >= Q): no two warps touch the same (row, channel).
-template <int K, int BP, typename FX, typename FY>
+// from the rounded factors, see above; exact diagonal blocks: x_i dx_i, y_j dy_j in f32). Of the NW warps, warp
+// w owns the rows of block Q = w & 3 and the channels of group w >> 2 of the NW / 4 groups of K, for dx (over
+// J <= Q) and for dy (over I >= Q): no two warps touch the same (row, channel).
+template <int K, int BP, int NW, typename FX, typename FY>
 __device__ __forceinline__ void DecayGradV2(const float* sB, const float* sG, int GP, const float* x, int xp,
                                             const float* y, int yp, int warp, int lane, FX onx, FY ony) {
-  constexpr int NT = K / 16;  // n-tiles of 8 channels in a half
-  const int Q = warp & 3, c0 = (warp >> 2) * (K / 2);
+  constexpr int NQ = NW / 4;         // channel groups
+  constexpr int NT = K / (8 * NQ);   // n-tiles of 8 channels in a group
+  static_assert(NW % 4 == 0 && NT >= 1, "four row blocks per channel group");
+  const int Q = warp & 3, c0 = (warp >> 2) * (K / NQ);
   const int gr = lane >> 2, t4 = lane & 3;
   const bool dfast = DiagFastV2<K>(sG, GP, Q, lane);
   float acc[NT][4], accg[NT][4];  // dx (dy), and its share of dG
@@ -195,13 +197,13 @@ __device__ __forceinline__ void DecayGradV2(const float* sB, const float* sG, in
 }
 
 // B_kk[i][j] = sum_c k_ic k_jc exp(G_ic - G_jc) for j < i, 0 for j >= i inside the lower blocks (upper blocks
-// are not written: nothing reads them). Ten 16x16 block tasks over the warps, as in the forward prep.
-template <int K, int BP>
+// are not written: nothing reads them). Ten 16x16 block tasks over the NW warps, as in the forward prep.
+template <int K, int BP, int NW>
 __device__ __forceinline__ void BkkV2(float* sB, const float* sG, const float* sK, int GP, int warp, int lane) {
   // Off-diagonal task t < 6 is block (I, J) = ({1, 2, 3, 2, 3, 3}[t], {0, 0, 0, 1, 1, 2}[t]), read as nibbles of
   // two constants (an indexed array would live in local memory).
   const int gr = lane >> 2, t4 = lane & 3;
-  for (int task = warp; task < 10; task += kThreads / 32) {
+  for (int task = warp; task < 10; task += NW) {
     const bool diag = task >= 6;
     const int I = diag ? task - 6 : (0x332321 >> (4 * task)) & 0xf;
     const int J = diag ? I : (0x211000 >> (4 * task)) & 0xf;
@@ -302,15 +304,17 @@ __device__ __forceinline__ void Grad2InvertDiag(float* sB, const float* sBeta, i
 }
 
 // Off-diagonal blocks of T (after a barrier behind Grad2InvertDiag), by distance d = I - J = 1, 2, 3:
-// T_IJ = -T_II P, P = sum_{M=J}^{I-1} A_IM T_MJ. Thread (r, c) = (tid & 15, tid >> 4): a half warp holds one
-// column c of P, and T_II P is formed with shuffles. Ends with a barrier.
-template <int BP>
+// T_IJ = -T_II P, P = sum_{M=J}^{I-1} A_IM T_MJ. The blocks of one distance are independent: each group of
+// 256 threads (NW / 8 groups) takes every (NW / 8)-th of them. Thread (r, c) = (tid & 15, (tid >> 4) & 15) of
+// a group: a half warp holds one column c of P, and T_II P is formed with shuffles. Ends with a barrier.
+template <int BP, int NW>
 __device__ __forceinline__ void Grad2InvertOffDiag(float* sB, const float* sBeta, int tid) {
-  const int r = tid & 15, c = tid >> 4;
+  constexpr int NG = NW / 8;
+  static_assert(NW % 8 == 0, "groups of 256 threads");
+  const int r = tid & 15, c = (tid >> 4) & 15, grp = tid >> 8;
 #pragma unroll
   for (int d = 1; d < 4; ++d) {
-#pragma unroll
-    for (int I = d; I < 4; ++I) {
+    for (int I = d + grp; I < 4; I += NG) {
       const int J = I - d;
       const float br = sBeta[16 * I + r];
       const float* brow = sB + (16 * I + r) * BP;  // B_ij, i = 16 I + r, j < 16 I
@@ -345,12 +349,13 @@ __device__ __forceinline__ float Grad2TAt(const float* sB, int i, int j) {
 }
 
 // out(i, col, x) for the 64 x (K + V) product X = T R (kTrans: T^T R), R(i, col) = rhs(i, col) (f32, 0 for rows
-// >= L), both operands rounded to bf16, fp32 accumulation. Warp w takes the 16-column strips 16 w, 16 w + 128,
-// ... (4 m tiles; the k blocks of T / T^T that are zero are skipped); A fragments are packed from T in f32.
-template <int K, int BP, bool kTrans, typename FR, typename FO>
+// >= L), both operands rounded to bf16, fp32 accumulation. Of the NW warps, warp w takes the 16-column strips
+// 16 w, 16 (w + NW), ... (4 m tiles; the k blocks of T / T^T that are zero are skipped); A fragments are packed
+// from T in f32.
+template <int K, int BP, int NW, bool kTrans, typename FR, typename FO>
 __device__ __forceinline__ void Grad2SolveMma(const float* sB, int warp, int lane, FR rhs, FO out) {
   const int gr = lane >> 2, t4 = lane & 3;
-  for (int n0 = warp * 16; n0 < 2 * K; n0 += kThreads / 2) {  // K + V = 2 K columns
+  for (int n0 = warp * 16; n0 < 2 * K; n0 += NW * 16) {  // K + V = 2 K columns
     float acc[4][2][4];
 #pragma unroll
     for (int I = 0; I < 4; ++I)
@@ -413,15 +418,15 @@ __device__ __forceinline__ void MmaTF32(float (&d)[4], const uint32_t (&a)[4], u
 // dead here: T of the mma solve, or unused),
 // and after a barrier thread i (< 64) sums row i's products from sB's strict upper column i in a fixed order (four
 // running sums over j mod 4) into sDb[i] and zeroes them (the upper triangle ends 0, as 7a needs).
-// Tasks: the ten lower 16x16 blocks (J <= I) split in two 8-column halves, 20 tasks over the 8 warps.
+// Tasks: the ten lower 16x16 blocks (J <= I) split in two 8-column halves, 20 tasks over the NW warps.
 // The mma's k index is mapped to columns so that the fragment loads are conflict-free with the odd pitch XP
 // (bank = row + column mod 32): in a 32-column step, lane (gr, t4) takes columns 8 t4 + s and 8 t4 + 4 + s of
 // the step for k = t4 and t4 + 4 of mma s (s = 0..3): every column once, the same map for A and B.
-template <int K, int BP, int XP>
+template <int K, int BP, int XP, int NW>
 __device__ __forceinline__ void Grad2DaMma(float* sB, const float* sX, const float* sY, const float* sBeta,
                                            float* sDb, int warp, int lane, int tid) {
   const int gr = lane >> 2, t4 = lane & 3;
-  for (int task = warp; task < 20; task += kThreads / 32) {
+  for (int task = warp; task < 20; task += NW) {
     const int blk = task >> 1, n = task & 1;
     const bool diag = blk >= 6;
     // off-diagonal blocks 0..5: (I, J) = (1,0) (2,0) (3,0) (2,1) (3,1) (3,2), as BkkV2 (nibble tables, no local array)
@@ -477,14 +482,21 @@ __device__ __forceinline__ void Grad2DaMma(float* sB, const float* sX, const flo
   }
 }
 
+// Threads of a grad2 CTA: the default (kFactored and kMmaSolve) runs 16 warps on one item (one CTA per SM: its
+// 214 KB of shared memory), twice the warps of the first versions to hide the latency of its stages; that caps
+// it at 128 registers per thread. The other variants keep 8 warps (stages 3 and 5 of the first version map
+// 256 threads onto the chunk's rows).
+constexpr int Grad2Threads(bool factored, bool mma_solve) { return factored && mma_solve ? 512 : kThreads; }
+
 // kFactored selects the v2 stages (3: BkkV2; 7a / 7b: DecayGradV2); kMmaSolve the tensor-core WY solve of stage 4
 // (Grad2InvertDiag / Grad2InvertOffDiag / Grad2SolveMma); both true is the default, both false the first version.
 template <int K, typename TIn, bool kFactored, bool kMmaSolve>
-__global__ void __launch_bounds__(kThreads, 1) Grad2Kernel(Params P) {
+__global__ void __launch_bounds__(Grad2Threads(kFactored, kMmaSolve), 1) Grad2Kernel(Params P) {
+  constexpr int kNT = Grad2Threads(kFactored, kMmaSolve), kNW = kNT / 32;
   using SM = Grad2Smem<K>;
   constexpr int C = kChunk, V = K, GP = SM::GP, BP = SM::BP, XP = SM::XP;
   constexpr int PL = K / 32;  // channels per lane in row-per-warp steps
-  constexpr int kRS = kThreads / 32;  // row stride of the row-per-warp steps (they take rows r0 and r0 + kRS)
+  constexpr int kRS = kNW;  // row stride of the row-per-warp steps (they take rows r0 and r0 + kRS)
   static_assert(C % (2 * kRS) == 0, "row-per-warp steps take two rows");
   const fwd::Params& p = P.f;
   extern __shared__ __align__(16) float smem[];
@@ -568,7 +580,7 @@ __global__ void __launch_bounds__(kThreads, 1) Grad2Kernel(Params P) {
     }
     __syncthreads();
     // ---- 2. G = inclusive cumsum (rows >= L have g = 0: G stays at G_{L-1}) ----
-    for (int c = tid; c < K; c += kThreads) {
+    for (int c = tid; c < K; c += kNT) {
       float run = 0.f;
       for (int r = 0; r < C; ++r) {
         run += sG[r * GP + c];
@@ -578,7 +590,7 @@ __global__ void __launch_bounds__(kThreads, 1) Grad2Kernel(Params P) {
     __syncthreads();
     // ---- 3. B_kk[i][j] = sum_c k_ic k_jc exp(G_ic - G_jc), j < i (factored 16x16 blocks: BkkV2) ----
     if constexpr (kFactored) {
-      BkkV2<K, BP>(sB, sG, sK, GP, warp, lane);
+      BkkV2<K, BP, kNW>(sB, sG, sK, GP, warp, lane);
     } else {
       const int i = tid >> 2, q4 = tid & 3;
       for (int j = q4; j < C; j += 4) {
@@ -595,13 +607,13 @@ __global__ void __launch_bounds__(kThreads, 1) Grad2Kernel(Params P) {
     if constexpr (kMmaSolve) {
       Grad2InvertDiag<BP>(sB, sBeta, tid);
       __syncthreads();
-      Grad2InvertOffDiag<BP>(sB, sBeta, tid);  // ends with a barrier
+      Grad2InvertOffDiag<BP, kNW>(sB, sBeta, tid);  // ends with a barrier
       if (wu_prep) {
         // W | U as the forward's prep computed them (bf16, the values the forward's outputs used; the backward's
         // prep rewrote the same bits), widened into sX. (Staging them by cp.async during the inversion gained
         // nothing on the H100: 7.01 vs 7.02 ms at b8-t4k-h16.)
         constexpr int N8 = 2 * K / 8;  // 8-column groups of a row of W | U
-        for (int idx = tid; idx < C * N8; idx += kThreads) {
+        for (int idx = tid; idx < C * N8; idx += kNT) {
           const int r = idx / N8, c8 = (idx - r * N8) * 8;
           uint4 w = make_uint4(0u, 0u, 0u, 0u);
           if (r < L) {
@@ -620,7 +632,7 @@ __global__ void __launch_bounds__(kThreads, 1) Grad2Kernel(Params P) {
         }
       } else {
         // R = diag(beta) [e^G k | v] (rows >= L: 0), formed as the substitution forms it
-        Grad2SolveMma<K, BP, false>(
+        Grad2SolveMma<K, BP, kNW, false>(
             sB, warp, lane,
             [&](int i, int col) {
               float rhs = 0.f;
@@ -632,7 +644,7 @@ __global__ void __launch_bounds__(kThreads, 1) Grad2Kernel(Params P) {
             },
             [&](int i, int col, float x) { sX[i * XP + col] = x; });
       }
-      Grad2SolveMma<K, BP, true>(
+      Grad2SolveMma<K, BP, kNW, true>(
           sB, warp, lane,
           [&](int i, int col) {
             const float* src = col < K ? P.sW + col : P.sU + (col - K);
@@ -641,7 +653,7 @@ __global__ void __launch_bounds__(kThreads, 1) Grad2Kernel(Params P) {
           },
           [&](int i, int col, float x) { sY[i * XP + col] = x; });
     } else {
-      for (int col = tid; col < K + V; col += kThreads) {
+      for (int col = tid; col < K + V; col += kNT) {
         float x[C];
 #pragma unroll
         for (int i = 0; i < C; ++i) {
@@ -679,7 +691,7 @@ __global__ void __launch_bounds__(kThreads, 1) Grad2Kernel(Params P) {
     __syncthreads();
     // ---- 5. dA = -strict_tril(dKb W^T + dVb U^T); dbeta += rowsum(dA * B); dB = diag(beta) dA (in place) ----
     if constexpr (kFactored) {
-      Grad2DaMma<K, BP, XP>(sB, sX, sY, sBeta, sDb, warp, lane, tid);
+      Grad2DaMma<K, BP, XP, kNW>(sB, sX, sY, sBeta, sDb, warp, lane, tid);
     } else {
       const int i = tid >> 2, q4 = tid & 3;
       float db = 0.f;
@@ -750,7 +762,7 @@ __global__ void __launch_bounds__(kThreads, 1) Grad2Kernel(Params P) {
     __syncthreads();
     // ---- 7a. B_kk = decay product (k, k), strict: dk += dx + dy, dG += k dx - k dy ----
     if constexpr (kFactored) {
-      DecayGradV2<K, BP>(
+      DecayGradV2<K, BP, kNW>(
           sB, sG, GP, sK, GP, sK, GP, warp, lane,
           [&](int i, int c, float dx, float gx) {
             sY[i * XP + c] += dx;
@@ -761,7 +773,7 @@ __global__ void __launch_bounds__(kThreads, 1) Grad2Kernel(Params P) {
             sY[j * XP + K + c] -= gy;
           });
     } else {
-      for (int idx = tid; idx < C * K; idx += kThreads) {
+      for (int idx = tid; idx < C * K; idx += kNT) {
         const int r = idx / K, c = idx % K;
         const float gr = sG[r * GP + c], kr = sK[r * GP + c];
         float dx = 0.f, dy = 0.f;
@@ -773,24 +785,24 @@ __global__ void __launch_bounds__(kThreads, 1) Grad2Kernel(Params P) {
     }
     __syncthreads();
     {  // dA_qk into sB: all of a thread's global loads first, then the smem stores
-      constexpr int kN = C * C / kThreads;
-      static_assert(C * C % kThreads == 0, "");
+      constexpr int kN = C * C / kNT;
+      static_assert(C * C % kNT == 0, "");
       float va[kN];
 #pragma unroll
       for (int u = 0; u < kN; ++u) {
-        const int idx = tid + u * kThreads, r = idx / C, c = idx % C;
+        const int idx = tid + u * kNT, r = idx / C, c = idx % C;
         va[u] = r < L ? P.sA[((tb + r) * HV + hv) * C + c] : 0.f;
       }
 #pragma unroll
       for (int u = 0; u < kN; ++u) {
-        const int idx = tid + u * kThreads, r = idx / C, c = idx % C;
+        const int idx = tid + u * kNT, r = idx / C, c = idx % C;
         sB[r * BP + c] = va[u];
       }
     }
     __syncthreads();
     // ---- 7b. A_qk = decay product (q, k), lower incl. diagonal: dq += dx, dk += dy, dG += q dx - k dy ----
     if constexpr (kFactored) {
-      DecayGradV2<K, BP>(
+      DecayGradV2<K, BP, kNW>(
           sB, sG, GP, sX, XP, sK, GP, warp, lane,
           [&](int i, int c, float dx, float gx) {
             sX[i * XP + K + c] += dx;
@@ -801,7 +813,7 @@ __global__ void __launch_bounds__(kThreads, 1) Grad2Kernel(Params P) {
             sY[j * XP + K + c] -= gy;
           });
     } else {
-      for (int idx = tid; idx < C * K; idx += kThreads) {
+      for (int idx = tid; idx < C * K; idx += kNT) {
         const int r = idx / K, c = idx % K;
         const float gr = sG[r * GP + c], kr = sK[r * GP + c], qr = sX[r * XP + c];
         float dx = 0.f, dy = 0.f;
@@ -814,10 +826,10 @@ __global__ void __launch_bounds__(kThreads, 1) Grad2Kernel(Params P) {
     }
     __syncthreads();
     // ---- 8. Qg = e^G q, Kd = e^(G_last - G) k ----
-    // With kThreads a multiple of K, thread tid only sees channel c = tid % K (rows tid / K + n kThreads / K): it
+    // With kNT a multiple of K, thread tid only sees channel c = tid % K (rows tid / K + n kNT / K): it
     // also sums stage 9's sum_r Kd_rc dKd_rc over its rows (kd_part), from the same loads. Global loads go in
     // batches of kB8 rows per thread, issued before any is used.
-    static_assert(kThreads % K == 0, "stage 8 keeps one channel per thread");
+    static_assert(kNT % K == 0, "stage 8 keeps one channel per thread");
     const float* gl = sG + (C - 1) * GP;
     // stage 9's dgamma of channel tid (tid < K), loaded here so that its latency overlaps stage 8
     const int gidx = GammaIndex(p, cs, se, s);
@@ -827,11 +839,11 @@ __global__ void __launch_bounds__(kThreads, 1) Grad2Kernel(Params P) {
       const int c = tid % K;
       const float glc = gl[c];
       float kd_part = 0.f;
-      for (int idx0 = tid; idx0 < L * K; idx0 += kB8 * kThreads) {
+      for (int idx0 = tid; idx0 < L * K; idx0 += kB8 * kNT) {
         float dqg[kB8], dkd[kB8];
 #pragma unroll
         for (int u = 0; u < kB8; ++u) {
-          const int idx = idx0 + u * kThreads;
+          const int idx = idx0 + u * kNT;
           dqg[u] = dkd[u] = 0.f;
           if (idx < L * K) {
             const size_t o = ((tb + idx / K) * HV + hv) * K + c;
@@ -841,7 +853,7 @@ __global__ void __launch_bounds__(kThreads, 1) Grad2Kernel(Params P) {
         }
 #pragma unroll
         for (int u = 0; u < kB8; ++u) {
-          const int idx = idx0 + u * kThreads;
+          const int idx = idx0 + u * kNT;
           if (idx < L * K) {
             const int r = idx / K;
             const float eg = __expf(sG[r * GP + c]), dec = __expf(glc - sG[r * GP + c]);
@@ -857,12 +869,12 @@ __global__ void __launch_bounds__(kThreads, 1) Grad2Kernel(Params P) {
     }
     __syncthreads();
     // G_last collects sum_i Kd_i dKd_i + gamma dgamma.
-    // Stage 8's partials of channel c are added in the fixed order q = 0 .. kThreads / K - 1.
+    // Stage 8's partials of channel c are added in the fixed order q = 0 .. kNT / K - 1.
     if (tid < K) {
       const int c = tid;
       float acc = gidx >= 0 ? __expf(gl[c]) * dgam_c : 0.f;
 #pragma unroll
-      for (int q = 0; q < kThreads / K; ++q) acc += sB[q * K + c];
+      for (int q = 0; q < kNT / K; ++q) acc += sB[q * K + c];
       // ---- 9. reverse cumsum of dG inside the chunk (this thread owns channel c) ----
       float run = acc;
       for (int r = L - 1; r >= 0; --r) {
@@ -990,9 +1002,11 @@ cudaError_t LaunchGrad2K(const Params& p, cudaStream_t stream, int nsm, long lon
   const bool v2 = Grad2V2Selected(), mma = Grad2MmaSolveSelected();
   Params q = p;
   q.grad2_wu_prep = mma && Grad2WuFromPrep() ? 1 : 0;
-  auto kernel = v2 ? (mma ? Grad2Kernel<K, TIn, true, true> : Grad2Kernel<K, TIn, true, false>)
+  constexpr size_t smem = Grad2Smem<K>::Bytes();
+  if (v2 && mma) return fwd::LaunchGrid<Grad2Threads(true, true)>(Grad2Kernel<K, TIn, true, true>, smem, items, 4, q, stream, nsm);
+  auto kernel = v2 ? Grad2Kernel<K, TIn, true, false>
                    : (mma ? Grad2Kernel<K, TIn, false, true> : Grad2Kernel<K, TIn, false, false>);
-  return fwd::LaunchGrid(kernel, Grad2Smem<K>::Bytes(), items, 4, q, stream, nsm);
+  return fwd::LaunchGrid(kernel, smem, items, 4, q, stream, nsm);
 }
 }  // namespace
 

@@ -39,20 +39,20 @@ inline int SmCount() {
   return n;
 }
 
-// Enqueues a persistent kernel of kThreads threads and smem bytes of dynamic shared memory on
+// Enqueues a persistent kernel of kBlock threads (default kThreads) and smem bytes of dynamic shared memory on
 // nsm * (its resident CTAs per SM) * waves CTAs, at most items and at least one.
-template <typename Kern, typename KParams>
+template <int kBlock = kThreads, typename Kern, typename KParams>
 cudaError_t LaunchGrid(Kern kernel, size_t smem, long long items, int waves, const KParams& p, cudaStream_t stream,
                        int nsm) {
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   if (err != cudaSuccess) return err;
   int occ = 1;
-  cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, kernel, kThreads, smem);
+  cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, kernel, kBlock, smem);
   if (occ < 1) occ = 1;
   long long grid = static_cast<long long>(nsm) * occ * waves;
   if (grid > items) grid = items;
   if (grid < 1) grid = 1;
-  kernel<<<static_cast<int>(grid), kThreads, smem, stream>>>(p);
+  kernel<<<static_cast<int>(grid), kBlock, smem, stream>>>(p);
   return cudaGetLastError();
 }
 
