@@ -497,6 +497,10 @@ ffi::Error KdaBwd(ffi::ThreadPool& pool, FLASHKDA_BWD_PARAMS) {
   }
   Problem& P = A.P;
   const KdaShape& s = P.s;
+  if (chunk_states.element_count() != 0) {
+    return ffi::Error::InvalidArgument("flashkda_bwd (CPU): chunk_states come from the CUDA forward only; "
+                                       "pass an empty buffer");
+  }
   const size_t nq = size_t(s.B * s.T * s.H * s.K), nv = size_t(s.B * s.T * s.HV * s.V);
   const size_t ng = size_t(s.B * s.T * s.HV * s.K), nb = size_t(s.B * s.T * s.HV);
   if (d_o.element_count() != nv || d_o.element_type() != s.dtype) {
@@ -600,9 +604,9 @@ ffi::Error KdaBwd(ffi::ThreadPool& pool, FLASHKDA_BWD_PARAMS) {
 
 static ffi::Error KdaCpuBwdImpl(ffi::ThreadPool pool, FLASHKDA_BWD_PARAMS) {
   return Guard("flashkda_bwd", [&]() {
-    return KdaBwd(pool, q, k, v, g, beta, a_log, dt_bias, slot, initial_state, d_o, dfinal_state, scale, gate_mode,
-                  lower_bound, use_a_log, qk_l2norm, beta_sigmoid, allow_neg_eigval, state_vk, dq, dk, dv, dg, dbeta,
-                  da_log_partial, ddt_bias_partial, dinitial_state, workspace);
+    return KdaBwd(pool, q, k, v, g, beta, a_log, dt_bias, slot, initial_state, d_o, dfinal_state, chunk_states, scale,
+                  gate_mode, lower_bound, use_a_log, qk_l2norm, beta_sigmoid, allow_neg_eigval, state_vk, dq, dk, dv,
+                  dg, dbeta, da_log_partial, ddt_bias_partial, dinitial_state, workspace);
   });
 }
 

@@ -177,6 +177,10 @@ ffi::Error KdaFwd(ffi::ThreadPool& pool, FLASHKDA_FWD_PARAMS) {
   const KdaShape& s = P.s;
   if (auto e = CheckResult(op, "o", *o, size_t(s.B * s.T * s.HV * s.V), s.dtype); e.failure()) return e;
   if (auto e = StateBufferSlots(op, "final_state", *final_state, P, &P.S_out); e.failure()) return e;
+  if (chunk_states->element_count() != 0) {
+    return ffi::Error::InvalidArgument("flashkda_fwd (CPU): chunk_states are saved by the CUDA forward only; "
+                                       "pass an empty buffer");
+  }
   A.o = o->untyped_data();
   A.fin = P.S_out > 0 ? final_state->untyped_data() : nullptr;
   if (s.B == 0 || s.HV == 0 || s.V == 0) return ffi::Error::Success();
@@ -215,7 +219,8 @@ ffi::Error KdaFwd(ffi::ThreadPool& pool, FLASHKDA_FWD_PARAMS) {
 static ffi::Error KdaCpuFwdImpl(ffi::ThreadPool pool, FLASHKDA_FWD_PARAMS) {
   return Guard("flashkda_fwd", [&]() {
     return KdaFwd(pool, q, k, v, g, beta, a_log, dt_bias, slot, initial_state, scale, gate_mode, lower_bound,
-                  use_a_log, qk_l2norm, beta_sigmoid, allow_neg_eigval, state_vk, o, final_state, workspace);
+                  use_a_log, qk_l2norm, beta_sigmoid, allow_neg_eigval, state_vk, o, final_state, chunk_states,
+                  workspace);
   });
 }
 

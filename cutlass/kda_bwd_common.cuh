@@ -6,7 +6,8 @@
 //   plan     sequence starts/ends from `slot`; lists of chunks and of sequences; zero padding gradients
 //   prep     the forward's prep kernel (LaunchPrep): Qg, Kd, W, U, A_qk (bf16) and gamma (f32) per chunk
 //   states   one CTA per (sequence, value head, BV columns): the start state S_c of every chunk but a
-//            sequence's first (f32, at index ceil(cs / C) of its row; first chunks read initial_state[slot])
+//            sequence's first (f32, at index ceil(cs / C) of its row; first chunks read initial_state[slot]).
+//            Skipped when the forward saved them (its chunk_states, bf16; the backward's operand of that name)
 //   reverse  one CTA per (sequence, value head, BV columns), chunks last to first:
 //              dR = A_qk^T dO + Kd dS_next,   dS = Qg^T dO - W^T dR + diag(gamma) dS_next
 //            dS_next of every chunk but the last is stored at the index of the next chunk (f32); a last
@@ -85,7 +86,10 @@ struct Layout {
 bool StatesInBf16();
 
 // Workspace layout; mirrored by flashkda_jax/_workspace.py:cuda_bwd_workspace_bytes (keep both in sync).
-inline Layout MakeLayout(int64_t B, int64_t T, int64_t HV, int64_t K, int64_t V, int64_t S_out, bool states_bf16) {
+// states_given: the forward saved the chunk states (its chunk_states result, passed back as an operand), so
+// the workspace holds no Hs.
+inline Layout MakeLayout(int64_t B, int64_t T, int64_t HV, int64_t K, int64_t V, int64_t S_out, bool states_bf16,
+                         bool states_given = false) {
   Layout l{};
   // The forward's layout without splitting (its HP / Sstart blocks are then empty).
   l.f = fwd::MakeLayout(B, T, HV, K, V, S_out, /*no_split=*/true);
@@ -97,7 +101,7 @@ inline Layout MakeLayout(int64_t B, int64_t T, int64_t HV, int64_t K, int64_t V,
   };
   const size_t tok = static_cast<size_t>(B * T * HV);
   const size_t nst = static_cast<size_t>(B) * (l.f.NW + 1) * HV * K * V * (states_bf16 ? 2 : 4);
-  l.hs = take(nst);
+  l.hs = take(states_given ? 0 : nst);
   l.dh = take(nst);
   l.dgam = take(static_cast<size_t>(B) * l.f.NG * HV * K * 4);
   l.sqg = take(tok * K * 4);

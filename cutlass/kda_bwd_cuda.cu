@@ -155,7 +155,7 @@ ffi::Error CudaError(cudaError_t err, const char* where) {
 }
 
 template <typename TIn>
-ffi::Error Run(cudaStream_t stream, Params& P, bool state_only) {
+ffi::Error Run(cudaStream_t stream, Params& P, bool state_only, bool states_given) {
   const fwd::Params& p = P.f;
   const int nsm = fwd::SmCount();
   cudaError_t err;
@@ -173,7 +173,7 @@ ffi::Error Run(cudaStream_t stream, Params& P, bool state_only) {
     if ((err = LaunchReverse<TIn>(P, stream, nsm)) != cudaSuccess) return CudaError(err, "reverse kernel");
     return ffi::Error::Success();
   }
-  if ((err = LaunchStates(P, stream, nsm)) != cudaSuccess) return CudaError(err, "states kernel");
+  if (!states_given && (err = LaunchStates(P, stream, nsm)) != cudaSuccess) return CudaError(err, "states kernel");
   if ((err = LaunchReverse<TIn>(P, stream, nsm)) != cudaSuccess) return CudaError(err, "reverse kernel");
   if ((err = LaunchGrad1<TIn>(P, stream, nsm)) != cudaSuccess) return CudaError(err, "grad1 kernel");
   if ((err = LaunchGrad2<TIn>(P, stream, nsm)) != cudaSuccess) return CudaError(err, "grad2 kernel");
@@ -261,7 +261,20 @@ static ffi::Error KdaCudaBwdImpl(cudaStream_t stream, FLASHKDA_BWD_PARAMS) {
     return e;
   }
   const bool states_bf16 = StatesInBf16();
-  const Layout lay = MakeLayout(s.B, s.T, s.HV, s.K, s.V, s_out, states_bf16);
+  // The forward's chunk states (bf16 [B, ceil(T / 64) + 1, HV, K, V]), or empty: the states pass recomputes them.
+  const bool states_given = chunk_states.element_count() > 0;
+  if (states_given) {
+    const size_t n = static_cast<size_t>(s.B) * ((s.T + kChunk - 1) / kChunk + 1) * s.HV * s.K * s.V;
+    if (chunk_states.element_count() != n || chunk_states.element_type() != ffi::DataType::BF16) {
+      return ffi::Error::InvalidArgument("flashkda_bwd (CUDA): chunk_states must be bfloat16 [B, ceil(T / 64) + 1, HV, K, V]");
+    }
+    if (!states_bf16) {
+      return ffi::Error::InvalidArgument(
+          "flashkda_bwd (CUDA): chunk_states need the default backward kernels (bf16 chunk states); "
+          "FLASHKDA_BWD_RECUR=v1 / FLASHKDA_BWD_GRAD1=simt keep f32 states");
+    }
+  }
+  const Layout lay = MakeLayout(s.B, s.T, s.HV, s.K, s.V, s_out, states_bf16, states_given);
   if (workspace->size_bytes() < lay.total) {
     return ffi::Error::InvalidArgument("flashkda_bwd (CUDA): workspace too small: " +
                                        std::to_string(workspace->size_bytes()) + " < " + std::to_string(lay.total) +
@@ -300,7 +313,8 @@ static ffi::Error KdaCudaBwdImpl(cudaStream_t stream, FLASHKDA_BWD_PARAMS) {
   P.da_log = static_cast<float*>(da_log_partial->untyped_data());
   P.ddt = static_cast<float*>(ddt_bias_partial->untyped_data());
   P.dinit = s.has_initial_state ? static_cast<float*>(dinitial_state->untyped_data()) : nullptr;
-  P.Hs = reinterpret_cast<float*>(ws + lay.hs);
+  P.Hs = states_given ? const_cast<float*>(static_cast<const float*>(chunk_states.untyped_data()))
+                      : reinterpret_cast<float*>(ws + lay.hs);
   P.dH = reinterpret_cast<float*>(ws + lay.dh);
   P.states_bf16 = states_bf16 ? 1 : 0;
   P.dgam = reinterpret_cast<float*>(ws + lay.dgam);
@@ -313,9 +327,9 @@ static ffi::Error KdaCudaBwdImpl(cudaStream_t stream, FLASHKDA_BWD_PARAMS) {
   P.seq_list = reinterpret_cast<int4*>(ws + lay.seqs);
   P.gred = reinterpret_cast<float*>(ws + lay.gred);
   switch (dt) {
-    case ffi::DataType::BF16: return Run<__nv_bfloat16>(stream, P, state_only);
-    case ffi::DataType::F16: return Run<__half>(stream, P, state_only);
-    default: return Run<float>(stream, P, state_only);
+    case ffi::DataType::BF16: return Run<__nv_bfloat16>(stream, P, state_only, states_given);
+    case ffi::DataType::F16: return Run<__half>(stream, P, state_only, states_given);
+    default: return Run<float>(stream, P, state_only, states_given);
   }
 }
 

@@ -65,6 +65,9 @@ struct Params {
   const float* init;
   void* o;
   float* final_state;
+  // [B, NW + 1, HV, K, V] bf16 or null: the start state of every chunk but a sequence's first, at index
+  // ceil(cs / C) of its row, saved for the CUDA backward (its Hs, kda_bwd_common.cuh); written by phase 3
+  __nv_bfloat16* chunk_states;
   // workspace
   __nv_bfloat16* Qg;   // [B, T, HV, K]
   __nv_bfloat16* Kd;   // [B, T, HV, K]

@@ -87,10 +87,20 @@ static ffi::Error KdaCudaFwdImpl(cudaStream_t stream, FLASHKDA_FWD_PARAMS) {
     return ffi::Error::InvalidArgument("flashkda_fwd (CUDA): workspace too small: " + std::to_string(workspace->size_bytes()) +
                                        " < " + std::to_string(lay.total) + " bytes");
   }
+  if (chunk_states->element_count() > 0) {
+    // Only the backward's head dims (K == V in {64, 128}); the layout is the backward's Hs.
+    const size_t n = static_cast<size_t>(s.B) * (lay.NW + 1) * s.HV * s.K * s.V;
+    if (s.K != s.V || s.K > 128 || chunk_states->element_count() != n ||
+        chunk_states->element_type() != ffi::DataType::BF16) {
+      return ffi::Error::InvalidArgument(
+          "flashkda_fwd (CUDA): chunk_states must be bfloat16 [B, ceil(T / 64) + 1, HV, K, V] with K == V <= 128");
+    }
+  }
   unsigned char* ws = static_cast<unsigned char*>(workspace->untyped_data());
   Params p = MakeParams(s, opt, lay, ws, s_final, q, k, v, g, beta, a_log, dt_bias, slot, initial_state,
                         o->untyped_data(),
                         s_final > 0 ? static_cast<float*>(final_state->untyped_data()) : nullptr);
+  p.chunk_states = chunk_states->element_count() > 0 ? static_cast<__nv_bfloat16*>(chunk_states->untyped_data()) : nullptr;
   const int64_t init_bytes = s.has_initial_state ? static_cast<int64_t>(initial_state.size_bytes()) : 0;
   const int64_t final_bytes = static_cast<int64_t>(final_state->size_bytes());
   switch (dt) {

@@ -114,14 +114,15 @@ def cuda_bwd_states_bf16() -> bool:
     return os.environ.get("FLASHKDA_BWD_RECUR") != "v1" and os.environ.get("FLASHKDA_BWD_GRAD1") != "simt"
 
 
-def _cuda_bwd_pack(B: int, T: int, HV: int, K: int, V: int, S: int) -> tuple[dict, int]:
+def _cuda_bwd_pack(B: int, T: int, HV: int, K: int, V: int, S: int,
+                   states_given: bool = False) -> tuple[dict, int]:
     fwd, off = _pack(_cuda_fwd_regions(B, T, HV, K, V, S, no_split=True))
     nw = -(-T // _CHUNK)
     tok = B * T * HV
     states = B * (nw + 1) * HV * K * V * (2 if cuda_bwd_states_bf16() else 4)
     # Names are the fields of flashkda::bwd::Layout, in its order (after the forward's, embedded first).
     bwd, off = _pack([
-        ("hs", states),                    # chunk start states (bf16, or f32) [B, NW + 1, HV, K, V]
+        ("hs", 0 if states_given else states),  # chunk start states (bf16, or f32) [B, NW + 1, HV, K, V]
         ("dh", states),                    # their gradients (bf16, or f32) [B, NW + 1, HV, K, V]
         ("dgam", B * (nw + S) * HV * K * 4),  # dgamma per chunk (f32) [B, NG, HV, K]
         ("sqg", tok * K * 4),              # dQg, then dq (effective) (f32) [B, T, HV, K]
@@ -136,21 +137,29 @@ def _cuda_bwd_pack(B: int, T: int, HV: int, K: int, V: int, S: int) -> tuple[dic
     return {**fwd, **bwd}, off
 
 
-def cuda_bwd_workspace_layout(B: int, T: int, HV: int, K: int, V: int, S: int) -> dict:
+def cuda_bwd_workspace_layout(B: int, T: int, HV: int, K: int, V: int, S: int, states_given: bool = False) -> dict:
     """``{name: (byte offset, bytes)}`` of ``flashkda::bwd::MakeLayout``: the forward's regions
     (``fwd::MakeLayout(no_split=True)``, names of ``fwd::Layout``) then the backward's (names of
     ``bwd::Layout``). ``bytes`` is the region's size before the 256-byte padding. S must be the
-    dfinal_state slots the handler sees (0 without dfinal_state): the offsets after ``gamma`` depend on it."""
-    return _cuda_bwd_pack(B, T, HV, K, V, S)[0]
+    dfinal_state slots the handler sees (0 without dfinal_state): the offsets after ``gamma`` depend on it.
+    states_given: the forward's chunk_states come as an operand (no ``hs`` region)."""
+    return _cuda_bwd_pack(B, T, HV, K, V, S, states_given)[0]
 
 
-def cuda_bwd_workspace_bytes(B: int, T: int, HV: int, K: int, V: int, S: int) -> int:
+def cuda_bwd_workspace_bytes(B: int, T: int, HV: int, K: int, V: int, S: int, states_given: bool = False) -> int:
     """Mirrors ``flashkda::bwd::MakeLayout`` in ``cutlass/kda_bwd_common.cuh`` (S: dfinal_state slots, or an
-    upper bound of them: the size only grows with S)."""
-    return _cuda_bwd_pack(B, T, HV, K, V, S)[1]
+    upper bound of them: the size only grows with S; states_given: the forward's chunk_states are an operand)."""
+    return _cuda_bwd_pack(B, T, HV, K, V, S, states_given)[1]
 
 
-def bwd_workspace_bytes(platform: str, *, B: int, T: int, H: int, HV: int, K: int, V: int, S: int, opts) -> int:
+def bwd_workspace_bytes(platform: str, *, B: int, T: int, H: int, HV: int, K: int, V: int, S: int, opts,
+                        states_given: bool = False) -> int:
     if platform == "cuda":
-        return cuda_bwd_workspace_bytes(B, T, HV, K, V, S)
+        return cuda_bwd_workspace_bytes(B, T, HV, K, V, S, states_given)
     return 0
+
+
+def chunk_states_shape(B: int, T: int, HV: int, K: int, V: int) -> tuple:
+    """Shape of the CUDA forward's chunk_states result (bf16), the backward's Hs: ``[B, ceil(T / 64) + 1, HV, K,
+    V]`` (index ceil(cs / 64) of a row holds the start state of the chunk at cs; index 0 is never written)."""
+    return (B, -(-T // _CHUNK) + 1, HV, K, V)

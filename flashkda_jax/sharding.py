@@ -73,6 +73,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -82,7 +83,9 @@ from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from flashkda_jax import _capabilities as _caps
 from flashkda_jax import _inputs
+from flashkda_jax import _workspace
 from flashkda_jax import preprocess as _pre
 from flashkda_jax import reference as _reference
 
@@ -132,13 +135,24 @@ def _xla_bwd(args, do, dfin, opts):
     return vjp((do, dfin))
 
 
-def _core_bwd(args, do, dfin, opts, impl):
-    """-> (dq, dk, dv, dg, dbeta, da_rows, ddt_rows, dinit | None)."""
+def _core_bwd(args, do, dfin, opts, impl, hs=None):
+    """-> (dq, dk, dv, dg, dbeta, da_rows, ddt_rows, dinit | None). hs: the CUDA forward's chunk states, or None."""
     ops = _ops()
     bimpl = impl if impl == "xla" else ops._backward_impl(impl, args[0], args[2])
     if bimpl == "xla":
         return tuple(_xla_bwd(args, do, dfin, opts))
-    return tuple(ops._ffi_backward(args, do, dfin, opts, bimpl))
+    return tuple(ops._ffi_backward(args, do, dfin, opts, bimpl, hs))
+
+
+def _saved_states_opts(args, opts, impl):
+    """opts for the differentiated forward / backward pair: save_chunk_states where the CUDA forward can hand its
+    chunk states to the CUDA backward (both kernels run, the default bf16 chunk states, no context parallelism,
+    whose per-device runs are not the true ones) and FLASHKDA_SAVE_CHUNK_STATES is not 0."""
+    q, v = args[0], args[2]
+    K, V = q.shape[-1], v.shape[-1]
+    ok = (impl == "cuda" and not opts.cp_record and _caps.CUDA_BWD_READY and (K, V) in _caps.CUDA_BWD_HEAD_DIMS
+          and _workspace.cuda_bwd_states_bf16() and os.environ.get("FLASHKDA_SAVE_CHUNK_STATES", "1") != "0")
+    return dataclasses.replace(opts, save_chunk_states=True) if ok else opts
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
@@ -282,7 +296,6 @@ def _merged_map_run(impl, K, V):
     if not MERGED_MAP_RUN:
         return False
     if impl == "cuda":
-        from flashkda_jax import _capabilities as _caps
         return (K, V + K) in _caps.CUDA_FWD_MAP_HEAD_DIMS
     return True
 
@@ -490,6 +503,9 @@ def _rule(num_args, has_init, has_ct_fin, H, HV, opts, backward):
     a = f"b {hv}"
     dt = f"b {hv} k"
     rec = [f"b t {hv} z", f"b t {hv} k"] if opts.cp_record else []  # the record, o_map
+    # opts.save_chunk_states: the forward also returns its chunk states [B, NW + 1, HV, K, V] (axis "n" never split),
+    # the backward's last operand.
+    rec += [f"b n {hv} k d"] if opts.save_chunk_states else []
     ins = [q, q, v, g, beta, a, dt, "b t"] + ([st] if has_init else [])
     if not backward:
         outs = [v] + ([st] if opts.return_final_state else []) + rec
@@ -500,7 +516,7 @@ def _rule(num_args, has_init, has_ct_fin, H, HV, opts, backward):
     rule = ", ".join(ins) + " -> " + ", ".join(outs)
     order = list(dict.fromkeys(rule.replace("(", " ").replace(")", " ").replace(",", " ").replace("->", " ").split()))
     # Shardy wants special factors in the order factors first appear in the rule.
-    kw = dict(need_replication_factors=tuple(f for f in order if f in ("k", "d", "s", "r", "z")))
+    kw = dict(need_replication_factors=tuple(f for f in order if f in ("k", "d", "s", "r", "z", "n")))
     if H != HV:
         kw["r"] = HV // H
     return rule, kw
@@ -516,7 +532,7 @@ def _bwd_rule(opts, impl, mesh, operand_types, result_types):
     del impl, mesh
     H, HV = _shape(operand_types[0])[2], _shape(operand_types[2])[2]
     has_init = len(result_types) == 8
-    n_fixed = 8 + int(has_init) + 1 + 2 * int(bool(opts.cp_record))
+    n_fixed = 8 + int(has_init) + 1 + 2 * int(bool(opts.cp_record)) + int(opts.save_chunk_states)
     return _rule(len(operand_types), has_init, len(operand_types) > n_fixed, H, HV, opts, backward=True)
 
 
@@ -586,29 +602,37 @@ def _fwd_partition(opts, impl, mesh, arg_shapes, result_shape):
     args = arg_shapes[0]
     in_sh = (_arg_shardings(sp, args),)
     out_sh = (sp["q"], sp["st"] if result_shape[1] is not None else None) + \
-        ((sp["q"], sp["q"]) if opts.cp_record else (None, None))
+        ((sp["q"], sp["q"]) if opts.cp_record else (None, None)) + \
+        ((sp["st"] if opts.save_chunk_states else None),)
 
     def lower(args):
         if t:
-            return _cp_fwd(args, opts, impl, t, _axes_size(mesh, t))
-        return _with_record(_core_fwd(args, opts, impl), args, opts)
+            # Sequence-sharded without context_parallel_axis (save_chunk_states is never set with it): the
+            # per-device runs are not the true ones, so the chunk states are zeros the backward ignores.
+            hs = None
+            if opts.save_chunk_states:
+                q, v = args[0], args[2]
+                hs = jnp.zeros(_workspace.chunk_states_shape(q.shape[0], q.shape[1] * _axes_size(mesh, t), v.shape[2],
+                                                             q.shape[3], v.shape[3]), jnp.bfloat16)
+            return _cp_fwd(args, opts, impl, t, _axes_size(mesh, t)) + (hs,)
+        return _fwd_body(opts, impl, args)
 
     return mesh, lower, out_sh, in_sh
 
 
 def _bwd_partition(opts, impl, mesh, arg_shapes, result_shape):
-    args, do, dfin, rec, omap = arg_shapes
+    args, do, dfin, rec, omap, hs = arg_shapes
     b, t, h = _plan_shardings(mesh, (args,), (do,))
     sp = _specs(mesh, b, t, h)
     in_sh = (_arg_shardings(sp, args), sp["q"], None if dfin is None else sp["st"], None if rec is None else sp["q"],
-             None if omap is None else sp["q"])
+             None if omap is None else sp["q"], None if hs is None else sp["st"])
     out_sh = (sp["q"], sp["q"], sp["q"], sp["q"], sp["beta"], sp["a"], sp["dt"],
               None if result_shape[7] is None else sp["st"])
 
-    def lower(args, do, dfin, rec, omap):
+    def lower(args, do, dfin, rec, omap, hs):
         if t:
             return _cp_bwd(args, do, dfin, rec, omap, opts, impl, t, _axes_size(mesh, t))
-        return _core_bwd(args, do, dfin, opts, impl)
+        return _core_bwd(args, do, dfin, opts, impl, hs)
 
     return mesh, lower, out_sh, in_sh
 
@@ -625,12 +649,17 @@ def _with_record(out, args, opts):
 
 
 def _fwd_body(opts, impl, args):
-    return _with_record(_core_fwd(args, opts, impl), args, opts)
+    """-> (o, fin, record, o_map, chunk states): the last three None unless opts asks for them."""
+    if opts.save_chunk_states:
+        o, fin, hs = _ops()._ffi_forward_saving(args, opts, impl)
+    else:
+        (o, fin), hs = _core_fwd(args, opts, impl), None
+    return _with_record((o, fin), args, opts) + (hs,)
 
 
-def _bwd_body(opts, impl, args, do, dfin, rec, omap):
+def _bwd_body(opts, impl, args, do, dfin, rec, omap, hs):
     del rec, omap  # one device: no carried state
-    return _core_bwd(args, do, dfin, opts, impl)
+    return _core_bwd(args, do, dfin, opts, impl, hs)
 
 
 _fwd_op = custom_partitioning(_fwd_body, static_argnums=(0, 1))
@@ -698,19 +727,20 @@ def _sharded_core(args, opts, impl):
 
 
 def _sharded_core_fwd(args, opts, impl):
-    o, fin, rec, omap = _vmappable("fwd", opts, impl)(args)
-    return (o, fin), (args, rec, omap)
+    o, fin, rec, omap, hs = _vmappable("fwd", _saved_states_opts(args, opts, impl), impl)(args)
+    return (o, fin), (args, rec, omap, hs)
 
 
 def _sharded_core_bwd(opts, impl, res, cts):
-    args, rec, omap = res
+    args, rec, omap, hs = res
+    opts = _saved_states_opts(args, opts, impl)
     do, dfin = cts
     if not opts.return_final_state:
         dfin = None
     elif dfin is not None:
         dfin = dfin.astype(_inputs.compute_dtype(args[0].dtype))
     do = do.astype(args[2].dtype)
-    dq, dk, dv, dg, dbeta, da, ddt, dinit = _vmappable("bwd", opts, impl)(args, do, dfin, rec, omap)
+    dq, dk, dv, dg, dbeta, da, ddt, dinit = _vmappable("bwd", opts, impl)(args, do, dfin, rec, omap, hs)
     return ((dq, dk, dv, dg, dbeta, da, ddt, None, dinit),)
 
 

@@ -57,8 +57,9 @@ def ffi_fwd(core, opts):
     a_rows, dt_rows = _rows(core)
     outs = (jax.ShapeDtypeStruct(core.v.shape, core.v.dtype),
             _state_struct(core, opts, opts.return_final_state),
+            jax.ShapeDtypeStruct((0,), jnp.bfloat16),  # chunk_states: CUDA only
             jax.ShapeDtypeStruct((0,), jnp.uint8))
-    o, fin, _ = jax.ffi.ffi_call("flashkda_fwd", outs)(
+    o, fin, _, _ = jax.ffi.ffi_call("flashkda_fwd", outs)(
         core.q, core.k, core.v, core.g, core.beta, a_rows, dt_rows, core.slot, _init_operand(core),
         **opts.ffi_attrs())
     return o, (fin if opts.return_final_state else None)
@@ -77,7 +78,7 @@ def ffi_bwd(core, opts, do, dfin):
         dfin = jnp.zeros((0,), _inputs.compute_dtype(core.q.dtype))
     res = jax.ffi.ffi_call("flashkda_bwd", outs)(
         core.q, core.k, core.v, core.g, core.beta, a_rows, dt_rows, core.slot, _init_operand(core), do, dfin,
-        **opts.ffi_attrs())
+        jnp.zeros((0,), jnp.bfloat16), **opts.ffi_attrs())
     return res[:8]
 
 

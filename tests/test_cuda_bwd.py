@@ -6,6 +6,8 @@ file turns the flag on (it tests the kernel itself) and also calls the FFI backw
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -177,6 +179,60 @@ def test_deterministic():
     b = _grads("cuda", args, params, kw, init, dfin)
     for name in a:
         np.testing.assert_array_equal(np.asarray(a[name], np.float32), np.asarray(b[name], np.float32), err_msg=name)
+
+
+@pytest.mark.parametrize("shape", ["segments", "split"])
+def test_saved_chunk_states(shape, monkeypatch):
+    """The differentiated CUDA forward saves its chunk states for the backward (which then skips its states
+    pass): o and the final states are bit-identical to the forward without them, the saved states are those the
+    backward recomputes (to bf16 rounding of the f32 states of two kernels), and the gradients agree with the
+    recomputing backward (FLASHKDA_SAVE_CHUNK_STATES=0) and with the oracle. "split": a sequence long enough
+    for the forward to split it into segments (phase 3 writes the states)."""
+    from flashkda_jax import _inputs as I
+    from flashkda_jax import _workspace as W
+    from flashkda_jax import ops
+
+    if shape == "segments":
+        B, T, H, HV, K = 2, 400, 1, 2, 128
+        seg = chunk_crossing_segments(B, T, 21)
+        S = int(max(len(set(r[r > 0])) for r in seg))
+        extra = dict(segment_ids=jnp.asarray(seg), max_segments=S)
+        st_shape = (B, S, HV, K, K)
+    else:
+        B, T, H, HV, K = 1, 3000, 1, 2, 64
+        extra, st_shape = {}, (B, HV, K, K)
+    assert shape == "segments" or W.cuda_fwd_seglen(B, T, HV, K, K) < -(-T // 64), "the forward must split"
+    args, params, kw = _inputs(22, B, T, H, HV, K, K, jnp.bfloat16, "bounded")
+    kw.update(extra)
+    init, dfin = random_state(23, st_shape), random_state(24, st_shape)
+    core, opts = I.prepare(*args, scale=None, initial_state=init, segment_ids=kw.get("segment_ids"),
+                           max_segments=kw.get("max_segments"), cu_seqlens=None, return_final_state=True,
+                           qk_l2norm=True, beta_sigmoid=True, allow_neg_eigval=False, gate="bounded",
+                           A_log=params["A_log"], dt_bias=params["dt_bias"], lower_bound=-5.0, state_layout="kv")
+    B_ = core.q.shape[0]
+    fargs = (core.q, core.k, core.v, core.g, core.beta, jnp.broadcast_to(core.a_log, (B_, HV)),
+             jnp.broadcast_to(core.dt_bias, (B_, HV, K)), core.slot, core.initial_state)
+    saving = dataclasses.replace(opts, save_chunk_states=True)
+    o0, f0, none = jax.jit(lambda *a: ops._ffi_forward_saving(a, opts, "cuda"))(*fargs)
+    o1, f1, hs = jax.jit(lambda *a: ops._ffi_forward_saving(a, saving, "cuda"))(*fargs)
+    assert none is None and hs.shape == W.chunk_states_shape(B_, T, HV, K, K) and hs.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(o0, np.float32), np.asarray(o1, np.float32))
+    np.testing.assert_array_equal(np.asarray(f0), np.asarray(f1))
+    # The backward with the saved states against the one that recomputes them (same FFI call otherwise).
+    do = jax.random.normal(jax.random.PRNGKey(25), core.v.shape, jnp.float32).astype(core.v.dtype)
+    dfc = dfin.astype(jnp.float32)
+    given = jax.jit(lambda *a: ops._ffi_backward(a[:-1], do, dfc, opts, "cuda", a[-1]))(*fargs, hs)
+    recomputed = jax.jit(lambda *a: ops._ffi_backward(a, do, dfc, opts, "cuda"))(*fargs)
+    for name, x, y in zip(NAMES + ("A_log", "dt_bias", "initial_state"), given, recomputed):
+        e = rel_err(x, y)
+        assert e <= 2e-3, f"d{name}: saved vs recomputed chunk states rel err {e:.3e}"
+    # Through the public op: saved (default) and recomputed, both against the oracle.
+    got = _compare(args, params, kw, init, dfin, "saved states")
+    monkeypatch.setenv("FLASHKDA_SAVE_CHUNK_STATES", "0")
+    again = _grads("cuda", args, params, kw, init, dfin)
+    for name in got:
+        e = rel_err(got[name], again[name])
+        assert e <= 2e-3, f"d{name}: kda with saved vs recomputed chunk states rel err {e:.3e}"
 
 
 def test_ffi_backward_direct():

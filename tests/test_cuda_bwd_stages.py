@@ -351,7 +351,8 @@ def _gpu(name):
     empty = jnp.zeros((0,), f32)
     fn = jax.jit(lambda *a: call(*a, **opts.ffi_attrs()))
     res = fn(core.q, core.k, core.v, core.g, core.beta, a_rows, dt_rows, core.slot,
-             init if init is not None else empty, do, dfin if dfin is not None else empty)
+             init if init is not None else empty, do, dfin if dfin is not None else empty,
+             jnp.zeros((0,), jnp.bfloat16))
     res = jax.block_until_ready(res)
     outs = {n: np.asarray(jnp.asarray(x, f32), np.float64)
             for n, x in zip(NAMES + ("A_log", "dt_bias", "initial_state"), res[:8])}
@@ -482,6 +483,21 @@ def test_workspace_layout(shape):
     fl = W.cuda_fwd_workspace_layout(*shape, no_split=True)
     assert {k: lay[k] for k in _FWD_ORDER} == fl
     assert lay["hs"][0] == W.cuda_fwd_workspace_bytes(*shape, no_split=True)
+
+
+@pytest.mark.parametrize("shape", sorted(_TOTALS))
+def test_workspace_without_states_block(shape, monkeypatch):
+    """With the forward's chunk_states as an operand the backward's workspace has no states block: exactly that
+    block (bf16, [B, NW + 1, HV, K, V], 256-byte padded) less; every other region keeps its size."""
+    monkeypatch.delenv("FLASHKDA_BWD_RECUR", raising=False)
+    monkeypatch.delenv("FLASHKDA_BWD_GRAD1", raising=False)
+    B, T, HV, K, V, _ = shape
+    states = 2 * int(np.prod(W.chunk_states_shape(B, T, HV, K, V)))
+    full, given = W.cuda_bwd_workspace_layout(*shape), W.cuda_bwd_workspace_layout(*shape, states_given=True)
+    assert full["hs"][1] == states and given["hs"][1] == 0
+    assert all(given[k][1] == full[k][1] for k in full if k != "hs")
+    padded = -(-states // 256) * 256
+    assert W.cuda_bwd_workspace_bytes(*shape) - W.cuda_bwd_workspace_bytes(*shape, states_given=True) == padded
 
 
 def _fake_run(name, rng):
