@@ -4,9 +4,11 @@
 
 #include "kda_problem.h"
 
-// Forward: q, k, v, g, beta, a_log, dt_bias, slot, initial_state -> o, final_state, chunk_states, workspace.
-// chunk_states (CUDA only; 0 elements = not wanted): the bf16 chunk start states the CUDA backward would
-// otherwise recompute, saved for it (docs/ffi.md).
+// Forward: q, k, v, g, beta, a_log, dt_bias, slot, initial_state -> o, final_state, chunk_states, saved_qg,
+// saved_kd, saved_w, saved_u, saved_aqk, saved_gamma, workspace.
+// The chunk_states / saved_* results (CUDA only; 0 elements = not wanted): what the CUDA backward would
+// otherwise recompute (the chunk start states and the prep kernel's outputs), saved for it (docs/ffi.md).
+// The backward takes them back as operands of the same names.
 #define FLASHKDA_FWD_BINDING(binding)                                                          \
   FLASHKDA_BIND_OPTIONS((binding)                                                              \
                             .Arg<::xla::ffi::AnyBuffer>() /* q */                              \
@@ -21,6 +23,12 @@
       .Ret<::xla::ffi::AnyBuffer>() /* o */                                                    \
       .Ret<::xla::ffi::AnyBuffer>() /* final_state (0 elements = not wanted) */                \
       .Ret<::xla::ffi::AnyBuffer>() /* chunk_states (0 elements = not wanted) */               \
+      .Ret<::xla::ffi::AnyBuffer>() /* saved_qg (0 elements = not wanted) */                   \
+      .Ret<::xla::ffi::AnyBuffer>() /* saved_kd (0 elements = not wanted) */                   \
+      .Ret<::xla::ffi::AnyBuffer>() /* saved_w (0 elements = not wanted) */                    \
+      .Ret<::xla::ffi::AnyBuffer>() /* saved_u (0 elements = not wanted) */                    \
+      .Ret<::xla::ffi::AnyBuffer>() /* saved_aqk (0 elements = not wanted) */                  \
+      .Ret<::xla::ffi::AnyBuffer>() /* saved_gamma (0 elements = not wanted) */                \
       .Ret<::xla::ffi::AnyBuffer>() /* workspace (u8) */
 
 #define FLASHKDA_FWD_PARAMS                                                                     \
@@ -31,9 +39,16 @@
       ::xla::ffi::Result<::xla::ffi::AnyBuffer> o,                                              \
       ::xla::ffi::Result<::xla::ffi::AnyBuffer> final_state,                                    \
       ::xla::ffi::Result<::xla::ffi::AnyBuffer> chunk_states,                                   \
+      ::xla::ffi::Result<::xla::ffi::AnyBuffer> saved_qg,                                       \
+      ::xla::ffi::Result<::xla::ffi::AnyBuffer> saved_kd,                                       \
+      ::xla::ffi::Result<::xla::ffi::AnyBuffer> saved_w,                                        \
+      ::xla::ffi::Result<::xla::ffi::AnyBuffer> saved_u,                                        \
+      ::xla::ffi::Result<::xla::ffi::AnyBuffer> saved_aqk,                                      \
+      ::xla::ffi::Result<::xla::ffi::AnyBuffer> saved_gamma,                                    \
       ::xla::ffi::Result<::xla::ffi::AnyBuffer> workspace
 
-// Backward: the forward operands, do, dfinal_state, chunk_states (the forward's, or 0 elements: recompute) ->
+// Backward: the forward operands, do, dfinal_state, chunk_states, saved_qg, saved_kd, saved_w, saved_u,
+// saved_aqk, saved_gamma (the forward's, or 0 elements: recompute) ->
 //   dq, dk, dv, dg (of the raw gate input), dbeta (of the raw beta), da_log_partial [..., HV] f32,
 //   ddt_bias_partial [..., HV, K] f32 (both per batch row; Python sums them), dinitial_state, workspace.
 #define FLASHKDA_BWD_BINDING(binding)                                                          \
@@ -49,7 +64,13 @@
                             .Arg<::xla::ffi::AnyBuffer>() /* initial_state */                  \
                             .Arg<::xla::ffi::AnyBuffer>() /* do */                             \
                             .Arg<::xla::ffi::AnyBuffer>() /* dfinal_state (0 elements = none) */  \
-                            .Arg<::xla::ffi::AnyBuffer>() /* chunk_states (0 elements = none) */) \
+                            .Arg<::xla::ffi::AnyBuffer>() /* chunk_states (0 elements = none) */  \
+                            .Arg<::xla::ffi::AnyBuffer>() /* saved_qg (0 elements = none) */      \
+                            .Arg<::xla::ffi::AnyBuffer>() /* saved_kd (0 elements = none) */      \
+                            .Arg<::xla::ffi::AnyBuffer>() /* saved_w (0 elements = none) */       \
+                            .Arg<::xla::ffi::AnyBuffer>() /* saved_u (0 elements = none) */       \
+                            .Arg<::xla::ffi::AnyBuffer>() /* saved_aqk (0 elements = none) */     \
+                            .Arg<::xla::ffi::AnyBuffer>() /* saved_gamma (0 elements = none) */)  \
       .Ret<::xla::ffi::AnyBuffer>() /* dq */                                                   \
       .Ret<::xla::ffi::AnyBuffer>() /* dk */                                                   \
       .Ret<::xla::ffi::AnyBuffer>() /* dv */                                                   \
@@ -65,7 +86,9 @@
       ::xla::ffi::AnyBuffer g, ::xla::ffi::AnyBuffer beta, ::xla::ffi::AnyBuffer a_log,         \
       ::xla::ffi::AnyBuffer dt_bias, ::xla::ffi::AnyBuffer slot,                                \
       ::xla::ffi::AnyBuffer initial_state, ::xla::ffi::AnyBuffer d_o,                           \
-      ::xla::ffi::AnyBuffer dfinal_state, ::xla::ffi::AnyBuffer chunk_states, FLASHKDA_OPTION_PARAMS,                               \
+      ::xla::ffi::AnyBuffer dfinal_state, ::xla::ffi::AnyBuffer chunk_states, ::xla::ffi::AnyBuffer saved_qg,   \
+      ::xla::ffi::AnyBuffer saved_kd, ::xla::ffi::AnyBuffer saved_w, ::xla::ffi::AnyBuffer saved_u,              \
+      ::xla::ffi::AnyBuffer saved_aqk, ::xla::ffi::AnyBuffer saved_gamma, FLASHKDA_OPTION_PARAMS,                               \
       ::xla::ffi::Result<::xla::ffi::AnyBuffer> dq, ::xla::ffi::Result<::xla::ffi::AnyBuffer> dk, \
       ::xla::ffi::Result<::xla::ffi::AnyBuffer> dv, ::xla::ffi::Result<::xla::ffi::AnyBuffer> dg, \
       ::xla::ffi::Result<::xla::ffi::AnyBuffer> dbeta,                                          \

@@ -497,9 +497,10 @@ ffi::Error KdaBwd(ffi::ThreadPool& pool, FLASHKDA_BWD_PARAMS) {
   }
   Problem& P = A.P;
   const KdaShape& s = P.s;
-  if (chunk_states.element_count() != 0) {
-    return ffi::Error::InvalidArgument("flashkda_bwd (CPU): chunk_states come from the CUDA forward only; "
-                                       "pass an empty buffer");
+  if (chunk_states.element_count() + saved_qg.element_count() + saved_kd.element_count() + saved_w.element_count() +
+          saved_u.element_count() + saved_aqk.element_count() + saved_gamma.element_count() != 0) {
+    return ffi::Error::InvalidArgument("flashkda_bwd (CPU): chunk_states / saved_* come from the CUDA forward only; "
+                                       "pass empty buffers");
   }
   const size_t nq = size_t(s.B * s.T * s.H * s.K), nv = size_t(s.B * s.T * s.HV * s.V);
   const size_t ng = size_t(s.B * s.T * s.HV * s.K), nb = size_t(s.B * s.T * s.HV);
@@ -604,9 +605,9 @@ ffi::Error KdaBwd(ffi::ThreadPool& pool, FLASHKDA_BWD_PARAMS) {
 
 static ffi::Error KdaCpuBwdImpl(ffi::ThreadPool pool, FLASHKDA_BWD_PARAMS) {
   return Guard("flashkda_bwd", [&]() {
-    return KdaBwd(pool, q, k, v, g, beta, a_log, dt_bias, slot, initial_state, d_o, dfinal_state, chunk_states, scale,
-                  gate_mode, lower_bound, use_a_log, qk_l2norm, beta_sigmoid, allow_neg_eigval, state_vk, dq, dk, dv,
-                  dg, dbeta, da_log_partial, ddt_bias_partial, dinitial_state, workspace);
+    return KdaBwd(pool, q, k, v, g, beta, a_log, dt_bias, slot, initial_state, d_o, dfinal_state, chunk_states,
+                  saved_qg, saved_kd, saved_w, saved_u, saved_aqk, saved_gamma, scale, gate_mode, lower_bound, use_a_log, qk_l2norm,
+                  beta_sigmoid, allow_neg_eigval, state_vk, dq, dk, dv, dg, dbeta, da_log_partial, ddt_bias_partial, dinitial_state, workspace);
   });
 }
 

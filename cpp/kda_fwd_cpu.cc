@@ -177,9 +177,11 @@ ffi::Error KdaFwd(ffi::ThreadPool& pool, FLASHKDA_FWD_PARAMS) {
   const KdaShape& s = P.s;
   if (auto e = CheckResult(op, "o", *o, size_t(s.B * s.T * s.HV * s.V), s.dtype); e.failure()) return e;
   if (auto e = StateBufferSlots(op, "final_state", *final_state, P, &P.S_out); e.failure()) return e;
-  if (chunk_states->element_count() != 0) {
-    return ffi::Error::InvalidArgument("flashkda_fwd (CPU): chunk_states are saved by the CUDA forward only; "
-                                       "pass an empty buffer");
+  if (chunk_states->element_count() + saved_qg->element_count() + saved_kd->element_count() +
+          saved_w->element_count() + saved_u->element_count() + saved_aqk->element_count() +
+          saved_gamma->element_count() != 0) {
+    return ffi::Error::InvalidArgument("flashkda_fwd (CPU): chunk_states / saved_* are saved by the CUDA forward "
+                                       "only; pass empty buffers");
   }
   A.o = o->untyped_data();
   A.fin = P.S_out > 0 ? final_state->untyped_data() : nullptr;
@@ -220,7 +222,7 @@ static ffi::Error KdaCpuFwdImpl(ffi::ThreadPool pool, FLASHKDA_FWD_PARAMS) {
   return Guard("flashkda_fwd", [&]() {
     return KdaFwd(pool, q, k, v, g, beta, a_log, dt_bias, slot, initial_state, scale, gate_mode, lower_bound,
                   use_a_log, qk_l2norm, beta_sigmoid, allow_neg_eigval, state_vk, o, final_state, chunk_states,
-                  workspace);
+                  saved_qg, saved_kd, saved_w, saved_u, saved_aqk, saved_gamma, workspace);
   });
 }
 

@@ -88,11 +88,13 @@ bool StatesInBf16();
 // Workspace layout; mirrored by flashkda_jax/_workspace.py:cuda_bwd_workspace_bytes (keep both in sync).
 // states_given: the forward saved the chunk states (its chunk_states result, passed back as an operand), so
 // the workspace holds no Hs.
+// prep_given: the forward's prep outputs come as operands (saved_*), so the embedded forward layout has no prep
+// regions; S_out is then the slots of the saved gamma (its NG - NW), which dgamma shares.
 inline Layout MakeLayout(int64_t B, int64_t T, int64_t HV, int64_t K, int64_t V, int64_t S_out, bool states_bf16,
-                         bool states_given = false) {
+                         bool states_given = false, bool prep_given = false) {
   Layout l{};
   // The forward's layout without splitting (its HP / Sstart blocks are then empty).
-  l.f = fwd::MakeLayout(B, T, HV, K, V, S_out, /*no_split=*/true);
+  l.f = fwd::MakeLayout(B, T, HV, K, V, S_out, /*no_split=*/true, prep_given);
   size_t off = l.f.total;
   auto take = [&](size_t bytes) {
     size_t at = off;

@@ -155,7 +155,7 @@ ffi::Error CudaError(cudaError_t err, const char* where) {
 }
 
 template <typename TIn>
-ffi::Error Run(cudaStream_t stream, Params& P, bool state_only, bool states_given) {
+ffi::Error Run(cudaStream_t stream, Params& P, bool state_only, bool states_given, bool prep_given) {
   const fwd::Params& p = P.f;
   const int nsm = fwd::SmCount();
   cudaError_t err;
@@ -168,7 +168,7 @@ ffi::Error Run(cudaStream_t stream, Params& P, bool state_only, bool states_give
     PadZero<TIn><<<static_cast<int>(grid), 256, 0, stream>>>(P);
   }
   if ((err = cudaGetLastError()) != cudaSuccess) return CudaError(err, "plan kernels");
-  if ((err = fwd::LaunchPrep<TIn>(p, stream, nsm)) != cudaSuccess) return CudaError(err, "prep kernel");
+  if (!prep_given && (err = fwd::LaunchPrep<TIn>(p, stream, nsm)) != cudaSuccess) return CudaError(err, "prep kernel");
   if (state_only) {  // the reverse pass needs no chunk states
     if ((err = LaunchReverse<TIn>(P, stream, nsm)) != cudaSuccess) return CudaError(err, "reverse kernel");
     return ffi::Error::Success();
@@ -274,7 +274,18 @@ static ffi::Error KdaCudaBwdImpl(cudaStream_t stream, FLASHKDA_BWD_PARAMS) {
           "FLASHKDA_BWD_RECUR=v1 / FLASHKDA_BWD_GRAD1=simt keep f32 states");
     }
   }
-  const Layout lay = MakeLayout(s.B, s.T, s.HV, s.K, s.V, s_out, states_bf16, states_given);
+  // The forward's prep outputs (saved_*), or empty: the backward runs the prep again. With them, gamma's slots
+  // (its NG - NW) set the layout's S, which dgamma shares.
+  int64_t s_lay = s_out;
+  bool prep_ok = true;
+  const ffi::AnyBuffer* const saved[6] = {&saved_qg, &saved_kd, &saved_w, &saved_u, &saved_aqk, &saved_gamma};
+  const bool prep_given = fwd::SavedPrepGiven(s, saved, s_out, &s_lay, &prep_ok);
+  if (!prep_ok) {
+    return ffi::Error::InvalidArgument(
+        "flashkda_bwd (CUDA): saved_qg / kd / w / u / aqk / gamma must be all empty or the forward's (bf16 [B, T, HV, "
+        "K] (x4), bf16 [B, T, HV, 64], f32 [B, ceil(T / 64) + S, HV, K] with S >= the dfinal_state slots)");
+  }
+  const Layout lay = MakeLayout(s.B, s.T, s.HV, s.K, s.V, s_lay, states_bf16, states_given, prep_given);
   if (workspace->size_bytes() < lay.total) {
     return ffi::Error::InvalidArgument("flashkda_bwd (CUDA): workspace too small: " +
                                        std::to_string(workspace->size_bytes()) + " < " + std::to_string(lay.total) +
@@ -302,6 +313,11 @@ static ffi::Error KdaCudaBwdImpl(cudaStream_t stream, FLASHKDA_BWD_PARAMS) {
   // The forward's problem on the unsplit prep layout (no outputs: the backward only runs its prep).
   P.f = fwd::MakeParams(s, opt, lay.f, ws, s_out, q, k, v, g, beta, a_log, dt_bias, slot, initial_state, nullptr,
                         nullptr);
+  if (prep_given) {
+    void* const src[6] = {saved_qg.untyped_data(), saved_kd.untyped_data(), saved_w.untyped_data(),
+                          saved_u.untyped_data(), saved_aqk.untyped_data(), saved_gamma.untyped_data()};
+    fwd::UseSavedPrep(P.f, src);
+  }
   P.S_out = static_cast<int>(s_out);
   P.d_o = d_o.untyped_data();
   P.dfin = s_out > 0 ? static_cast<const float*>(dfinal_state.untyped_data()) : nullptr;
@@ -327,9 +343,9 @@ static ffi::Error KdaCudaBwdImpl(cudaStream_t stream, FLASHKDA_BWD_PARAMS) {
   P.seq_list = reinterpret_cast<int4*>(ws + lay.seqs);
   P.gred = reinterpret_cast<float*>(ws + lay.gred);
   switch (dt) {
-    case ffi::DataType::BF16: return Run<__nv_bfloat16>(stream, P, state_only, states_given);
-    case ffi::DataType::F16: return Run<__half>(stream, P, state_only, states_given);
-    default: return Run<float>(stream, P, state_only, states_given);
+    case ffi::DataType::BF16: return Run<__nv_bfloat16>(stream, P, state_only, states_given, prep_given);
+    case ffi::DataType::F16: return Run<__half>(stream, P, state_only, states_given, prep_given);
+    default: return Run<float>(stream, P, state_only, states_given, prep_given);
   }
 }
 

@@ -122,7 +122,10 @@ inline int ChooseSeglen(int64_t B, int64_t T, int64_t HV, int64_t K, int64_t V) 
 
 // no_split: one segment per sequence (the smallest layout; used when the buffer was sized for fewer rows,
 // e.g. under vmap, and the preferred split does not fit).
-inline Layout MakeLayout(int64_t B, int64_t T, int64_t HV, int64_t K, int64_t V, int64_t S, bool no_split = false) {
+// prep_external: the prep outputs (Qg .. gamma) live in buffers of their own (the saved_* results / operands of
+// the FFI ops), so their regions here are empty.
+inline Layout MakeLayout(int64_t B, int64_t T, int64_t HV, int64_t K, int64_t V, int64_t S, bool no_split = false,
+                         bool prep_external = false) {
   Layout l{};
   l.NW = static_cast<int>((T + kChunk - 1) / kChunk);
   l.NG = l.NW + static_cast<int>(S);
@@ -137,12 +140,13 @@ inline Layout MakeLayout(int64_t B, int64_t T, int64_t HV, int64_t K, int64_t V,
     off += Align256(bytes);
     return at;
   };
-  l.qg = take(tok * K * 2);
-  l.kd = take(tok * K * 2);
-  l.w = take(tok * K * 2);
-  l.u = take(tok * V * 2);
-  l.aqk = take(tok * kChunk * 2);
-  l.gamma = take(static_cast<size_t>(B) * l.NG * HV * K * 4);
+  const size_t px = prep_external ? 0 : 1;
+  l.qg = take(px * tok * K * 2);
+  l.kd = take(px * tok * K * 2);
+  l.w = take(px * tok * K * 2);
+  l.u = take(px * tok * V * 2);
+  l.aqk = take(px * tok * kChunk * 2);
+  l.gamma = take(px * static_cast<size_t>(B) * l.NG * HV * K * 4);
   l.hp = take(static_cast<size_t>(B) * l.NSPLIT * HV * K * (V + K) * 4);
   l.sstart = take(static_cast<size_t>(B) * l.NSPLIT * HV * K * V * 4);
   l.seq_start = take(static_cast<size_t>(B * T) * 4);

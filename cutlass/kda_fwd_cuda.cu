@@ -80,9 +80,18 @@ static ffi::Error KdaCudaFwdImpl(cudaStream_t stream, FLASHKDA_FWD_PARAMS) {
   if (o->element_count() != static_cast<size_t>(s.B * s.T * s.HV * s.V) || o->element_type() != dt) {
     return ffi::Error::InvalidArgument("flashkda_fwd (CUDA): bad output buffer");
   }
-  const int64_t S = s.S > s_final ? s.S : s_final;
-  Layout lay = MakeLayout(s.B, s.T, s.HV, s.K, s.V, S);
-  if (workspace->size_bytes() < lay.total) lay = MakeLayout(s.B, s.T, s.HV, s.K, s.V, S, /*no_split=*/true);
+  int64_t S = s.S > s_final ? s.S : s_final;
+  // Saved prep outputs (for the backward): the prep writes into them instead of the workspace.
+  bool prep_ok = true;
+  const ffi::AnyBuffer* const saved[6] = {&*saved_qg, &*saved_kd, &*saved_w, &*saved_u, &*saved_aqk, &*saved_gamma};
+  const bool save_prep = SavedPrepGiven(s, saved, S, &S, &prep_ok);
+  if (!prep_ok) {
+    return ffi::Error::InvalidArgument(
+        "flashkda_fwd (CUDA): saved_qg / kd / w / u / aqk / gamma must be all empty or bf16 [B, T, HV, K] (x4), bf16 "
+        "[B, T, HV, 64] and f32 [B, ceil(T / 64) + S, HV, K] with K == V and S >= the state slots");
+  }
+  Layout lay = MakeLayout(s.B, s.T, s.HV, s.K, s.V, S, false, save_prep);
+  if (workspace->size_bytes() < lay.total) lay = MakeLayout(s.B, s.T, s.HV, s.K, s.V, S, /*no_split=*/true, save_prep);
   if (workspace->size_bytes() < lay.total) {
     return ffi::Error::InvalidArgument("flashkda_fwd (CUDA): workspace too small: " + std::to_string(workspace->size_bytes()) +
                                        " < " + std::to_string(lay.total) + " bytes");
@@ -101,6 +110,11 @@ static ffi::Error KdaCudaFwdImpl(cudaStream_t stream, FLASHKDA_FWD_PARAMS) {
                         o->untyped_data(),
                         s_final > 0 ? static_cast<float*>(final_state->untyped_data()) : nullptr);
   p.chunk_states = chunk_states->element_count() > 0 ? static_cast<__nv_bfloat16*>(chunk_states->untyped_data()) : nullptr;
+  if (save_prep) {
+    void* const dst[6] = {saved_qg->untyped_data(), saved_kd->untyped_data(), saved_w->untyped_data(),
+                          saved_u->untyped_data(), saved_aqk->untyped_data(), saved_gamma->untyped_data()};
+    UseSavedPrep(p, dst);
+  }
   const int64_t init_bytes = s.has_initial_state ? static_cast<int64_t>(initial_state.size_bytes()) : 0;
   const int64_t final_bytes = static_cast<int64_t>(final_state->size_bytes());
   switch (dt) {

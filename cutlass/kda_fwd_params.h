@@ -9,6 +9,39 @@ namespace flashkda {
 namespace fwd {
 
 // s_final: final-state slots the prep kernel writes gamma for; o / final_state may be null (backward).
+// The prep outputs saved for the backward (the FFI ops' saved_qg, saved_kd, saved_w, saved_u, saved_aqk,
+// saved_gamma, in that order; docs/ffi.md). K == V only: the first four bf16 [B, T, HV, K], saved_aqk bf16
+// [B, T, HV, 64], saved_gamma f32 [B, NW + S', HV, K] with S' >= min_slots.
+// Returns whether they are given; *ok: none given, or all six well formed (then *slots = S').
+inline bool SavedPrepGiven(const KdaShape& s, const ffi::AnyBuffer* const (&b)[6], int64_t min_slots,
+                           int64_t* slots, bool* ok) {
+  size_t any = 0;
+  for (const ffi::AnyBuffer* x : b) any += x->element_count();
+  *ok = any == 0;
+  if (any == 0) return false;
+  const int64_t nw = (s.T + kChunk - 1) / kChunk, row = s.B * s.HV * s.K;
+  const size_t tok = static_cast<size_t>(s.B * s.T * s.HV);
+  if (s.K != s.V || row <= 0) return true;
+  for (int i = 0; i < 4; ++i) {
+    if (b[i]->element_count() != tok * s.K || b[i]->element_type() != ffi::DataType::BF16) return true;
+  }
+  if (b[4]->element_count() != tok * kChunk || b[4]->element_type() != ffi::DataType::BF16) return true;
+  if (b[5]->element_count() % row != 0 || b[5]->element_type() != ffi::DataType::F32) return true;
+  *slots = static_cast<int64_t>(b[5]->element_count()) / row - nw;
+  *ok = *slots >= min_slots;
+  return true;
+}
+
+// Points the prep outputs of p at the saved buffers (SavedPrepGiven's order).
+inline void UseSavedPrep(Params& p, void* const (&d)[6]) {
+  p.Qg = static_cast<__nv_bfloat16*>(d[0]);
+  p.Kd = static_cast<__nv_bfloat16*>(d[1]);
+  p.W = static_cast<__nv_bfloat16*>(d[2]);
+  p.U = static_cast<__nv_bfloat16*>(d[3]);
+  p.Aqk = static_cast<__nv_bfloat16*>(d[4]);
+  p.gamma = static_cast<float*>(d[5]);
+}
+
 inline Params MakeParams(const KdaShape& s, const KdaOptions& opt, const Layout& lay, unsigned char* ws,
                          int64_t s_final, const ffi::AnyBuffer& q, const ffi::AnyBuffer& k, const ffi::AnyBuffer& v,
                          const ffi::AnyBuffer& g, const ffi::AnyBuffer& beta, const ffi::AnyBuffer& a_log,

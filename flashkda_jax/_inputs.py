@@ -45,9 +45,9 @@ class KdaOptions:
     # Context parallelism requested (kda's context_parallel_axis): width R of the record [B, T, HV, R] that the
     # forward hands its backward (flashkda_jax.sharding); 0 = none (the backward rebuilds what it needs).
     cp_record: int = 0
-    # The CUDA forward also returns its chunk states (bf16) for the CUDA backward, which then skips its states
-    # pass (set by the differentiated path only, flashkda_jax.sharding._saved_states_opts).
-    save_chunk_states: bool = False
+    # The CUDA forward also returns its chunk states and prep outputs for the CUDA backward, which then skips its
+    # states pass and its prep (set by the differentiated path only, flashkda_jax.sharding._saving_opts).
+    save_residuals: bool = False
 
     @property
     def gate_mode(self) -> int:

@@ -61,7 +61,8 @@ def _pack(regions, base: int = 0) -> tuple[dict, int]:
     return out, off
 
 
-def _cuda_fwd_regions(B: int, T: int, HV: int, K: int, V: int, S: int, no_split: bool) -> list:
+def _cuda_fwd_regions(B: int, T: int, HV: int, K: int, V: int, S: int, no_split: bool,
+                      prep_external: bool = False) -> list:
     nw = -(-T // _CHUNK)
     ng = nw + S
     seglen = max(nw, 1) if no_split else cuda_fwd_seglen(B, T, HV, K, V)
@@ -69,14 +70,15 @@ def _cuda_fwd_regions(B: int, T: int, HV: int, K: int, V: int, S: int, no_split:
     lseg = seglen * _CHUNK
     nsplit = (-(-T // lseg) + 1) if split else 0
     tok = B * T * HV
+    px = 0 if prep_external else 1  # prep_external: Qg .. gamma live in the saved_* buffers
     # Names are the fields of flashkda::fwd::Layout, in its order.
     return [
-        ("qg", tok * K * 2),                      # Qg (bf16) [B, T, HV, K]
-        ("kd", tok * K * 2),                      # Kd (bf16) [B, T, HV, K]
-        ("w", tok * K * 2),                       # W (bf16) [B, T, HV, K]
-        ("u", tok * V * 2),                       # U (bf16) [B, T, HV, V]
-        ("aqk", tok * _CHUNK * 2),                # A_qk rows (bf16) [B, T, HV, C]
-        ("gamma", B * ng * HV * K * 4),           # gamma per chunk (f32) [B, NG, HV, K]
+        ("qg", px * tok * K * 2),                 # Qg (bf16) [B, T, HV, K]
+        ("kd", px * tok * K * 2),                 # Kd (bf16) [B, T, HV, K]
+        ("w", px * tok * K * 2),                  # W (bf16) [B, T, HV, K]
+        ("u", px * tok * V * 2),                  # U (bf16) [B, T, HV, V]
+        ("aqk", px * tok * _CHUNK * 2),           # A_qk rows (bf16) [B, T, HV, C]
+        ("gamma", px * B * ng * HV * K * 4),      # gamma per chunk (f32) [B, NG, HV, K]
         ("hp", B * nsplit * HV * K * (V + K) * 4),  # segment maps [H | P]
         ("sstart", B * nsplit * HV * K * V * 4),  # segment start states
         ("seq_start", B * T * 4),                 # sequence start per token (i32) [B, T]
@@ -88,19 +90,23 @@ def _cuda_fwd_regions(B: int, T: int, HV: int, K: int, V: int, S: int, no_split:
     ]
 
 
-def cuda_fwd_workspace_layout(B: int, T: int, HV: int, K: int, V: int, S: int, no_split: bool = False) -> dict:
+def cuda_fwd_workspace_layout(B: int, T: int, HV: int, K: int, V: int, S: int, no_split: bool = False,
+                              prep_external: bool = False) -> dict:
     """``{name: (byte offset, bytes)}`` of ``flashkda::fwd::MakeLayout`` (names: its ``Layout`` fields)."""
-    return _pack(_cuda_fwd_regions(B, T, HV, K, V, S, no_split))[0]
+    return _pack(_cuda_fwd_regions(B, T, HV, K, V, S, no_split, prep_external))[0]
 
 
-def cuda_fwd_workspace_bytes(B: int, T: int, HV: int, K: int, V: int, S: int, no_split: bool = False) -> int:
-    """Mirrors ``flashkda::fwd::MakeLayout`` (no_split: one segment per sequence, as the backward uses it)."""
-    return _pack(_cuda_fwd_regions(B, T, HV, K, V, S, no_split))[1]
+def cuda_fwd_workspace_bytes(B: int, T: int, HV: int, K: int, V: int, S: int, no_split: bool = False,
+                             prep_external: bool = False) -> int:
+    """Mirrors ``flashkda::fwd::MakeLayout`` (no_split: one segment per sequence, as the backward uses it;
+    prep_external: the prep outputs go to the saved_* results, not the workspace)."""
+    return _pack(_cuda_fwd_regions(B, T, HV, K, V, S, no_split, prep_external))[1]
 
 
-def fwd_workspace_bytes(platform: str, *, B: int, T: int, H: int, HV: int, K: int, V: int, S: int, opts) -> int:
+def fwd_workspace_bytes(platform: str, *, B: int, T: int, H: int, HV: int, K: int, V: int, S: int, opts,
+                        prep_external: bool = False) -> int:
     if platform == "cuda":
-        return cuda_fwd_workspace_bytes(B, T, HV, K, V, S)
+        return cuda_fwd_workspace_bytes(B, T, HV, K, V, S, prep_external=prep_external)
     return 0
 
 
@@ -115,8 +121,8 @@ def cuda_bwd_states_bf16() -> bool:
 
 
 def _cuda_bwd_pack(B: int, T: int, HV: int, K: int, V: int, S: int,
-                   states_given: bool = False) -> tuple[dict, int]:
-    fwd, off = _pack(_cuda_fwd_regions(B, T, HV, K, V, S, no_split=True))
+                   states_given: bool = False, prep_given: bool = False) -> tuple[dict, int]:
+    fwd, off = _pack(_cuda_fwd_regions(B, T, HV, K, V, S, no_split=True, prep_external=prep_given))
     nw = -(-T // _CHUNK)
     tok = B * T * HV
     states = B * (nw + 1) * HV * K * V * (2 if cuda_bwd_states_bf16() else 4)
@@ -137,26 +143,39 @@ def _cuda_bwd_pack(B: int, T: int, HV: int, K: int, V: int, S: int,
     return {**fwd, **bwd}, off
 
 
-def cuda_bwd_workspace_layout(B: int, T: int, HV: int, K: int, V: int, S: int, states_given: bool = False) -> dict:
+def cuda_bwd_workspace_layout(B: int, T: int, HV: int, K: int, V: int, S: int, states_given: bool = False,
+                              prep_given: bool = False) -> dict:
     """``{name: (byte offset, bytes)}`` of ``flashkda::bwd::MakeLayout``: the forward's regions
     (``fwd::MakeLayout(no_split=True)``, names of ``fwd::Layout``) then the backward's (names of
     ``bwd::Layout``). ``bytes`` is the region's size before the 256-byte padding. S must be the
     dfinal_state slots the handler sees (0 without dfinal_state): the offsets after ``gamma`` depend on it.
-    states_given: the forward's chunk_states come as an operand (no ``hs`` region)."""
-    return _cuda_bwd_pack(B, T, HV, K, V, S, states_given)[0]
+    states_given / prep_given: the forward's chunk_states / saved prep outputs come as operands (no ``hs`` /
+    ``qg`` .. ``gamma`` regions; S is then the saved gamma's slots)."""
+    return _cuda_bwd_pack(B, T, HV, K, V, S, states_given, prep_given)[0]
 
 
-def cuda_bwd_workspace_bytes(B: int, T: int, HV: int, K: int, V: int, S: int, states_given: bool = False) -> int:
+def cuda_bwd_workspace_bytes(B: int, T: int, HV: int, K: int, V: int, S: int, states_given: bool = False,
+                             prep_given: bool = False) -> int:
     """Mirrors ``flashkda::bwd::MakeLayout`` in ``cutlass/kda_bwd_common.cuh`` (S: dfinal_state slots, or an
     upper bound of them: the size only grows with S; states_given: the forward's chunk_states are an operand)."""
-    return _cuda_bwd_pack(B, T, HV, K, V, S, states_given)[1]
+    return _cuda_bwd_pack(B, T, HV, K, V, S, states_given, prep_given)[1]
 
 
 def bwd_workspace_bytes(platform: str, *, B: int, T: int, H: int, HV: int, K: int, V: int, S: int, opts,
-                        states_given: bool = False) -> int:
+                        states_given: bool = False, prep_given: bool = False) -> int:
     if platform == "cuda":
-        return cuda_bwd_workspace_bytes(B, T, HV, K, V, S, states_given)
+        return cuda_bwd_workspace_bytes(B, T, HV, K, V, S, states_given, prep_given)
     return 0
+
+
+def saved_structs(B: int, T: int, HV: int, K: int, V: int, S: int) -> tuple:
+    """(shape, dtype name) of the CUDA forward's seven saved results, in FFI order: chunk_states (bf16, see
+    chunk_states_shape), saved_qg, saved_kd, saved_w, saved_u (bf16 [B, T, HV, K]), saved_aqk (bf16 [B, T, HV,
+    64]) and saved_gamma (f32 [B, ceil(T / 64) + S, HV, K]; S: the op's state slots). K == V."""
+    nw = -(-T // _CHUNK)
+    tok = ((B, T, HV, K), "bfloat16")
+    return ((chunk_states_shape(B, T, HV, K, V), "bfloat16"), tok, tok, tok, tok,
+            ((B, T, HV, _CHUNK), "bfloat16"), ((B, nw + S, HV, K), "float32"))
 
 
 def chunk_states_shape(B: int, T: int, HV: int, K: int, V: int) -> tuple:

@@ -3,10 +3,11 @@
 
 What the forward saves for the backward: its inputs (q, k, v, g, beta, the gate parameters, the slot map
 and the initial state: (2·H·K + HV·(V + K + 1))·itemsize bytes per token plus the states) and, with the CUDA
-kernels, the bf16 start state of every chunk (K·V·2 / 64 bytes per token and value head: 512 for K = V = 128),
-which the forward's recurrence has at hand; the backward then skips its own states pass. Its workspace
-then holds no chunk states, so the peak memory of a training step does not grow.
-``FLASHKDA_SAVE_CHUNK_STATES=0`` (read at trace time) makes the backward recompute them instead.
+kernels, the bf16 start state of every chunk (K·V·2 / 64 bytes per token and value head: 512 for K = V = 128)
+and the prep kernel's outputs (Qg, Kd, W, U, A_qk in bf16 and the chunk decays: (4K + 64)·2 bytes plus
+4K / 64, ~1.2 KB at K = 128), which the forward computes anyway; the backward then skips its states pass and
+its prep. Its workspace then holds neither, so the peak memory of a training step does not grow.
+``FLASHKDA_SAVE_RESIDUALS=0`` (read at trace time) makes the backward recompute them instead.
 """
 
 from __future__ import annotations
@@ -85,37 +86,42 @@ def _empty_state(q):
     return jnp.zeros((0,), _inputs.compute_dtype(q.dtype))
 
 
-def _chunk_states_struct(q, v, present: bool):
+def _saved_types(q, v, opts, present: bool):
+    """Result types of the forward's seven chunk_states / saved_* results (empty when not saved)."""
     if not present:
-        return jax.ShapeDtypeStruct((0,), jnp.bfloat16)
+        return tuple(jax.ShapeDtypeStruct((0,), jnp.float32 if i == 6 else jnp.bfloat16) for i in range(7))
     B, T, HV, K, V = q.shape[0], q.shape[1], v.shape[2], q.shape[3], v.shape[3]
-    return jax.ShapeDtypeStruct(_workspace.chunk_states_shape(B, T, HV, K, V), jnp.bfloat16)
+    return tuple(jax.ShapeDtypeStruct(shape, jnp.dtype(dt))
+                 for shape, dt in _workspace.saved_structs(B, T, HV, K, V, opts.num_slots))
 
 
 def _ffi_forward_saving(args, opts, impl):
-    """The flashkda_fwd call -> (o, final state or None, chunk states or None); the chunk states (bf16, the
-    CUDA backward's Hs) only with opts.save_chunk_states."""
+    """The flashkda_fwd call -> (o, final state or None, saved or None); saved = (chunk states, Qg, Kd, W, U,
+    A_qk, gamma), what the CUDA backward would recompute, only with opts.save_residuals."""
     q, k, v, g, beta, a_log, dt_bias, slot, init = args
     sizes = _sizes(q, v, opts)
-    ws = _workspace.fwd_workspace_bytes(impl, opts=opts, **sizes)
-    out_types = (jax.ShapeDtypeStruct(v.shape, v.dtype),
-                 _state_struct(q, v, opts, opts.return_final_state),
-                 _chunk_states_struct(q, v, opts.save_chunk_states),
-                 jax.ShapeDtypeStruct((ws,), jnp.uint8))
-    o, fin, hs, _ = jax.ffi.ffi_call(_ffi.FWD_TARGET, out_types, vmap_method="broadcast_all")(
+    ws = _workspace.fwd_workspace_bytes(impl, opts=opts, prep_external=opts.save_residuals, **sizes)
+    out_types = ((jax.ShapeDtypeStruct(v.shape, v.dtype), _state_struct(q, v, opts, opts.return_final_state))
+                 + _saved_types(q, v, opts, opts.save_residuals) + (jax.ShapeDtypeStruct((ws,), jnp.uint8),))
+    outs = jax.ffi.ffi_call(_ffi.FWD_TARGET, out_types, vmap_method="broadcast_all")(
         q, k, v, g, beta, a_log, dt_bias, slot, _empty_state(q) if init is None else init, **opts.ffi_attrs())
-    return o, (fin if opts.return_final_state else None), (hs if opts.save_chunk_states else None)
+    o, fin, saved = outs[0], outs[1], tuple(outs[2:9])
+    return o, (fin if opts.return_final_state else None), (saved if opts.save_residuals else None)
 
 
 def _ffi_forward(args, opts, impl):
     return _ffi_forward_saving(args, opts, impl)[:2]
 
 
-def _ffi_backward_call(args, do, dfin, opts, impl, grad_types, hs=None):
-    """The flashkda_bwd call with the given result types of the 7 input gradients -> (those 7, dinit). hs: the
-    forward's chunk states (_ffi_forward_saving), or None (the backward recomputes them)."""
+def _ffi_backward_call(args, do, dfin, opts, impl, grad_types, saved=None):
+    """The flashkda_bwd call with the given result types of the 7 input gradients -> (those 7, dinit). saved:
+    the forward's saved results (_ffi_forward_saving), or None (the backward recomputes them)."""
     q, k, v, g, beta, a_log, dt_bias, slot, init = args
-    ws = _workspace.bwd_workspace_bytes(impl, opts=opts, states_given=hs is not None, **_sizes(q, v, opts))
+    if saved is None:
+        saved = tuple(jnp.zeros(t.shape, t.dtype) for t in _saved_types(q, v, opts, False))
+    # (the chunk states and the prep outputs may come alone: an empty operand is recomputed)
+    ws = _workspace.bwd_workspace_bytes(impl, opts=opts, states_given=saved[0].size > 0, prep_given=saved[1].size > 0,
+                                        **_sizes(q, v, opts))
     out_types = tuple(grad_types) + (_state_struct(q, v, opts, init is not None),
                                      jax.ShapeDtypeStruct((ws,), jnp.uint8))
     if dfin is None:
@@ -123,18 +129,18 @@ def _ffi_backward_call(args, do, dfin, opts, impl, grad_types, hs=None):
     outs = jax.ffi.ffi_call(_ffi.BWD_TARGET, out_types, vmap_method="broadcast_all")(
         q, k, v, g, beta, a_log, dt_bias, slot, _empty_state(q) if init is None else init,
         do.astype(v.dtype), dfin.astype(_inputs.compute_dtype(q.dtype)),
-        jnp.zeros((0,), jnp.bfloat16) if hs is None else hs, **opts.ffi_attrs())
+        *saved, **opts.ffi_attrs())
     return outs[:8]
 
 
-def _ffi_backward(args, do, dfin, opts, impl, hs=None):
+def _ffi_backward(args, do, dfin, opts, impl, saved=None):
     q, k, v, g, beta, a_log, dt_bias, _, init = args
     f32 = jnp.float32
     grad_types = (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
                   jax.ShapeDtypeStruct(v.shape, v.dtype), jax.ShapeDtypeStruct(g.shape, g.dtype),
                   jax.ShapeDtypeStruct(beta.shape, beta.dtype), jax.ShapeDtypeStruct(a_log.shape, f32),
                   jax.ShapeDtypeStruct(dt_bias.shape, f32))
-    dq, dk, dv, dg, dbeta, da, ddt, dinit = _ffi_backward_call(args, do, dfin, opts, impl, grad_types, hs)
+    dq, dk, dv, dg, dbeta, da, ddt, dinit = _ffi_backward_call(args, do, dfin, opts, impl, grad_types, saved)
     return dq, dk, dv, dg, dbeta, da, ddt, (dinit if init is not None else None)
 
 

@@ -135,24 +135,24 @@ def _xla_bwd(args, do, dfin, opts):
     return vjp((do, dfin))
 
 
-def _core_bwd(args, do, dfin, opts, impl, hs=None):
-    """-> (dq, dk, dv, dg, dbeta, da_rows, ddt_rows, dinit | None). hs: the CUDA forward's chunk states, or None."""
+def _core_bwd(args, do, dfin, opts, impl, saved=None):
+    """-> (dq, dk, dv, dg, dbeta, da_rows, ddt_rows, dinit | None). saved: the CUDA forward's saved results, or None."""
     ops = _ops()
     bimpl = impl if impl == "xla" else ops._backward_impl(impl, args[0], args[2])
     if bimpl == "xla":
         return tuple(_xla_bwd(args, do, dfin, opts))
-    return tuple(ops._ffi_backward(args, do, dfin, opts, bimpl, hs))
+    return tuple(ops._ffi_backward(args, do, dfin, opts, bimpl, saved))
 
 
-def _saved_states_opts(args, opts, impl):
-    """opts for the differentiated forward / backward pair: save_chunk_states where the CUDA forward can hand its
-    chunk states to the CUDA backward (both kernels run, the default bf16 chunk states, no context parallelism,
-    whose per-device runs are not the true ones) and FLASHKDA_SAVE_CHUNK_STATES is not 0."""
+def _saving_opts(args, opts, impl):
+    """opts for the differentiated forward / backward pair: save_residuals where the CUDA forward can hand its
+    chunk states and prep outputs to the CUDA backward (both kernels run, the default bf16 chunk states, no
+    context parallelism, whose per-device runs are not the true ones) and FLASHKDA_SAVE_RESIDUALS is not 0."""
     q, v = args[0], args[2]
     K, V = q.shape[-1], v.shape[-1]
     ok = (impl == "cuda" and not opts.cp_record and _caps.CUDA_BWD_READY and (K, V) in _caps.CUDA_BWD_HEAD_DIMS
-          and _workspace.cuda_bwd_states_bf16() and os.environ.get("FLASHKDA_SAVE_CHUNK_STATES", "1") != "0")
-    return dataclasses.replace(opts, save_chunk_states=True) if ok else opts
+          and _workspace.cuda_bwd_states_bf16() and os.environ.get("FLASHKDA_SAVE_RESIDUALS", "1") != "0")
+    return dataclasses.replace(opts, save_residuals=True) if ok else opts
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
@@ -503,9 +503,10 @@ def _rule(num_args, has_init, has_ct_fin, H, HV, opts, backward):
     a = f"b {hv}"
     dt = f"b {hv} k"
     rec = [f"b t {hv} z", f"b t {hv} k"] if opts.cp_record else []  # the record, o_map
-    # opts.save_chunk_states: the forward also returns its chunk states [B, NW + 1, HV, K, V] (axis "n" never split),
-    # the backward's last operand.
-    rec += [f"b n {hv} k d"] if opts.save_chunk_states else []
+    # opts.save_residuals: the forward also returns what the backward would recompute (the backward's last
+    # operands): chunk states [B, NW + 1, HV, K, V], Qg, Kd, W, U [B, T, HV, K], A_qk [B, T, HV, 64], gamma
+    # [B, NW + S, HV, K] (axes "n", "c", "m" never split).
+    rec += [f"b n {hv} k d"] + [g] * 4 + [f"b t {hv} c", f"b m {hv} k"] if opts.save_residuals else []
     ins = [q, q, v, g, beta, a, dt, "b t"] + ([st] if has_init else [])
     if not backward:
         outs = [v] + ([st] if opts.return_final_state else []) + rec
@@ -516,7 +517,7 @@ def _rule(num_args, has_init, has_ct_fin, H, HV, opts, backward):
     rule = ", ".join(ins) + " -> " + ", ".join(outs)
     order = list(dict.fromkeys(rule.replace("(", " ").replace(")", " ").replace(",", " ").replace("->", " ").split()))
     # Shardy wants special factors in the order factors first appear in the rule.
-    kw = dict(need_replication_factors=tuple(f for f in order if f in ("k", "d", "s", "r", "z", "n")))
+    kw = dict(need_replication_factors=tuple(f for f in order if f in ("k", "d", "s", "r", "z", "n", "c", "m")))
     if H != HV:
         kw["r"] = HV // H
     return rule, kw
@@ -532,7 +533,7 @@ def _bwd_rule(opts, impl, mesh, operand_types, result_types):
     del impl, mesh
     H, HV = _shape(operand_types[0])[2], _shape(operand_types[2])[2]
     has_init = len(result_types) == 8
-    n_fixed = 8 + int(has_init) + 1 + 2 * int(bool(opts.cp_record)) + int(opts.save_chunk_states)
+    n_fixed = 8 + int(has_init) + 1 + 2 * int(bool(opts.cp_record)) + 7 * int(opts.save_residuals)
     return _rule(len(operand_types), has_init, len(operand_types) > n_fixed, H, HV, opts, backward=True)
 
 
@@ -587,7 +588,12 @@ def _specs(mesh, b, t, h):
     B, Tt, Hh = _e(b), _e(t), _e(h)
     ns = lambda *e: NamedSharding(mesh, P(*e))
     return dict(q=ns(B, Tt, Hh, None), beta=ns(B, Tt, Hh), a=ns(B, Hh), dt=ns(B, Hh, None),
-                slot=ns(B, Tt), st=ns(B, None, Hh, None, None))
+                slot=ns(B, Tt), st=ns(B, None, Hh, None, None), g4=ns(B, None, Hh, None))
+
+
+def _saved_shardings(sp):
+    """Shardings of the forward's saved results (ops._ffi_forward_saving): chunk states, Qg, Kd, W, U, A_qk, gamma."""
+    return (sp["st"],) + (sp["q"],) * 5 + (sp["g4"],)
 
 
 def _arg_shardings(sp, args):
@@ -603,36 +609,40 @@ def _fwd_partition(opts, impl, mesh, arg_shapes, result_shape):
     in_sh = (_arg_shardings(sp, args),)
     out_sh = (sp["q"], sp["st"] if result_shape[1] is not None else None) + \
         ((sp["q"], sp["q"]) if opts.cp_record else (None, None)) + \
-        ((sp["st"] if opts.save_chunk_states else None),)
+        (_saved_shardings(sp) if opts.save_residuals else None,)
 
     def lower(args):
         if t:
-            # Sequence-sharded without context_parallel_axis (save_chunk_states is never set with it): the
-            # per-device runs are not the true ones, so the chunk states are zeros the backward ignores.
-            hs = None
-            if opts.save_chunk_states:
+            # Sequence-sharded without context_parallel_axis (save_residuals is never set with it): the per-device
+            # runs are not the true ones, so the saved results are zeros (local shapes) the backward ignores.
+            n = _axes_size(mesh, t)
+            saved = None
+            if opts.save_residuals:
                 q, v = args[0], args[2]
-                hs = jnp.zeros(_workspace.chunk_states_shape(q.shape[0], q.shape[1] * _axes_size(mesh, t), v.shape[2],
-                                                             q.shape[3], v.shape[3]), jnp.bfloat16)
-            return _cp_fwd(args, opts, impl, t, _axes_size(mesh, t)) + (hs,)
+                shapes = _workspace.saved_structs(q.shape[0], q.shape[1] * n, v.shape[2], q.shape[3], v.shape[3],
+                                                  opts.num_slots)
+                # axis 1 is T (sharded with the sequence) in all but the chunk states and gamma
+                local = lambda i, shp: shp if i in (0, 6) else shp[:1] + (shp[1] // n,) + shp[2:]
+                saved = tuple(jnp.zeros(local(i, shp), jnp.dtype(dt)) for i, (shp, dt) in enumerate(shapes))
+            return _cp_fwd(args, opts, impl, t, n) + (saved,)
         return _fwd_body(opts, impl, args)
 
     return mesh, lower, out_sh, in_sh
 
 
 def _bwd_partition(opts, impl, mesh, arg_shapes, result_shape):
-    args, do, dfin, rec, omap, hs = arg_shapes
+    args, do, dfin, rec, omap, saved = arg_shapes
     b, t, h = _plan_shardings(mesh, (args,), (do,))
     sp = _specs(mesh, b, t, h)
     in_sh = (_arg_shardings(sp, args), sp["q"], None if dfin is None else sp["st"], None if rec is None else sp["q"],
-             None if omap is None else sp["q"], None if hs is None else sp["st"])
+             None if omap is None else sp["q"], None if saved is None else _saved_shardings(sp))
     out_sh = (sp["q"], sp["q"], sp["q"], sp["q"], sp["beta"], sp["a"], sp["dt"],
               None if result_shape[7] is None else sp["st"])
 
-    def lower(args, do, dfin, rec, omap, hs):
+    def lower(args, do, dfin, rec, omap, saved):
         if t:
             return _cp_bwd(args, do, dfin, rec, omap, opts, impl, t, _axes_size(mesh, t))
-        return _core_bwd(args, do, dfin, opts, impl, hs)
+        return _core_bwd(args, do, dfin, opts, impl, saved)
 
     return mesh, lower, out_sh, in_sh
 
@@ -649,17 +659,17 @@ def _with_record(out, args, opts):
 
 
 def _fwd_body(opts, impl, args):
-    """-> (o, fin, record, o_map, chunk states): the last three None unless opts asks for them."""
-    if opts.save_chunk_states:
-        o, fin, hs = _ops()._ffi_forward_saving(args, opts, impl)
+    """-> (o, fin, record, o_map, saved): the last three None unless opts asks for them."""
+    if opts.save_residuals:
+        o, fin, saved = _ops()._ffi_forward_saving(args, opts, impl)
     else:
-        (o, fin), hs = _core_fwd(args, opts, impl), None
-    return _with_record((o, fin), args, opts) + (hs,)
+        (o, fin), saved = _core_fwd(args, opts, impl), None
+    return _with_record((o, fin), args, opts) + (saved,)
 
 
-def _bwd_body(opts, impl, args, do, dfin, rec, omap, hs):
+def _bwd_body(opts, impl, args, do, dfin, rec, omap, saved):
     del rec, omap  # one device: no carried state
-    return _core_bwd(args, do, dfin, opts, impl, hs)
+    return _core_bwd(args, do, dfin, opts, impl, saved)
 
 
 _fwd_op = custom_partitioning(_fwd_body, static_argnums=(0, 1))
@@ -727,20 +737,20 @@ def _sharded_core(args, opts, impl):
 
 
 def _sharded_core_fwd(args, opts, impl):
-    o, fin, rec, omap, hs = _vmappable("fwd", _saved_states_opts(args, opts, impl), impl)(args)
-    return (o, fin), (args, rec, omap, hs)
+    o, fin, rec, omap, saved = _vmappable("fwd", _saving_opts(args, opts, impl), impl)(args)
+    return (o, fin), (args, rec, omap, saved)
 
 
 def _sharded_core_bwd(opts, impl, res, cts):
-    args, rec, omap, hs = res
-    opts = _saved_states_opts(args, opts, impl)
+    args, rec, omap, saved = res
+    opts = _saving_opts(args, opts, impl)
     do, dfin = cts
     if not opts.return_final_state:
         dfin = None
     elif dfin is not None:
         dfin = dfin.astype(_inputs.compute_dtype(args[0].dtype))
     do = do.astype(args[2].dtype)
-    dq, dk, dv, dg, dbeta, da, ddt, dinit = _vmappable("bwd", opts, impl)(args, do, dfin, rec, omap, hs)
+    dq, dk, dv, dg, dbeta, da, ddt, dinit = _vmappable("bwd", opts, impl)(args, do, dfin, rec, omap, saved)
     return ((dq, dk, dv, dg, dbeta, da, ddt, None, dinit),)
 
 

@@ -57,11 +57,12 @@ def ffi_fwd(core, opts):
     a_rows, dt_rows = _rows(core)
     outs = (jax.ShapeDtypeStruct(core.v.shape, core.v.dtype),
             _state_struct(core, opts, opts.return_final_state),
-            jax.ShapeDtypeStruct((0,), jnp.bfloat16),  # chunk_states: CUDA only
+            # chunk_states, saved_qg, saved_kd, saved_w, saved_u, saved_aqk, saved_gamma: CUDA only
+            *[jax.ShapeDtypeStruct((0,), jnp.bfloat16)] * 6, jax.ShapeDtypeStruct((0,), jnp.float32),
             jax.ShapeDtypeStruct((0,), jnp.uint8))
-    o, fin, _, _ = jax.ffi.ffi_call("flashkda_fwd", outs)(
+    o, fin = jax.ffi.ffi_call("flashkda_fwd", outs)(
         core.q, core.k, core.v, core.g, core.beta, a_rows, dt_rows, core.slot, _init_operand(core),
-        **opts.ffi_attrs())
+        **opts.ffi_attrs())[:2]
     return o, (fin if opts.return_final_state else None)
 
 
@@ -78,7 +79,7 @@ def ffi_bwd(core, opts, do, dfin):
         dfin = jnp.zeros((0,), _inputs.compute_dtype(core.q.dtype))
     res = jax.ffi.ffi_call("flashkda_bwd", outs)(
         core.q, core.k, core.v, core.g, core.beta, a_rows, dt_rows, core.slot, _init_operand(core), do, dfin,
-        jnp.zeros((0,), jnp.bfloat16), **opts.ffi_attrs())
+        *[jnp.zeros((0,), jnp.bfloat16)] * 6, jnp.zeros((0,), jnp.float32), **opts.ffi_attrs())
     return res[:8]
 
 

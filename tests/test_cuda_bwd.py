@@ -182,12 +182,13 @@ def test_deterministic():
 
 
 @pytest.mark.parametrize("shape", ["segments", "split"])
-def test_saved_chunk_states(shape, monkeypatch):
-    """The differentiated CUDA forward saves its chunk states for the backward (which then skips its states
-    pass): o and the final states are bit-identical to the forward without them, the saved states are those the
-    backward recomputes (to bf16 rounding of the f32 states of two kernels), and the gradients agree with the
-    recomputing backward (FLASHKDA_SAVE_CHUNK_STATES=0) and with the oracle. "split": a sequence long enough
-    for the forward to split it into segments (phase 3 writes the states)."""
+def test_saved_residuals(shape, monkeypatch):
+    """The differentiated CUDA forward saves its chunk states and prep outputs for the backward (which then skips
+    its states pass and its prep): o and the final states are bit-identical to the forward without them; with the
+    saved prep alone the backward is bit-identical to the recomputing one (the same kernel on the same inputs);
+    with the saved states too it agrees to the bf16 rounding of two kernels' f32 states; through `kda`, saving
+    (default) and recomputing (FLASHKDA_SAVE_RESIDUALS=0) agree and meet the oracle. "split": a sequence long
+    enough for the forward to split it into segments (phase 3 writes the states)."""
     from flashkda_jax import _inputs as I
     from flashkda_jax import _workspace as W
     from flashkda_jax import ops
@@ -212,27 +213,42 @@ def test_saved_chunk_states(shape, monkeypatch):
     B_ = core.q.shape[0]
     fargs = (core.q, core.k, core.v, core.g, core.beta, jnp.broadcast_to(core.a_log, (B_, HV)),
              jnp.broadcast_to(core.dt_bias, (B_, HV, K)), core.slot, core.initial_state)
-    saving = dataclasses.replace(opts, save_chunk_states=True)
+    saving = dataclasses.replace(opts, save_residuals=True)
     o0, f0, none = jax.jit(lambda *a: ops._ffi_forward_saving(a, opts, "cuda"))(*fargs)
-    o1, f1, hs = jax.jit(lambda *a: ops._ffi_forward_saving(a, saving, "cuda"))(*fargs)
-    assert none is None and hs.shape == W.chunk_states_shape(B_, T, HV, K, K) and hs.dtype == jnp.bfloat16
+    o1, f1, saved = jax.jit(lambda *a: ops._ffi_forward_saving(a, saving, "cuda"))(*fargs)
+    assert none is None
+    for x, (shp, dt) in zip(saved, W.saved_structs(B_, T, HV, K, K, opts.num_slots)):
+        assert x.shape == shp and x.dtype == jnp.dtype(dt)
     np.testing.assert_array_equal(np.asarray(o0, np.float32), np.asarray(o1, np.float32))
     np.testing.assert_array_equal(np.asarray(f0), np.asarray(f1))
-    # The backward with the saved states against the one that recomputes them (same FFI call otherwise).
     do = jax.random.normal(jax.random.PRNGKey(25), core.v.shape, jnp.float32).astype(core.v.dtype)
     dfc = dfin.astype(jnp.float32)
-    given = jax.jit(lambda *a: ops._ffi_backward(a[:-1], do, dfc, opts, "cuda", a[-1]))(*fargs, hs)
-    recomputed = jax.jit(lambda *a: ops._ffi_backward(a, do, dfc, opts, "cuda"))(*fargs)
-    for name, x, y in zip(NAMES + ("A_log", "dt_bias", "initial_state"), given, recomputed):
+    names = NAMES + ("A_log", "dt_bias", "initial_state")
+    bwd = jax.jit(lambda fa, sv: ops._ffi_backward(fa, do, dfc, opts, "cuda", sv))
+    recomputed = jax.jit(lambda fa: ops._ffi_backward(fa, do, dfc, opts, "cuda"))(fargs)
+    # The saved prep with recomputed states: bit-identical. The chunk states' operand must then be empty.
+    prep_only = jax.jit(lambda fa, sv: ops._ffi_backward_call(
+        fa, do, dfc, opts, "cuda", _grad_types(fa), (jnp.zeros((0,), jnp.bfloat16),) + tuple(sv[1:])))(fargs, saved)
+    for name, x, y in zip(names, prep_only, recomputed):
+        np.testing.assert_array_equal(np.asarray(x, np.float32), np.asarray(y, np.float32), err_msg=name)
+    given = bwd(fargs, saved)
+    for name, x, y in zip(names, given, recomputed):
         e = rel_err(x, y)
-        assert e <= 2e-3, f"d{name}: saved vs recomputed chunk states rel err {e:.3e}"
-    # Through the public op: saved (default) and recomputed, both against the oracle.
-    got = _compare(args, params, kw, init, dfin, "saved states")
-    monkeypatch.setenv("FLASHKDA_SAVE_CHUNK_STATES", "0")
+        assert e <= 2e-3, f"d{name}: saved vs recomputed residuals rel err {e:.3e}"
+    # Through the public op: saving (default) and recomputing, both against the oracle.
+    got = _compare(args, params, kw, init, dfin, "saved residuals")
+    monkeypatch.setenv("FLASHKDA_SAVE_RESIDUALS", "0")
     again = _grads("cuda", args, params, kw, init, dfin)
     for name in got:
         e = rel_err(got[name], again[name])
-        assert e <= 2e-3, f"d{name}: kda with saved vs recomputed chunk states rel err {e:.3e}"
+        assert e <= 2e-3, f"d{name}: kda with saved vs recomputed residuals rel err {e:.3e}"
+
+
+def _grad_types(fargs):
+    q, k, v, g, beta, a, dt = fargs[:7]
+    f32 = jnp.float32
+    return tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v, g, beta)) + (
+        jax.ShapeDtypeStruct(a.shape, f32), jax.ShapeDtypeStruct(dt.shape, f32))
 
 
 def test_ffi_backward_direct():

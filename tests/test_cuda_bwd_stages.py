@@ -352,7 +352,7 @@ def _gpu(name):
     fn = jax.jit(lambda *a: call(*a, **opts.ffi_attrs()))
     res = fn(core.q, core.k, core.v, core.g, core.beta, a_rows, dt_rows, core.slot,
              init if init is not None else empty, do, dfin if dfin is not None else empty,
-             jnp.zeros((0,), jnp.bfloat16))
+             *[jnp.zeros((0,), jnp.bfloat16)] * 6, jnp.zeros((0,), f32))
     res = jax.block_until_ready(res)
     outs = {n: np.asarray(jnp.asarray(x, f32), np.float64)
             for n, x in zip(NAMES + ("A_log", "dt_bias", "initial_state"), res[:8])}
@@ -486,18 +486,32 @@ def test_workspace_layout(shape):
 
 
 @pytest.mark.parametrize("shape", sorted(_TOTALS))
-def test_workspace_without_states_block(shape, monkeypatch):
-    """With the forward's chunk_states as an operand the backward's workspace has no states block: exactly that
-    block (bf16, [B, NW + 1, HV, K, V], 256-byte padded) less; every other region keeps its size."""
+def test_workspace_without_saved_blocks(shape, monkeypatch):
+    """With the forward's saved results as operands the backward's workspace has no states block (with
+    states_given) and no prep blocks (with prep_given): exactly those blocks (256-byte padded) less, every other
+    region the same size; the saved results hold at least what those blocks held. The forward's workspace with
+    prep_external likewise drops its prep blocks."""
     monkeypatch.delenv("FLASHKDA_BWD_RECUR", raising=False)
     monkeypatch.delenv("FLASHKDA_BWD_GRAD1", raising=False)
-    B, T, HV, K, V, _ = shape
+    B, T, HV, K, V, S = shape
+    pad = lambda n: -(-n // 256) * 256
     states = 2 * int(np.prod(W.chunk_states_shape(B, T, HV, K, V)))
-    full, given = W.cuda_bwd_workspace_layout(*shape), W.cuda_bwd_workspace_layout(*shape, states_given=True)
-    assert full["hs"][1] == states and given["hs"][1] == 0
-    assert all(given[k][1] == full[k][1] for k in full if k != "hs")
-    padded = -(-states // 256) * 256
-    assert W.cuda_bwd_workspace_bytes(*shape) - W.cuda_bwd_workspace_bytes(*shape, states_given=True) == padded
+    prep_names = ("qg", "kd", "w", "u", "aqk", "gamma")
+    full = W.cuda_bwd_workspace_layout(*shape)
+    for sg, pg in ((True, False), (False, True), (True, True)):
+        given = W.cuda_bwd_workspace_layout(*shape, states_given=sg, prep_given=pg)
+        dropped = (("hs",) if sg else ()) + (prep_names if pg else ())
+        assert all(given[k][1] == 0 for k in dropped)
+        assert all(given[k][1] == full[k][1] for k in full if k not in dropped)
+        less = sum(pad(full[k][1]) for k in dropped)
+        assert W.cuda_bwd_workspace_bytes(*shape) - W.cuda_bwd_workspace_bytes(*shape, sg, pg) == less
+    assert full["hs"][1] == states
+    if K == V:
+        sizes = [int(np.prod(shp)) * np.dtype(dt).itemsize for shp, dt in W.saved_structs(B, T, HV, K, V, S)]
+        assert sizes == [states] + [full[k][1] for k in prep_names]
+    fl = W.cuda_fwd_workspace_layout(*shape)
+    fe = W.cuda_fwd_workspace_layout(*shape, prep_external=True)
+    assert all(fe[k][1] == 0 for k in prep_names) and all(fe[k][1] == fl[k][1] for k in fl if k not in prep_names)
 
 
 def _fake_run(name, rng):
