@@ -17,6 +17,7 @@ import pytest
 jax.config.update("jax_enable_x64", True)
 
 from flashkda_jax import _ffi, _inputs, reference  # noqa: E402
+from flashkda_jax import _workspace as W  # noqa: E402
 from flashkda_jax.segments import slots_from_segment_ids  # noqa: E402
 
 from kda_testing import make_problem, ragged_segments, random_state, rel_err  # noqa: E402
@@ -254,6 +255,30 @@ def test_bad_operands_raise():
     bad = _inputs.CoreInputs(**{**core.__dict__, "beta": core.beta[:, :, :3]})
     with pytest.raises(Exception, match="beta"):
         jax.block_until_ready(ffi_fwd(bad, opts))
+
+
+def test_saved_results_are_cuda_only():
+    """The CPU handlers reject the CUDA-only saved results (chunk_states, saved_*) instead of ignoring them."""
+    core, opts = _prepare(11, states=False, segments=False)
+    a_rows, dt_rows = _rows(core)
+    B, T, H, K = core.q.shape
+    HV, V = core.v.shape[2], core.v.shape[3]
+    saved = tuple(jax.ShapeDtypeStruct(shp, jnp.dtype(dt))
+                  for shp, dt in W.saved_structs(B, T, HV, K, V, opts.num_slots))
+    outs = (jax.ShapeDtypeStruct(core.v.shape, core.v.dtype), _state_struct(core, opts, False)) + saved + (
+        jax.ShapeDtypeStruct((0,), jnp.uint8),)
+    with pytest.raises(Exception, match="CUDA forward only"):
+        jax.block_until_ready(jax.ffi.ffi_call("flashkda_fwd", outs)(
+            core.q, core.k, core.v, core.g, core.beta, a_rows, dt_rows, core.slot, _init_operand(core),
+            **opts.ffi_attrs()))
+    do = jnp.ones_like(core.v)
+    gouts = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (core.q, core.k, core.v, core.g, core.beta)) + (
+        jax.ShapeDtypeStruct(a_rows.shape, jnp.float32), jax.ShapeDtypeStruct(dt_rows.shape, jnp.float32),
+        jax.ShapeDtypeStruct((0,), jnp.float32), jax.ShapeDtypeStruct((0,), jnp.uint8))
+    with pytest.raises(Exception, match="CUDA forward only"):
+        jax.block_until_ready(jax.ffi.ffi_call("flashkda_bwd", gouts)(
+            core.q, core.k, core.v, core.g, core.beta, a_rows, dt_rows, core.slot, _init_operand(core), do,
+            jnp.zeros((0,), jnp.float32), *[jnp.zeros(x.shape, x.dtype) for x in saved], **opts.ffi_attrs()))
 
 
 def test_padding_exactly_zero():

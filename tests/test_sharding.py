@@ -208,3 +208,30 @@ def test_ffi_and_xla_inside_shard_map_one_device(impl):
     np.testing.assert_allclose(val, val_r, rtol=1e-5)
     for a, b in zip(gs, gr):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_saving_opts(monkeypatch):
+    """The differentiated forward saves its residuals for the backward only where both CUDA kernels run with the
+    default bf16 chunk states, outside context parallelism, and FLASHKDA_SAVE_RESIDUALS is not 0."""
+    from flashkda_jax import _capabilities as caps
+    from flashkda_jax import _inputs as I
+    from flashkda_jax import sharding as sh
+
+    monkeypatch.setattr(caps, "CUDA_BWD_READY", True)
+    for var in ("FLASHKDA_SAVE_RESIDUALS", "FLASHKDA_BWD_RECUR", "FLASHKDA_BWD_GRAD1"):
+        monkeypatch.delenv(var, raising=False)
+    opts = I.KdaOptions(scale=0.1)
+    args = lambda K, V: (jnp.zeros((1, 64, 2, K)), None, jnp.zeros((1, 64, 2, V)))
+    saves = lambda a, o, impl: sh._saving_opts(a, o, impl).save_residuals
+    assert saves(args(128, 128), opts, "cuda") and saves(args(64, 64), opts, "cuda")
+    assert not saves(args(128, 128), opts, "cpu") and not saves(args(128, 128), opts, "xla")
+    assert not saves(args(256, 256), opts, "cuda")              # no CUDA backward for K = 256
+    assert not saves(args(128, 128), I.KdaOptions(scale=0.1, cp_record=8), "cuda")  # context parallelism
+    monkeypatch.setenv("FLASHKDA_BWD_RECUR", "v1")             # f32 chunk states
+    assert not saves(args(128, 128), opts, "cuda")
+    monkeypatch.delenv("FLASHKDA_BWD_RECUR")
+    monkeypatch.setenv("FLASHKDA_SAVE_RESIDUALS", "0")
+    assert not saves(args(128, 128), opts, "cuda")
+    monkeypatch.setattr(caps, "CUDA_BWD_READY", False)
+    monkeypatch.delenv("FLASHKDA_SAVE_RESIDUALS")
+    assert not saves(args(128, 128), opts, "cuda")
