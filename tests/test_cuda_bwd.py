@@ -244,6 +244,27 @@ def test_saved_residuals(shape, monkeypatch):
         assert e <= 2e-3, f"d{name}: kda with saved vs recomputed residuals rel err {e:.3e}"
 
 
+def test_vmap_grad_saved_residuals():
+    """jax.vmap of jax.grad through the CUDA kernels (three instances: the saved residuals are folded into the
+    batch axis and back) equals each instance's own gradient (to f32 rounding: the kernels' column blocks
+    may be chosen differently for the larger batch)."""
+    B, T, H, HV, K = 2, 150, 1, 2, 64
+    insts = [_inputs(30 + i, B, T, H, HV, K, K, jnp.bfloat16, "bounded") for i in range(3)]
+    _, params, kw = insts[0]
+    stacked = tuple(jnp.stack([a[0][j] for a in insts]) for j in range(5))
+
+    def loss(args):
+        o, _ = F.kda(*args, implementation="cuda", **params, **kw)
+        return jnp.sum(o.astype(jnp.float32) ** 2)
+
+    gv = jax.jit(jax.vmap(jax.grad(loss)))(stacked)
+    for i, (args, _, _) in enumerate(insts):
+        gi = jax.jit(jax.grad(loss))(args)
+        for name, x, y in zip(NAMES, gv, gi):
+            e = rel_err(x[i], y)
+            assert e <= 1e-5, f"instance {i} d{name}: vmap vs alone rel err {e:.3e}"
+
+
 def _grad_types(fargs):
     q, k, v, g, beta, a, dt = fargs[:7]
     f32 = jnp.float32
