@@ -497,8 +497,7 @@ ffi::Error KdaBwd(ffi::ThreadPool& pool, FLASHKDA_BWD_PARAMS) {
   }
   Problem& P = A.P;
   const KdaShape& s = P.s;
-  if (chunk_states.element_count() + saved_qg.element_count() + saved_kd.element_count() + saved_w.element_count() +
-          saved_u.element_count() + saved_aqk.element_count() + saved_gamma.element_count() != 0) {
+  if (TotalElements(chunk_states, saved_qg, saved_kd, saved_w, saved_u, saved_aqk, saved_gamma) != 0) {
     return ffi::Error::InvalidArgument("flashkda_bwd (CPU): chunk_states / saved_* come from the CUDA forward only; "
                                        "pass empty buffers");
   }

@@ -177,9 +177,7 @@ ffi::Error KdaFwd(ffi::ThreadPool& pool, FLASHKDA_FWD_PARAMS) {
   const KdaShape& s = P.s;
   if (auto e = CheckResult(op, "o", *o, size_t(s.B * s.T * s.HV * s.V), s.dtype); e.failure()) return e;
   if (auto e = StateBufferSlots(op, "final_state", *final_state, P, &P.S_out); e.failure()) return e;
-  if (chunk_states->element_count() + saved_qg->element_count() + saved_kd->element_count() +
-          saved_w->element_count() + saved_u->element_count() + saved_aqk->element_count() +
-          saved_gamma->element_count() != 0) {
+  if (TotalElements(*chunk_states, *saved_qg, *saved_kd, *saved_w, *saved_u, *saved_aqk, *saved_gamma) != 0) {
     return ffi::Error::InvalidArgument("flashkda_fwd (CPU): chunk_states / saved_* are saved by the CUDA forward "
                                        "only; pass empty buffers");
   }

@@ -141,6 +141,12 @@ inline int64_t StateSlots(const ffi::AnyBuffer& state, const KdaShape& s) {
   return static_cast<int64_t>(state.element_count()) / per;
 }
 
+// Total elements of the given buffers (the optional saved_* / chunk_states groups: 0 = none given).
+template <class... Buffers>
+inline size_t TotalElements(const Buffers&... bufs) {
+  return (size_t{0} + ... + bufs.element_count());
+}
+
 // The backward's state-only mode: every input-gradient result (dq, dk, dv, dg, dbeta, da_log_partial,
 // ddt_bias_partial) has 0 elements although the problem gives them some, so only dinitial_state is wanted
 // (context parallelism needs the gradient w.r.t. a slice's incoming state alone; the CUDA handler then runs

@@ -264,8 +264,7 @@ static ffi::Error KdaCudaBwdImpl(cudaStream_t stream, FLASHKDA_BWD_PARAMS) {
   // The forward's chunk states (bf16 [B, ceil(T / 64) + 1, HV, K, V]), or empty: the states pass recomputes them.
   const bool states_given = chunk_states.element_count() > 0;
   if (states_given) {
-    const size_t n = static_cast<size_t>(s.B) * ((s.T + kChunk - 1) / kChunk + 1) * s.HV * s.K * s.V;
-    if (chunk_states.element_count() != n || chunk_states.element_type() != ffi::DataType::BF16) {
+    if (!fwd::ChunkStatesWellFormed(s, chunk_states)) {
       return ffi::Error::InvalidArgument("flashkda_bwd (CUDA): chunk_states must be bfloat16 [B, ceil(T / 64) + 1, HV, K, V]");
     }
     if (!states_bf16) {

@@ -98,9 +98,7 @@ static ffi::Error KdaCudaFwdImpl(cudaStream_t stream, FLASHKDA_FWD_PARAMS) {
   }
   if (chunk_states->element_count() > 0) {
     // Only the backward's head dims (K == V in {64, 128}); the layout is the backward's Hs.
-    const size_t n = static_cast<size_t>(s.B) * (lay.NW + 1) * s.HV * s.K * s.V;
-    if (s.K != s.V || s.K > 128 || chunk_states->element_count() != n ||
-        chunk_states->element_type() != ffi::DataType::BF16) {
+    if (s.K != s.V || s.K > 128 || !ChunkStatesWellFormed(s, *chunk_states)) {
       return ffi::Error::InvalidArgument(
           "flashkda_fwd (CUDA): chunk_states must be bfloat16 [B, ceil(T / 64) + 1, HV, K, V] with K == V <= 128");
     }

@@ -8,15 +8,13 @@
 namespace flashkda {
 namespace fwd {
 
-// s_final: final-state slots the prep kernel writes gamma for; o / final_state may be null (backward).
 // The prep outputs saved for the backward (the FFI ops' saved_qg, saved_kd, saved_w, saved_u, saved_aqk,
 // saved_gamma, in that order; docs/ffi.md). K == V only: the first four bf16 [B, T, HV, K], saved_aqk bf16
 // [B, T, HV, 64], saved_gamma f32 [B, NW + S', HV, K] with S' >= min_slots.
 // Returns whether they are given; *ok: none given, or all six well formed (then *slots = S').
 inline bool SavedPrepGiven(const KdaShape& s, const ffi::AnyBuffer* const (&b)[6], int64_t min_slots,
                            int64_t* slots, bool* ok) {
-  size_t any = 0;
-  for (const ffi::AnyBuffer* x : b) any += x->element_count();
+  const size_t any = TotalElements(*b[0], *b[1], *b[2], *b[3], *b[4], *b[5]);
   *ok = any == 0;
   if (any == 0) return false;
   const int64_t nw = (s.T + kChunk - 1) / kChunk, row = s.B * s.HV * s.K;
@@ -32,6 +30,12 @@ inline bool SavedPrepGiven(const KdaShape& s, const ffi::AnyBuffer* const (&b)[6
   return true;
 }
 
+// Whether a given chunk_states buffer (the backward's Hs) has its shape and dtype: bf16 [B, NW + 1, HV, K, V].
+inline bool ChunkStatesWellFormed(const KdaShape& s, const ffi::AnyBuffer& b) {
+  const size_t n = static_cast<size_t>(s.B) * ((s.T + kChunk - 1) / kChunk + 1) * s.HV * s.K * s.V;
+  return b.element_count() == n && b.element_type() == ffi::DataType::BF16;
+}
+
 // Points the prep outputs of p at the saved buffers (SavedPrepGiven's order).
 inline void UseSavedPrep(Params& p, void* const (&d)[6]) {
   p.Qg = static_cast<__nv_bfloat16*>(d[0]);
@@ -42,6 +46,7 @@ inline void UseSavedPrep(Params& p, void* const (&d)[6]) {
   p.gamma = static_cast<float*>(d[5]);
 }
 
+// s_final: final-state slots the prep kernel writes gamma for; o / final_state may be null (backward).
 inline Params MakeParams(const KdaShape& s, const KdaOptions& opt, const Layout& lay, unsigned char* ws,
                          int64_t s_final, const ffi::AnyBuffer& q, const ffi::AnyBuffer& k, const ffi::AnyBuffer& v,
                          const ffi::AnyBuffer& g, const ffi::AnyBuffer& beta, const ffi::AnyBuffer& a_log,

@@ -134,7 +134,8 @@ __global__ void __launch_bounds__(kThreads, STAGES == 1 && K <= 128 ? 2 : 1) Rec
       CpAsyncCommit();
     };
 
-    auto store_state_smem = [&]() {
+    // The state block in bf16 as a [K][ld] matrix: sS (the next chunk's operand) or a chunk state of the backward.
+    auto store_state_bf16 = [&](bf16* dst, size_t ld) {
 #pragma unroll
       for (int mi = 0; mi < MTW3; ++mi)
 #pragma unroll
@@ -143,13 +144,13 @@ __global__ void __launch_bounds__(kThreads, STAGES == 1 && K <= 128 ? 2 : 1) Rec
           for (int hh = 0; hh < 2; ++hh) {
             const int row = (wm3 + WM3 * mi) * 16 + gr + 8 * hh;
             const int col = (wn3 * NTW3 + ni) * 8 + 2 * t4;
-            *reinterpret_cast<uint32_t*>(sS + row * VP + col) = PackBF16(st[mi][ni][2 * hh], st[mi][ni][2 * hh + 1]);
+            *reinterpret_cast<uint32_t*>(dst + row * ld + col) = PackBF16(st[mi][ni][2 * hh], st[mi][ni][2 * hh + 1]);
           }
     };
 
     __syncthreads();  // the previous item is done with shared memory
     load_chunk(0, 0);
-    store_state_smem();
+    store_state_bf16(sS, VP);
 
     for (int c = 0; c < nch; ++c) {
       const int stg = STAGES == 2 ? (c & 1) : 0;
@@ -295,20 +296,10 @@ __global__ void __launch_bounds__(kThreads, STAGES == 1 && K <= 128 ? 2 : 1) Rec
       }
       // The backward's chunk state: the start state of the next chunk of this sequence (bf16, as sS holds it).
       if (kOut && p.chunk_states != nullptr && !lastc) {
-        bf16* hs = p.chunk_states + (((size_t)b * (p.NW + 1) + (cs + 2 * C - 1) / C) * HV + hv) * K * V + col0;
-#pragma unroll
-        for (int mi = 0; mi < MTW3; ++mi)
-#pragma unroll
-          for (int ni = 0; ni < NTW3; ++ni)
-#pragma unroll
-            for (int hh = 0; hh < 2; ++hh) {
-              const int row = (wm3 + WM3 * mi) * 16 + gr + 8 * hh;
-              const int col = (wn3 * NTW3 + ni) * 8 + 2 * t4;
-              *reinterpret_cast<uint32_t*>(hs + (size_t)row * V + col) = PackBF16(st[mi][ni][2 * hh], st[mi][ni][2 * hh + 1]);
-            }
+        store_state_bf16(p.chunk_states + (((size_t)b * (p.NW + 1) + (cs + 2 * C - 1) / C) * HV + hv) * K * V + col0, V);
       }
       __syncthreads();  // C: everyone is done with sS, sR and this stage
-      if (update && c + 1 < nch) store_state_smem();
+      if (update && c + 1 < nch) store_state_bf16(sS, VP);
     }
 
     // ---- end state ----

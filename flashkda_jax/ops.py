@@ -88,10 +88,8 @@ def _empty_state(q):
 
 def _saved_types(q, v, opts, present: bool):
     """Result types of the forward's seven chunk_states / saved_* results (empty when not saved)."""
-    if not present:
-        return tuple(jax.ShapeDtypeStruct((0,), jnp.float32 if i == 6 else jnp.bfloat16) for i in range(7))
     B, T, HV, K, V = q.shape[0], q.shape[1], v.shape[2], q.shape[3], v.shape[3]
-    return tuple(jax.ShapeDtypeStruct(shape, jnp.dtype(dt))
+    return tuple(jax.ShapeDtypeStruct(shape if present else (0,), jnp.dtype(dt))
                  for shape, dt in _workspace.saved_structs(B, T, HV, K, V, opts.num_slots))
 
 
@@ -133,14 +131,16 @@ def _ffi_backward_call(args, do, dfin, opts, impl, grad_types, saved=None):
     return outs[:8]
 
 
-def _ffi_backward(args, do, dfin, opts, impl, saved=None):
-    q, k, v, g, beta, a_log, dt_bias, _, init = args
+def _grad_types(args):
+    """Result types of the backward's 7 input gradients: like q, k, v, g, beta; f32 for the gate parameters."""
     f32 = jnp.float32
-    grad_types = (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
-                  jax.ShapeDtypeStruct(v.shape, v.dtype), jax.ShapeDtypeStruct(g.shape, g.dtype),
-                  jax.ShapeDtypeStruct(beta.shape, beta.dtype), jax.ShapeDtypeStruct(a_log.shape, f32),
-                  jax.ShapeDtypeStruct(dt_bias.shape, f32))
-    dq, dk, dv, dg, dbeta, da, ddt, dinit = _ffi_backward_call(args, do, dfin, opts, impl, grad_types, saved)
+    return tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in args[:5]) + tuple(
+        jax.ShapeDtypeStruct(x.shape, f32) for x in args[5:7])
+
+
+def _ffi_backward(args, do, dfin, opts, impl, saved=None):
+    init = args[8]
+    dq, dk, dv, dg, dbeta, da, ddt, dinit = _ffi_backward_call(args, do, dfin, opts, impl, _grad_types(args), saved)
     return dq, dk, dv, dg, dbeta, da, ddt, (dinit if init is not None else None)
 
 

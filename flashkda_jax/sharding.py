@@ -621,9 +621,11 @@ def _fwd_partition(opts, impl, mesh, arg_shapes, result_shape):
                 q, v = args[0], args[2]
                 shapes = _workspace.saved_structs(q.shape[0], q.shape[1] * n, v.shape[2], q.shape[3], v.shape[3],
                                                   opts.num_slots)
-                # axis 1 is T (sharded with the sequence) in all but the chunk states and gamma
-                local = lambda i, shp: shp if i in (0, 6) else shp[:1] + (shp[1] // n,) + shp[2:]
-                saved = tuple(jnp.zeros(local(i, shp), jnp.dtype(dt)) for i, (shp, dt) in enumerate(shapes))
+                # per device: axis 1 divided by n where the sharding puts the sequence axes on it (the per-token
+                # arrays; not the per-chunk ones)
+                local = lambda shp, sh: shp[:1] + (shp[1] // n if sh.spec[1] is not None else shp[1],) + shp[2:]
+                saved = tuple(jnp.zeros(local(shp, sh), jnp.dtype(dt))
+                              for (shp, dt), sh in zip(shapes, _saved_shardings(sp)))
             return _cp_fwd(args, opts, impl, t, n) + (saved,)
         return _fwd_body(opts, impl, args)
 

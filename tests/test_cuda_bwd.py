@@ -228,7 +228,7 @@ def test_saved_residuals(shape, monkeypatch):
     recomputed = jax.jit(lambda fa: ops._ffi_backward(fa, do, dfc, opts, "cuda"))(fargs)
     # The saved prep with recomputed states: bit-identical. The chunk states' operand must then be empty.
     prep_only = jax.jit(lambda fa, sv: ops._ffi_backward_call(
-        fa, do, dfc, opts, "cuda", _grad_types(fa), (jnp.zeros((0,), jnp.bfloat16),) + tuple(sv[1:])))(fargs, saved)
+        fa, do, dfc, opts, "cuda", ops._grad_types(fa), (jnp.zeros((0,), jnp.bfloat16),) + tuple(sv[1:])))(fargs, saved)
     for name, x, y in zip(names, prep_only, recomputed):
         np.testing.assert_array_equal(np.asarray(x, np.float32), np.asarray(y, np.float32), err_msg=name)
     given = bwd(fargs, saved)
@@ -263,13 +263,6 @@ def test_vmap_grad_saved_residuals():
         for name, x, y in zip(NAMES, gv, gi):
             e = rel_err(x[i], y)
             assert e <= 1e-5, f"instance {i} d{name}: vmap vs alone rel err {e:.3e}"
-
-
-def _grad_types(fargs):
-    q, k, v, g, beta, a, dt = fargs[:7]
-    f32 = jnp.float32
-    return tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v, g, beta)) + (
-        jax.ShapeDtypeStruct(a.shape, f32), jax.ShapeDtypeStruct(dt.shape, f32))
 
 
 def test_ffi_backward_direct():
