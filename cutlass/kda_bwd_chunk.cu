@@ -1,6 +1,8 @@
 // flashkda_bwd, stage "grad2": the fully parallel per-(chunk, value head) gradients of the raw inputs (grad1,
 // the chunk-state products, is kda_bwd_grad1.cu).
 // See kda_bwd_common.cuh for the algorithm; tests/test_bwd_algorithm.py models every formula here.
+#include <type_traits>
+
 #include "kda_bwd_common.cuh"
 #include "kda_env.h"
 #include "kda_fwd_launch.h"
@@ -18,13 +20,20 @@ using fwd::Softplus;
 // ------------------------------------------------------------------------------------------------------
 // grad2: everything else of the chunk, recomputed in f32 from the raw inputs (see kda_bwd_common.cuh).
 // ------------------------------------------------------------------------------------------------------
+// sX also holds, with the tensor-core solve, two bf16 [C][WP] tiles from the item's start to stage 5: W | U and
+// dW | dU (staged by cp.async while stages 1-3 run); WP = K + V + 8 keeps 16-byte rows and spreads the rows of
+// the solve's fragment loads over the banks.
 template <int K>
 struct Grad2Smem {
   static constexpr int C = kChunk, V = K;
-  static constexpr int GP = K + 1, BP = C + 1, XP = K + V + 1;
+  static constexpr int GP = K + 1, BP = C + 1, XP = K + V + 1, WP = K + V + 8;
+  static constexpr size_t XBytes() {
+    const size_t f32 = static_cast<size_t>(C) * XP * 4, staged = 2 * static_cast<size_t>(C) * WP * 2;
+    return f32 > staged ? f32 : staged;
+  }
   static constexpr size_t Bytes() {
-    return (2 * static_cast<size_t>(C) * GP + static_cast<size_t>(C) * BP + 2 * static_cast<size_t>(C) * XP + 2 * C) *
-           4;
+    return (2 * static_cast<size_t>(C) * GP + static_cast<size_t>(C) * BP + static_cast<size_t>(C) * XP + 2 * C) * 4 +
+           XBytes();
   }
 };
 
@@ -348,12 +357,12 @@ __device__ __forceinline__ float Grad2TAt(const float* sB, int i, int j) {
   return a > b ? sB[b * BP + a] : (a == b ? 1.f : 0.f);
 }
 
-// out(i, col, x) for the 64 x (K + V) product X = T R (kTrans: T^T R), R(i, col) = rhs(i, col) (f32, 0 for rows
-// >= L), both operands rounded to bf16, fp32 accumulation. Of the NW warps, warp w takes the 16-column strips
+// out(i, col, x) for the 64 x (K + V) product X = T R (kTrans: T^T R), rhs2(i, col) = R(i, col) | R(i + 1, col)
+// as a bf16 pair (low half: row i; rows >= L are 0), T rounded to bf16, fp32 accumulation. Of the NW warps, warp w takes the 16-column strips
 // 16 w, 16 (w + NW), ... (4 m tiles; the k blocks of T / T^T that are zero are skipped); A fragments are packed
 // from T in f32.
 template <int K, int BP, int NW, bool kTrans, typename FR, typename FO>
-__device__ __forceinline__ void Grad2SolveMma(const float* sB, int warp, int lane, FR rhs, FO out) {
+__device__ __forceinline__ void Grad2SolveMma(const float* sB, int warp, int lane, FR rhs2, FO out) {
   const int gr = lane >> 2, t4 = lane & 3;
   for (int n0 = warp * 16; n0 < 2 * K; n0 += NW * 16) {  // K + V = 2 K columns
     float acc[4][2][4];
@@ -370,8 +379,7 @@ __device__ __forceinline__ void Grad2SolveMma(const float* sB, int warp, int lan
       for (int n = 0; n < 2; ++n)
 #pragma unroll
         for (int hh = 0; hh < 2; ++hh) {
-          const int i = 16 * kk + KPerm16(t4, hh), col = n0 + 8 * n + gr;
-          bb[n][hh] = fwd::PackBF16(rhs(i, col), rhs(i + 1, col));
+          bb[n][hh] = rhs2(16 * kk + KPerm16(t4, hh), n0 + 8 * n + gr);
         }
 #pragma unroll
       for (int I = 0; I < 4; ++I) {
@@ -411,8 +419,8 @@ __device__ __forceinline__ void MmaTF32(float (&d)[4], const uint32_t (&a)[4], u
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-// Stage 5 of the factored kernel: dA = -strict_tril(sY sX^T) (64 x 64 x (K + V), sX = W | U, sY = dKb | dVb, both
-// f32 in smem, rounded to tf32 as mma operands: 2^-11 relative per operand; tests/test_grad2_stage5_model.py), then,
+// Stage 5 of the factored kernel: dA = -strict_tril(sY sX^T) (64 x 64 x (K + V), sX = W | U (f32; or bf16 with the
+// tensor-core solve: exact in tf32), sY = dKb | dVb (f32, pitch YP), rounded to tf32 as mma operands: 2^-11 relative per operand; tests/test_grad2_stage5_model.py), then,
 // for j < i,
 //   sB[i][j] = beta_i dA_ij,   sB[j][i] = dA_ij B_ij   (B_ij = sB[i][j] before; the strict upper triangle of sB is
 // dead here: T of the mma solve, or unused),
@@ -422,8 +430,8 @@ __device__ __forceinline__ void MmaTF32(float (&d)[4], const uint32_t (&a)[4], u
 // The mma's k index is mapped to columns so that the fragment loads are conflict-free with the odd pitch XP
 // (bank = row + column mod 32): in a 32-column step, lane (gr, t4) takes columns 8 t4 + s and 8 t4 + 4 + s of
 // the step for k = t4 and t4 + 4 of mma s (s = 0..3): every column once, the same map for A and B.
-template <int K, int BP, int XP, int NW>
-__device__ __forceinline__ void Grad2DaMma(float* sB, const float* sX, const float* sY, const float* sBeta,
+template <int K, int BP, int XP, int YP, int NW, typename TX>
+__device__ __forceinline__ void Grad2DaMma(float* sB, const TX* sX, const float* sY, const float* sBeta,
                                            float* sDb, int warp, int lane, int tid) {
   const int gr = lane >> 2, t4 = lane & 3;
   for (int task = warp; task < 20; task += NW) {
@@ -432,8 +440,8 @@ __device__ __forceinline__ void Grad2DaMma(float* sB, const float* sX, const flo
     // off-diagonal blocks 0..5: (I, J) = (1,0) (2,0) (3,0) (2,1) (3,1) (3,2), as BkkV2 (nibble tables, no local array)
     const int I = diag ? blk - 6 : (0x332321 >> (4 * blk)) & 15;
     const int J = diag ? I : (0x211000 >> (4 * blk)) & 15;
-    const float* ya = sY + (16 * I + gr) * XP + 8 * t4;      // rows gr, gr + 8 of block I
-    const float* xb = sX + (16 * J + 8 * n + gr) * XP + 8 * t4;  // row (column of dA) gr of half n of block J
+    const float* ya = sY + (16 * I + gr) * YP + 8 * t4;      // rows gr, gr + 8 of block I
+    const TX* xb = sX + (16 * J + 8 * n + gr) * XP + 8 * t4;  // row (column of dA) gr of half n of block J
     float acc[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll 2
     for (int c0 = 0; c0 < 2 * K; c0 += 32) {  // K + V = 2 K columns
@@ -441,8 +449,19 @@ __device__ __forceinline__ void Grad2DaMma(float* sB, const float* sX, const flo
 #pragma unroll
       for (int u = 0; u < 8; ++u) {
         av[0][u] = ya[c0 + u];
-        av[1][u] = ya[8 * XP + c0 + u];
-        bv[u] = xb[c0 + u];
+        av[1][u] = ya[8 * YP + c0 + u];
+      }
+      if constexpr (std::is_same_v<TX, bf16>) {  // 8 bf16 in one 16-byte load, widened exactly
+        const uint4 w = *reinterpret_cast<const uint4*>(xb + c0);
+        const uint32_t ws[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+          bv[2 * u] = __uint_as_float(ws[u] << 16);
+          bv[2 * u + 1] = __uint_as_float(ws[u] & 0xffff0000u);
+        }
+      } else {
+#pragma unroll
+        for (int u = 0; u < 8; ++u) bv[u] = xb[c0 + u];
       }
 #pragma unroll
       for (int s = 0; s < 4; ++s) {
@@ -494,7 +513,7 @@ template <int K, typename TIn, bool kFactored, bool kMmaSolve>
 __global__ void __launch_bounds__(Grad2Threads(kFactored, kMmaSolve), 1) Grad2Kernel(Params P) {
   constexpr int kNT = Grad2Threads(kFactored, kMmaSolve), kNW = kNT / 32;
   using SM = Grad2Smem<K>;
-  constexpr int C = kChunk, V = K, GP = SM::GP, BP = SM::BP, XP = SM::XP;
+  constexpr int C = kChunk, V = K, GP = SM::GP, BP = SM::BP, XP = SM::XP, WP = SM::WP;
   constexpr int PL = K / 32;  // channels per lane in row-per-warp steps
   constexpr int kRS = kNW;  // row stride of the row-per-warp steps (they take rows r0 and r0 + kRS)
   static_assert(C % (2 * kRS) == 0, "row-per-warp steps take two rows");
@@ -503,8 +522,10 @@ __global__ void __launch_bounds__(Grad2Threads(kFactored, kMmaSolve), 1) Grad2Ke
   float* sG = smem;            // [C][GP] cumulative log-decay
   float* sK = sG + C * GP;     // [C][GP] k (normalised)
   float* sB = sK + C * GP;     // [C][BP] B_kk, then dB, then dA_qk
-  float* sX = sB + C * BP;     // [C][XP] W | U, then q (scaled, normalised) | dq
-  float* sY = sX + C * XP;     // [C][XP] dKb | dVb, then dk | dG
+  float* sX = sB + C * BP;     // [C][XP] W | U (kMmaSolve: sWUs, sDWUs), then q (scaled, normalised) | dq
+  float* sY = sX + SM::XBytes() / 4;  // [C][XP] dKb | dVb, then dk | dG
+  bf16* sWUs = reinterpret_cast<bf16*>(sX);  // kMmaSolve, item start to stage 5: [C][WP] W | U (bf16)
+  bf16* sDWUs = sWUs + C * WP;               // kMmaSolve, item start to stage 4: [C][WP] dW | dU (bf16)
   float* sBeta = sY + C * XP;  // [C]
   float* sDb = sBeta + C;      // [C] d beta (effective)
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
@@ -539,6 +560,19 @@ __global__ void __launch_bounds__(Grad2Threads(kFactored, kMmaSolve), 1) Grad2Ke
 #pragma unroll
     for (int u = 0; u < PL; ++u) dt1[u] = p.gate_mode != 0 ? dtb[lane + 32 * u] : 0.f;
     __syncthreads();
+    if constexpr (kMmaSolve) {
+      // Stage 4's bf16 operands by cp.async, waited for after the diagonal inversion: dW | dU (grad1) and, with
+      // wu_prep, W | U (prep). Rows >= L are zero-filled.
+      constexpr int N8 = 2 * K / 8;  // 16-byte pieces of a row
+      for (int idx = wu_prep ? tid : C * N8 + tid; idx < 2 * C * N8; idx += kNT) {
+        const int dwu = idx >= C * N8;
+        const int rem = idx - dwu * C * N8, r = rem / N8, c8 = (rem - r * N8) * 8;
+        const size_t row = (tb + (r < L ? r : 0)) * HV + hv;
+        const bf16* src = dwu ? P.sWU + row * 2 * K + c8 : (c8 < K ? p.W + row * K + c8 : p.U + row * V + (c8 - K));
+        fwd::CpAsync16((dwu ? sDWUs : sWUs) + r * WP + c8, src, r < L);
+      }
+      fwd::CpAsyncCommit();
+    }
     // ---- 1. rows: k (l2norm), effective gate, effective beta ----
     // Two rows per warp step (r0, r0 + kRS): both rows' global loads are issued before either row is reduced.
     for (int r0 = warp; r0 < C; r0 += 2 * kRS) {
@@ -606,50 +640,29 @@ __global__ void __launch_bounds__(Grad2Threads(kFactored, kMmaSolve), 1) Grad2Ke
     // T = (I + diag(beta) B_kk)^{-1} into sB's upper triangle, W | U = T R and dKb | dVb = T^T [dW | dU] ----
     if constexpr (kMmaSolve) {
       Grad2InvertDiag<BP>(sB, sBeta, tid);
+      fwd::CpAsyncWait<0>();  // the staged W | U, dW | dU
       __syncthreads();
       Grad2InvertOffDiag<BP, kNW>(sB, sBeta, tid);  // ends with a barrier
-      if (wu_prep) {
-        // W | U as the forward's prep computed them (bf16, the values the forward's outputs used; the backward's
-        // prep rewrote the same bits), widened into sX. (Staging them by cp.async during the inversion gained
-        // nothing on the H100: 7.01 vs 7.02 ms at b8-t4k-h16.)
-        constexpr int N8 = 2 * K / 8;  // 8-column groups of a row of W | U
-        for (int idx = tid; idx < C * N8; idx += kNT) {
-          const int r = idx / N8, c8 = (idx - r * N8) * 8;
-          uint4 w = make_uint4(0u, 0u, 0u, 0u);
-          if (r < L) {
-            const size_t row = (tb + r) * HV + hv;
-            w = __ldg(reinterpret_cast<const uint4*>(c8 < K ? p.W + row * K + c8 : p.U + row * V + (c8 - K)));
+      if (!wu_prep) {
+        // W | U solved again (FLASHKDA_BWD_GRAD2_WU=solve): R = diag(beta) [e^G k | v] (rows >= L: 0), formed as the
+        // substitution forms it; the fp32 results are rounded to bf16 like the prep's W | U (which wu_prep staged).
+        auto rhs = [&](int i, int col) {
+          float x = 0.f;
+          if (i < L) {
+            x = col < K ? __expf(sG[i * GP + col]) * sK[i * GP + col] : fwd::ToF<TIn>(gv[((tb + i) * HV + hv) * V + col - K]);
           }
-          float* dst = sX + r * XP + c8;
-          auto widen = [&](uint32_t u, int e) {  // bf16 pair -> two floats (exact)
-            dst[2 * e] = __uint_as_float(u << 16);
-            dst[2 * e + 1] = __uint_as_float(u & 0xffff0000u);
-          };
-          widen(w.x, 0);
-          widen(w.y, 1);
-          widen(w.z, 2);
-          widen(w.w, 3);
-        }
-      } else {
-        // R = diag(beta) [e^G k | v] (rows >= L: 0), formed as the substitution forms it
+          return sBeta[i] * x;
+        };
         Grad2SolveMma<K, BP, kNW, false>(
-            sB, warp, lane,
-            [&](int i, int col) {
-              float rhs = 0.f;
-              if (i < L) {
-                rhs = col < K ? __expf(sG[i * GP + col]) * sK[i * GP + col]
-                              : fwd::ToF<TIn>(gv[((tb + i) * HV + hv) * V + col - K]);
-              }
-              return sBeta[i] * rhs;
-            },
-            [&](int i, int col, float x) { sX[i * XP + col] = x; });
+            sB, warp, lane, [&](int i, int col) { return fwd::PackBF16(rhs(i, col), rhs(i + 1, col)); },
+            [&](int i, int col, float x) { sWUs[i * WP + col] = __float2bfloat16(x); });
       }
       Grad2SolveMma<K, BP, kNW, true>(
           sB, warp, lane,
-          [&](int i, int col) {
-            const float* src = col < K ? P.sW + col : P.sU + (col - K);
-            const int width = col < K ? K : V;
-            return i < L ? src[((tb + i) * HV + hv) * width] : 0.f;
+          [&](int i, int col) {  // rows i, i + 1 of the staged dW | dU
+            const bf16* s2 = sDWUs + i * WP + col;
+            return static_cast<uint32_t>(__bfloat16_as_ushort(s2[0])) |
+                   (static_cast<uint32_t>(__bfloat16_as_ushort(s2[WP])) << 16);
           },
           [&](int i, int col, float x) { sY[i * XP + col] = x; });
     } else {
@@ -673,10 +686,8 @@ __global__ void __launch_bounds__(Grad2Threads(kFactored, kMmaSolve), 1) Grad2Ke
         }
 #pragma unroll
         for (int i = 0; i < C; ++i) sX[i * XP + col] = x[i];
-        const float* src = col < K ? P.sW + col : P.sU + (col - K);
-        const int width = col < K ? K : V;
 #pragma unroll
-        for (int i = 0; i < C; ++i) x[i] = i < L ? src[((tb + i) * HV + hv) * width] : 0.f;
+        for (int i = 0; i < C; ++i) x[i] = i < L ? __bfloat162float(P.sWU[((tb + i) * HV + hv) * (K + V) + col]) : 0.f;
         // Right-looking back substitution: y_i -= beta_j B_ji y_j for i < j, once y_j is final.
 #pragma unroll
         for (int j = C - 1; j > 0; --j) {
@@ -691,13 +702,20 @@ __global__ void __launch_bounds__(Grad2Threads(kFactored, kMmaSolve), 1) Grad2Ke
     __syncthreads();
     // ---- 5. dA = -strict_tril(dKb W^T + dVb U^T); dbeta += rowsum(dA * B); dB = diag(beta) dA (in place) ----
     if constexpr (kFactored) {
-      Grad2DaMma<K, BP, XP, kNW>(sB, sX, sY, sBeta, sDb, warp, lane, tid);
+      if constexpr (kMmaSolve) {
+        Grad2DaMma<K, BP, WP, XP, kNW>(sB, sWUs, sY, sBeta, sDb, warp, lane, tid);
+      } else {
+        Grad2DaMma<K, BP, XP, XP, kNW>(sB, sX, sY, sBeta, sDb, warp, lane, tid);
+      }
     } else {
       const int i = tid >> 2, q4 = tid & 3;
       float db = 0.f;
       for (int j = q4; j < i; j += 4) {
         float acc = 0.f;
-        for (int c = 0; c < K + V; ++c) acc = fmaf(sY[i * XP + c], sX[j * XP + c], acc);
+        for (int c = 0; c < K + V; ++c) {
+          const float wu = kMmaSolve ? __bfloat162float(sWUs[j * WP + c]) : sX[j * XP + c];
+          acc = fmaf(sY[i * XP + c], wu, acc);
+        }
         const float da = -acc;
         db = fmaf(da, sB[i * BP + j], db);
         sB[i * BP + j] = sBeta[i] * da;
@@ -929,7 +947,7 @@ __global__ void __launch_bounds__(Grad2Threads(kFactored, kMmaSolve), 1) Grad2Ke
               dgr = p.use_a_log ? a_coef * dz : dz;
               if (p.use_a_log) da = fmaf(dz, z, da);
             }
-            P.sW[o] = dgr;
+            P.sDgr[o] = dgr;  // over this row's dW | dU, read in stage 4
           }
           odg[o] = fwd::FromF<TIn>(dgr);
           if (!fin) {

@@ -66,8 +66,11 @@ struct Params {
   float* dgam;     // [B, NG, HV, K]       dgamma per chunk (indexed like gamma)
   float* sQg;      // [B, T, HV, K]  dQg, then dq (effective) of grad2
   float* sKd;      // [B, T, HV, K]  dKd, then dk (effective)
-  float* sW;       // [B, T, HV, K]  dW, then d(gate input) for ddt_bias
-  float* sU;       // [B, T, HV, V]  dU
+  // [B, T, HV, K + V] bf16 rows dW | dU (grad1; grad2's tensor-core solve rounds them to bf16 operands anyway).
+  // grad2 then overwrites each row with its d(gate input) for ddt_bias as K f32 (sDgr, same bytes since K == V),
+  // after reading that row: a row belongs to one grad2 item, so no other item reads it afterwards.
+  __nv_bfloat16* sWU;
+  float* sDgr;     // [B, T, HV, K] f32, aliases sWU (see above)
   float* sA;       // [B, T, HV, C]  dA_qk rows
   float* sDa;      // [B, T, HV]     d a_log per token
   int4* seq_list;  // [B * T] (b, start, end, slot)
@@ -76,7 +79,7 @@ struct Params {
 
 struct Layout {
   fwd::Layout f;  // the prep workspace (only qg..gamma, seq_start, seq_end, chunks, counters are used)
-  size_t hs, dh, dgam, sqg, skd, sw, su, sa, sda, seqs, gred, total;
+  size_t hs, dh, dgam, sqg, skd, swu, sa, sda, seqs, gred, total;
 };
 
 // Whether the chunk states Hs / dH are stored in bf16: with the default kernels (v2 states / reverse passes and
@@ -108,8 +111,7 @@ inline Layout MakeLayout(int64_t B, int64_t T, int64_t HV, int64_t K, int64_t V,
   l.dgam = take(static_cast<size_t>(B) * l.f.NG * HV * K * 4);
   l.sqg = take(tok * K * 4);
   l.skd = take(tok * K * 4);
-  l.sw = take(tok * K * 4);
-  l.su = take(tok * V * 4);
+  l.swu = take(tok * (K + V) * 2);
   l.sa = take(tok * kChunk * 4);
   l.sda = take(tok * 4);
   l.seqs = take(static_cast<size_t>(B * T) * 16);

@@ -106,7 +106,7 @@ __global__ void __launch_bounds__(256) ReduceGateTiles(Params P) {
     if (p.gate_mode != 0) {
       for (int t = t0 + part; t < t1; t += NP) {
         const size_t tok = (size_t)b * p.T + t;
-        if (p.slot[tok] >= 0) acc += P.sW[(tok * p.HV + hv) * K + c];
+        if (p.slot[tok] >= 0) acc += P.sDgr[(tok * p.HV + hv) * K + c];
       }
       if (tid < kReduceTile && t0 + tid < t1) {
         const size_t tok = (size_t)b * p.T + t0 + tid;
@@ -130,21 +130,37 @@ __global__ void __launch_bounds__(256) ReduceGateTiles(Params P) {
   }
 }
 
+// Second pass: the tile sums of each (row, head) added up. An item is (row, head, group of 32 of the K + 1
+// columns); warp q of its CTA sums the tiles q, q + 8, ... in order, then lane c of warp 0 adds the 8 partial
+// sums in order: a fixed order whatever the grid (few rows with long sequences get 5 CTAs per (row, head)).
 template <int K>
 __global__ void __launch_bounds__(256) ReduceGate(Params P) {
+  constexpr int NG = (K + 1 + 31) / 32;
+  __shared__ float s_part[8][32];
   const fwd::Params& p = P.f;
   const int ntile = (p.T + kReduceTile - 1) / kReduceTile;
-  const long long nrows = static_cast<long long>(p.B) * p.HV;
-  for (long long bh = blockIdx.x; bh < nrows; bh += gridDim.x) {
-    const float* src = P.gred + bh * ntile * (K + 1);
-    for (int c = threadIdx.x; c <= K; c += 256) {
-      float sum = 0.f;
-#pragma unroll 8
-      for (int t = 0; t < ntile; ++t) sum += src[(size_t)t * (K + 1) + c];
+  const long long nitems = static_cast<long long>(p.B) * p.HV * NG;
+  const int lane = threadIdx.x & 31, q = threadIdx.x >> 5;
+  for (long long it = blockIdx.x; it < nitems; it += gridDim.x) {
+    const long long bh = it / NG;
+    const int c = static_cast<int>(it - bh * NG) * 32 + lane;
+    const float* src = P.gred + bh * ntile * (K + 1) + c;
+    float sum = 0.f;
+    if (c <= K) {
+#pragma unroll 4
+      for (int t = q; t < ntile; t += 8) sum += src[(size_t)t * (K + 1)];
+    }
+    __syncthreads();  // the previous item is done with s_part
+    s_part[q][lane] = sum;
+    __syncthreads();
+    if (q == 0 && c <= K) {
+      float total = 0.f;
+#pragma unroll
+      for (int u = 0; u < 8; ++u) total += s_part[u][lane];
       if (c < K) {
-        P.ddt[bh * K + c] = sum;
+        P.ddt[bh * K + c] = total;
       } else {
-        P.da_log[bh] = sum;
+        P.da_log[bh] = total;
       }
     }
   }
@@ -184,7 +200,8 @@ ffi::Error Run(cudaStream_t stream, Params& P, bool state_only, bool states_give
     const long long rows = static_cast<long long>(p.B) * p.HV;
     const long long tiles = rows * ((p.T + kReduceTile - 1) / kReduceTile);
     const int gt = static_cast<int>(tiles < 16ll * nsm ? tiles : 16ll * nsm);
-    const int gr = static_cast<int>(rows < 4ll * nsm ? rows : 4ll * nsm);
+    const long long ritems = rows * (p.K / 32 + 1);  // ReduceGate's items: (row, head, column group)
+    const int gr = static_cast<int>(ritems < 4ll * nsm ? ritems : 4ll * nsm);
     const bool finish = !FinishInGrad2(p);
     if (p.K == 64) {
       if (finish) Finish<64, TIn><<<static_cast<int>(grid), 256, 0, stream>>>(P);
@@ -335,8 +352,8 @@ static ffi::Error KdaCudaBwdImpl(cudaStream_t stream, FLASHKDA_BWD_PARAMS) {
   P.dgam = reinterpret_cast<float*>(ws + lay.dgam);
   P.sQg = reinterpret_cast<float*>(ws + lay.sqg);
   P.sKd = reinterpret_cast<float*>(ws + lay.skd);
-  P.sW = reinterpret_cast<float*>(ws + lay.sw);
-  P.sU = reinterpret_cast<float*>(ws + lay.su);
+  P.sWU = reinterpret_cast<__nv_bfloat16*>(ws + lay.swu);
+  P.sDgr = reinterpret_cast<float*>(ws + lay.swu);
   P.sA = reinterpret_cast<float*>(ws + lay.sa);
   P.sDa = reinterpret_cast<float*>(ws + lay.sda);
   P.seq_list = reinterpret_cast<int4*>(ws + lay.seqs);

@@ -149,7 +149,14 @@ __global__ void __launch_bounds__(kThreads) Grad1Kernel(Params P) {
       Zero(acc);  // dW = -dR S^T
       MicroGemm<4, TN>(acc, tm, 16, tn, 16, V, [&](int m, int kk) { return sdR[m * RP + kk]; },
                        [&](int kk, int n) { return Bf(sS[n * SP + kk]); });
-      store(P.sW, K, acc, -1.f);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {  // bf16 into the dW half of the dW | dU rows
+        const int r = tm + 16 * i;
+        if (r < L) {
+#pragma unroll
+          for (int j = 0; j < TN; ++j) P.sWU[((tb + r) * HV + hv) * (K + V) + tn + 16 * j] = __float2bfloat16(-acc[i][j]);
+        }
+      }
     }
     {  // dA_qk = tril(dO R^T)
       float acc[4][4];
@@ -168,9 +175,9 @@ __global__ void __launch_bounds__(kThreads) Grad1Kernel(Params P) {
         }
       }
     }
-    for (int idx = tid; idx < L * V; idx += kThreads) {  // dU = dR
+    for (int idx = tid; idx < L * V; idx += kThreads) {  // dU = dR (bf16, the dU half of the dW | dU rows)
       const int r = idx / V, c = idx % V;
-      P.sU[((tb + r) * HV + hv) * V + c] = sdR[r * RP + c];
+      P.sWU[((tb + r) * HV + hv) * (K + V) + K + c] = __float2bfloat16(sdR[r * RP + c]);
     }
     {
       const int gidx = GammaIndex(p, cs, se, s);
@@ -452,6 +459,19 @@ __global__ void __launch_bounds__(kThreads, 2) Grad1MmaKernel(Params P) {
         ra[hs * NH / 2 + kv][3] = fwd::PackBF16(acc[2 * kv + 1][2], acc[2 * kv + 1][3]);
       }
     };
+    // Columns c0 + 8n + 2 t4, +1 of rows 16m + gr (+8) < L of the bf16 dW | dU rows (c0 < K: dW, else dU).
+    auto store_wu = [&](int c0, const float (&acc)[NH][4], float sign) {
+#pragma unroll
+      for (int hh = 0; hh < 2; ++hh) {
+        const int r = 16 * m + gr + 8 * hh;
+        if (r < L) {
+          bf16* dst = P.sWU + ((tb + r) * HV + hv) * (K + V) + c0 + 2 * t4;
+#pragma unroll
+          for (int n = 0; n < NH; ++n)
+            *reinterpret_cast<uint32_t*>(dst + 8 * n) = fwd::PackBF16(sign * acc[n][2 * hh], sign * acc[n][2 * hh + 1]);
+        }
+      }
+    };
     // Rows 16m + gr (+8) < L of a [C][width] f32 output from accumulators over columns c0 + 8n + 2 t4, +1.
     auto store_rows = [&](float* base, int width, int c0, const float (&acc)[NH][4], float sign) {
 #pragma unroll
@@ -547,7 +567,7 @@ __global__ void __launch_bounds__(kThreads, 2) Grad1MmaKernel(Params P) {
           }
         }
         rows_times_state(acc, sdS, hs * (V / 2));
-        store_rows(P.sU, V, hs * (V / 2), acc, 1.f);  // dU = dR (f32)
+        store_wu(K + hs * (V / 2), acc, 1.f);  // dU = dR
         pack(ra, acc, hs);
       }
 #pragma unroll
@@ -555,7 +575,7 @@ __global__ void __launch_bounds__(kThreads, 2) Grad1MmaKernel(Params P) {
         float acc[NH][4];
         Zero(acc);
         rows_times_state_t(acc, ra, sS, hs * (K / 2));
-        store_rows(P.sW, K, hs * (K / 2), acc, -1.f);
+        store_wu(hs * (K / 2), acc, -1.f);
       }
       // ---- dgamma = rowsum(S * dS_next) (bf16 values, f32 sums in column order, as the default kernel) ----
       const int gidx = GammaIndex(p, cs, se, s);

@@ -133,8 +133,8 @@ def _cuda_bwd_pack(B: int, T: int, HV: int, K: int, V: int, S: int,
         ("dgam", B * (nw + S) * HV * K * 4),  # dgamma per chunk (f32) [B, NG, HV, K]
         ("sqg", tok * K * 4),              # dQg, then dq (effective) (f32) [B, T, HV, K]
         ("skd", tok * K * 4),              # dKd, then dk (effective)
-        ("sw", tok * K * 4),               # dW, then d(gate input) (gate != precomputed)
-        ("su", tok * V * 4),               # dU (f32) [B, T, HV, V]
+        ("swu", tok * (K + V) * 2),        # dW | dU rows (bf16) [B, T, HV, K + V], then d(gate input) (f32,
+                                           # [B, T, HV, K], gate != precomputed; K == V)
         ("sa", tok * _CHUNK * 4),          # dA_qk rows (f32) [B, T, HV, C]
         ("sda", tok * 4),                  # d a_log per token (f32) [B, T, HV]
         ("seqs", B * T * 16),              # sequence list (int4 b, start, end, slot)

@@ -7,10 +7,10 @@ wrong. One test function per stage, in the order the handler runs them (cutlass/
   stage2 prep     Qg, Kd, W, U, A_qk rows (bf16), gamma (f32)
   stage3 states   chunk start states (hs)
   stage4 reverse  dS_next of every chunk but the last (dh), dinitial_state
-  stage5 grad1    dgamma, dU (su), dA_qk rows (sa), dW (sw; only with the precomputed gate: grad2 overwrites it
-                  with d(gate input) otherwise). grad1's dQg / dKd are overwritten by grad2 (not checked here)
+  stage5 grad1    dgamma, dA_qk rows (sa), dW | dU (swu, bf16; only with the precomputed gate: grad2 overwrites
+                  it with d(gate input) otherwise). grad1's dQg / dKd are overwritten by grad2 (not checked here)
   stage6 grad2    effective dq / dk per value head (sqg / skd; without GVA the outputs dq / dk, which grad2
-                  then writes itself), d(gate input) (sw), d a_log per token (sda), outputs dv, dg, dbeta
+                  then writes itself), d(gate input) (sdgr: swu's bytes as f32), d a_log per token (sda), outputs dv, dg, dbeta
   stage7 finish   outputs dq, dk (group sum, scale, l2norm; zeros at padding: PadZero's without GVA)
   stage8 reduce   da_log_partial, ddt_bias_partial
 
@@ -48,7 +48,7 @@ NAMES = ("q", "k", "v", "g", "beta")
 
 _RAGGED = [0] * 3 + [1] * 100 + [2] * 64 + [0] * 5 + [3] * 1 + [4] * 70 + [0] * 17  # T = 260
 PROBLEMS = {
-    # one dense sequence, 3 chunks (last partial), states; precomputed gate: sw keeps grad1's dW
+    # one dense sequence, 3 chunks (last partial), states; precomputed gate: swu keeps grad1's dW | dU
     "dense": dict(seed=1, B=1, T=130, H=2, HV=2, gate="precomputed", states=True),
     # one ragged row: leading / inner / trailing padding, a 100-token sequence (partial last chunk), a full
     # 64-token one (gamma by slot), a length-1 one, 4 sequences for S = 3 slots (the last keeps no state);
@@ -141,12 +141,17 @@ def _spec(B, T, HV, K, V, S_out):
         aqk=(bf16, (B, T, HV, C)), gamma=(f32, (B, NG, HV, K)),
         seq_start=(i32, (B, T)), seq_end=(i32, (B, T)), chunks=(i32, (B * T, 4)), counters=(i32, (16,)),
         hs=(st, (B, NW + 1, HV, K, V)), dh=(st, (B, NW + 1, HV, K, V)), dgam=(f32, (B, NG, HV, K)),
-        sqg=(f32, (B, T, HV, K)), skd=(f32, (B, T, HV, K)), sw=(f32, (B, T, HV, K)), su=(f32, (B, T, HV, V)),
+        sqg=(f32, (B, T, HV, K)), skd=(f32, (B, T, HV, K)), swu=(bf16, (B, T, HV, K + V)),
         sa=(f32, (B, T, HV, C)), sda=(f32, (B, T, HV)), seqs=(i32, (B * T, 4)))
 
 
+# Regions that grad2 rewrites in another type: view name -> (region, dtype, shape) (kda_bwd_common.cuh: sDgr).
+def _views(B, T, HV, K, V, S_out):
+    return dict(sdgr=("swu", np.float32, (B, T, HV, K))) if K == V else {}
+
+
 def decode_workspace(ws, B, T, HV, K, V, S_out):
-    """u8 workspace -> {region: array} (float regions as float64, int regions as int64)."""
+    """u8 workspace -> {region or view: array} (float regions as float64, int regions as int64)."""
     ws = np.asarray(ws, np.uint8)
     lay = W.cuda_bwd_workspace_layout(B, T, HV, K, V, S_out)
     assert ws.size >= W.cuda_bwd_workspace_bytes(B, T, HV, K, V, S_out)
@@ -156,6 +161,9 @@ def decode_workspace(ws, B, T, HV, K, V, S_out):
         assert nbytes == int(np.prod(shape)) * np.dtype(dt).itemsize, f"layout of {name}: {nbytes} bytes"
         x = np.frombuffer(ws[off:off + nbytes].tobytes(), dtype=dt).reshape(shape)
         out[name] = x.astype(np.int64) if dt == np.int32 else x.astype(np.float64)
+    for name, (region, dt, shape) in _views(B, T, HV, K, V, S_out).items():
+        off, nbytes = lay[region]
+        out[name] = np.frombuffer(ws[off:off + nbytes].tobytes(), dtype=dt).reshape(shape).astype(np.float64)
     return out
 
 
@@ -163,12 +171,14 @@ def encode_workspace(regions, B, T, HV, K, V, S_out, rng):
     """The inverse of decode_workspace (CPU harness test): NaN / -1 entries become garbage."""
     lay = W.cuda_bwd_workspace_layout(B, T, HV, K, V, S_out)
     ws = rng.integers(0, 256, W.cuda_bwd_workspace_bytes(B, T, HV, K, V, S_out)).astype(np.uint8)
-    for name, (dt, shape) in _spec(B, T, HV, K, V, S_out).items():
+    spec = _spec(B, T, HV, K, V, S_out)
+    spec.update({n: (dt, shape) for n, (_, dt, shape) in _views(B, T, HV, K, V, S_out).items()})
+    for name, (dt, shape) in spec.items():
         if name not in regions:
             continue
         x = np.array(regions[name], np.float64)
         x = np.where(np.isnan(x), 12345.0, x).astype(np.float32).astype(dt).reshape(shape)
-        off, nbytes = lay[name]
+        off, nbytes = lay[_views(B, T, HV, K, V, S_out).get(name, (name,))[0]]
         ws[off:off + nbytes] = np.frombuffer(x.tobytes(), np.uint8)
     return ws
 
@@ -294,10 +304,11 @@ def stage_failures(stage, name, ws, outs, opts=None):
             add(_cmp("dinitial_state", outs["initial_state"], ref["initial_state"]))
     elif stage == "grad1":
         add(_cmp("dgam", ws["dgam"], st["dgam"], blocks=_blocks(st, "gamma")))
-        add(_cmp("su (dU)", ws["su"], st["dU"], blocks=tb))
         add(_cmp("sa (dA_qk rows)", ws["sa"], st["dAqk"], blocks=tb))
         if opts.gate == "precomputed":
-            add(_cmp("sw (dW)", ws["sw"], st["dW"], blocks=tb))
+            K = st["dW"].shape[-1]
+            add(_cmp("swu (dW)", ws["swu"][..., :K], st["dW"], blocks=tb))
+            add(_cmp("swu (dU)", ws["swu"][..., K:], st["dU"], blocks=tb))
     elif stage == "grad2":
         if core.q.shape[2] == core.v.shape[2]:
             # no GVA: grad2 writes dq / dk itself (FinishInGrad2), sqg / skd keep grad1's values
@@ -307,7 +318,7 @@ def stage_failures(stage, name, ws, outs, opts=None):
             add(_cmp("sqg (dq per value head)", ws["sqg"], st["dq_eff"], blocks=tb))
             add(_cmp("skd (dk per value head)", ws["skd"], st["dk_eff"], blocks=tb))
         if opts.gate != "precomputed":
-            add(_cmp("sw (d gate input)", ws["sw"], st["dg_in"], blocks=tb))
+            add(_cmp("sdgr (d gate input)", ws["sdgr"], st["dg_in"], blocks=tb))
         add(_cmp("sda (d a_log per token)", ws["sda"], st["da_tok"], blocks=tb))
         for n in ("v", "g", "beta"):
             add(_cmp(f"d{n}", outs[n], ref[n], blocks=tb))
@@ -449,7 +460,15 @@ _BWD_BF16_STATES = {
 
 _FWD_ORDER = ("qg", "kd", "w", "u", "aqk", "gamma", "hp", "sstart", "seq_start", "seq_end", "chunks", "segs",
               "multi", "counters")
-_BWD_ORDER = ("hs", "dh", "dgam", "sqg", "skd", "sw", "su", "sa", "sda", "seqs", "gred")
+_BWD_ORDER = ("hs", "dh", "dgam", "sqg", "skd", "swu", "sa", "sda", "seqs", "gred")
+
+
+def _swu_saving(B, T, HV, K, V, S):
+    """Bytes the backward's workspace lost in session 7, when dW (f32 "sw") and dU (f32 "su") became one bf16
+    region "swu" (each region is padded to 256 bytes)."""
+    pad = lambda n: -(-n // 256) * 256
+    tok = B * T * HV
+    return pad(tok * K * 4) + pad(tok * V * 4) - pad(tok * (K + V) * 2)
 
 
 @pytest.mark.parametrize("shape", sorted(_TOTALS))
@@ -463,7 +482,7 @@ def test_workspace_totals_unchanged(shape, states, monkeypatch):
         monkeypatch.setenv("FLASHKDA_BWD_GRAD1", "simt")
     bwd, fwd, fwd_ns = _TOTALS[shape]
     assert W.cuda_bwd_states_bf16() == (states == "bf16")
-    assert W.cuda_bwd_workspace_bytes(*shape) == (_BWD_BF16_STATES[shape] if states == "bf16" else bwd)
+    assert W.cuda_bwd_workspace_bytes(*shape) == (_BWD_BF16_STATES[shape] if states == "bf16" else bwd) - _swu_saving(*shape)
     assert W.cuda_fwd_workspace_bytes(*shape) == fwd
     assert W.cuda_fwd_workspace_bytes(*shape, no_split=True) == fwd_ns
 
@@ -521,9 +540,12 @@ def _fake_run(name, rng):
     dims = _dims(name)
     B, T = dims[0], dims[1]
     reg = {n: st[n] for n in ("qg", "kd", "w", "u", "aqk", "gamma", "hs", "dh", "dgam", "seq_start")}
-    reg.update(seq_end=np.where(st["seq_end"] >= 0, st["seq_end"], -7), su=st["dU"], sa=st["dAqk"],
-               sqg=st["dq_eff"], skd=st["dk_eff"], sda=st["da_tok"],
-               sw=st["dW"] if opts.gate == "precomputed" else st["dg_in"])
+    reg.update(seq_end=np.where(st["seq_end"] >= 0, st["seq_end"], -7), sa=st["dAqk"],
+               sqg=st["dq_eff"], skd=st["dk_eff"], sda=st["da_tok"])
+    if opts.gate == "precomputed":
+        reg["swu"] = np.concatenate([st["dW"], st["dU"]], axis=-1)
+    else:
+        reg["sdgr"] = st["dg_in"]
     for n, key in (("chunks", "chunks"), ("seqs", "seqs")):
         lst = np.array(st[key], np.int64)[rng.permutation(len(st[key]))]  # any order
         reg[n] = np.concatenate([lst, rng.integers(-5, 5, (B * T - len(lst), 4))], 0)
