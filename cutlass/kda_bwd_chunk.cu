@@ -947,7 +947,7 @@ __global__ void __launch_bounds__(Grad2Threads(kFactored, kMmaSolve), 1) Grad2Ke
               dgr = p.use_a_log ? a_coef * dz : dz;
               if (p.use_a_log) da = fmaf(dz, z, da);
             }
-            P.sDgr[o] = dgr;  // over this row's dW | dU, read in stage 4
+            sK[r * GP + c] = dgr;  // summed over the chunk below (sK is free after stage 8)
           }
           odg[o] = fwd::FromF<TIn>(dgr);
           if (!fin) {
@@ -975,13 +975,28 @@ __global__ void __launch_bounds__(Grad2Threads(kFactored, kMmaSolve), 1) Grad2Ke
         }
         da = fwd::WarpSum(da);
         if (lane == 0) {
-          P.sDa[tok * HV + hv] = da;
+          sBeta[r] = da;  // summed over the chunk below (sBeta is free after stage 6)
           float db = sDb[r];
           if (p.beta_sigmoid) {
             const float sg = Sigmoid(braw[h2]);
             db *= (p.allow_neg ? 2.f : 1.f) * sg * (1.f - sg);
           }
           odb[tok * HV + hv] = fwd::FromF<TIn>(db);
+        }
+      }
+    }
+    if (p.gate_mode != 0) {
+      // The chunk's sums of d(gate input) per channel and of d a_log, rows in order, to the row of its first
+      // token (sDgr over that row's dW | dU, read in stage 4; sDa): ReduceGateTiles adds the chunk-start rows.
+      __syncthreads();
+      if (tid <= K) {
+        float sum = 0.f;
+        if (tid < K) {
+          for (int r = 0; r < L; ++r) sum += sK[r * GP + tid];
+          P.sDgr[(tb * HV + hv) * K + tid] = sum;
+        } else {
+          for (int r = 0; r < L; ++r) sum += sBeta[r];
+          P.sDa[tb * HV + hv] = sum;
         }
       }
     }

@@ -67,12 +67,15 @@ struct Params {
   float* sQg;      // [B, T, HV, K]  dQg, then dq (effective) of grad2
   float* sKd;      // [B, T, HV, K]  dKd, then dk (effective)
   // [B, T, HV, K + V] bf16 rows dW | dU (grad1; grad2's tensor-core solve rounds them to bf16 operands anyway).
-  // grad2 then overwrites each row with its d(gate input) for ddt_bias as K f32 (sDgr, same bytes since K == V),
-  // after reading that row: a row belongs to one grad2 item, so no other item reads it afterwards.
+  // grad2 then writes, at the row of each chunk's first token, the chunk's sum of d(gate input) (for ddt_bias) as
+  // K f32 (sDgr, same bytes since K == V), after reading that row: a row belongs to one grad2 item, so no other
+  // item reads it afterwards. The other rows keep their dW | dU.
   __nv_bfloat16* sWU;
   float* sDgr;     // [B, T, HV, K] f32, aliases sWU (see above)
-  float* sA;       // [B, T, HV, C]  dA_qk rows
-  float* sDa;      // [B, T, HV]     d a_log per token
+  // [B, T, HV, C] dA_qk rows (f32: grad2's exact pairwise diagonal blocks read them in f32; bf16 rows moved
+  // tests/test_cuda_bwd_variants.py's fp16 dA_log past its bound, session 7)
+  float* sA;
+  float* sDa;      // [B, T, HV]     d a_log summed over each chunk, at the chunk's first token (other rows unset)
   int4* seq_list;  // [B * T] (b, start, end, slot)
   float* gred;     // [B, HV, ceil(T / kReduceTile), K + 1] per-tile sums of d(gate input) (K) and d a_log (1)
 };

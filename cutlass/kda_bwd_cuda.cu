@@ -84,7 +84,12 @@ __global__ void __launch_bounds__(256) Finish(Params P) {
   }
 }
 
-// da_log_partial and ddt_bias_partial per (batch row, value head): sums over tokens in order.
+// Whether token t (tok = b T + t) starts a chunk of its sequence: where grad2 left the chunk's gate sums.
+__device__ __forceinline__ bool ChunkStartToken(const fwd::Params& p, size_t tok, int t) {
+  return p.slot[tok] >= 0 && (t - p.seq_start[tok]) % kChunk == 0;
+}
+
+// da_log_partial and ddt_bias_partial per (batch row, value head): sums over chunks in order.
 // Gate-parameter gradients, deterministic in two passes (no atomics). Pass 1, one CTA per (batch row, value
 // head, tile of kReduceTile tokens): the tile's sums of d(gate input) per column (-> ddt_bias) and of d a_log,
 // in a fixed order, to gred. Pass 2, one CTA per (row, value head): the tiles' sums in tile order.
@@ -106,11 +111,11 @@ __global__ void __launch_bounds__(256) ReduceGateTiles(Params P) {
     if (p.gate_mode != 0) {
       for (int t = t0 + part; t < t1; t += NP) {
         const size_t tok = (size_t)b * p.T + t;
-        if (p.slot[tok] >= 0) acc += P.sDgr[(tok * p.HV + hv) * K + c];
+        if (ChunkStartToken(p, tok, t)) acc += P.sDgr[(tok * p.HV + hv) * K + c];
       }
       if (tid < kReduceTile && t0 + tid < t1) {
         const size_t tok = (size_t)b * p.T + t0 + tid;
-        if (p.slot[tok] >= 0) da = P.sDa[tok * p.HV + hv];
+        if (ChunkStartToken(p, tok, t0 + tid)) da = P.sDa[tok * p.HV + hv];
       }
     }
     __syncthreads();  // the previous item is done with shared memory

@@ -136,7 +136,7 @@ def _cuda_bwd_pack(B: int, T: int, HV: int, K: int, V: int, S: int,
         ("swu", tok * (K + V) * 2),        # dW | dU rows (bf16) [B, T, HV, K + V], then d(gate input) (f32,
                                            # [B, T, HV, K], gate != precomputed; K == V)
         ("sa", tok * _CHUNK * 4),          # dA_qk rows (f32) [B, T, HV, C]
-        ("sda", tok * 4),                  # d a_log per token (f32) [B, T, HV]
+        ("sda", tok * 4),                  # d a_log per chunk at its first token (f32) [B, T, HV]
         ("seqs", B * T * 16),              # sequence list (int4 b, start, end, slot)
         ("gred", B * HV * -(-T // _REDUCE_TILE) * (K + 1) * 4),  # per-tile gate-parameter sums (f32)
     ], off)

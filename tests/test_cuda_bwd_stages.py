@@ -10,7 +10,8 @@ wrong. One test function per stage, in the order the handler runs them (cutlass/
   stage5 grad1    dgamma, dA_qk rows (sa), dW | dU (swu, bf16; only with the precomputed gate: grad2 overwrites
                   it with d(gate input) otherwise). grad1's dQg / dKd are overwritten by grad2 (not checked here)
   stage6 grad2    effective dq / dk per value head (sqg / skd; without GVA the outputs dq / dk, which grad2
-                  then writes itself), d(gate input) (sdgr: swu's bytes as f32), d a_log per token (sda), outputs dv, dg, dbeta
+                  then writes itself), d(gate input) and d a_log summed over each chunk at its first token (sdgr: swu's
+                  bytes as f32; sda), outputs dv, dg, dbeta
   stage7 finish   outputs dq, dk (group sum, scale, l2norm; zeros at padding: PadZero's without GVA)
   stage8 reduce   da_log_partial, ddt_bias_partial
 
@@ -231,6 +232,16 @@ def _cmp(what, got, ref, tol=TOL, blocks=()):
             f"got {got[idx]:.4g}, want {ref[idx]:.4g}")
 
 
+def _chunk_start_sums(st, x):
+    """Per-token x [B, T, ...] -> its sums over each chunk of the model at the chunk's first token, NaN elsewhere
+    (what grad2 leaves for the gate reduction: kda_bwd_common.cuh, sDgr / sDa)."""
+    x = np.asarray(x, np.float64)
+    out = np.full(x.shape, np.nan)
+    for (b, cs, se, _) in st["chunks"]:
+        out[b, cs] = x[b, cs:min(cs + C, se)].sum(axis=0)
+    return out
+
+
 def _fmt(blk):
     return "[" + ", ".join(f"{x.start}:{x.stop}" if isinstance(x, slice) else str(x) for x in blk) + "]"
 
@@ -318,8 +329,8 @@ def stage_failures(stage, name, ws, outs, opts=None):
             add(_cmp("sqg (dq per value head)", ws["sqg"], st["dq_eff"], blocks=tb))
             add(_cmp("skd (dk per value head)", ws["skd"], st["dk_eff"], blocks=tb))
         if opts.gate != "precomputed":
-            add(_cmp("sdgr (d gate input)", ws["sdgr"], st["dg_in"], blocks=tb))
-        add(_cmp("sda (d a_log per token)", ws["sda"], st["da_tok"], blocks=tb))
+            add(_cmp("sdgr (d gate input per chunk)", ws["sdgr"], _chunk_start_sums(st, st["dg_in"]), blocks=tb))
+            add(_cmp("sda (d a_log per chunk)", ws["sda"], _chunk_start_sums(st, st["da_tok"]), blocks=tb))
         for n in ("v", "g", "beta"):
             add(_cmp(f"d{n}", outs[n], ref[n], blocks=tb))
     elif stage == "finish":
@@ -463,7 +474,7 @@ _FWD_ORDER = ("qg", "kd", "w", "u", "aqk", "gamma", "hp", "sstart", "seq_start",
 _BWD_ORDER = ("hs", "dh", "dgam", "sqg", "skd", "swu", "sa", "sda", "seqs", "gred")
 
 
-def _swu_saving(B, T, HV, K, V, S):
+def _bf16_scratch_saving(B, T, HV, K, V, S):
     """Bytes the backward's workspace lost in session 7, when dW (f32 "sw") and dU (f32 "su") became one bf16
     region "swu" (each region is padded to 256 bytes)."""
     pad = lambda n: -(-n // 256) * 256
@@ -482,7 +493,7 @@ def test_workspace_totals_unchanged(shape, states, monkeypatch):
         monkeypatch.setenv("FLASHKDA_BWD_GRAD1", "simt")
     bwd, fwd, fwd_ns = _TOTALS[shape]
     assert W.cuda_bwd_states_bf16() == (states == "bf16")
-    assert W.cuda_bwd_workspace_bytes(*shape) == (_BWD_BF16_STATES[shape] if states == "bf16" else bwd) - _swu_saving(*shape)
+    assert W.cuda_bwd_workspace_bytes(*shape) == (_BWD_BF16_STATES[shape] if states == "bf16" else bwd) - _bf16_scratch_saving(*shape)
     assert W.cuda_fwd_workspace_bytes(*shape) == fwd
     assert W.cuda_fwd_workspace_bytes(*shape, no_split=True) == fwd_ns
 
@@ -541,11 +552,11 @@ def _fake_run(name, rng):
     B, T = dims[0], dims[1]
     reg = {n: st[n] for n in ("qg", "kd", "w", "u", "aqk", "gamma", "hs", "dh", "dgam", "seq_start")}
     reg.update(seq_end=np.where(st["seq_end"] >= 0, st["seq_end"], -7), sa=st["dAqk"],
-               sqg=st["dq_eff"], skd=st["dk_eff"], sda=st["da_tok"])
+               sqg=st["dq_eff"], skd=st["dk_eff"], sda=_chunk_start_sums(st, st["da_tok"]))
     if opts.gate == "precomputed":
         reg["swu"] = np.concatenate([st["dW"], st["dU"]], axis=-1)
     else:
-        reg["sdgr"] = st["dg_in"]
+        reg["sdgr"] = _chunk_start_sums(st, st["dg_in"])
     for n, key in (("chunks", "chunks"), ("seqs", "seqs")):
         lst = np.array(st[key], np.int64)[rng.permutation(len(st[key]))]  # any order
         reg[n] = np.concatenate([lst, rng.integers(-5, 5, (B * T - len(lst), 4))], 0)
