@@ -31,8 +31,11 @@ struct Grad2Smem {
     const size_t f32 = static_cast<size_t>(C) * XP * 4, staged = 2 * static_cast<size_t>(C) * WP * 2;
     return f32 > staged ? f32 : staged;
   }
+  static constexpr int kMaxWarps = 16;  // sKdp rows: one per warp of the widest variant
   static constexpr size_t Bytes() {
-    return (2 * static_cast<size_t>(C) * GP + static_cast<size_t>(C) * BP + static_cast<size_t>(C) * XP + 2 * C) * 4 +
+    return (2 * static_cast<size_t>(C) * GP + static_cast<size_t>(C) * BP + static_cast<size_t>(C) * XP + 2 * C +
+            static_cast<size_t>(kMaxWarps) * K) *
+               4 +
            XBytes();
   }
 };
@@ -528,6 +531,8 @@ __global__ void __launch_bounds__(Grad2Threads(kFactored, kMmaSolve), 1) Grad2Ke
   bf16* sDWUs = sWUs + C * WP;               // kMmaSolve, item start to stage 4: [C][WP] dW | dU (bf16)
   float* sBeta = sY + C * XP;  // [C]
   float* sDb = sBeta + C;      // [C] d beta (effective)
+  float* sKdp = sDb + C;       // [kNW][K] per warp: sum over its rows of Kd dKd (stage 6 -> stage 9)
+  static_assert(kNW <= SM::kMaxWarps, "sKdp rows");
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int HV = p.HV, H = p.H;
   const int nitems = p.counters[0] * HV;
@@ -728,54 +733,70 @@ __global__ void __launch_bounds__(Grad2Threads(kFactored, kMmaSolve), 1) Grad2Ke
       }
     }
     __syncthreads();
-    // ---- 6. Vb = beta v, Kb = beta e^G k terms; q into sX; dk | dG into sY ----
-    // Two rows per warp step (r0, r0 + kRS): both rows' global loads (v, q) first.
-    for (int r0 = warp; r0 < C; r0 += 2 * kRS) {
-      float vv[2][PL], qv[2][PL];
+    // ---- 6. Vb = beta v, Kb = beta e^G k terms, and the chunk-state terms of Qg = e^G q and Kd = e^(G_last - G) k
+    // (grad1's dQg, dKd); q and dq into sX; dk | dG into sY. Lane c (+ 32 u) also sums Kd dKd over its warp's rows
+    // for stage 9's G_last term (sKdp). Two rows per warp step (r0, r0 + kRS): both rows' global loads first.
+    const int gidx = GammaIndex(p, cs, se, s);
+    // stage 9's dgamma of channel tid (tid < K), loaded here so that its latency overlaps stages 6-7
+    const float dgam_c = (tid < K && gidx >= 0) ? P.dgam[(((size_t)b * p.NG + gidx) * HV + hv) * K + tid] : 0.f;
+    {
+      float glc[PL], kdp[PL];  // G_last of this lane's channels; the Kd dKd sums
 #pragma unroll
-      for (int h2 = 0; h2 < 2; ++h2) {
-        const int r = r0 + h2 * kRS;
-        const bool ok = r < L;
-#pragma unroll
-        for (int u = 0; u < PL; ++u) {
-          const int c = lane + 32 * u;
-          vv[h2][u] = ok ? fwd::ToF<TIn>(gv[((tb + r) * HV + hv) * V + c]) : 0.f;
-          qv[h2][u] = ok ? fwd::ToF<TIn>(gq[((tb + r) * H + h) * K + c]) : 0.f;
-        }
+      for (int u = 0; u < PL; ++u) {
+        glc[u] = sG[(C - 1) * GP + lane + 32 * u];
+        kdp[u] = 0.f;
       }
+      for (int r0 = warp; r0 < C; r0 += 2 * kRS) {
+        float vv[2][PL], qv[2][PL], dqg[2][PL], dkd[2][PL];
 #pragma unroll
-      for (int h2 = 0; h2 < 2; ++h2) {
-        const int r = r0 + h2 * kRS;
-        const bool ok = r < L;
-        const float bt = sBeta[r];
-        float db = 0.f, sq = 0.f;
+        for (int h2 = 0; h2 < 2; ++h2) {
+          const int r = r0 + h2 * kRS;
+          const bool ok = r < L;
 #pragma unroll
-        for (int u = 0; u < PL; ++u) {
-          const int c = lane + 32 * u;
-          const float dvb = sY[r * XP + K + c];
-          const float dkb = sY[r * XP + c];
-          const float eg = __expf(sG[r * GP + c]);
-          const float kc = sK[r * GP + c];
-          if (ok) {
-            const size_t o = ((tb + r) * HV + hv) * V + c;
-            db = fmaf(vv[h2][u], dvb, db);
-            odv[o] = fwd::FromF<TIn>(bt * dvb);
+          for (int u = 0; u < PL; ++u) {
+            const int c = lane + 32 * u;
+            const size_t o = ((tb + r) * HV + hv) * K + c;
+            vv[h2][u] = ok ? fwd::ToF<TIn>(gv[((tb + r) * HV + hv) * V + c]) : 0.f;
+            qv[h2][u] = ok ? fwd::ToF<TIn>(gq[((tb + r) * H + h) * K + c]) : 0.f;
+            dqg[h2][u] = ok ? P.sQg[o] : 0.f;
+            dkd[h2][u] = ok ? P.sKd[o] : 0.f;
           }
-          db = fmaf(eg * kc, dkb, db);
-          sY[r * XP + c] = bt * eg * dkb;           // dk
-          sY[r * XP + K + c] = bt * eg * kc * dkb;  // dG
-          sq += qv[h2][u] * qv[h2][u];
         }
-        db = fwd::WarpSum(db);
-        const float qs = p.scale * (p.qk_l2norm ? rsqrtf(fwd::WarpSum(sq) + 1e-6f) : 1.f);
 #pragma unroll
-        for (int u = 0; u < PL; ++u) {
-          const int c = lane + 32 * u;
-          sX[r * XP + c] = qv[h2][u] * qs;   // q
-          sX[r * XP + K + c] = 0.f;          // dq
+        for (int h2 = 0; h2 < 2; ++h2) {
+          const int r = r0 + h2 * kRS;
+          const bool ok = r < L;
+          const float bt = sBeta[r];
+          float db = 0.f, sq = 0.f;
+#pragma unroll
+          for (int u = 0; u < PL; ++u) sq += qv[h2][u] * qv[h2][u];
+          const float qs = p.scale * (p.qk_l2norm ? rsqrtf(fwd::WarpSum(sq) + 1e-6f) : 1.f);
+#pragma unroll
+          for (int u = 0; u < PL; ++u) {
+            const int c = lane + 32 * u;
+            const float dvb = sY[r * XP + K + c];
+            const float dkb = sY[r * XP + c];
+            const float g = sG[r * GP + c];
+            const float eg = __expf(g), dec = __expf(glc[u] - g);
+            const float kc = sK[r * GP + c], qc = qv[h2][u] * qs, kdec = dec * kc;
+            if (ok) {
+              const size_t o = ((tb + r) * HV + hv) * V + c;
+              db = fmaf(vv[h2][u], dvb, db);
+              odv[o] = fwd::FromF<TIn>(bt * dvb);
+            }
+            db = fmaf(eg * kc, dkb, db);
+            sY[r * XP + c] = bt * eg * dkb + dec * dkd[h2][u];                                  // dk
+            sY[r * XP + K + c] = bt * eg * kc * dkb + eg * qc * dqg[h2][u] - kdec * dkd[h2][u];  // dG
+            sX[r * XP + c] = qc;                   // q
+            sX[r * XP + K + c] = eg * dqg[h2][u];  // dq
+            kdp[u] = fmaf(kdec, dkd[h2][u], kdp[u]);
+          }
+          db = fwd::WarpSum(db);
+          if (lane == 0) sDb[r] += db;
         }
-        if (lane == 0) sDb[r] += db;
       }
+#pragma unroll
+      for (int u = 0; u < PL; ++u) sKdp[warp * K + lane + 32 * u] = kdp[u];
     }
     __syncthreads();
     // ---- 7a. B_kk = decay product (k, k), strict: dk += dx + dy, dG += k dx - k dy ----
@@ -843,56 +864,12 @@ __global__ void __launch_bounds__(Grad2Threads(kFactored, kMmaSolve), 1) Grad2Ke
       }
     }
     __syncthreads();
-    // ---- 8. Qg = e^G q, Kd = e^(G_last - G) k ----
-    // With kNT a multiple of K, thread tid only sees channel c = tid % K (rows tid / K + n kNT / K): it
-    // also sums stage 9's sum_r Kd_rc dKd_rc over its rows (kd_part), from the same loads. Global loads go in
-    // batches of kB8 rows per thread, issued before any is used.
-    static_assert(kNT % K == 0, "stage 8 keeps one channel per thread");
-    const float* gl = sG + (C - 1) * GP;
-    // stage 9's dgamma of channel tid (tid < K), loaded here so that its latency overlaps stage 8
-    const int gidx = GammaIndex(p, cs, se, s);
-    const float dgam_c = (tid < K && gidx >= 0) ? P.dgam[(((size_t)b * p.NG + gidx) * HV + hv) * K + tid] : 0.f;
-    {
-      constexpr int kB8 = 8;
-      const int c = tid % K;
-      const float glc = gl[c];
-      float kd_part = 0.f;
-      for (int idx0 = tid; idx0 < L * K; idx0 += kB8 * kNT) {
-        float dqg[kB8], dkd[kB8];
-#pragma unroll
-        for (int u = 0; u < kB8; ++u) {
-          const int idx = idx0 + u * kNT;
-          dqg[u] = dkd[u] = 0.f;
-          if (idx < L * K) {
-            const size_t o = ((tb + idx / K) * HV + hv) * K + c;
-            dqg[u] = P.sQg[o];
-            dkd[u] = P.sKd[o];
-          }
-        }
-#pragma unroll
-        for (int u = 0; u < kB8; ++u) {
-          const int idx = idx0 + u * kNT;
-          if (idx < L * K) {
-            const int r = idx / K;
-            const float eg = __expf(sG[r * GP + c]), dec = __expf(glc - sG[r * GP + c]);
-            const float kdec = dec * sK[r * GP + c];
-            sX[r * XP + K + c] += eg * dqg[u];
-            sY[r * XP + K + c] += eg * sX[r * XP + c] * dqg[u] - kdec * dkd[u];
-            sY[r * XP + c] += dec * dkd[u];
-            kd_part = fmaf(kdec, dkd[u], kd_part);
-          }
-        }
-      }
-      sB[tid] = kd_part;  // sB is free after 7b; rows tid / K of the partials, channel c
-    }
-    __syncthreads();
-    // G_last collects sum_i Kd_i dKd_i + gamma dgamma.
-    // Stage 8's partials of channel c are added in the fixed order q = 0 .. kNT / K - 1.
+    // G_last collects sum_i Kd_i dKd_i + gamma dgamma: stage 6's per-warp partials of channel c in warp order.
     if (tid < K) {
       const int c = tid;
-      float acc = gidx >= 0 ? __expf(gl[c]) * dgam_c : 0.f;
+      float acc = gidx >= 0 ? __expf(sG[(C - 1) * GP + c]) * dgam_c : 0.f;
 #pragma unroll
-      for (int q = 0; q < kNT / K; ++q) acc += sB[q * K + c];
+      for (int w = 0; w < kNW; ++w) acc += sKdp[w * K + c];
       // ---- 9. reverse cumsum of dG inside the chunk (this thread owns channel c) ----
       float run = acc;
       for (int r = L - 1; r >= 0; --r) {
@@ -947,7 +924,7 @@ __global__ void __launch_bounds__(Grad2Threads(kFactored, kMmaSolve), 1) Grad2Ke
               dgr = p.use_a_log ? a_coef * dz : dz;
               if (p.use_a_log) da = fmaf(dz, z, da);
             }
-            sK[r * GP + c] = dgr;  // summed over the chunk below (sK is free after stage 8)
+            sK[r * GP + c] = dgr;  // summed over the chunk below (sK is free after stage 7b)
           }
           odg[o] = fwd::FromF<TIn>(dgr);
           if (!fin) {

@@ -98,6 +98,7 @@ __global__ void __launch_bounds__(256) ReduceGateTiles(Params P) {
   constexpr int NP = 256 / K;  // token phases
   __shared__ float s_part[256];
   __shared__ float s_da[kReduceTile];
+  __shared__ int s_start[kReduceTile];  // which of the tile's tokens start a chunk
   const fwd::Params& p = P.f;
   const int tid = threadIdx.x, c = tid % K, part = tid / K;
   const int ntile = (p.T + kReduceTile - 1) / kReduceTile;
@@ -107,18 +108,17 @@ __global__ void __launch_bounds__(256) ReduceGateTiles(Params P) {
     const long long bh = it / ntile;  // b * HV + hv
     const int b = static_cast<int>(bh / p.HV), hv = static_cast<int>(bh % p.HV);
     const int t0 = tile * kReduceTile, t1 = min(t0 + kReduceTile, p.T);
-    float acc = 0.f, da = 0.f;
-    if (p.gate_mode != 0) {
-      for (int t = t0 + part; t < t1; t += NP) {
-        const size_t tok = (size_t)b * p.T + t;
-        if (ChunkStartToken(p, tok, t)) acc += P.sDgr[(tok * p.HV + hv) * K + c];
-      }
-      if (tid < kReduceTile && t0 + tid < t1) {
-        const size_t tok = (size_t)b * p.T + t0 + tid;
-        if (ChunkStartToken(p, tok, t0 + tid)) da = P.sDa[tok * p.HV + hv];
-      }
-    }
     __syncthreads();  // the previous item is done with shared memory
+    if (tid < kReduceTile) {
+      const int t = t0 + tid;
+      s_start[tid] = p.gate_mode != 0 && t < t1 && ChunkStartToken(p, (size_t)b * p.T + t, t);
+    }
+    __syncthreads();
+    float acc = 0.f, da = 0.f;
+    for (int i = part; i < t1 - t0; i += NP) {
+      if (s_start[i]) acc += P.sDgr[(((size_t)b * p.T + t0 + i) * p.HV + hv) * K + c];
+    }
+    if (tid < kReduceTile && s_start[tid]) da = P.sDa[((size_t)b * p.T + t0 + tid) * p.HV + hv];
     s_part[tid] = acc;
     if (tid < kReduceTile) s_da[tid] = da;
     __syncthreads();
