@@ -13,18 +13,19 @@
 //            dS_next of every chunk but the last is stored at the index of the next chunk (f32); a last
 //            chunk starts from dfinal_state[slot] (or 0); the first chunk's dS goes to dinitial_state[slot]
 //   grad1    fully parallel over (chunk, value head): R = U - W S, dR, dQg = dO S^T, dKd = R dS_next^T,
-//            dW = -dR S^T, dU = dR, dA_qk = tril(dO R^T), dgamma = rowsum(S * dS_next)  (f32 scratch)
+//            dW = -dR S^T, dU = dR, dA_qk = tril(dO R^T), dgamma = rowsum(S * dS_next)  (scratch: dW | dU bf16,
+//            dQg, dKd, dA_qk and dgamma f32)
 //   grad2    fully parallel over (chunk, value head), everything recomputed in f32 from the raw inputs:
 //            G, l2norm, beta; B_kk = sum_c k_i k_j exp(G_i - G_j) (j < i); W | U by forward substitution;
 //            [dKb | dVb] by back substitution with (I + diag(beta) B_kk)^T; dA = -strict_tril(dKb W^T + dVb U^T);
 //            gradients of the decay products (only exp(G_i - G_j), j <= i); elementwise terms of Qg, Kd,
 //            gamma, Kb = beta e^G k, Vb = beta v; dg = reverse cumsum of dG; gate and beta-sigmoid chains.
 //            Writes dv, dg, dbeta and f32 per-(token, value head) dq, dk (w.r.t. the scaled, normalised
-//            q/k) and gate-parameter terms
+//            q/k; GVA only) and each chunk's sums of the gate-parameter terms
 //   finish   per (token, q/k head): sum over the value heads of the group in order, scale, l2norm; without
 //            GVA (one value head per q/k head) grad2 does this itself and writes dq / dk (FinishInGrad2)
-//   reduce   per (batch row, value head): da_log_partial and ddt_bias_partial, sums over tokens in order:
-//            per tile of kReduceTile tokens in parallel (gred), then over the tiles in order
+//   reduce   per (batch row, value head): da_log_partial and ddt_bias_partial, sums over chunks in order:
+//            per tile of kReduceTile tokens in parallel (gred; the chunk-start tokens), then over the tiles
 // No float atomics: every result element has one writer and a fixed summation order.
 #pragma once
 
@@ -64,8 +65,11 @@ struct Params {
   int states_bf16; // Hs / dH hold bf16 (StatesInBf16()), else f32
   int grad2_wu_prep;  // grad2 (tensor-core solve) reads W | U from the prep workspace (set by LaunchGrad2)
   float* dgam;     // [B, NG, HV, K]       dgamma per chunk (indexed like gamma)
-  float* sQg;      // [B, T, HV, K]  dQg, then dq (effective) of grad2
-  float* sKd;      // [B, T, HV, K]  dKd, then dk (effective)
+  // [B, T, HV, K] f32: grad1's dQg (dKd), then grad2's dq (dk) (effective; GVA only). bf16 rows (session 7) took
+  // 0.24 ms off b1-t32k-h16 fwd+bwd but doubled the fp16 dA_log error (test_defaults_vs_oracle): dg is a small
+  // difference of the terms these feed.
+  float* sQg;
+  float* sKd;
   // [B, T, HV, K + V] bf16 rows dW | dU (grad1; grad2's tensor-core solve rounds them to bf16 operands anyway).
   // grad2 then writes, at the row of each chunk's first token, the chunk's sum of d(gate input) (for ddt_bias) as
   // K f32 (sDgr, same bytes since K == V), after reading that row: a row belongs to one grad2 item, so no other
