@@ -734,8 +734,9 @@ __global__ void __launch_bounds__(Grad2Threads(kFactored, kMmaSolve), 1) Grad2Ke
     }
     __syncthreads();
     // ---- 6. Vb = beta v, Kb = beta e^G k terms, and the chunk-state terms of Qg = e^G q and Kd = e^(G_last - G) k
-    // (grad1's dQg, dKd); q and dq into sX; dk | dG into sY. Lane c (+ 32 u) also sums Kd dKd over its warp's rows
-    // for stage 9's G_last term (sKdp). Two rows per warp step (r0, r0 + kRS): both rows' global loads first.
+    // (grad1's dQg, dKd; stage 8 until session 7, hence no stage 8 below); q and dq into sX; dk | dG into sY.
+    // Lane c (+ 32 u) also sums Kd dKd over its warp's rows for stage 9's G_last term (sKdp). Two rows per warp
+    // step (r0, r0 + kRS): both rows' global loads first.
     const int gidx = GammaIndex(p, cs, se, s);
     // stage 9's dgamma of channel tid (tid < K), loaded here so that its latency overlaps stages 6-7
     const float dgam_c = (tid < K && gidx >= 0) ? P.dgam[(((size_t)b * p.NG + gidx) * HV + hv) * K + tid] : 0.f;

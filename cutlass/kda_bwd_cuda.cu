@@ -138,9 +138,11 @@ __global__ void __launch_bounds__(256) ReduceGateTiles(Params P) {
 // Second pass: the tile sums of each (row, head) added up. An item is (row, head, group of 32 of the K + 1
 // columns); warp q of its CTA sums the tiles q, q + 8, ... in order, then lane c of warp 0 adds the 8 partial
 // sums in order: a fixed order whatever the grid (few rows with long sequences get 5 CTAs per (row, head)).
+constexpr int ReduceGroups(int K) { return (K + 1 + 31) / 32; }  // 32-column groups of the K + 1 columns
+
 template <int K>
 __global__ void __launch_bounds__(256) ReduceGate(Params P) {
-  constexpr int NG = (K + 1 + 31) / 32;
+  constexpr int NG = ReduceGroups(K);
   __shared__ float s_part[8][32];
   const fwd::Params& p = P.f;
   const int ntile = (p.T + kReduceTile - 1) / kReduceTile;
@@ -205,7 +207,7 @@ ffi::Error Run(cudaStream_t stream, Params& P, bool state_only, bool states_give
     const long long rows = static_cast<long long>(p.B) * p.HV;
     const long long tiles = rows * ((p.T + kReduceTile - 1) / kReduceTile);
     const int gt = static_cast<int>(tiles < 16ll * nsm ? tiles : 16ll * nsm);
-    const long long ritems = rows * (p.K / 32 + 1);  // ReduceGate's items: (row, head, column group)
+    const long long ritems = rows * ReduceGroups(p.K);  // ReduceGate's items: (row, head, column group)
     const int gr = static_cast<int>(ritems < 4ll * nsm ? ritems : 4ll * nsm);
     const bool finish = !FinishInGrad2(p);
     if (p.K == 64) {

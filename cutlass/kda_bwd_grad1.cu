@@ -126,13 +126,13 @@ __global__ void __launch_bounds__(kThreads) Grad1Kernel(Params P) {
     }
     __syncthreads();
     // ---- outputs (rows < L) ----
-    auto store = [&](float* base, int width, const float (&acc)[4][TN], float sign) {
+    auto store = [&](float* base, const float (&acc)[4][TN]) {  // dQg / dKd (f32, K columns)
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         const int r = tm + 16 * i;
         if (r < L) {
 #pragma unroll
-          for (int j = 0; j < TN; ++j) base[((tb + r) * HV + hv) * width + tn + 16 * j] = sign * acc[i][j];
+          for (int j = 0; j < TN; ++j) base[((tb + r) * HV + hv) * K + tn + 16 * j] = acc[i][j];
         }
       }
     };
@@ -141,11 +141,11 @@ __global__ void __launch_bounds__(kThreads) Grad1Kernel(Params P) {
       Zero(acc);  // dQg = dO S^T
       MicroGemm<4, TN>(acc, tm, 16, tn, 16, V, [&](int m, int kk) { return Bf(sdO[m * SP + kk]); },
                        [&](int kk, int n) { return Bf(sS[n * SP + kk]); });
-      store(P.sQg, K, acc, 1.f);
+      store(P.sQg, acc);
       Zero(acc);  // dKd = R dS_next^T
       MicroGemm<4, TN>(acc, tm, 16, tn, 16, V, [&](int m, int kk) { return sR[m * RP + kk]; },
                        [&](int kk, int n) { return Bf(sdS[n * SP + kk]); });
-      store(P.sKd, K, acc, 1.f);
+      store(P.sKd, acc);
       Zero(acc);  // dW = -dR S^T
       MicroGemm<4, TN>(acc, tm, 16, tn, 16, V, [&](int m, int kk) { return sdR[m * RP + kk]; },
                        [&](int kk, int n) { return Bf(sS[n * SP + kk]); });
@@ -472,16 +472,15 @@ __global__ void __launch_bounds__(kThreads, 2) Grad1MmaKernel(Params P) {
         }
       }
     };
-    // Rows 16m + gr (+8) < L of a [C][width] f32 output from accumulators over columns c0 + 8n + 2 t4, +1.
-    auto store_rows = [&](float* base, int width, int c0, const float (&acc)[NH][4], float sign) {
+    // Rows 16m + gr (+8) < L of dQg / dKd (f32, K columns) from accumulators over columns c0 + 8n + 2 t4, +1.
+    auto store_rows = [&](float* base, int c0, const float (&acc)[NH][4]) {
 #pragma unroll
       for (int hh = 0; hh < 2; ++hh) {
         const int r = 16 * m + gr + 8 * hh;
         if (r < L) {
-          float* dst = base + ((tb + r) * HV + hv) * width + c0 + 2 * t4;
+          float* dst = base + ((tb + r) * HV + hv) * K + c0 + 2 * t4;
 #pragma unroll
-          for (int n = 0; n < NH; ++n)
-            *reinterpret_cast<float2*>(dst + 8 * n) = make_float2(sign * acc[n][2 * hh], sign * acc[n][2 * hh + 1]);
+          for (int n = 0; n < NH; ++n) *reinterpret_cast<float2*>(dst + 8 * n) = make_float2(acc[n][2 * hh], acc[n][2 * hh + 1]);
         }
       }
     };
@@ -521,7 +520,7 @@ __global__ void __launch_bounds__(kThreads, 2) Grad1MmaKernel(Params P) {
         float acc[NH][4];
         Zero(acc);
         rows_times_state_t(acc, ra, sdS, hs * (K / 2));
-        store_rows(P.sKd, K, hs * (K / 2), acc, 1.f);
+        store_rows(P.sKd, hs * (K / 2), acc);
       }
       // ---- dA_qk[:, 16m..16m+15] = tril(dO R^T); row blocks I < m are zero ----
       for (int I = 0; I < 4; ++I) {
@@ -612,7 +611,7 @@ __global__ void __launch_bounds__(kThreads, 2) Grad1MmaKernel(Params P) {
           fwd::Mma(acc[2 * np + 1], a, b2, b3);
         }
       }
-      store_rows(P.sQg, K, c0, acc, 1.f);
+      store_rows(P.sQg, c0, acc);
     }
   }
 }

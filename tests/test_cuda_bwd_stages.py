@@ -146,9 +146,13 @@ def _spec(B, T, HV, K, V, S_out):
         sa=(f32, (B, T, HV, C)), sda=(f32, (B, T, HV)), seqs=(i32, (B * T, 4)))
 
 
-# Regions that grad2 rewrites in another type: view name -> (region, dtype, shape) (kda_bwd_common.cuh: sDgr).
-def _views(B, T, HV, K, V, S_out):
-    return dict(sdgr=("swu", np.float32, (B, T, HV, K))) if K == V else {}
+def _arrays(B, T, HV, K, V, S_out):
+    """Name -> (region, dtype, shape): every region of _spec, plus the views of regions that grad2 rewrites in
+    another type (sdgr: swu's bytes as f32, kda_bwd_common.cuh sDgr; K == V)."""
+    out = {n: (n, dt, shape) for n, (dt, shape) in _spec(B, T, HV, K, V, S_out).items()}
+    if K == V:
+        out["sdgr"] = ("swu", np.float32, (B, T, HV, K))
+    return out
 
 
 def decode_workspace(ws, B, T, HV, K, V, S_out):
@@ -157,14 +161,11 @@ def decode_workspace(ws, B, T, HV, K, V, S_out):
     lay = W.cuda_bwd_workspace_layout(B, T, HV, K, V, S_out)
     assert ws.size >= W.cuda_bwd_workspace_bytes(B, T, HV, K, V, S_out)
     out = {}
-    for name, (dt, shape) in _spec(B, T, HV, K, V, S_out).items():
-        off, nbytes = lay[name]
+    for name, (region, dt, shape) in _arrays(B, T, HV, K, V, S_out).items():
+        off, nbytes = lay[region]
         assert nbytes == int(np.prod(shape)) * np.dtype(dt).itemsize, f"layout of {name}: {nbytes} bytes"
         x = np.frombuffer(ws[off:off + nbytes].tobytes(), dtype=dt).reshape(shape)
         out[name] = x.astype(np.int64) if dt == np.int32 else x.astype(np.float64)
-    for name, (region, dt, shape) in _views(B, T, HV, K, V, S_out).items():
-        off, nbytes = lay[region]
-        out[name] = np.frombuffer(ws[off:off + nbytes].tobytes(), dtype=dt).reshape(shape).astype(np.float64)
     return out
 
 
@@ -172,14 +173,12 @@ def encode_workspace(regions, B, T, HV, K, V, S_out, rng):
     """The inverse of decode_workspace (CPU harness test): NaN / -1 entries become garbage."""
     lay = W.cuda_bwd_workspace_layout(B, T, HV, K, V, S_out)
     ws = rng.integers(0, 256, W.cuda_bwd_workspace_bytes(B, T, HV, K, V, S_out)).astype(np.uint8)
-    spec = _spec(B, T, HV, K, V, S_out)
-    spec.update({n: (dt, shape) for n, (_, dt, shape) in _views(B, T, HV, K, V, S_out).items()})
-    for name, (dt, shape) in spec.items():
+    for name, (region, dt, shape) in _arrays(B, T, HV, K, V, S_out).items():
         if name not in regions:
             continue
         x = np.array(regions[name], np.float64)
         x = np.where(np.isnan(x), 12345.0, x).astype(np.float32).astype(dt).reshape(shape)
-        off, nbytes = lay[_views(B, T, HV, K, V, S_out).get(name, (name,))[0]]
+        off, nbytes = lay[region]
         ws[off:off + nbytes] = np.frombuffer(x.tobytes(), np.uint8)
     return ws
 
