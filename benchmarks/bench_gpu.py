@@ -61,10 +61,11 @@ def make_inputs(B, T, H, lens, seed=0):
     return (q, k, v, g, beta), dict(A_log=A_log, dt_bias=dt_bias, h0=h0, cu=cu)
 
 
-def jax_fn(impl, varlen, gate="bounded", grad=False):
+def jax_fn(impl, varlen, gate="bounded", grad=False, slices=None):
     def f(q, k, v, g, beta, A_log, dt_bias, h0, cu):
         kw = dict(gate=gate, A_log=A_log, dt_bias=dt_bias, qk_l2norm=True,
-                  beta_sigmoid=True, initial_state=h0, return_final_state=True, implementation=impl)
+                  beta_sigmoid=True, initial_state=h0, return_final_state=True, implementation=impl,
+                  checkpoint_slices=slices)
         if gate == "bounded":
             kw["lower_bound"] = -5.0
         if varlen:
@@ -186,6 +187,8 @@ def main():
     ap.add_argument("--no-fla", action="store_true")
     ap.add_argument("--gate", choices=["bounded", "softplus"], default="bounded")
     ap.add_argument("--grad", action="store_true", help="time fwd+bwd (jax.value_and_grad / torch forward + backward)")
+    ap.add_argument("--slices", type=int, default=None,
+                    help="kda(checkpoint_slices=N): the sequence-sliced, recomputing fwd+bwd (memory for time)")
     ap.add_argument("--cuda-bwd", action="store_true",
                     help="use the CUDA backward even while _capabilities.CUDA_BWD_READY is False")
     a = ap.parse_args()
@@ -202,7 +205,7 @@ def main():
         B, T, H, lens = CASES[name]
         args, extra = make_inputs(B, T, H, lens)
         fargs = args + (extra["A_log"], extra["dt_bias"], extra["h0"], extra["cu"])
-        fn = jax_fn("cuda", lens is not None, a.gate, a.grad)
+        fn = jax_fn("cuda", lens is not None, a.gate, a.grad, a.slices)
         ms, out = time_jax(fn, fargs, a.reps)
         mem = memory_ratio(fn, fargs, B, T, H) if a.grad else None
         xla_ms = None

@@ -8,6 +8,8 @@
 #            bench, softplus, grad (fwd+bwd table with the CUDA backward forced on), decode,
 #            variants (the CUDA backward tests and tests/test_cuda_bwd_variants.py, test by test, in parallel
 #            processes; then fwd+bwd timings of the default kernels and of the backward's first versions),
+#            slices (kda(checkpoint_slices=N): tests/test_slicing.py, then fwd+bwd time and memory ratio for
+#            N in SLICE_COUNTS (default "4 8 16") and without, on SLICE_CASES),
 #            multi (needs >= 2 GPUs: sharded == unsharded on the GPUs, context-parallel speed-up at 64k)
 #   BENCH_ARGS  extra args for bench_gpu.py's forward tables (e.g. "--reps 10 --cases b1-t8k-h16")
 #   GRAD_ARGS   extra args for the fwd+bwd table
@@ -57,6 +59,9 @@ if [ -n "${PREBUILT:-}" ]; then
   rc=$?
   summary+=("prebuilt install rc=$rc ($PREBUILT)")
   [ $rc -ne 0 ] && { cat "$LOG/build.log"; exit 1; }
+  # Kernels from the wheel, Python from this checkout (a Python-only change needs no rebuild).
+  PKG=$(cd /tmp && python3 -c "import flashkda_jax, os; print(os.path.dirname(flashkda_jax.__file__))")
+  cp flashkda_jax/*.py "$PKG/"
 fi
 # pytest (400 s limit) with .whl/extra searched after site-packages (what fla.layers needs); run from tests/.
 pytest_extra() {
@@ -137,6 +142,18 @@ fi
 has bench && bench bench_bounded ${BENCH_ARGS:-} --gate bounded
 has softplus && bench bench_softplus ${BENCH_ARGS:-} --gate softplus
 has grad && bench bench_grad ${GRAD_ARGS:-} --gate bounded --grad --cuda-bwd --xla
+if has slices; then
+  # kda(checkpoint_slices=N): the sliced, recomputing fwd+bwd against the default one (time and memory ratio).
+  (cd tests && XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 300 python3 -m pytest -q -p no:cacheprovider \
+     test_slicing.py >"$LOG/tests_slicing.log" 2>&1)
+  summary+=("slicing tests: $(tail -1 "$LOG/tests_slicing.log")")
+  for n in "" ${SLICE_COUNTS:-4 8 16}; do
+    timeout 200 python3 benchmarks/bench_gpu.py --grad --no-fla --reps 5 ${n:+--slices $n} \
+      --cases ${SLICE_CASES:-b1-t32k-h16,b8-t4k-h16,b1-t8k-h16} >"$LOG/slices_${n:-none}.log" 2>&1
+    summary+=("[slices ${n:-none}] ms / mem: $(grep -E '^b[0-9]+-[a-z0-9-]+ +[0-9]' "$LOG/slices_${n:-none}.log" | \
+      awk '{printf "%s %s %s  ", $1, $2, $NF}')")
+  done
+fi
 if has decode; then
   timeout 200 python3 benchmarks/bench_decode.py --check >"$LOG/bench_decode.log" 2>&1
   summary+=("bench_decode rc=$?")

@@ -16,12 +16,13 @@ ap.add_argument("cases", nargs="+")
 ap.add_argument("--grad", action="store_true", help="fwd+bwd through jax.grad")
 ap.add_argument("--gate", choices=["bounded", "softplus"], default="bounded")
 ap.add_argument("--calls", type=int, default=2)
+ap.add_argument("--slices", type=int, default=None, help="kda(checkpoint_slices=N)")
 a = ap.parse_args()
 for name in a.cases:
     B, T, H, lens = bg.CASES[name]
     args, extra = bg.make_inputs(B, T, H, lens)
     fargs = args + (extra["A_log"], extra["dt_bias"], extra["h0"], extra["cu"])
-    f = bg.jax_fn("cuda", lens is not None, a.gate, a.grad)
+    f = bg.jax_fn("cuda", lens is not None, a.gate, a.grad, a.slices)
     for _ in range(a.calls):
         jax.block_until_ready(f(*fargs))
     print("done", name, flush=True)

@@ -16,6 +16,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from flashkda_jax import _capabilities as _caps
 from flashkda_jax import _dispatch
@@ -23,6 +24,7 @@ from flashkda_jax import _ffi
 from flashkda_jax import _inputs
 from flashkda_jax import _workspace
 from flashkda_jax import sharding as _sharding
+from flashkda_jax import slicing as _slicing
 
 IMPLEMENTATIONS = _dispatch.IMPLEMENTATIONS
 
@@ -175,7 +177,7 @@ def run_core(core: _inputs.CoreInputs, opts: _inputs.KdaOptions, impl: str):
 def kda(q, k, v, g, beta, *, scale=None, initial_state=None, segment_ids=None, max_segments=None,
         cu_seqlens=None, return_final_state=False, qk_l2norm=False, beta_sigmoid=False,
         allow_neg_eigval=False, gate="precomputed", A_log=None, dt_bias=None, lower_bound=None,
-        state_layout="kv", implementation=None, context_parallel_axis=None):
+        state_layout="kv", implementation=None, context_parallel_axis=None, checkpoint_slices=None):
     """Kimi Delta Attention over whole sequences (chunked prefill / training).
 
     Args:
@@ -200,6 +202,12 @@ def kda(q, k, v, g, beta, *, scale=None, initial_state=None, segment_ids=None, m
         (context parallelism; needs a mesh in context, e.g. ``jax.set_mesh(mesh)``, and T divisible by
         the axis size). Sharding T of the inputs by other means does the same; see
         :mod:`flashkda_jax.sharding`.
+      checkpoint_slices: a static int n >= 1, or None. Run the op as n slices of the sequence chained through
+        their states, keeping for the backward only the state entering each slice (no per-token residuals),
+        and run the backward slice by slice from the inputs: a training step's peak memory then holds one
+        slice's intermediates instead of the whole sequence's, at the cost of recomputation (time and memory
+        figures: docs/api.md). For long sequences where memory, not time, is the limit; see
+        :mod:`flashkda_jax.slicing`. Not with ``context_parallel_axis``.
 
     Returns:
       ``(o, final_state)``: o ``[B, T, HV, V]`` in v's dtype; final_state as initial_state, or None.
@@ -210,6 +218,16 @@ def kda(q, k, v, g, beta, *, scale=None, initial_state=None, segment_ids=None, m
         qk_l2norm=qk_l2norm, beta_sigmoid=beta_sigmoid, allow_neg_eigval=allow_neg_eigval, gate=gate,
         A_log=A_log, dt_bias=dt_bias, lower_bound=lower_bound, state_layout=state_layout)
     impl = _select(implementation, core, opts)
+    if checkpoint_slices is not None:
+        if isinstance(checkpoint_slices, bool) or not isinstance(checkpoint_slices, (int, np.integer)) \
+                or checkpoint_slices < 1:
+            raise ValueError(f"flashkda_jax.kda: checkpoint_slices must be a positive Python int, got "
+                             f"{checkpoint_slices!r}")
+        if context_parallel_axis is not None:
+            raise ValueError("flashkda_jax.kda: checkpoint_slices and context_parallel_axis cannot be combined "
+                             "(each device's slice already bounds its memory)")
+        o, fin = _slicing.core(core, opts, impl, int(checkpoint_slices))
+        return o, _inputs.restore_final_state(fin, opts)
     if context_parallel_axis is not None:
         core, record = _sharding.constrain_context_parallel(core, context_parallel_axis)
         opts = dataclasses.replace(opts, cp_record=record)
