@@ -510,13 +510,22 @@ __device__ __forceinline__ uint2 ToBf4(const uint2& x) {  // 4 halves
 template <int K, int BV>
 struct ReverseV2Smem {
   static constexpr int C = kChunk, KP = K + 8, VP = BV + 8, AP = C + 8;
-  static constexpr size_t Bytes() {
-    return (3 * 2 * static_cast<size_t>(C) * KP + 2 * static_cast<size_t>(C) * AP + 2 * static_cast<size_t>(C) * VP +
+  // Chunk-operand stages: 3 (loads issued two chunks ahead) where they fit, i.e. narrow column blocks (the b1
+  // shapes, whose per-chunk latency is the pass's time) with dO by cp.async (bf16); else 2.
+  static constexpr int NS = BV <= 32 ? 3 : 2;
+  static constexpr size_t Bytes(int ns) {
+    return (static_cast<size_t>(ns) * (3 * static_cast<size_t>(C) * KP + static_cast<size_t>(C) * AP +
+                                       static_cast<size_t>(C) * VP) +
             static_cast<size_t>(K) * VP + static_cast<size_t>(C) * VP) *
                2 +
-           2 * static_cast<size_t>(K) * 4;
+           static_cast<size_t>(ns) * K * 4;
   }
 };
+
+template <int K, int BV, typename TIn>
+constexpr int ReverseStages() {
+  return std::is_same<TIn, bf16>::value ? ReverseV2Smem<K, BV>::NS : 2;
+}
 
 // Chunks last to first: dR = A_qk^T dO + Kd dS,  dS <- diag(gamma) dS + Qg^T dO - W^T dR.
 template <int K, int BV, typename TIn>
@@ -525,17 +534,18 @@ __global__ void __launch_bounds__(kThreads, 1) ReverseKernelV2(Params P) {
   using TL = TilesV2<K, BV>;
   constexpr int C = kChunk, KP = SM::KP, VP = SM::VP, AP = SM::AP, NTW = TL::NTW;
   constexpr bool kBfDo = std::is_same<TIn, bf16>::value;
+  constexpr int NS = ReverseStages<K, BV, TIn>();  // the register dO path (fp16 / fp32) loads one chunk ahead
   constexpr int NU = C * (BV / 4) / kThreads;  // 4-element dO pieces per thread (register path)
   const fwd::Params& p = P.f;
   extern __shared__ __align__(16) float smem[];  // (one declaration per TU: float as in the default kernels)
-  bf16* sQg = reinterpret_cast<bf16*>(smem);  // [2][C][KP]
-  bf16* sKd = sQg + 2 * C * KP;               // [2][C][KP]
-  bf16* sW = sKd + 2 * C * KP;                // [2][C][KP]
-  bf16* sA = sW + 2 * C * KP;                 // [2][C][AP]
-  bf16* sdO = sA + 2 * C * AP;                // [2][C][VP]
-  bf16* sdS = sdO + 2 * C * VP;               // [K][VP]  bf16 copy of dS_next
+  bf16* sQg = reinterpret_cast<bf16*>(smem);  // [NS][C][KP]
+  bf16* sKd = sQg + NS * C * KP;              // [NS][C][KP]
+  bf16* sW = sKd + NS * C * KP;               // [NS][C][KP]
+  bf16* sA = sW + NS * C * KP;                // [NS][C][AP]
+  bf16* sdO = sA + NS * C * AP;               // [NS][C][VP]
+  bf16* sdS = sdO + NS * C * VP;              // [K][VP]  bf16 copy of dS_next
   bf16* sdR = sdS + K * VP;                   // [C][VP]  -dR
-  float* sGam = reinterpret_cast<float*>(sdR + C * VP);  // [2][K]
+  float* sGam = reinterpret_cast<float*>(sdR + C * VP);  // [NS][K]
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int gr = lane >> 2, t4 = lane & 3, mt = warp & 3, nt0 = (warp >> 2) * NTW;
   const StateTile<K, BV> tt{warp % TL::WM3, warp / TL::WM3, gr, t4};
@@ -609,14 +619,29 @@ __global__ void __launch_bounds__(kThreads, 1) ReverseKernelV2(Params P) {
 
     __syncthreads();  // the previous item is done with shared memory
     load_chunk(nch - 1, 0);
+    if constexpr (NS == 3) {  // one cp.async group per chunk, empty past the first: a fixed count in flight
+      if (nch > 1) {
+        load_chunk(nch - 2, 1);
+      } else {
+        fwd::CpAsyncCommit();
+      }
+    }
     store_do(0);
     StoreStateBf16<K, BV>(st, tt, sdS, VP);
     for (int m = nch - 1; m >= 0; --m) {
-      const int stg = (nch - 1 - m) & 1;
+      const int stg = (nch - 1 - m) % NS;
       const int cs = ss + m * C;
-      fwd::CpAsyncWait<0>();
-      __syncthreads();  // A: chunk m and sdS visible; everyone is done with chunk m + 1 (stage stg ^ 1, sdR)
-      if (m > 0) load_chunk(m - 1, stg ^ 1);
+      fwd::CpAsyncWait<NS - 2>();  // chunk m's group (NS = 3: chunk m - 1's may stay in flight)
+      __syncthreads();  // A: chunk m and sdS visible; everyone is done with chunk m + 1 (its stage, sdR)
+      if constexpr (NS == 3) {  // chunk m - 2 into chunk m + 1's stage
+        if (m > 1) {
+          load_chunk(m - 2, (stg + 2) % 3);
+        } else {
+          fwd::CpAsyncCommit();
+        }
+      } else {
+        if (m > 0) load_chunk(m - 1, stg ^ 1);
+      }
       if (m + 1 < nch)  // dS_next of this chunk = gradient w.r.t. the start state of the next one
         StoreChunkState<K, BV>(st, tt, P, P.dH, (((size_t)b * (p.NW + 1) + (cs + 2 * C - 1) / C) * HV + hv) * K * V,
                                V, col0);
@@ -650,7 +675,7 @@ __global__ void __launch_bounds__(kThreads, 1) ReverseKernelV2(Params P) {
       AccXtY<K, BV>(st, tt, sW + stg * C * KP, KP, sdR, VP, lane);
       if (m > 0) {
         StoreStateBf16<K, BV>(st, tt, sdS, VP);
-        store_do(stg ^ 1);
+        store_do((stg + 1) % NS);
       }
     }
     if (P.dinit != nullptr && s < p.S_init) {
@@ -688,7 +713,8 @@ cudaError_t LaunchStatesV2(const Params& p, cudaStream_t stream, int nsm) {
 template <int K, int BV, typename TIn>
 cudaError_t LaunchReverseV2(const Params& p, cudaStream_t stream, int nsm) {
   const long long items = static_cast<long long>(p.f.B) * p.f.T * p.f.HV * (p.f.V / BV);
-  return fwd::LaunchGrid(ReverseKernelV2<K, BV, TIn>, ReverseV2Smem<K, BV>::Bytes(), items, 1, p, stream, nsm);
+  return fwd::LaunchGrid(ReverseKernelV2<K, BV, TIn>, ReverseV2Smem<K, BV>::Bytes(ReverseStages<K, BV, TIn>()), items,
+                         1, p, stream, nsm);
 }
 
 template <int K>
