@@ -396,11 +396,12 @@ __device__ __forceinline__ void AccXtY(float (&st)[TilesV2<K, BV>::MTW3][TilesV2
 template <int K, int BV>
 struct StatesV2Smem {
   static constexpr int C = kChunk, KP = K + 8, VP = BV + 8;  // +8: conflict-free ldmatrix rows
+  static constexpr int NS = BV <= 32 ? 3 : 2;  // chunk-operand stages (as the reverse pass's)
   static constexpr size_t Bytes() {
-    return (2 * 2 * static_cast<size_t>(C) * KP + 2 * static_cast<size_t>(C) * VP + static_cast<size_t>(K) * VP +
+    return (NS * (2 * static_cast<size_t>(C) * KP + static_cast<size_t>(C) * VP) + static_cast<size_t>(K) * VP +
             static_cast<size_t>(C) * VP) *
                2 +
-           2 * static_cast<size_t>(K) * 4;
+           NS * static_cast<size_t>(K) * 4;
   }
 };
 
@@ -409,15 +410,15 @@ template <int K, int BV>
 __global__ void __launch_bounds__(kThreads, 1) StatesKernelV2(Params P) {
   using SM = StatesV2Smem<K, BV>;
   using TL = TilesV2<K, BV>;
-  constexpr int C = kChunk, KP = SM::KP, VP = SM::VP, NTW = TL::NTW;
+  constexpr int C = kChunk, KP = SM::KP, VP = SM::VP, NTW = TL::NTW, NS = SM::NS;
   const fwd::Params& p = P.f;
   extern __shared__ __align__(16) float smem[];  // (one declaration per TU: float as in the default kernels)
-  bf16* sW = reinterpret_cast<bf16*>(smem);  // [2][C][KP]
-  bf16* sKd = sW + 2 * C * KP;               // [2][C][KP]
-  bf16* sU = sKd + 2 * C * KP;               // [2][C][VP]
-  bf16* sS = sU + 2 * C * VP;                // [K][VP]  bf16 copy of the state
+  bf16* sW = reinterpret_cast<bf16*>(smem);  // [NS][C][KP]
+  bf16* sKd = sW + NS * C * KP;              // [NS][C][KP]
+  bf16* sU = sKd + NS * C * KP;              // [NS][C][VP]
+  bf16* sS = sU + NS * C * VP;               // [K][VP]  bf16 copy of the state
   bf16* sR = sS + K * VP;                    // [C][VP]
-  float* sGam = reinterpret_cast<float*>(sR + C * VP);  // [2][K]
+  float* sGam = reinterpret_cast<float*>(sR + C * VP);  // [NS][K]
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int gr = lane >> 2, t4 = lane & 3, mt = warp & 3, nt0 = (warp >> 2) * NTW;
   const StateTile<K, BV> tt{warp % TL::WM3, warp / TL::WM3, gr, t4};
@@ -458,13 +459,28 @@ __global__ void __launch_bounds__(kThreads, 1) StatesKernelV2(Params P) {
 
     __syncthreads();  // the previous item is done with shared memory
     load_chunk(0, 0);
+    if constexpr (NS == 3) {  // one cp.async group per chunk, empty past the last: a fixed count in flight
+      if (nst > 1) {
+        load_chunk(1, 1);
+      } else {
+        fwd::CpAsyncCommit();
+      }
+    }
     StoreStateBf16<K, BV>(st, tt, sS, VP);
     for (int m = 0; m < nst; ++m) {
-      const int stg = m & 1;
+      const int stg = m % NS;
       const int cs = ss + m * C;
-      fwd::CpAsyncWait<0>();
-      __syncthreads();  // A: chunk m and sS visible; everyone is done with chunk m - 1 (stage stg ^ 1, sR)
-      if (m + 1 < nst) load_chunk(m + 1, stg ^ 1);
+      fwd::CpAsyncWait<NS - 2>();  // chunk m's group (NS = 3: chunk m + 1's may stay in flight)
+      __syncthreads();  // A: chunk m and sS visible; everyone is done with chunk m - 1 (its stage, sR)
+      if constexpr (NS == 3) {  // chunk m + 2 into chunk m - 1's stage
+        if (m + 2 < nst) {
+          load_chunk(m + 2, (stg + 2) % 3);
+        } else {
+          fwd::CpAsyncCommit();
+        }
+      } else {
+        if (m + 1 < nst) load_chunk(m + 1, stg ^ 1);
+      }
       {  // R = U - W S  (rows mt * 16.., columns nt0 * 8..)
         float acc[NTW][4] = {};
         MmaRow<NTW, K / 16>(acc, ABase(sW + stg * C * KP, KP, mt * 16, lane), BBase(sS, VP, nt0 * 8, lane), 16 * VP);

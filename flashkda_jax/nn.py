@@ -274,6 +274,8 @@ class KimiDeltaAttention(nn.Module):
       implementation: passed to ``flashkda_jax.kda`` (None picks the kernels).
       context_parallel_axis: mesh axis name (or names) the sequence axis is sharded over: the recurrence
         then runs context-parallel (``flashkda_jax.kda``'s option; not used with ``decode=True``).
+      checkpoint_slices: ``flashkda_jax.kda``'s option of that name (None, or n sequence slices whose backward
+        recomputes slice by slice: less memory for more time); not used with ``decode=True``.
     """
 
     hidden_size: Optional[int] = None
@@ -293,6 +295,7 @@ class KimiDeltaAttention(nn.Module):
     kernel_init: Initializer = nn.initializers.lecun_normal()
     implementation: Optional[str] = None
     context_parallel_axis: Optional[Any] = None
+    checkpoint_slices: Optional[int] = None
 
     # --- derived sizes ---------------------------------------------------------------------------
     @property
@@ -461,7 +464,7 @@ class KimiDeltaAttention(nn.Module):
                 rec.value = fin.astype(jnp.float32)
         else:
             o, _ = _ops.kda(q, k, v, g, beta, segment_ids=kda_seg, context_parallel_axis=self.context_parallel_axis,
-                            **common)
+                            checkpoint_slices=self.checkpoint_slices, **common)
 
         gate_out = g_proj(x_in).reshape(B, T, HV, Vd)
         o = o_norm(o, gate_out)

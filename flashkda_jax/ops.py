@@ -206,7 +206,7 @@ def kda(q, k, v, g, beta, *, scale=None, initial_state=None, segment_ids=None, m
         their states, keeping for the backward only the state entering each slice (no per-token residuals),
         and run the backward slice by slice from the inputs: a training step's peak memory then holds one
         slice's intermediates instead of the whole sequence's, at the cost of recomputation (time and memory
-        figures: docs/api.md). For long sequences where memory, not time, is the limit; see
+        figures: the README's Memory section). For long sequences where memory, not time, is the limit; see
         :mod:`flashkda_jax.slicing`. Not with ``context_parallel_axis``.
 
     Returns:

@@ -256,6 +256,22 @@ def test_jit_grad_remat_and_bf16():
     assert pb["params"]["A_log"].dtype == jnp.float32
 
 
+def test_checkpoint_slices_same_gradients():
+    """The layer's checkpoint_slices (the op's sequence slices, recomputed in the backward) changes no gradient:
+    packed rows whose sequences cross the 64-token slice boundaries."""
+    x = _x(2, 2, 150)
+    seg = jnp.asarray(np.where(np.arange(150) < 70, 1, np.where(np.arange(150) < 140, 2, 0))[None].repeat(2, 0),
+                      jnp.int32)
+    layer = _layer()
+    params = layer.lazy_init(jax.random.PRNGKey(0), x, seg)
+
+    def grads(mod):
+        return jax.jit(jax.grad(lambda p: jnp.mean(mod.apply(p, x, seg) ** 2)))(params)
+
+    for a, b in zip(jax.tree.leaves(grads(layer)), jax.tree.leaves(grads(_layer(checkpoint_slices=3)))):
+        assert _rel(b, a) < 1e-5
+
+
 @pytest.mark.skipif(available_implementations() == ("xla",), reason="no kernel built: None means xla here")
 def test_default_implementation_matches_xla():
     """implementation=None (the kernels where built) gives the xla program's outputs and gradients."""

@@ -14,7 +14,9 @@ from kda_testing import chunk_crossing_segments, cuda_kernels_present, make_prob
 # The CUDA kernels where they run (their fp32 inputs go through bf16 operands), else the C++ CPU kernels; and the
 # pure-JAX program (full-precision matmuls).
 IMPLS = (["cuda"] if cuda_kernels_present() else ["cpu"]) + ["xla"]
-EXACT = {"cpu": 1e-5, "xla": 1e-5}  # sliced vs unsliced; cuda: no worse against the f32 program (below)
+# Sliced vs unsliced (the gate-parameter gradients add their per-slice sums in another order); cuda: no worse
+# against the f32 program (below).
+EXACT = {"cpu": 1e-5, "xla": 1e-4}
 
 
 K_TEST = 64 if IMPLS[0] == "cuda" else 16  # the CUDA kernels take K = V in {64, 128}
@@ -130,7 +132,7 @@ def test_temporaries_do_not_grow():
     """The compiled fwd+bwd's temporaries stay within the unsliced program's (f32 inputs; on CPU the kernels need
     no workspace, on the GPU the sliced one's shrinks): slices are copied in and out of full-size buffers in place."""
     impl = IMPLS[0]
-    inputs, init, kw = _case("dense", True, B=1, T=4096, H=2, K=32)
+    inputs, init, kw = _case("dense", True, B=1, T=4096, H=2)
 
     def temp_bytes(n):
         def loss(q, k, v, g, beta, h0):
