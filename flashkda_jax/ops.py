@@ -8,6 +8,8 @@ and the prep kernel's outputs (Qg, Kd, W, U, A_qk in bf16 and the chunk decays: 
 4K / 64, ~1.2 KB at K = 128), which the forward computes anyway; the backward then skips its states pass and
 its prep. Its workspace then holds neither, so the peak memory of a training step does not grow.
 ``FLASHKDA_SAVE_RESIDUALS=0`` (read at trace time) makes the backward recompute them instead.
+``kda(..., checkpoint_slices=n)`` saves nothing per token at all: the op runs as n sequence slices and the backward
+recomputes slice by slice (:mod:`flashkda_jax.slicing`), trading time for a peak of one slice's intermediates.
 """
 
 from __future__ import annotations
