@@ -65,9 +65,9 @@ def _plan(slot, start, L: int, S: int) -> _Plan:
     is_out = (sl == s_out[:, None]) & (s_out >= 0)[:, None]
     local = jnp.where(is_in, S, jnp.where(is_out, S + 1, jnp.where(sl >= S, sl + 2, sl))).astype(jnp.int32)
     B = slot.shape[0]
-    if S > 0:
+    if S > 0:  # per row (vmap: gathers / scatters with a batch dimension, which partition without communication)
         own = (local >= 0) & (local < S)
-        ends = jnp.zeros((B, S), bool).at[jnp.arange(B)[:, None], jnp.clip(local, 0, S - 1)].max(own)
+        ends = jax.vmap(lambda loc, o: jnp.zeros((S,), bool).at[loc].max(o))(jnp.clip(local, 0, S - 1), own)
     else:
         ends = jnp.zeros((B, 0), bool)
     in_ends = (s_in >= 0) & (s_in < S) & ~spans
@@ -82,8 +82,7 @@ def _assemble(init_full, X, p: _Plan):
     """(caller's initial states [B, S, HV, a, b], carried state [B, HV, a, b]) -> the slice's [B, S + 2, ...]."""
     S = init_full.shape[1]
     if S > 0:
-        B = init_full.shape[0]
-        own = init_full[jnp.arange(B), jnp.clip(p.s_out, 0, S - 1)]
+        own = jax.vmap(lambda x, i: x[i])(init_full, jnp.clip(p.s_out, 0, S - 1))
         init_out = jnp.where(_bcast((p.s_out >= 0) & (p.s_out < S), own), own, 0)
     else:
         init_out = jnp.zeros_like(X)

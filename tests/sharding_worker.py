@@ -114,7 +114,8 @@ def run_case(name, mesh, specs, dims, cp_axis=None, impl="xla", kw=None, K=16, V
     wf = random_state(4, (B, S, HV, K, V))
     args = (p["q"], p["k"], p["v"], p["g"], p["beta"], p["A"], p["dt"], h0, seg, p["wo"], wf)
     kw.setdefault("max_segments", S)
-    ref_fn = make_loss(kw, None, impl)
+    # the reference: unsharded and unsliced (checkpoint_slices must not change the result either)
+    ref_fn = make_loss({k: v for k, v in kw.items() if k != "checkpoint_slices"}, None, impl)
     (val_r, (o_r, fin_r)), gr = ref_fn(*args)
 
     put = lambda x, s: jax.device_put(x, NamedSharding(mesh, s))
@@ -250,6 +251,12 @@ def main():
                                                                             P("dp"), P("dp", None, "tp"),
                                                                             P("dp", None, "tp")],
                         (2, T, 4, 8), None),
+        # batch_heads with kda(checkpoint_slices=3): the slice loop partitions like the op (no communication)
+        "batch_heads_sliced": ((("dp", "tp"), (2, 4)), [P("dp", None, "tp")] * 5 + [P("tp"), P("tp"),
+                                                                                   P("dp", None, "tp"), P("dp"),
+                                                                                   P("dp", None, "tp"),
+                                                                                   P("dp", None, "tp")],
+                               (2, 3 * T, 4, 8), None),
         "context": ((("cp",), (8,)), [R] * 11, (2, T, 2, 4), "cp"),
         "context_bf16": ((("cp",), (8,)), [R] * 11, (2, T, 2, 4), "cp"),
         "context_tworuns": ((("cp",), (8,)), [R] * 11, (2, T, 2, 4), "cp"),  # runs 1-2 as two forwards
@@ -272,6 +279,7 @@ def main():
                 fs.MERGED_MAP_RUN = name != "context_tworuns"
                 try:
                     res = run_case(name, mesh, specs, dims, cp_axis=cp, impl=a.impl,
+                                   kw={"checkpoint_slices": 3} if name.endswith("_sliced") else None,
                                    dtype=jnp.bfloat16 if name.endswith("_bf16") else jnp.float32)
                 finally:
                     fs.MERGED_MAP_RUN = True
