@@ -97,7 +97,8 @@ def _disassemble(fin, F, p: _Plan):
     if S > 0:
         mask_in = (jnp.arange(S)[None, :] == p.s_in[:, None]) & p.in_ends[:, None]
         F_new = jnp.where(_bcast(mask_in, F_new), fin[:, S][:, None], F_new)
-    X_new = jnp.where(_bcast(p.spans, fin[:, S]), fin[:, S], jnp.where(_bcast(p.s_out >= 0, fin[:, S]), fin[:, S + 1], 0))
+    crossing_out = jnp.where(_bcast(p.s_out >= 0, fin[:, S]), fin[:, S + 1], 0)
+    X_new = jnp.where(_bcast(p.spans, fin[:, S]), fin[:, S], crossing_out)
     return F_new, X_new
 
 
