@@ -759,12 +759,17 @@ def _sharded_core_bwd(opts, impl, res, cts):
 _sharded_core.defvjp(_sharded_core_fwd, _sharded_core_bwd)
 
 
-def core(c: _inputs.CoreInputs, opts: _inputs.KdaOptions, impl: str):
-    """The core op on canonical inputs, partitionable under jit -> (o, final_state or None)."""
+def core_args(c: _inputs.CoreInputs) -> tuple:
+    """The per-device bodies' args tuple of canonical inputs (A_log / dt_bias broadcast to rows)."""
     B = c.q.shape[0]
     a_rows = jnp.broadcast_to(c.a_log.astype(jnp.float32), (B,) + c.a_log.shape)
     dt_rows = jnp.broadcast_to(c.dt_bias.astype(jnp.float32), (B,) + c.dt_bias.shape)
-    args = (c.q, c.k, c.v, c.g, c.beta, a_rows, dt_rows, c.slot, c.initial_state)
+    return (c.q, c.k, c.v, c.g, c.beta, a_rows, dt_rows, c.slot, c.initial_state)
+
+
+def core(c: _inputs.CoreInputs, opts: _inputs.KdaOptions, impl: str):
+    """The core op on canonical inputs, partitionable under jit -> (o, final_state or None)."""
+    args = core_args(c)
     if _inside_shard_map():
         # Every operand varies over the same manual axes, so each cotangent matches its primal; the
         # transpose of this cast sums the gradients of replicated inputs (A_log, dt_bias) over devices.

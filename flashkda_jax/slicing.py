@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from flashkda_jax import _inputs
+from flashkda_jax import sharding as _sharding  # the per-slice op: vmappable, partitionable over batch and heads
 
 _CHUNK = 64
 
@@ -107,11 +108,6 @@ def _slice_opts(opts: _inputs.KdaOptions) -> _inputs.KdaOptions:
                                save_residuals=False, cp_record=0)
 
 
-def _ops():
-    from flashkda_jax import sharding  # the per-slice op: vmappable and partitionable over batch and heads
-    return sharding
-
-
 def _init_full(args, opts):
     q, v, init = args[0], args[2], args[8]
     if init is not None:
@@ -134,11 +130,11 @@ def _bounds(T: int, n: int):
     return L, m, T - m * L
 
 
-def _fwd_slice(args, opts, impl, start, L, F, X):
+def _fwd_slice(args, init_full, opts, impl, start, L, F, X):
     S = opts.num_slots
     p = _plan(args[7], start, L, S)
-    init_p = _assemble(_init_full(args, opts), X, p)
-    o, fin = _ops()._vmappable("fwd", _slice_opts(opts), impl)(_slice_args(args, start, L, p, init_p))[:2]
+    init_p = _assemble(init_full, X, p)
+    o, fin = _sharding._vmappable("fwd", _slice_opts(opts), impl)(_slice_args(args, start, L, p, init_p))[:2]
     F, X = _disassemble(fin, F, p)
     return o, F, X
 
@@ -148,7 +144,8 @@ def _forward(args, opts, impl, n):
     q, v = args[0], args[2]
     T = q.shape[1]
     L, m, tail = _bounds(T, n)
-    F = _init_full(args, opts)
+    init_full = _init_full(args, opts)
+    F = init_full
     X = jnp.zeros((F.shape[0],) + F.shape[2:], F.dtype)
     xs = jnp.zeros((m + (tail > 0),) + X.shape, X.dtype)
     o = jnp.zeros(v.shape, v.dtype)
@@ -156,29 +153,28 @@ def _forward(args, opts, impl, n):
     def body(i, c):
         o, F, X, xs = c
         xs = xs.at[i].set(X)
-        o_i, F, X = _fwd_slice(args, opts, impl, i * L, L, F, X)
+        o_i, F, X = _fwd_slice(args, init_full, opts, impl, i * L, L, F, X)
         return lax.dynamic_update_slice_in_dim(o, o_i, i * L, axis=1), F, X, xs
 
     o, F, X, xs = lax.fori_loop(0, m, body, (o, F, X, xs))
     if tail:
         xs = xs.at[m].set(X)
-        o_t, F, X = _fwd_slice(args, opts, impl, m * L, tail, F, X)
+        o_t, F, X = _fwd_slice(args, init_full, opts, impl, m * L, tail, F, X)
         o = lax.dynamic_update_slice_in_dim(o, o_t, m * L, axis=1)
     return (o, F), xs
 
 
-def _bwd_slice(args, opts, impl, start, L, X, do, dF, dX, acc):
+def _bwd_slice(args, init_full, opts, impl, start, L, X, do, dF, dX, acc):
     """One slice's backward: its gradients go into the full-size accumulators acc; -> (dF, dX) before it."""
     S = opts.num_slots
     p = _plan(args[7], start, L, S)
-    init_full = _init_full(args, opts)
     init_p = _assemble(init_full, X, p)
     fin_t = jax.ShapeDtypeStruct(init_p.shape, init_p.dtype)
     dfin_p, dF_prev = jax.linear_transpose(lambda fin, F: _disassemble(fin, F, p), fin_t,
                                            jax.ShapeDtypeStruct(init_full.shape, init_full.dtype))((dF, dX))
     do_i = lax.dynamic_slice_in_dim(do, start, L, axis=1)
     sargs = _slice_args(args, start, L, p, init_p)
-    dq, dk, dv, dg, dbeta, da, ddt, dinit_p = _ops()._vmappable("bwd", _slice_opts(opts), impl)(
+    dq, dk, dv, dg, dbeta, da, ddt, dinit_p = _sharding._vmappable("bwd", _slice_opts(opts), impl)(
         sargs, do_i, dfin_p, None, None, None)
     dinit_full, dX_prev = jax.linear_transpose(lambda i0, x0: _assemble(i0, x0, p), init_full,
                                                jax.ShapeDtypeStruct(X.shape, X.dtype))(dinit_p)
@@ -203,11 +199,11 @@ def _backward(args, xs, do, dF, opts, impl, n):
     acc = (jnp.zeros_like(q), jnp.zeros_like(k), jnp.zeros_like(v), jnp.zeros_like(g), jnp.zeros_like(beta),
            jnp.zeros(a.shape, f32), jnp.zeros(dt.shape, f32), jnp.zeros_like(init_full))
     if tail:
-        dF, dX, acc = _bwd_slice(args, opts, impl, m * L, tail, xs[m], do, dF, dX, acc)
+        dF, dX, acc = _bwd_slice(args, init_full, opts, impl, m * L, tail, xs[m], do, dF, dX, acc)
 
     def body(j, c):
         i = m - 1 - j
-        return _bwd_slice(args, opts, impl, i * L, L, xs[i], do, *c)
+        return _bwd_slice(args, init_full, opts, impl, i * L, L, xs[i], do, *c)
 
     dF, dX, acc = lax.fori_loop(0, m, body, (dF, dX, acc))
     gq, gk, gv, gg, gb, ga, gdt, ginit = acc
@@ -237,9 +233,5 @@ _sliced.defvjp(_sliced_fwd, _sliced_bwd)
 
 def core(c: _inputs.CoreInputs, opts: _inputs.KdaOptions, impl: str, n: int):
     """The core op as ``n`` sequence slices with recomputation -> (o, final_state [B, S, ...] or None)."""
-    B = c.q.shape[0]
-    a_rows = jnp.broadcast_to(c.a_log.astype(jnp.float32), (B,) + c.a_log.shape)
-    dt_rows = jnp.broadcast_to(c.dt_bias.astype(jnp.float32), (B,) + c.dt_bias.shape)
-    args = (c.q, c.k, c.v, c.g, c.beta, a_rows, dt_rows, c.slot, c.initial_state)
-    o, fin = _sliced(args, opts, impl, n)
+    o, fin = _sliced(_sharding.core_args(c), opts, impl, n)
     return o, (fin if opts.return_final_state else None)
