@@ -393,10 +393,14 @@ __device__ __forceinline__ void AccXtY(float (&st)[TilesV2<K, BV>::MTW3][TilesV2
   }
 }
 
+// Chunk-operand stages of the v2 passes: 3 (loads issued two chunks ahead) where they fit in shared memory, i.e.
+// narrow column blocks (the b1 shapes, whose per-chunk latency is the pass's time); else 2.
+constexpr int OperandStages(int BV) { return BV <= 32 ? 3 : 2; }
+
 template <int K, int BV>
 struct StatesV2Smem {
   static constexpr int C = kChunk, KP = K + 8, VP = BV + 8;  // +8: conflict-free ldmatrix rows
-  static constexpr int NS = BV <= 32 ? 3 : 2;  // chunk-operand stages (as the reverse pass's)
+  static constexpr int NS = OperandStages(BV);
   static constexpr size_t Bytes() {
     return (NS * (2 * static_cast<size_t>(C) * KP + static_cast<size_t>(C) * VP) + static_cast<size_t>(K) * VP +
             static_cast<size_t>(C) * VP) *
@@ -523,34 +527,32 @@ __device__ __forceinline__ uint2 ToBf4(const uint2& x) {  // 4 halves
   return make_uint2(fwd::PackBF16(lo.x, lo.y), fwd::PackBF16(hi.x, hi.y));
 }
 
-template <int K, int BV>
+// The reverse pass's stages: OperandStages where dO comes by cp.async (bf16); the register dO path (fp16 / fp32)
+// loads one chunk ahead, so 2.
+template <int BV, typename TIn>
+constexpr int ReverseStages() {
+  return std::is_same<TIn, bf16>::value ? OperandStages(BV) : 2;
+}
+
+template <int K, int BV, int NS>
 struct ReverseV2Smem {
   static constexpr int C = kChunk, KP = K + 8, VP = BV + 8, AP = C + 8;
-  // Chunk-operand stages: 3 (loads issued two chunks ahead) where they fit, i.e. narrow column blocks (the b1
-  // shapes, whose per-chunk latency is the pass's time) with dO by cp.async (bf16); else 2.
-  static constexpr int NS = BV <= 32 ? 3 : 2;
-  static constexpr size_t Bytes(int ns) {
-    return (static_cast<size_t>(ns) * (3 * static_cast<size_t>(C) * KP + static_cast<size_t>(C) * AP +
-                                       static_cast<size_t>(C) * VP) +
+  static constexpr size_t Bytes() {
+    return (NS * (3 * static_cast<size_t>(C) * KP + static_cast<size_t>(C) * AP + static_cast<size_t>(C) * VP) +
             static_cast<size_t>(K) * VP + static_cast<size_t>(C) * VP) *
                2 +
-           static_cast<size_t>(ns) * K * 4;
+           NS * static_cast<size_t>(K) * 4;
   }
 };
-
-template <int K, int BV, typename TIn>
-constexpr int ReverseStages() {
-  return std::is_same<TIn, bf16>::value ? ReverseV2Smem<K, BV>::NS : 2;
-}
 
 // Chunks last to first: dR = A_qk^T dO + Kd dS,  dS <- diag(gamma) dS + Qg^T dO - W^T dR.
 template <int K, int BV, typename TIn>
 __global__ void __launch_bounds__(kThreads, 1) ReverseKernelV2(Params P) {
-  using SM = ReverseV2Smem<K, BV>;
+  constexpr int NS = ReverseStages<BV, TIn>();
+  using SM = ReverseV2Smem<K, BV, NS>;
   using TL = TilesV2<K, BV>;
   constexpr int C = kChunk, KP = SM::KP, VP = SM::VP, AP = SM::AP, NTW = TL::NTW;
   constexpr bool kBfDo = std::is_same<TIn, bf16>::value;
-  constexpr int NS = ReverseStages<K, BV, TIn>();  // the register dO path (fp16 / fp32) loads one chunk ahead
   constexpr int NU = C * (BV / 4) / kThreads;  // 4-element dO pieces per thread (register path)
   const fwd::Params& p = P.f;
   extern __shared__ __align__(16) float smem[];  // (one declaration per TU: float as in the default kernels)
@@ -729,7 +731,7 @@ cudaError_t LaunchStatesV2(const Params& p, cudaStream_t stream, int nsm) {
 template <int K, int BV, typename TIn>
 cudaError_t LaunchReverseV2(const Params& p, cudaStream_t stream, int nsm) {
   const long long items = static_cast<long long>(p.f.B) * p.f.T * p.f.HV * (p.f.V / BV);
-  return fwd::LaunchGrid(ReverseKernelV2<K, BV, TIn>, ReverseV2Smem<K, BV>::Bytes(ReverseStages<K, BV, TIn>()), items,
+  return fwd::LaunchGrid(ReverseKernelV2<K, BV, TIn>, ReverseV2Smem<K, BV, ReverseStages<BV, TIn>()>::Bytes(), items,
                          1, p, stream, nsm);
 }
 
