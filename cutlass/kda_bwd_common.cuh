@@ -43,6 +43,9 @@ namespace bwd {
 
 constexpr int kChunk = fwd::kChunk;
 constexpr int kThreads = 256;
+// Slots of fwd::Params::counters (16 ints, zeroed per call; 0 and 1 are the plan's chunk and sequence counts).
+constexpr int kReverseWorkSlot = 4;  // next reverse-pass item (dynamic scheduling)
+constexpr int kReversePickSlot = 5;  // the reverse pass's column block
 constexpr int kBV = 64;  // state columns per CTA of the states / reverse kernels
 constexpr int kReduceTile = 64;  // tokens per CTA of the gate-parameter reduction's first pass
 
@@ -81,6 +84,9 @@ struct Params {
   float* sA;
   float* sDa;      // [B, T, HV]     d a_log summed over each chunk, at the chunk's first token (other rows unset)
   int4* seq_list;  // [B * T] (b, start, end, slot)
+  // 1: the reverse kernels are launched for every column block, run only if f.counters[kReversePickSlot] (set by
+  // PickReverseBlock from the sequence lengths) names theirs, and take items from f.counters[kReverseWorkSlot]
+  int reverse_pick;
   float* gred;     // [B, HV, ceil(T / kReduceTile), K + 1] per-tile sums of d(gate input) (K) and d a_log (1)
 };
 

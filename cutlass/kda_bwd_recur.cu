@@ -572,7 +572,18 @@ __global__ void __launch_bounds__(kThreads, 1) ReverseKernelV2(Params P) {
   const TIn* gdo = static_cast<const TIn*>(P.d_o);
   float st[TL::MTW3][TL::NTW3][4];
   typename DoVec<TIn>::T dreg[kBfDo ? 1 : NU];
-  for (int it = blockIdx.x; it < nitems; it += gridDim.x) {
+  // Picked mode: only the launch of the picked column block runs, and its CTAs take items as they finish
+  // (sequences of different lengths); otherwise a fixed stride. Items are independent: same results either way.
+  if (P.reverse_pick && p.counters[kReversePickSlot] != BV) return;
+  __shared__ int s_next;
+  auto next_item = [&](int it) {
+    if (!P.reverse_pick) return it < 0 ? static_cast<int>(blockIdx.x) : it + static_cast<int>(gridDim.x);
+    __syncthreads();  // everyone has read s_next
+    if (tid == 0) s_next = atomicAdd(p.counters + kReverseWorkSlot, 1);
+    __syncthreads();
+    return s_next;
+  };
+  for (int it = next_item(-1); it < nitems; it = next_item(it)) {
     const int cb = it % NCB, hv = (it / NCB) % HV, si = it / NCB / HV;
     const int4 e = P.seq_list[si];
     const int b = e.x, ss = e.y, se = e.z, s = e.w;
@@ -709,13 +720,18 @@ __global__ void __launch_bounds__(kThreads, 1) ReverseKernelV2(Params P) {
   }
 }
 
-// Columns per CTA of the v2 kernels: the widest block whose items still cover the SMs (the per-chunk latency
-// shrinks with the block; W, Kd, ... are re-read per block). The host does not know the sequence count, so
-// one sequence per batch row is assumed (more sequences only make more items). FLASHKDA_BWD_RECUR_BV=16|32|64
-// forces a width (for tuning; read once).
-int ChooseBV(const fwd::Params& p, int nsm) {
+// FLASHKDA_BWD_RECUR_BV=16|32|64 forces the column block of the v2 kernels (for tuning; read once), 0 if unset.
+int ForcedBV(const fwd::Params& p) {
   static const int forced = EnvColumnBlock("FLASHKDA_BWD_RECUR_BV");
-  if (forced != 0 && p.V % forced == 0) return forced;
+  return forced != 0 && p.V % forced == 0 ? forced : 0;
+}
+
+// Columns per CTA of the states pass: the widest block whose items still cover the SMs (the per-chunk latency
+// shrinks with the block; W, Kd, ... are re-read per block). The host does not know the sequence count, so
+// one sequence per batch row is assumed (more sequences only make more items). The reverse pass picks on the
+// device instead (PickReverseBlock).
+int ChooseBV(const fwd::Params& p, int nsm) {
+  if (const int forced = ForcedBV(p)) return forced;
   const long long heads = static_cast<long long>(p.B) * p.HV;
   if (p.V % 64 == 0 && heads * (p.V / 64) >= nsm) return 64;
   if (p.V % 32 == 0 && heads * (p.V / 32) >= nsm) return 32;
@@ -744,13 +760,88 @@ cudaError_t LaunchStatesV2K(const Params& p, cudaStream_t stream, int nsm) {
   }
 }
 
+// The reverse pass's column block, picked on the device from the sequences' chunk counts (graph safe): the
+// least of step(BV) x max(longest sequence, chunks per CTA slot), the second term assuming the dynamic item
+// scheduling of the picked mode. step(BV): H100 per-chunk times of ReverseKernelV2<128, BV> at one CTA per SM
+// (benchmarks/NOTES.md, sessions 7-9: 2.15 / 2.45 / 3.9 us; relative values are what matters). One CTA.
+constexpr int kPickThreads = 256;
+__global__ void __launch_bounds__(kPickThreads) PickReverseBlock(Params P, int slots16, int slots32, int slots64) {
+  const fwd::Params& p = P.f;
+  __shared__ long long s_sum[kPickThreads / 32];
+  __shared__ int s_max[kPickThreads / 32];
+  const int tid = threadIdx.x, n = p.counters[1];
+  long long sum = 0;
+  int mx = 0;
+  for (int i = tid; i < n; i += kPickThreads) {
+    const int4 e = P.seq_list[i];
+    const int nch = (e.z - e.y + kChunk - 1) / kChunk;
+    sum += nch;
+    mx = max(mx, nch);
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    sum += __shfl_xor_sync(0xffffffffu, sum, o);
+    mx = max(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+  }
+  if ((tid & 31) == 0) {
+    s_sum[tid >> 5] = sum;
+    s_max[tid >> 5] = mx;
+  }
+  __syncthreads();
+  if (tid != 0) return;
+  for (int w = 1; w < kPickThreads / 32; ++w) {
+    sum += s_sum[w];
+    mx = max(mx, s_max[w]);
+  }
+  const int bvs[3] = {16, 32, 64}, slots[3] = {slots16, slots32, slots64};
+  const double step[3] = {2.15, 2.45, 3.9};
+  int best = 0;
+  double best_cost = -1.0;
+  for (int i = 0; i < 3; ++i) {
+    if (p.V % bvs[i] != 0 || slots[i] <= 0) continue;
+    const long long items = sum * p.HV * (p.V / bvs[i]);
+    const long long per_slot = (items + slots[i] - 1) / slots[i];
+    const double cost = step[i] * static_cast<double>(per_slot > mx ? per_slot : mx);
+    if (best_cost < 0.0 || cost < best_cost) {
+      best_cost = cost;
+      best = bvs[i];
+    }
+  }
+  p.counters[kReversePickSlot] = best;
+}
+
+// CTA slots of ReverseKernelV2<K, BV, TIn> (SMs x resident CTAs), or 0 where V is not a multiple of BV.
+template <int K, int BV, typename TIn>
+int ReverseSlots(const Params& p, int nsm) {
+  if (p.f.V % BV != 0) return 0;
+  int occ = 1;
+  cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, ReverseKernelV2<K, BV, TIn>, kThreads,
+                                                ReverseV2Smem<K, BV, ReverseStages<BV, TIn>()>::Bytes());
+  return nsm * (occ < 1 ? 1 : occ);
+}
+
+// Default: PickReverseBlock, then one launch per column block (the unpicked ones return at once). With
+// FLASHKDA_BWD_RECUR_BV: that block only, fixed-stride items.
 template <int K, typename TIn>
 cudaError_t LaunchReverseV2K(const Params& p, cudaStream_t stream, int nsm) {
-  switch (ChooseBV(p.f, nsm)) {
-    case 64: return LaunchReverseV2<K, 64, TIn>(p, stream, nsm);
-    case 32: return LaunchReverseV2<K, 32, TIn>(p, stream, nsm);
-    default: return LaunchReverseV2<K, 16, TIn>(p, stream, nsm);
+  Params q = p;
+  q.reverse_pick = 0;
+  switch (ForcedBV(p.f)) {
+    case 64: return LaunchReverseV2<K, 64, TIn>(q, stream, nsm);
+    case 32: return LaunchReverseV2<K, 32, TIn>(q, stream, nsm);
+    case 16: return LaunchReverseV2<K, 16, TIn>(q, stream, nsm);
+    default: break;
   }
+  const int s16 = ReverseSlots<K, 16, TIn>(p, nsm), s32 = ReverseSlots<K, 32, TIn>(p, nsm),
+            s64 = ReverseSlots<K, 64, TIn>(p, nsm);
+  PickReverseBlock<<<1, kPickThreads, 0, stream>>>(p, s16, s32, s64);
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  q.reverse_pick = 1;
+  if (s16 > 0 && (err = LaunchReverseV2<K, 16, TIn>(q, stream, nsm)) != cudaSuccess) return err;
+  if (s32 > 0 && (err = LaunchReverseV2<K, 32, TIn>(q, stream, nsm)) != cudaSuccess) return err;
+  if (s64 > 0 && (err = LaunchReverseV2<K, 64, TIn>(q, stream, nsm)) != cudaSuccess) return err;
+  return cudaSuccess;
 }
 
 }  // namespace

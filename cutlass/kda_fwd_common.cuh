@@ -37,6 +37,8 @@ constexpr int kSms = 132;           // SMs assumed by ChooseSeglen (H100/H200)
 // Recurrence CTAs resident at once: two per SM for K <= 128 (single-stage, <= 128 registers), else one.
 inline constexpr int Slots(int K) { return K <= 128 ? 2 * kSms : kSms; }
 constexpr int kThreads = 256;       // every compute kernel runs 8 warps
+constexpr int kPhase1WorkSlot = 4;  // Params::counters slots: next item of phase 1 / phase 3 (dynamic scheduling)
+constexpr int kPhase3WorkSlot = 5;
 
 // Column block of the recurrence kernel (per CTA) for a given K.
 inline constexpr int BlockV(int K) { return K >= 256 ? 32 : 64; }
@@ -82,7 +84,7 @@ struct Params {
   int4* chunk_list;    // [B * T]  (b, t, seq_end, slot)
   int4* seg_list;      // [B * T]  (b, t, seq_end, slot | first << 30)
   int4* multi_list;    // [B * T]  (b, t, seq_end, slot)
-  int* counters;       // [4]
+  int* counters;       // [16]: the plan's list lengths (0-2), the recurrence's item counters (kPhase*WorkSlot)
 };
 
 // Workspace layout; mirrored by flashkda_jax/_workspace.py (keep both in sync).
@@ -95,7 +97,8 @@ inline size_t Align256(size_t x) { return (x + 255) / 256 * 256; }
 
 // Chunks per segment. Splitting a sequence into n segments runs phase 1 (segment maps: V columns for the
 // first segment, V + K for the middle ones) and phase 3 (outputs) over chunks of n-times shorter
-// segments; pick n minimising (rounds of Slots(K) resident CTAs) x (chunks per segment + 2) over both phases.
+// segments; pick n minimising (rounds of Slots(K) resident CTAs) x (chunks per segment + 2), a phase-1 round
+// counted as half a phase-3 one (H100, b1-t32k-h16: 3.4 vs 8.5 us per chunk step; no outputs, fewer operands).
 inline int ChooseSeglen(int64_t B, int64_t T, int64_t HV, int64_t K, int64_t V) {
   const int64_t nw = (T + kChunk - 1) / kChunk;
   const int64_t chains = B * HV * (V / BlockV(static_cast<int>(K)));
@@ -110,8 +113,8 @@ inline int ChooseSeglen(int64_t B, int64_t T, int64_t HV, int64_t K, int64_t V) 
     const int64_t items3 = ns * chains;
     const int64_t items1 = ns > 1 ? chains + (ns - 2) * chains * 2 : 0;
     const int64_t slots = Slots(static_cast<int>(K));
-    const int64_t rounds = (items3 + slots - 1) / slots + (items1 + slots - 1) / slots;
-    const int64_t cost = rounds * (len + 2);
+    const int64_t half_rounds = 2 * ((items3 + slots - 1) / slots) + (items1 + slots - 1) / slots;
+    const int64_t cost = half_rounds * (len + 2);
     if (best_cost < 0 || cost < best_cost) {
       best_cost = cost;
       best_len = ns > 1 ? len : nw;

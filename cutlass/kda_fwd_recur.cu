@@ -1,7 +1,7 @@
 // flashkda_fwd, stages "phase 1" / "phase 3": the chunk recurrence over a segment, one CTA per
 // (segment, value head, block of BV state columns), state in registers (fp32, as mma accumulators) with a
-// bf16 copy in shared memory, chunk operands double-buffered through cp.async; tensor cores through CuTe's
-// SM80 mma atom. Also "phase 2", the in-order composition of segment maps.
+// bf16 copy in shared memory, chunk operands through cp.async (loads of the next chunk issued as each buffer
+// frees, see RecurSmem); tensor cores through CuTe's SM80 mma atom. Also "phase 2", the in-order composition of segment maps.
 #include "kda_fwd_common.cuh"
 #include "kda_fwd_launch.h"
 
@@ -13,21 +13,24 @@ using bf16 = __nv_bfloat16;
 
 __device__ __forceinline__ float Bf(bf16 x) { return __bfloat162float(x); }
 
-template <int K, int BV, int STAGES, bool kOut>
+// One buffer per chunk operand (two CTAs per SM for K <= 128 overlap each other's latency); within a CTA the
+// loads of chunk c + 1 are issued as soon as their buffers are free: W | U after step 1 of chunk c (only step 1
+// reads them), Qg, A_qk, Kd and gamma after its step 3, each waited for just before its first use (see the loop).
+template <int K, int BV, bool kOut>
 struct RecurSmem {
   static constexpr int C = kChunk, KP = K + 8, VP = BV + 8, AP = C + 8;
-  static constexpr size_t kW = static_cast<size_t>(STAGES) * C * KP;  // elements per operand
+  static constexpr size_t kW = static_cast<size_t>(C) * KP;  // elements per operand
   static constexpr size_t Bytes() {
-    return (kW * (kOut ? 3 : 2) + static_cast<size_t>(STAGES) * C * VP + (kOut ? static_cast<size_t>(STAGES) * C * AP : 0) +
+    return (kW * (kOut ? 3 : 2) + static_cast<size_t>(C) * VP + (kOut ? static_cast<size_t>(C) * AP : 0) +
             static_cast<size_t>(K) * VP + static_cast<size_t>(C) * VP) *
                2 +
-           static_cast<size_t>(STAGES) * K * 4;
+           static_cast<size_t>(K) * 4;
   }
 };
 
-template <int K, int BV, int STAGES, typename TOut, bool kOut>
-__global__ void __launch_bounds__(kThreads, STAGES == 1 && K <= 128 ? 2 : 1) RecurKernel(Params p) {
-  using SM = RecurSmem<K, BV, STAGES, kOut>;
+template <int K, int BV, typename TOut, bool kOut>
+__global__ void __launch_bounds__(kThreads, K <= 128 ? 2 : 1) RecurKernel(Params p) {
+  using SM = RecurSmem<K, BV, kOut>;
   constexpr int C = kChunk, KP = SM::KP, VP = SM::VP, AP = SM::AP;
   constexpr int NT = BV / 8, NTW = NT / 2;  // steps 1/2: 4 warps along rows x 2 along columns
   constexpr int MT3 = K / 16, WM3 = MT3 < 8 ? MT3 : 8, WN3 = 8 / WM3, MTW3 = MT3 / WM3, NTW3 = NT / WN3;
@@ -37,8 +40,8 @@ __global__ void __launch_bounds__(kThreads, STAGES == 1 && K <= 128 ? 2 : 1) Rec
   bf16* sKd = sW + SM::kW;
   bf16* sQ = sKd + SM::kW;
   bf16* sU = sQ + (kOut ? SM::kW : 0);
-  bf16* sA = sU + STAGES * C * VP;
-  bf16* sS = sA + (kOut ? STAGES * C * AP : 0);
+  bf16* sA = sU + C * VP;
+  bf16* sS = sA + (kOut ? C * AP : 0);
   bf16* sR = sS + K * VP;
   float* sGam = reinterpret_cast<float*>(sR + C * VP);
 
@@ -52,7 +55,17 @@ __global__ void __launch_bounds__(kThreads, STAGES == 1 && K <= 128 ? 2 : 1) Rec
 
   float st[MTW3][NTW3][4];
 
-  for (int it = blockIdx.x; it < nitems; it += gridDim.x) {
+  // Items are taken as CTAs finish (segments differ in length: a sequence's last one, varlen batches), from a
+  // counter per phase; items are independent, so the results do not depend on the order.
+  __shared__ int s_next;
+  int* const work = p.counters + (kOut ? kPhase3WorkSlot : kPhase1WorkSlot);
+  auto next_item = [&]() {
+    __syncthreads();  // everyone has read s_next
+    if (threadIdx.x == 0) s_next = atomicAdd(work, 1);
+    __syncthreads();
+    return s_next;
+  };
+  for (int it = next_item(); it < nitems; it = next_item()) {
     const int cb = it % NCB;
     const int rest = it / NCB;
     const int hv = rest % HV;
@@ -97,7 +110,28 @@ __global__ void __launch_bounds__(kThreads, STAGES == 1 && K <= 128 ? 2 : 1) Rec
           }
     }
 
-    auto load_chunk = [&](int c, int stg) {
+    // Chunk c's operands in two cp.async groups (every thread commits both, copies or not): load_wu (W, U: step 1)
+    // and load_rest (Kd, gamma and, with outputs, Qg, A_qk: steps 2 and 3). Rows >= L are zero-filled. (A shared
+    // row-copy helper for the five tiles cost 8-12 bytes of spills at the 128-register cap; hence the loops.)
+    auto load_wu = [&](int c) {
+      const int cs = t0 + c * C;
+      const int L = min(C, send - cs);
+      const size_t tb = (size_t)b * p.T + cs;
+      for (int idx = tid; idx < C * (K / 8); idx += kThreads) {
+        const int r = idx / (K / 8), v8 = idx - r * (K / 8);
+        const bool ok = r < L;
+        CpAsync16(sW + r * KP + v8 * 8, p.W + ((tb + (ok ? r : 0)) * HV + hv) * K + v8 * 8, ok);
+      }
+      if (!pcols) {
+        for (int idx = tid; idx < C * (BV / 8); idx += kThreads) {
+          const int r = idx / (BV / 8), v8 = idx - r * (BV / 8);
+          const bool ok = r < L;
+          CpAsync16(sU + r * VP + v8 * 8, p.U + ((tb + (ok ? r : 0)) * HV + hv) * V + col0 + v8 * 8, ok);
+        }
+      }
+      CpAsyncCommit();
+    };
+    auto load_rest = [&](int c) {
       const int cs = t0 + c * C;
       const int L = min(C, send - cs);
       const size_t tb = (size_t)b * p.T + cs;
@@ -105,30 +139,21 @@ __global__ void __launch_bounds__(kThreads, STAGES == 1 && K <= 128 ? 2 : 1) Rec
         const int r = idx / (K / 8), v8 = idx - r * (K / 8);
         const bool ok = r < L;
         const size_t go = ((tb + (ok ? r : 0)) * HV + hv) * K + v8 * 8;
-        const int so = (stg * C + r) * KP + v8 * 8;
-        CpAsync16(sW + so, p.W + go, ok);
-        CpAsync16(sKd + so, p.Kd + go, ok);
-        if (kOut) CpAsync16(sQ + so, p.Qg + go, ok);
-      }
-      if (!pcols) {
-        for (int idx = tid; idx < C * (BV / 8); idx += kThreads) {
-          const int r = idx / (BV / 8), v8 = idx - r * (BV / 8);
-          const bool ok = r < L;
-          CpAsync16(sU + (stg * C + r) * VP + v8 * 8, p.U + ((tb + (ok ? r : 0)) * HV + hv) * V + col0 + v8 * 8, ok);
-        }
+        CpAsync16(sKd + r * KP + v8 * 8, p.Kd + go, ok);
+        if (kOut) CpAsync16(sQ + r * KP + v8 * 8, p.Qg + go, ok);
       }
       if (kOut) {
         for (int idx = tid; idx < C * (C / 8); idx += kThreads) {
           const int r = idx / (C / 8), v8 = idx - r * (C / 8);
           const bool ok = r < L;
-          CpAsync16(sA + (stg * C + r) * AP + v8 * 8, p.Aqk + ((tb + (ok ? r : 0)) * HV + hv) * C + v8 * 8, ok);
+          CpAsync16(sA + r * AP + v8 * 8, p.Aqk + ((tb + (ok ? r : 0)) * HV + hv) * C + v8 * 8, ok);
         }
       }
       const bool lastc = cs + C >= send;
       const int gidx = !lastc ? (cs + C - 1) / C : (s < p.S_final ? p.NW + s : -1);
       if (gidx >= 0) {
         for (int idx = tid; idx < K / 4; idx += kThreads) {
-          CpAsync16(sGam + stg * K + idx * 4, p.gamma + (((size_t)b * p.NG + gidx) * HV + hv) * K + idx * 4, true);
+          CpAsync16(sGam + idx * 4, p.gamma + (((size_t)b * p.NG + gidx) * HV + hv) * K + idx * 4, true);
         }
       }
       CpAsyncCommit();
@@ -149,23 +174,14 @@ __global__ void __launch_bounds__(kThreads, STAGES == 1 && K <= 128 ? 2 : 1) Rec
     };
 
     __syncthreads();  // the previous item is done with shared memory
-    load_chunk(0, 0);
+    load_wu(0);
+    load_rest(0);
     store_state_bf16(sS, VP);
 
+    // In flight at the top of chunk c: its W | U group, then its rest group (issued after step 1 / step 3 of c - 1).
     for (int c = 0; c < nch; ++c) {
-      const int stg = STAGES == 2 ? (c & 1) : 0;
-      if constexpr (STAGES == 2) {
-        if (c + 1 < nch) {
-          load_chunk(c + 1, stg ^ 1);
-          CpAsyncWait<1>();
-        } else {
-          CpAsyncWait<0>();
-        }
-      } else {
-        if (c > 0) load_chunk(c, 0);
-        CpAsyncWait<0>();
-      }
-      __syncthreads();  // A: chunk operands and sS visible
+      CpAsyncWait<1>();  // W | U of chunk c
+      __syncthreads();   // A: W, U and sS visible
       const int cs = t0 + c * C;
       const int L = min(C, send - cs);
       const bool lastc = cs + C >= send;
@@ -178,7 +194,7 @@ __global__ void __launch_bounds__(kThreads, STAGES == 1 && K <= 128 ? 2 : 1) Rec
         for (int ni = 0; ni < NTW; ++ni)
 #pragma unroll
           for (int q = 0; q < 4; ++q) acc[ni][q] = 0.f;
-        const bf16* a_base = sW + (stg * C + mt * 16 + (lane & 15)) * KP + (lane >> 4) * 8;
+        const bf16* a_base = sW + (mt * 16 + (lane & 15)) * KP + (lane >> 4) * 8;
         const bf16* b_base = sS + ((lane & 7) + ((lane >> 3) & 1) * 8) * VP + nt0 * 8 + (lane >> 4) * 8;
 #pragma unroll
         for (int kk = 0; kk < K / 16; ++kk) {
@@ -200,14 +216,16 @@ __global__ void __launch_bounds__(kThreads, STAGES == 1 && K <= 128 ? 2 : 1) Rec
             const int col = (nt0 + ni) * 8 + 2 * t4;
             float u0 = 0.f, u1 = 0.f;
             if (!pcols) {
-              const __nv_bfloat162 u = *reinterpret_cast<const __nv_bfloat162*>(sU + (stg * C + row) * VP + col);
+              const __nv_bfloat162 u = *reinterpret_cast<const __nv_bfloat162*>(sU + (row) * VP + col);
               u0 = __low2float(u);
               u1 = __high2float(u);
             }
             *reinterpret_cast<uint32_t*>(sR + row * VP + col) = PackBF16(u0 - acc[ni][2 * hh], u1 - acc[ni][2 * hh + 1]);
           }
       }
-      __syncthreads();  // B: R visible
+      CpAsyncWait<0>();  // Kd, gamma (and Qg, A_qk) of chunk c
+      __syncthreads();   // B: R and the rest of chunk c visible; sW / sU are free
+      if (c + 1 < nch) load_wu(c + 1);
 
       // ---- step 2: O = Qg S + A_qk R ----
       if constexpr (kOut) {
@@ -216,7 +234,7 @@ __global__ void __launch_bounds__(kThreads, STAGES == 1 && K <= 128 ? 2 : 1) Rec
         for (int ni = 0; ni < NTW; ++ni)
 #pragma unroll
           for (int q = 0; q < 4; ++q) acc[ni][q] = 0.f;
-        const bf16* a_base = sQ + (stg * C + mt * 16 + (lane & 15)) * KP + (lane >> 4) * 8;
+        const bf16* a_base = sQ + (mt * 16 + (lane & 15)) * KP + (lane >> 4) * 8;
         const bf16* b_base = sS + ((lane & 7) + ((lane >> 3) & 1) * 8) * VP + nt0 * 8 + (lane >> 4) * 8;
 #pragma unroll
         for (int kk = 0; kk < K / 16; ++kk) {
@@ -230,7 +248,7 @@ __global__ void __launch_bounds__(kThreads, STAGES == 1 && K <= 128 ? 2 : 1) Rec
             Mma(acc[2 * np + 1], a, b2, b3);
           }
         }
-        const bf16* aa_base = sA + (stg * C + mt * 16 + (lane & 15)) * AP + (lane >> 4) * 8;
+        const bf16* aa_base = sA + (mt * 16 + (lane & 15)) * AP + (lane >> 4) * 8;
         const bf16* rb_base = sR + ((lane & 7) + ((lane >> 3) & 1) * 8) * VP + nt0 * 8 + (lane >> 4) * 8;
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk) {
@@ -266,14 +284,14 @@ __global__ void __launch_bounds__(kThreads, STAGES == 1 && K <= 128 ? 2 : 1) Rec
         for (int mi = 0; mi < MTW3; ++mi)
 #pragma unroll
           for (int hh = 0; hh < 2; ++hh) {
-            const float gm = sGam[stg * K + (wm3 + WM3 * mi) * 16 + gr + 8 * hh];
+            const float gm = sGam[(wm3 + WM3 * mi) * 16 + gr + 8 * hh];
 #pragma unroll
             for (int ni = 0; ni < NTW3; ++ni) {
               st[mi][ni][2 * hh] *= gm;
               st[mi][ni][2 * hh + 1] *= gm;
             }
           }
-        const bf16* ka_base = sKd + (stg * C + (lane & 7) + (lane >> 4) * 8) * KP + ((lane >> 3) & 1) * 8;
+        const bf16* ka_base = sKd + ((lane & 7) + (lane >> 4) * 8) * KP + ((lane >> 3) & 1) * 8;
         const bf16* rb_base = sR + ((lane & 7) + ((lane >> 3) & 1) * 8) * VP + wn3 * NTW3 * 8 + (lane >> 4) * 8;
 #pragma unroll
         for (int kk = 0; kk < C / 16; ++kk) {
@@ -298,7 +316,8 @@ __global__ void __launch_bounds__(kThreads, STAGES == 1 && K <= 128 ? 2 : 1) Rec
       if (kOut && p.chunk_states != nullptr && !lastc) {
         store_state_bf16(p.chunk_states + (((size_t)b * (p.NW + 1) + (cs + 2 * C - 1) / C) * HV + hv) * K * V + col0, V);
       }
-      __syncthreads();  // C: everyone is done with sS, sR and this stage
+      __syncthreads();  // C: everyone is done with sS, sR, sQ, sA, sKd and sGam
+      if (c + 1 < nch) load_rest(c + 1);
       if (update && c + 1 < nch) store_state_bf16(sS, VP);
     }
 
@@ -341,20 +360,19 @@ __global__ void __launch_bounds__(kThreads, STAGES == 1 && K <= 128 ? 2 : 1) Rec
   }
 }
 
-template <int K, int BV, int STAGES, typename TOut, bool kOut>
+template <int K, int BV, typename TOut, bool kOut>
 cudaError_t LaunchRecurK(const Params& p, cudaStream_t stream, int nsm) {
-  constexpr size_t smem = RecurSmem<K, BV, STAGES, kOut>::Bytes();
+  constexpr size_t smem = RecurSmem<K, BV, kOut>::Bytes();
   const int ncb = kOut ? p.V / BV : (p.V + K) / BV;
   const long long items = static_cast<long long>(p.B) * p.T * p.HV * ncb;  // bound on (segment, head, block) items
-  return LaunchGrid(RecurKernel<K, BV, STAGES, TOut, kOut>, smem, items, 1, p, stream, nsm);
+  return LaunchGrid(RecurKernel<K, BV, TOut, kOut>, smem, items, 1, p, stream, nsm);
 }
 
 template <int K, typename TOut>
 cudaError_t LaunchRecurK2(const Params& p, bool phase3, cudaStream_t stream, int nsm) {
   constexpr int BV = BlockV(K);
-  constexpr int STAGES = 1;  // single stage: two CTAs per SM (K <= 128) overlap instead
-  return phase3 ? LaunchRecurK<K, BV, STAGES, TOut, true>(p, stream, nsm)
-                : LaunchRecurK<K, BV, STAGES, float, false>(p, stream, nsm);  // no outputs: one instance
+  return phase3 ? LaunchRecurK<K, BV, TOut, true>(p, stream, nsm)
+                : LaunchRecurK<K, BV, float, false>(p, stream, nsm);  // no outputs: one instance
 }
 
 // ---- phase 2: S_{j+1} = P_j S_j + H_j over the segments of each split sequence, fp32 ----

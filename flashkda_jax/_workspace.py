@@ -44,8 +44,8 @@ def cuda_fwd_seglen(B: int, T: int, HV: int, K: int, V: int) -> int:
         items3 = ns * chains
         items1 = chains + (ns - 2) * chains * 2 if ns > 1 else 0
         slots = 2 * _SMS if K <= 128 else _SMS
-        rounds = -(-items3 // slots) + -(-items1 // slots)
-        cost = rounds * (ln + 2)
+        half_rounds = 2 * -(-items3 // slots) + -(-items1 // slots)  # a phase-1 round costs half
+        cost = half_rounds * (ln + 2)
         if best_cost < 0 or cost < best_cost:
             best_cost, best_len = cost, (ln if ns > 1 else nw)
     return best_len
