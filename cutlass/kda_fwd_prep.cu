@@ -479,19 +479,29 @@ __global__ void __launch_bounds__(kThreads, K <= 128 ? 2 : 1) PrepKernel(Params 
     // ---- A_kk (beta-scaled, strictly lower, stored transposed) and A_qk (lower incl. diagonal) ----
     // Ten 16x16 block tasks: 6 off-diagonal (I > J) with reference row r = last row of J (both decay
     // factors <= 1), 4 diagonal with r = row 7 of the block when the block's total decay stays below e^80
-    // (factors within bf16/fp32 range), else exact pairwise decays.
+    // (factors within bf16/fp32 range); else, when the decay over each 8-row half does, r = the last row of
+    // each 8-column half (row 7 / row 15: "split"); else exact pairwise decays (strong gates; before the split
+    // path, strong softplus gates sent many blocks to this slow path: tests/test_prep_decay_model.py).
     for (int task = warp; task < 10; task += kThreads / 32) {
       const bool diag = task >= 6;
       const int I = diag ? task - 6 : kPairI[task];
       const int J = diag ? I : kPairJ[task];
-      const int r = diag ? 16 * I + 7 : 16 * J + 15;
-      bool fast = true;
+      bool fast = true, split = false;
       if (diag) {
-        float m = 0.f;
-        for (int c = lane; c < K; c += 32) m = fmaxf(m, sG[(16 * I) * GP + c] - sG[(16 * I + 15) * GP + c]);
+        float m = 0.f, mh = 0.f;
+        for (int c = lane; c < K; c += 32) {
+          const float g0 = sG[(16 * I) * GP + c], g7 = sG[(16 * I + 7) * GP + c];
+          const float g8 = sG[(16 * I + 8) * GP + c], g15 = sG[(16 * I + 15) * GP + c];
+          m = fmaxf(m, g0 - g15);
+          mh = fmaxf(mh, fmaxf(g0 - g7, g8 - g15));
+        }
 #pragma unroll
-        for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
-        fast = m <= 80.f;
+        for (int o = 16; o > 0; o >>= 1) {
+          m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+          mh = fmaxf(mh, __shfl_xor_sync(0xffffffffu, mh, o));
+        }
+        split = m > 80.f;
+        fast = mh <= 80.f;
       }
       if (fast) {
         const int gr = lane >> 2, t4 = lane & 3;
@@ -503,17 +513,24 @@ __global__ void __launch_bounds__(kThreads, K <= 128 ? 2 : 1) PrepKernel(Params 
 #pragma unroll 2
         for (int kk = 0; kk < K / 16; ++kk) {
           uint32_t ak[4], aq[4];
+          // Row factors x_i exp(G_i - G_r); the exponent is capped at 80, which changes nothing but rows 0-7 of
+          // a split diagonal block against its second half (r = row 15; j > i there, masked below).
+          auto row_factors = [&](int r) {
 #pragma unroll
-          for (int m = 0; m < 4; ++m) {
-            const int i = 16 * I + gr + 8 * (m & 1);
-            const int c = kk * 16 + 2 * t4 + 8 * (m >> 1);
-            const float e0 = __expf(sG[i * GP + c] - sG[r * GP + c]);
-            const float e1 = __expf(sG[i * GP + c + 1] - sG[r * GP + c + 1]);
-            ak[m] = PackBF16(Bf(sK[i * KP + c]) * e0, Bf(sK[i * KP + c + 1]) * e1);
-            aq[m] = PackBF16(Bf(sQ[i * KP + c]) * e0, Bf(sQ[i * KP + c + 1]) * e1);
-          }
+            for (int m = 0; m < 4; ++m) {
+              const int i = 16 * I + gr + 8 * (m & 1);
+              const int c = kk * 16 + 2 * t4 + 8 * (m >> 1);
+              const float e0 = __expf(fminf(sG[i * GP + c] - sG[r * GP + c], 80.f));
+              const float e1 = __expf(fminf(sG[i * GP + c + 1] - sG[r * GP + c + 1], 80.f));
+              ak[m] = PackBF16(Bf(sK[i * KP + c]) * e0, Bf(sK[i * KP + c + 1]) * e1);
+              aq[m] = PackBF16(Bf(sQ[i * KP + c]) * e0, Bf(sQ[i * KP + c + 1]) * e1);
+            }
+          };
+          row_factors(diag ? 16 * I + 7 : 16 * J + 15);
 #pragma unroll
           for (int n = 0; n < 2; ++n) {
+            const int r = diag ? 16 * I + (split ? 8 * n : 0) + 7 : 16 * J + 15;
+            if (split && n == 1) row_factors(r);
             const int j = 16 * J + 8 * n + gr;
             uint32_t bb[2];
 #pragma unroll

@@ -101,7 +101,8 @@ def decay_product_grad(dM, x, y, E):
     return dx, dy, x * dx - y * dy
 
 
-# The factored decay products of grad2 v2 (FLASHKDA_BWD_GRAD2=v2; the forward prep's A_kk / A_qk scheme): the
+# The factored decay products of grad2 v2 (FLASHKDA_BWD_GRAD2=v2; the forward prep's A_kk / A_qk scheme until
+# session 9, when the prep's diagonal blocks took one reference per 8-column half: test_prep_decay_model.py): the
 # chunk splits into blocks of BS rows; block (I, J), J <= I, takes a reference row r and
 #   M_IJ = Xr_I Yr_J^T,  Xr_ic = x_ic exp(G_ic - G_rc),  Yr_jc = y_jc exp(G_rc - G_jc)
 # off-diagonal (J < I): r = last row of J, so both factors are <= 1; diagonal: r = row BS/2 - 1 of the block
