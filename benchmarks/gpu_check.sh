@@ -159,7 +159,8 @@ if has decode; then
   summary+=("bench_decode rc=$?")
 fi
 if has prof; then
-  env ${PROF_ENV:-} timeout 240 ncu --clock-control none --metrics gpu__time_duration.sum --print-summary per-kernel \
+  # XLA's GEMM autotuner fails under ncu (session 9: a segfault, "Failed to prepare kernel"): autotuning off.
+  env XLA_FLAGS=--xla_gpu_autotune_level=0 ${PROF_ENV:-} timeout 240 ncu --clock-control none --metrics gpu__time_duration.sum --print-summary per-kernel \
     python3 benchmarks/prof.py --grad --calls 1 ${PROF_CASES:-b8-t4k-h16} >"$LOG/prof.log" 2>&1
   summary+=("prof rc=$? [${PROF_ENV:-defaults}]")
 fi
