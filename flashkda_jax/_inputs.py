@@ -78,6 +78,11 @@ class CoreInputs:
     initial_state: Optional[Any]
 
 
+def is_positive_int(x) -> bool:
+    """A static count (max_segments, checkpoint_slices): a Python / NumPy int >= 1, not a bool."""
+    return not isinstance(x, (bool, np.bool_)) and isinstance(x, (int, np.integer)) and x >= 1
+
+
 def _err(msg: str) -> ValueError:
     return ValueError(f"flashkda_jax.kda: {msg}")
 
@@ -197,7 +202,7 @@ def prepare(q, k, v, g, beta, *, scale=None, initial_state=None, segment_ids=Non
         if wants_states and max_segments is None:
             raise _err("with segment_ids, initial_state / return_final_state need max_segments "
                        "(the static number of state slots per row)")
-        if max_segments is not None and (not isinstance(max_segments, (int, np.integer)) or max_segments < 1):
+        if max_segments is not None and not is_positive_int(max_segments):
             raise _err(f"max_segments must be a positive Python int, got {max_segments!r}")
         slot = _segments.slots_from_segment_ids(segment_ids)
         num_slots = int(max_segments) if wants_states else 0

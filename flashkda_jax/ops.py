@@ -18,7 +18,6 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from flashkda_jax import _capabilities as _caps
 from flashkda_jax import _dispatch
@@ -221,8 +220,7 @@ def kda(q, k, v, g, beta, *, scale=None, initial_state=None, segment_ids=None, m
         A_log=A_log, dt_bias=dt_bias, lower_bound=lower_bound, state_layout=state_layout)
     impl = _select(implementation, core, opts)
     if checkpoint_slices is not None:
-        if isinstance(checkpoint_slices, bool) or not isinstance(checkpoint_slices, (int, np.integer)) \
-                or checkpoint_slices < 1:
+        if not _inputs.is_positive_int(checkpoint_slices):
             raise ValueError(f"flashkda_jax.kda: checkpoint_slices must be a positive Python int, got "
                              f"{checkpoint_slices!r}")
         if context_parallel_axis is not None:

@@ -42,6 +42,7 @@ CASES = [
     (dict(segment_ids=jnp.zeros((2, 8), jnp.float32)), "segment_ids must be int32"),
     (dict(segment_ids=jnp.ones((2, 8), jnp.int32), return_final_state=True), "need max_segments"),
     (dict(segment_ids=jnp.ones((2, 8), jnp.int32), max_segments=0, return_final_state=True), "positive"),
+    (dict(segment_ids=jnp.ones((2, 8), jnp.int32), max_segments=True, return_final_state=True), "positive"),
     (dict(max_segments=2), "needs segment_ids"),
     (dict(cu_seqlens=jnp.array([0, 8], jnp.int32)), "B == 1"),
     (dict(cu_seqlens=jnp.array([0, 8], jnp.int32), segment_ids=jnp.ones((2, 8), jnp.int32)), "not both"),
