@@ -578,10 +578,7 @@ __global__ void __launch_bounds__(kThreads, 1) ReverseKernelV2(Params P) {
   __shared__ int s_next;
   auto next_item = [&](int it) {
     if (!P.reverse_pick) return it < 0 ? static_cast<int>(blockIdx.x) : it + static_cast<int>(gridDim.x);
-    __syncthreads();  // everyone has read s_next
-    if (tid == 0) s_next = atomicAdd(p.counters + kReverseWorkSlot, 1);
-    __syncthreads();
-    return s_next;
+    return fwd::TakeItem(p.counters + kReverseWorkSlot, &s_next);
   };
   for (int it = next_item(-1); it < nitems; it = next_item(it)) {
     const int cb = it % NCB, hv = (it / NCB) % HV, si = it / NCB / HV;
@@ -744,11 +741,16 @@ cudaError_t LaunchStatesV2(const Params& p, cudaStream_t stream, int nsm) {
   return fwd::LaunchGrid(StatesKernelV2<K, BV>, StatesV2Smem<K, BV>::Bytes(), items, 1, p, stream, nsm);
 }
 
+// Dynamic shared memory of ReverseKernelV2<K, BV, TIn>.
+template <int K, int BV, typename TIn>
+constexpr size_t ReverseV2Bytes() {
+  return ReverseV2Smem<K, BV, ReverseStages<BV, TIn>()>::Bytes();
+}
+
 template <int K, int BV, typename TIn>
 cudaError_t LaunchReverseV2(const Params& p, cudaStream_t stream, int nsm) {
   const long long items = static_cast<long long>(p.f.B) * p.f.T * p.f.HV * (p.f.V / BV);
-  return fwd::LaunchGrid(ReverseKernelV2<K, BV, TIn>, ReverseV2Smem<K, BV, ReverseStages<BV, TIn>()>::Bytes(), items,
-                         1, p, stream, nsm);
+  return fwd::LaunchGrid(ReverseKernelV2<K, BV, TIn>, ReverseV2Bytes<K, BV, TIn>(), items, 1, p, stream, nsm);
 }
 
 template <int K>
@@ -816,7 +818,7 @@ int ReverseSlots(const Params& p, int nsm) {
   if (p.f.V % BV != 0) return 0;
   int occ = 1;
   cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, ReverseKernelV2<K, BV, TIn>, kThreads,
-                                                ReverseV2Smem<K, BV, ReverseStages<BV, TIn>()>::Bytes());
+                                                ReverseV2Bytes<K, BV, TIn>());
   return nsm * (occ < 1 ? 1 : occ);
 }
 

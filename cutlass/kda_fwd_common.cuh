@@ -232,6 +232,16 @@ __device__ __forceinline__ void CpAsyncWait() {
   cute::cp_async_wait<N>();
 }
 
+// Dynamic scheduling of a persistent kernel's items: the next item for the whole CTA, taken from *counter (zeroed
+// per call) by thread 0 and broadcast through s_next. Every thread must call it; its first barrier also ends the
+// previous reads of s_next.
+__device__ __forceinline__ int TakeItem(int* counter, int* s_next) {
+  __syncthreads();
+  if (threadIdx.x == 0) *s_next = atomicAdd(counter, 1);
+  __syncthreads();
+  return *s_next;
+}
+
 __device__ __forceinline__ float Sigmoid(float x) { return 1.f / (1.f + __expf(-x)); }
 __device__ __forceinline__ float Softplus(float x) { return fmaxf(x, 0.f) + log1pf(__expf(-fabsf(x))); }
 

@@ -1,7 +1,8 @@
 // flashkda_fwd, stages "phase 1" / "phase 3": the chunk recurrence over a segment, one CTA per
 // (segment, value head, block of BV state columns), state in registers (fp32, as mma accumulators) with a
 // bf16 copy in shared memory, chunk operands through cp.async (loads of the next chunk issued as each buffer
-// frees, see RecurSmem); tensor cores through CuTe's SM80 mma atom. Also "phase 2", the in-order composition of segment maps.
+// frees, see RecurSmem); tensor cores through CuTe's SM80 mma atom. Also "phase 2", the in-order composition
+// of segment maps.
 #include "kda_fwd_common.cuh"
 #include "kda_fwd_launch.h"
 
@@ -10,8 +11,6 @@ namespace fwd {
 namespace {
 
 using bf16 = __nv_bfloat16;
-
-__device__ __forceinline__ float Bf(bf16 x) { return __bfloat162float(x); }
 
 // One buffer per chunk operand (two CTAs per SM for K <= 128 overlap each other's latency); within a CTA the
 // loads of chunk c + 1 are issued as soon as their buffers are free: W | U after step 1 of chunk c (only step 1
@@ -59,13 +58,7 @@ __global__ void __launch_bounds__(kThreads, K <= 128 ? 2 : 1) RecurKernel(Params
   // counter per phase; items are independent, so the results do not depend on the order.
   __shared__ int s_next;
   int* const work = p.counters + (kOut ? kPhase3WorkSlot : kPhase1WorkSlot);
-  auto next_item = [&]() {
-    __syncthreads();  // everyone has read s_next
-    if (threadIdx.x == 0) s_next = atomicAdd(work, 1);
-    __syncthreads();
-    return s_next;
-  };
-  for (int it = next_item(); it < nitems; it = next_item()) {
+  for (int it = TakeItem(work, &s_next); it < nitems; it = TakeItem(work, &s_next)) {
     const int cb = it % NCB;
     const int rest = it / NCB;
     const int hv = rest % HV;
@@ -216,7 +209,7 @@ __global__ void __launch_bounds__(kThreads, K <= 128 ? 2 : 1) RecurKernel(Params
             const int col = (nt0 + ni) * 8 + 2 * t4;
             float u0 = 0.f, u1 = 0.f;
             if (!pcols) {
-              const __nv_bfloat162 u = *reinterpret_cast<const __nv_bfloat162*>(sU + (row) * VP + col);
+              const __nv_bfloat162 u = *reinterpret_cast<const __nv_bfloat162*>(sU + row * VP + col);
               u0 = __low2float(u);
               u1 = __high2float(u);
             }
