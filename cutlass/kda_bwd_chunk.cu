@@ -22,7 +22,8 @@ using fwd::Softplus;
 // ------------------------------------------------------------------------------------------------------
 // sX also holds, with the tensor-core solve, two bf16 [C][WP] tiles from the item's start to stage 5: W | U and
 // dW | dU (staged by cp.async while stages 1-3 run); WP = K + V + 8 keeps 16-byte rows and spreads the rows of
-// the solve's fragment loads over the banks.
+// the solve's fragment loads over the banks. sKdp's region holds, from the item's start to stage 4, the prep's
+// T rows (bf16 [C][C], staged by cp.async) when grad2 takes T from the prep.
 template <int K>
 struct Grad2Smem {
   static constexpr int C = kChunk, V = K;
@@ -32,11 +33,13 @@ struct Grad2Smem {
     return f32 > staged ? f32 : staged;
   }
   static constexpr int kMaxWarps = 16;  // sKdp rows: one per warp of the widest variant
+  static constexpr size_t KdpBytes() {
+    const size_t kdp = static_cast<size_t>(kMaxWarps) * K * 4, t = static_cast<size_t>(C) * C * 2;
+    return kdp > t ? kdp : t;
+  }
   static constexpr size_t Bytes() {
-    return (2 * static_cast<size_t>(C) * GP + static_cast<size_t>(C) * BP + static_cast<size_t>(C) * XP + 2 * C +
-            static_cast<size_t>(kMaxWarps) * K) *
-               4 +
-           XBytes();
+    return (2 * static_cast<size_t>(C) * GP + static_cast<size_t>(C) * BP + static_cast<size_t>(C) * XP + 2 * C) * 4 +
+           KdpBytes() + XBytes();
   }
 };
 
@@ -353,6 +356,22 @@ __device__ __forceinline__ void Grad2InvertOffDiag(float* sB, const float* sBeta
   }
 }
 
+// T from the prep instead (kTPrep): the staged bf16 rows sTs[i * C + j] = T_ij (zero for j >= i) into
+// sB's strict upper triangle as the inversion leaves it, sB[j * BP + i] = T_ij (i > j). The forward's T is the
+// one its W | U came from; from the same A_kk the inversion above forms the same fp32 values, which the solve
+// rounds to bf16 anyway.
+template <int BP, int NT>
+__device__ __forceinline__ void Grad2TFromStaged(float* sB, const bf16* sTs, int tid) {
+  constexpr int C = kChunk;
+  for (int idx = tid; idx < C * C / 2; idx += NT) {
+    const int i = idx / (C / 2), j = 2 * (idx - i * (C / 2));
+    if (j >= i) continue;
+    const __nv_bfloat162 t = *reinterpret_cast<const __nv_bfloat162*>(sTs + i * C + j);
+    sB[j * BP + i] = __low2float(t);
+    if (j + 1 < i) sB[(j + 1) * BP + i] = __high2float(t);
+  }
+}
+
 // Element (i, j) of T (kTrans: of T^T) from sB (see above): unit diagonal, zero above (below) it.
 template <int BP, bool kTrans>
 __device__ __forceinline__ float Grad2TAt(const float* sB, int i, int j) {
@@ -512,8 +531,11 @@ constexpr int Grad2Threads(bool factored, bool mma_solve) { return factored && m
 
 // kFactored selects the v2 stages (3: BkkV2; 7a / 7b: DecayGradV2); kMmaSolve the tensor-core WY solve of stage 4
 // (Grad2InvertDiag / Grad2InvertOffDiag / Grad2SolveMma); both true is the default, both false the first version.
-template <int K, typename TIn, bool kFactored, bool kMmaSolve>
+// kTPrep (with kMmaSolve): T from the prep's rows (Grad2TFromStaged) instead of the inversion, whose code the
+// default kernel then does not carry.
+template <int K, typename TIn, bool kFactored, bool kMmaSolve, bool kTPrep = false>
 __global__ void __launch_bounds__(Grad2Threads(kFactored, kMmaSolve), 1) Grad2Kernel(Params P) {
+  static_assert(kMmaSolve || !kTPrep, "T from the prep feeds the tensor-core solve");
   constexpr int kNT = Grad2Threads(kFactored, kMmaSolve), kNW = kNT / 32;
   using SM = Grad2Smem<K>;
   constexpr int C = kChunk, V = K, GP = SM::GP, BP = SM::BP, XP = SM::XP, WP = SM::WP;
@@ -532,6 +554,7 @@ __global__ void __launch_bounds__(Grad2Threads(kFactored, kMmaSolve), 1) Grad2Ke
   float* sBeta = sY + C * XP;  // [C]
   float* sDb = sBeta + C;      // [C] d beta (effective)
   float* sKdp = sDb + C;       // [kNW][K] per warp: sum over its rows of Kd dKd (stage 6 -> stage 9)
+  bf16* sTs = reinterpret_cast<bf16*>(sKdp);  // kTPrep, item start to stage 4: [C][C] the prep's T rows (bf16)
   static_assert(kNW <= SM::kMaxWarps, "sKdp rows");
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int HV = p.HV, H = p.H;
@@ -575,6 +598,13 @@ __global__ void __launch_bounds__(Grad2Threads(kFactored, kMmaSolve), 1) Grad2Ke
         const size_t row = (tb + (r < L ? r : 0)) * HV + hv;
         const bf16* src = dwu ? P.sWU + row * 2 * K + c8 : (c8 < K ? p.W + row * K + c8 : p.U + row * V + (c8 - K));
         fwd::CpAsync16((dwu ? sDWUs : sWUs) + r * WP + c8, src, r < L);
+      }
+      if constexpr (kTPrep) {  // T rows (bf16, after the A_qk row: fwd::kAqkPitch); rows >= L zero, as T's there
+        for (int idx = tid; idx < C * (C / 8); idx += kNT) {
+          const int r = idx / (C / 8), c8 = (idx - r * (C / 8)) * 8;
+          const size_t row = (tb + (r < L ? r : 0)) * HV + hv;
+          fwd::CpAsync16(sTs + r * C + c8, p.Aqk + row * fwd::kAqkPitch + C + c8, r < L);
+        }
       }
       fwd::CpAsyncCommit();
     }
@@ -644,10 +674,15 @@ __global__ void __launch_bounds__(Grad2Threads(kFactored, kMmaSolve), 1) Grad2Ke
     // ---- 4. W | U by forward substitution; dKb | dVb by back substitution (one column per thread); kMmaSolve:
     // T = (I + diag(beta) B_kk)^{-1} into sB's upper triangle, W | U = T R and dKb | dVb = T^T [dW | dU] ----
     if constexpr (kMmaSolve) {
-      Grad2InvertDiag<BP>(sB, sBeta, tid);
-      fwd::CpAsyncWait<0>();  // the staged W | U, dW | dU
+      if constexpr (!kTPrep) Grad2InvertDiag<BP>(sB, sBeta, tid);
+      fwd::CpAsyncWait<0>();  // the staged W | U, dW | dU (and T)
       __syncthreads();
-      Grad2InvertOffDiag<BP, kNW>(sB, sBeta, tid);  // ends with a barrier
+      if constexpr (kTPrep) {
+        Grad2TFromStaged<BP, kNT>(sB, sTs, tid);
+        __syncthreads();
+      } else {
+        Grad2InvertOffDiag<BP, kNW>(sB, sBeta, tid);  // ends with a barrier
+      }
       if (!wu_prep) {
         // W | U solved again (FLASHKDA_BWD_GRAD2_WU=solve): R = diag(beta) [e^G k | v] (rows >= L: 0), formed as the
         // substitution forms it; the fp32 results are rounded to bf16 like the prep's W | U (which wu_prep staged).
@@ -1008,13 +1043,26 @@ bool Grad2MmaSolveSelected() {
   return on;
 }
 
+// With the tensor-core solve, stage 4 takes T from the prep's A_qk rows (fwd::kAqkPitch) where the prep solved on
+// tensor cores (bf16 / fp16 inputs by default); FLASHKDA_BWD_GRAD2_T=invert inverts I + A_kk again (the session-9
+// default). Read once per process, at the first launch.
+bool Grad2TFromPrep() {
+  static const bool on = !EnvEquals("FLASHKDA_BWD_GRAD2_T", "invert");
+  return on;
+}
+
 template <int K, typename TIn>
 cudaError_t LaunchGrad2K(const Params& p, cudaStream_t stream, int nsm, long long items) {
   const bool v2 = Grad2V2Selected(), mma = Grad2MmaSolveSelected();
   Params q = p;
   q.grad2_wu_prep = mma && Grad2WuFromPrep() ? 1 : 0;
+  const bool t_prep = mma && Grad2TFromPrep() && fwd::PrepSolvesOnTensorCores<TIn>();
   constexpr size_t smem = Grad2Smem<K>::Bytes();
-  if (v2 && mma) return fwd::LaunchGrid<Grad2Threads(true, true)>(Grad2Kernel<K, TIn, true, true>, smem, items, 4, q, stream, nsm);
+  if (v2 && mma) {
+    constexpr int kNT = Grad2Threads(true, true);
+    return t_prep ? fwd::LaunchGrid<kNT>(Grad2Kernel<K, TIn, true, true, true>, smem, items, 4, q, stream, nsm)
+                  : fwd::LaunchGrid<kNT>(Grad2Kernel<K, TIn, true, true, false>, smem, items, 4, q, stream, nsm);
+  }
   auto kernel = v2 ? Grad2Kernel<K, TIn, true, false>
                    : (mma ? Grad2Kernel<K, TIn, false, true> : Grad2Kernel<K, TIn, false, false>);
   return fwd::LaunchGrid(kernel, smem, items, 4, q, stream, nsm);

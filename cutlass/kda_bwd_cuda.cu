@@ -306,7 +306,7 @@ static ffi::Error KdaCudaBwdImpl(cudaStream_t stream, FLASHKDA_BWD_PARAMS) {
   if (!prep_ok) {
     return ffi::Error::InvalidArgument(
         "flashkda_bwd (CUDA): saved_qg / kd / w / u / aqk / gamma must be all empty or the forward's (bf16 [B, T, HV, "
-        "K] (x4), bf16 [B, T, HV, 64], f32 [B, ceil(T / 64) + S, HV, K] with S >= the dfinal_state slots)");
+        "K] (x4), bf16 [B, T, HV, 128], f32 [B, ceil(T / 64) + S, HV, K] with S >= the dfinal_state slots)");
   }
   const Layout lay = MakeLayout(s.B, s.T, s.HV, s.K, s.V, s_lay, states_bf16, states_given, prep_given);
   if (workspace->size_bytes() < lay.total) {

@@ -101,7 +101,7 @@ __global__ void __launch_bounds__(kThreads) Grad1Kernel(Params P) {
     }
     for (int idx = tid; idx < C * C; idx += kThreads) {
       const int r = idx / C, c = idx % C;
-      sA[r * AP + c] = r < L ? p.Aqk[((tb + r) * HV + hv) * C + c] : __float2bfloat16(0.f);
+      sA[r * AP + c] = r < L ? p.Aqk[((tb + r) * HV + hv) * fwd::kAqkPitch + c] : __float2bfloat16(0.f);
     }
     __syncthreads();
     // ---- R = U - W S;  dR = A_qk^T dO + Kd dS_next ----
@@ -351,7 +351,7 @@ __global__ void __launch_bounds__(kThreads, 2) Grad1MmaKernel(Params P) {
     for (int idx = tid; idx < C * (C / 8); idx += kThreads) {
       const int r = idx / (C / 8), c8 = idx - r * (C / 8);
       const bool ok = r < L;
-      fwd::CpAsync16(sA + r * AP + 8 * c8, p.Aqk + ((tb + (ok ? r : 0)) * HV + hv) * C + 8 * c8, ok);
+      fwd::CpAsync16(sA + r * AP + 8 * c8, p.Aqk + ((tb + (ok ? r : 0)) * HV + hv) * fwd::kAqkPitch + 8 * c8, ok);
     }
     if constexpr (std::is_same<TIn, bf16>::value) {
       for (int idx = tid; idx < C * (V / 8); idx += kThreads) {

@@ -173,7 +173,7 @@ __global__ void __launch_bounds__(kThreads) ReverseKernel(Params P) {
       }
       for (int idx = tid; idx < C * C; idx += kThreads) {
         const int r = idx / C, c = idx % C;
-        sA[r * AP + c] = r < L ? Bf(p.Aqk[((tb + r) * HV + hv) * C + c]) : 0.f;
+        sA[r * AP + c] = r < L ? Bf(p.Aqk[((tb + r) * HV + hv) * fwd::kAqkPitch + c]) : 0.f;
       }
       for (int idx = tid; idx < C * BV; idx += kThreads) {
         const int r = idx / BV, c = idx % BV;
@@ -609,7 +609,7 @@ __global__ void __launch_bounds__(kThreads, 1) ReverseKernelV2(Params P) {
       for (int idx = tid; idx < C * (C / 8); idx += kThreads) {
         const int r = idx / (C / 8), v8 = idx - r * (C / 8);
         const bool ok = r < L;
-        fwd::CpAsync16(sA + (stg * C + r) * AP + v8 * 8, p.Aqk + ((tb + (ok ? r : 0)) * HV + hv) * C + v8 * 8, ok);
+        fwd::CpAsync16(sA + (stg * C + r) * AP + v8 * 8, p.Aqk + ((tb + (ok ? r : 0)) * HV + hv) * fwd::kAqkPitch + v8 * 8, ok);
       }
       if constexpr (kBfDo) {
         for (int idx = tid; idx < C * (BV / 8); idx += kThreads) {

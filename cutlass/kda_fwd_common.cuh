@@ -32,6 +32,10 @@ namespace flashkda {
 namespace fwd {
 
 constexpr int kChunk = 64;          // tokens per chunk
+// Row pitch of the prep's A_qk output (elements): the chunk's A_qk row (C, lower triangle incl. the diagonal),
+// then, where the prep solved on tensor cores, the same row of T = (I + A_kk)^{-1} (C, bf16, strictly lower part;
+// zeros with the SIMT solve), which the backward's grad2 reads instead of inverting I + A_kk again.
+constexpr int kAqkPitch = 2 * kChunk;
 constexpr int kSegMinChunks = 8;    // shortest segment a sequence is split into (chunks)
 constexpr int kSms = 132;           // SMs assumed by ChooseSeglen (H100/H200)
 // Recurrence CTAs resident at once: two per SM for K <= 128 (single-stage, <= 128 registers), else one.
@@ -75,7 +79,7 @@ struct Params {
   __nv_bfloat16* Kd;   // [B, T, HV, K]
   __nv_bfloat16* W;    // [B, T, HV, K]
   __nv_bfloat16* U;    // [B, T, HV, V]
-  __nv_bfloat16* Aqk;  // [B, T, HV, C]
+  __nv_bfloat16* Aqk;  // [B, T, HV, kAqkPitch]: A_qk row | T row (see kAqkPitch)
   float* gamma;        // [B, NG, HV, K]
   float* HP;           // [B, NSPLIT, HV, K, V + K]
   float* Sstart;       // [B, NSPLIT, HV, K, V]
@@ -148,7 +152,7 @@ inline Layout MakeLayout(int64_t B, int64_t T, int64_t HV, int64_t K, int64_t V,
   l.kd = take(px * tok * K * 2);
   l.w = take(px * tok * K * 2);
   l.u = take(px * tok * V * 2);
-  l.aqk = take(px * tok * kChunk * 2);
+  l.aqk = take(px * tok * kAqkPitch * 2);
   l.gamma = take(px * static_cast<size_t>(B) * l.NG * HV * K * 4);
   l.hp = take(static_cast<size_t>(B) * l.NSPLIT * HV * K * (V + K) * 4);
   l.sstart = take(static_cast<size_t>(B) * l.NSPLIT * HV * K * V * 4);

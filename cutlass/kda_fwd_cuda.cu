@@ -88,7 +88,7 @@ static ffi::Error KdaCudaFwdImpl(cudaStream_t stream, FLASHKDA_FWD_PARAMS) {
   if (!prep_ok) {
     return ffi::Error::InvalidArgument(
         "flashkda_fwd (CUDA): saved_qg / kd / w / u / aqk / gamma must be all empty or bf16 [B, T, HV, K] (x4), bf16 "
-        "[B, T, HV, 64] and f32 [B, ceil(T / 64) + S, HV, K] with K == V and S >= the state slots");
+        "[B, T, HV, 128] and f32 [B, ceil(T / 64) + S, HV, K] with K == V and S >= the state slots");
   }
   Layout lay = MakeLayout(s.B, s.T, s.HV, s.K, s.V, S, false, save_prep);
   if (workspace->size_bytes() < lay.total) lay = MakeLayout(s.B, s.T, s.HV, s.K, s.V, S, /*no_split=*/true, save_prep);

@@ -19,6 +19,9 @@ cudaError_t LaunchPlanSeqs(const Params& p, int4* seq_list, cudaStream_t stream)
 // Intra-chunk preparation; TIn is the input dtype.
 template <typename TIn>
 cudaError_t LaunchPrep(const Params& p, cudaStream_t stream, int nsm);
+// Whether LaunchPrep<TIn> solves on tensor cores, i.e. writes T next to A_qk (kAqkPitch). Host only.
+template <typename TIn>
+bool PrepSolvesOnTensorCores();
 
 // Chunk recurrence: phase3 = true writes outputs and final states; false computes segment maps (phase 1).
 template <typename TOut>

@@ -10,7 +10,7 @@ namespace fwd {
 
 // The prep outputs saved for the backward (the FFI ops' saved_qg, saved_kd, saved_w, saved_u, saved_aqk,
 // saved_gamma, in that order; docs/ffi.md). K == V only: the first four bf16 [B, T, HV, K], saved_aqk bf16
-// [B, T, HV, 64], saved_gamma f32 [B, NW + S', HV, K] with S' >= min_slots.
+// [B, T, HV, 128] (kAqkPitch: A_qk rows | T rows), saved_gamma f32 [B, NW + S', HV, K] with S' >= min_slots.
 // Returns whether they are given; *ok: none given, or all six well formed (then *slots = S').
 inline bool SavedPrepGiven(const KdaShape& s, const ffi::AnyBuffer* const (&b)[6], int64_t min_slots,
                            int64_t* slots, bool* ok) {
@@ -23,7 +23,7 @@ inline bool SavedPrepGiven(const KdaShape& s, const ffi::AnyBuffer* const (&b)[6
   for (int i = 0; i < 4; ++i) {
     if (b[i]->element_count() != tok * s.K || b[i]->element_type() != ffi::DataType::BF16) return true;
   }
-  if (b[4]->element_count() != tok * kChunk || b[4]->element_type() != ffi::DataType::BF16) return true;
+  if (b[4]->element_count() != tok * kAqkPitch || b[4]->element_type() != ffi::DataType::BF16) return true;
   if (b[5]->element_count() % row != 0 || b[5]->element_type() != ffi::DataType::F32) return true;
   *slots = static_cast<int64_t>(b[5]->element_count()) / row - nw;
   *ok = *slots >= min_slots;

@@ -631,10 +631,12 @@ __global__ void __launch_bounds__(kThreads, K <= 128 ? 2 : 1) PrepKernel(Params 
         *reinterpret_cast<uint4*>(sV + r * VP + c0) = u;
       }
     }
+    // A_qk rows; without the tensor-core solve also zeros over the T half of each row (see kAqkPitch).
     for (int idx = tid; idx < L * (C / 8); idx += kThreads) {
       const int r = idx / (C / 8), c0 = (idx - r * (C / 8)) * 8;
-      *reinterpret_cast<uint4*>(p.Aqk + (((size_t)b * p.T + cs + r) * HV + hv) * C + c0) =
-          *reinterpret_cast<const uint4*>(sAqk + r * QP + c0);
+      bf16* row = p.Aqk + (((size_t)b * p.T + cs + r) * HV + hv) * kAqkPitch;
+      *reinterpret_cast<uint4*>(row + c0) = *reinterpret_cast<const uint4*>(sAqk + r * QP + c0);
+      if constexpr (!kMmaSolve) *reinterpret_cast<uint4*>(row + C + c0) = make_uint4(0u, 0u, 0u, 0u);
     }
     const bool last = cs + C >= send;
     const int gidx = !last ? (cs + C - 1) / C : (s < p.S_final ? p.NW + s : -1);
@@ -647,6 +649,13 @@ __global__ void __launch_bounds__(kThreads, K <= 128 ? 2 : 1) PrepKernel(Params 
         if (it + (int)gridDim.x < nitems) IssueRawKG<K, TIn>(p, sK, sG, it + gridDim.x, tid);  // sK, sG free
       }
       InvertOffDiagBlocks(sAkk, sAqk, tid);
+      // T's rows (bf16, zero above the diagonal: sAqk was zeroed at the item start) after the A_qk rows, for the
+      // backward's grad2 (kAqkPitch)
+      for (int idx = tid; idx < L * (C / 8); idx += kThreads) {
+        const int r = idx / (C / 8), c0 = (idx - r * (C / 8)) * 8;
+        *reinterpret_cast<uint4*>(p.Aqk + (((size_t)b * p.T + cs + r) * HV + hv) * kAqkPitch + C + c0) =
+            *reinterpret_cast<const uint4*>(sAqk + r * QP + c0);
+      }
       SolveMma<K>(p, sAqk, sQ, sV, b, cs, L, hv, warp, lane);
     }
     __syncthreads();
@@ -677,9 +686,14 @@ int ForcedSolve() {  // 1 = mma, 0 = simt, -1 = by dtype
 }  // namespace
 
 template <typename TIn>
-cudaError_t LaunchPrep(const Params& p, cudaStream_t stream, int nsm) {
+bool PrepSolvesOnTensorCores() {
   const int forced = ForcedSolve();
-  const bool mma = forced >= 0 ? forced == 1 : !std::is_same<TIn, float>::value;
+  return forced >= 0 ? forced == 1 : !std::is_same<TIn, float>::value;
+}
+
+template <typename TIn>
+cudaError_t LaunchPrep(const Params& p, cudaStream_t stream, int nsm) {
+  const bool mma = PrepSolvesOnTensorCores<TIn>();
   switch (p.K) {
     case 64: return LaunchPrepK<64, TIn>(p, stream, nsm, mma);
     case 128: return LaunchPrepK<128, TIn>(p, stream, nsm, mma);
@@ -691,6 +705,9 @@ cudaError_t LaunchPrep(const Params& p, cudaStream_t stream, int nsm) {
 template cudaError_t LaunchPrep<__nv_bfloat16>(const Params&, cudaStream_t, int);
 template cudaError_t LaunchPrep<__half>(const Params&, cudaStream_t, int);
 template cudaError_t LaunchPrep<float>(const Params&, cudaStream_t, int);
+template bool PrepSolvesOnTensorCores<__nv_bfloat16>();
+template bool PrepSolvesOnTensorCores<__half>();
+template bool PrepSolvesOnTensorCores<float>();
 
 }  // namespace fwd
 }  // namespace flashkda

@@ -139,7 +139,7 @@ __global__ void __launch_bounds__(kThreads, K <= 128 ? 2 : 1) RecurKernel(Params
         for (int idx = tid; idx < C * (C / 8); idx += kThreads) {
           const int r = idx / (C / 8), v8 = idx - r * (C / 8);
           const bool ok = r < L;
-          CpAsync16(sA + r * AP + v8 * 8, p.Aqk + ((tb + (ok ? r : 0)) * HV + hv) * C + v8 * 8, ok);
+          CpAsync16(sA + r * AP + v8 * 8, p.Aqk + ((tb + (ok ? r : 0)) * HV + hv) * kAqkPitch + v8 * 8, ok);
         }
       }
       const bool lastc = cs + C >= send;

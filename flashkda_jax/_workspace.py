@@ -17,6 +17,8 @@ import os
 
 # Constants of cutlass/kda_fwd_common.cuh.
 _CHUNK = 64
+# Row pitch of the prep's A_qk output: A_qk row | T row (cutlass/kda_fwd_common.cuh: kAqkPitch).
+_AQK_PITCH = 2 * _CHUNK
 _SEG_MIN_CHUNKS = 8
 _SMS = 132
 
@@ -77,7 +79,7 @@ def _cuda_fwd_regions(B: int, T: int, HV: int, K: int, V: int, S: int, no_split:
         ("kd", px * tok * K * 2),                 # Kd (bf16) [B, T, HV, K]
         ("w", px * tok * K * 2),                  # W (bf16) [B, T, HV, K]
         ("u", px * tok * V * 2),                  # U (bf16) [B, T, HV, V]
-        ("aqk", px * tok * _CHUNK * 2),           # A_qk rows (bf16) [B, T, HV, C]
+        ("aqk", px * tok * _AQK_PITCH * 2),       # A_qk rows | T rows (bf16) [B, T, HV, 2C]
         ("gamma", px * B * ng * HV * K * 4),      # gamma per chunk (f32) [B, NG, HV, K]
         ("hp", B * nsplit * HV * K * (V + K) * 4),  # segment maps [H | P]
         ("sstart", B * nsplit * HV * K * V * 4),  # segment start states
@@ -171,11 +173,12 @@ def bwd_workspace_bytes(platform: str, *, B: int, T: int, H: int, HV: int, K: in
 def saved_structs(B: int, T: int, HV: int, K: int, V: int, S: int) -> tuple:
     """(shape, dtype name) of the CUDA forward's seven saved results, in FFI order: chunk_states (bf16, see
     chunk_states_shape), saved_qg, saved_kd, saved_w, saved_u (bf16 [B, T, HV, K]), saved_aqk (bf16 [B, T, HV,
-    64]) and saved_gamma (f32 [B, ceil(T / 64) + S, HV, K]; S: the op's state slots). K == V."""
+    128]: A_qk rows, then the rows of the WY solve's T) and saved_gamma (f32 [B, ceil(T / 64) + S, HV, K]; S: the
+    op's state slots). K == V."""
     nw = -(-T // _CHUNK)
     tok = ((B, T, HV, K), "bfloat16")
     return ((chunk_states_shape(B, T, HV, K, V), "bfloat16"), tok, tok, tok, tok,
-            ((B, T, HV, _CHUNK), "bfloat16"), ((B, nw + S, HV, K), "float32"))
+            ((B, T, HV, _AQK_PITCH), "bfloat16"), ((B, nw + S, HV, K), "float32"))
 
 
 def chunk_states_shape(B: int, T: int, HV: int, K: int, V: int) -> tuple:

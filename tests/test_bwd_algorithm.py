@@ -190,7 +190,7 @@ def prep_chunk(qe, ke, ve, ge, be):
     W = Mi @ Kb
     U = Mi @ Vb
     gl = G[-1]
-    return dict(G=G, E=E, Es=Es, Aqk=Aqk, Bkk=Bkk, A=A, W=W, U=U, Kb=Kb, Vb=Vb, eG=eG,
+    return dict(G=G, E=E, Es=Es, Aqk=Aqk, Bkk=Bkk, A=A, T=Mi, W=W, U=U, Kb=Kb, Vb=Vb, eG=eG,
                 Qg=eG * qe, Kd=np.exp(gl[None] - G) * ke, gamma=np.exp(gl))
 
 
@@ -233,7 +233,8 @@ def _record_stages(st, *, slot, seqs, chunk_list, P, C, K, V, HV, gamma, Hs, dH,
             if valid[b, t] and (t == 0 or slot[b, t - 1] != slot[b, t]):
                 run = t
             seq_start[b, t] = run
-    prep = {n: np.full((B, T, HV, w), np.nan) for n, w in (("qg", K), ("kd", K), ("w", K), ("u", V), ("aqk", C))}
+    # aqk: the prep's A_qk rows, then the rows of T = (I + A)^{-1} (unit lower triangular; kAqkPitch)
+    prep = {n: np.full((B, T, HV, w), np.nan) for n, w in (("qg", K), ("kd", K), ("w", K), ("u", V), ("aqk", 2 * C))}
     for (b, cs, se, sl) in chunk_list:
         L = min(C, se - cs)
         for hv in range(HV):
@@ -242,6 +243,7 @@ def _record_stages(st, *, slot, seqs, chunk_list, P, C, K, V, HV, gamma, Hs, dH,
                 x = p[key][:L]
                 prep[n][b, cs:cs + L, hv] = 0.0
                 prep[n][b, cs:cs + L, hv, :x.shape[1]] = x
+            prep["aqk"][b, cs:cs + L, hv, C:C + L] = p["T"][:L, :L]
     st.update(seqs=[(b, ss, se, sl) for (b, ss, se, sl, _) in seqs], chunks=list(chunk_list), seq_start=seq_start,
               seq_end=seq_end, gamma=gamma.copy(), hs=Hs.copy(), dh=dH.copy(), dgam=dgam.copy(),
               dq_eff=tokmask(dqe), dk_eff=tokmask(dke), dg_in=tokmask(dg), da_tok=tokmask(da_tok[..., None])[..., 0],

@@ -139,7 +139,7 @@ def _spec(B, T, HV, K, V, S_out):
     st = bf16 if W.cuda_bwd_states_bf16() else f32  # chunk states (flashkda::bwd::StatesInBf16)
     return dict(
         qg=(bf16, (B, T, HV, K)), kd=(bf16, (B, T, HV, K)), w=(bf16, (B, T, HV, K)), u=(bf16, (B, T, HV, V)),
-        aqk=(bf16, (B, T, HV, C)), gamma=(f32, (B, NG, HV, K)),
+        aqk=(bf16, (B, T, HV, 2 * C)), gamma=(f32, (B, NG, HV, K)),  # aqk: A_qk rows | T rows
         seq_start=(i32, (B, T)), seq_end=(i32, (B, T)), chunks=(i32, (B * T, 4)), counters=(i32, (16,)),
         hs=(st, (B, NW + 1, HV, K, V)), dh=(st, (B, NW + 1, HV, K, V)), dgam=(f32, (B, NG, HV, K)),
         sqg=(f32, (B, T, HV, K)), skd=(f32, (B, T, HV, K)), swu=(bf16, (B, T, HV, K + V)),
@@ -317,8 +317,10 @@ def stage_failures(stage, name, ws, outs, opts=None):
         for n in ("v", "g", "beta"):
             add(_cmp_padding_zero(f"d{n} (PadZero)", outs[n], slot))
     elif stage == "prep":
-        for n in ("qg", "kd", "w", "u", "aqk"):
+        for n in ("qg", "kd", "w", "u"):
             add(_cmp(n, ws[n], st[n], blocks=tb))
+        add(_cmp("aqk (A_qk rows)", ws["aqk"][..., :C], st["aqk"][..., :C], blocks=tb))
+        add(_cmp("aqk (T rows, kAqkPitch)", ws["aqk"][..., C:], st["aqk"][..., C:], blocks=tb))
         add(_cmp("gamma", ws["gamma"], st["gamma"], blocks=_blocks(st, "gamma")))
     elif stage == "states":
         add(_cmp("hs (chunk start states)", ws["hs"], st["hs"], blocks=_blocks(st, "state")))
@@ -496,6 +498,14 @@ def _bf16_scratch_saving(B, T, HV, K, V, S):
     return pad(tok * K * 4) + pad(tok * V * 4) - pad(tok * (K + V) * 2)
 
 
+def _aqk_t_rows_growth(B, T, HV, K, V, S):
+    """Bytes the prep region "aqk" (in both layouts) gained in session 10, when each A_qk row (C bf16) got the
+    same row of the WY solve's T after it (kAqkPitch = 2 C)."""
+    pad = lambda n: -(-n // 256) * 256
+    tok = B * T * HV
+    return pad(tok * 2 * C * 2) - pad(tok * C * 2)
+
+
 @pytest.mark.parametrize("shape", sorted(_TOTALS))
 @pytest.mark.parametrize("states", ["bf16", "f32_recur_v1", "f32_grad1_simt"])
 def test_workspace_totals_unchanged(shape, states, monkeypatch):
@@ -507,9 +517,11 @@ def test_workspace_totals_unchanged(shape, states, monkeypatch):
         monkeypatch.setenv("FLASHKDA_BWD_GRAD1", "simt")
     bwd, fwd, fwd_ns = _TOTALS[shape]
     assert W.cuda_bwd_states_bf16() == (states == "bf16")
-    assert W.cuda_bwd_workspace_bytes(*shape) == (_BWD_BF16_STATES[shape] if states == "bf16" else bwd) - _bf16_scratch_saving(*shape)
-    assert W.cuda_fwd_workspace_bytes(*shape) == fwd
-    assert W.cuda_fwd_workspace_bytes(*shape, no_split=True) == fwd_ns
+    grown = _aqk_t_rows_growth(*shape)
+    assert W.cuda_bwd_workspace_bytes(*shape) == ((_BWD_BF16_STATES[shape] if states == "bf16" else bwd)
+                                                  - _bf16_scratch_saving(*shape) + grown)
+    assert W.cuda_fwd_workspace_bytes(*shape) == fwd + grown
+    assert W.cuda_fwd_workspace_bytes(*shape, no_split=True) == fwd_ns + grown
 
 
 @pytest.mark.parametrize("shape", sorted(_TOTALS))
