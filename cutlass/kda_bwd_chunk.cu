@@ -37,9 +37,10 @@ struct Grad2Smem {
     const size_t kdp = static_cast<size_t>(kMaxWarps) * K * 4, t = static_cast<size_t>(C) * C * 2;
     return kdp > t ? kdp : t;
   }
+  static constexpr int kGroups = kMaxWarps / 4;  // sDbp rows: DecayGradV2's channel groups of the widest variant
   static constexpr size_t Bytes() {
     return (2 * static_cast<size_t>(C) * GP + static_cast<size_t>(C) * BP + static_cast<size_t>(C) * XP + 2 * C) * 4 +
-           KdpBytes() + XBytes();
+           KdpBytes() + XBytes() + static_cast<size_t>(kGroups) * C * 4;
   }
 };
 
@@ -85,9 +86,14 @@ __device__ __forceinline__ bool DiagFastV2(const float* sG, int GP, int I, int l
 // from the rounded factors, see above; exact diagonal blocks: x_i dx_i, y_j dy_j in f32). Of the NW warps, warp
 // w owns the rows of block Q = w & 3 and the channels of group w >> 2 of the NW / 4 groups of K, for dx (over
 // J <= Q) and for dy (over I >= Q): no two warps touch the same (row, channel).
-template <int K, int BP, int NW, typename FX, typename FY>
+// kRowScale (7a without B_kk, see Grad2Kernel's kTPrep): sB holds dA and dM = diag(s) dA with s = rowscale
+// (beta): the dx products take dA and scale their sums by s_i; the dy products take s_i x_i as their factor (so
+// that both sides of the dG cancellation round the same values, s_i x_i exp(G_i - G_r)); onx's fifth argument is
+// then x_ic D_ic, D the unscaled dx (sum_c of it over a row: sum_j dA_ij M_ij, the d beta_i of M = B_kk).
+template <int K, int BP, int NW, bool kRowScale = false, typename FX, typename FY>
 __device__ __forceinline__ void DecayGradV2(const float* sB, const float* sG, int GP, const float* x, int xp,
-                                            const float* y, int yp, int warp, int lane, FX onx, FY ony) {
+                                            const float* y, int yp, int warp, int lane, FX onx, FY ony,
+                                            const float* rowscale = nullptr) {
   constexpr int NQ = NW / 4;         // channel groups
   constexpr int NT = K / (8 * NQ);   // n-tiles of 8 channels in a group
   static_assert(NW % 4 == 0 && NT >= 1, "four row blocks per channel group");
@@ -112,7 +118,7 @@ __device__ __forceinline__ void DecayGradV2(const float* sB, const float* sG, in
           float s = 0.f;
           for (int j = 16 * Q; j <= i; ++j) s = fmaf(sB[i * BP + j] * y[j * yp + c], __expf(gi - sG[j * GP + c]), s);
           acc[n][e] += s;
-          accg[n][e] = fmaf(x[i * xp + c], s, accg[n][e]);
+          accg[n][e] = fmaf(kRowScale ? rowscale[i] * x[i * xp + c] : x[i * xp + c], s, accg[n][e]);
         }
       continue;
     }
@@ -144,14 +150,22 @@ __device__ __forceinline__ void DecayGradV2(const float* sB, const float* sG, in
         const float ei = __expf(sG[i * GP + c] - sG[r * GP + c]);
         acc[n][e] = fmaf(ei, t[e], acc[n][e]);
         // Xr~_ic: the bf16 value the dy products (below, other warps) take for this (i, c, r)
-        accg[n][e] = fmaf(__bfloat162float(__float2bfloat16_rn(x[i * xp + c] * ei)), t[e], accg[n][e]);
+        const float xr = x[i * xp + c] * ei;
+        accg[n][e] = fmaf(__bfloat162float(__float2bfloat16_rn(kRowScale ? xr * rowscale[i] : xr)), t[e], accg[n][e]);
       }
     }
   }
 #pragma unroll
   for (int n = 0; n < NT; ++n)
 #pragma unroll
-    for (int e = 0; e < 4; ++e) onx(16 * Q + gr + 8 * (e >> 1), c0 + 8 * n + 2 * t4 + (e & 1), acc[n][e], accg[n][e]);
+    for (int e = 0; e < 4; ++e) {
+      const int i = 16 * Q + gr + 8 * (e >> 1), c = c0 + 8 * n + 2 * t4 + (e & 1);
+      if constexpr (kRowScale) {
+        onx(i, c, rowscale[i] * acc[n][e], accg[n][e], x[i * xp + c] * acc[n][e]);
+      } else {
+        onx(i, c, acc[n][e], accg[n][e], 0.f);
+      }
+    }
   // ---- dy of rows (columns of M) in block Q: sum over row blocks I >= Q ----
 #pragma unroll
   for (int n = 0; n < NT; ++n)
@@ -167,7 +181,10 @@ __device__ __forceinline__ void DecayGradV2(const float* sB, const float* sG, in
           const int j = 16 * Q + gr + 8 * (e >> 1), c = c0 + 8 * n + 2 * t4 + (e & 1);
           const float gj = sG[j * GP + c];
           float s = 0.f;
-          for (int i = j; i < 16 * Q + 16; ++i) s = fmaf(sB[i * BP + j] * x[i * xp + c], __expf(sG[i * GP + c] - gj), s);
+          for (int i = j; i < 16 * Q + 16; ++i) {
+            const float xi = kRowScale ? rowscale[i] * x[i * xp + c] : x[i * xp + c];
+            s = fmaf(sB[i * BP + j] * xi, __expf(sG[i * GP + c] - gj), s);
+          }
           acc[n][e] += s;
           accg[n][e] = fmaf(y[j * yp + c], s, accg[n][e]);
         }
@@ -189,8 +206,9 @@ __device__ __forceinline__ void DecayGradV2(const float* sB, const float* sG, in
 #pragma unroll
         for (int hh = 0; hh < 2; ++hh) {
           const int i = 16 * I + KPerm16(t4, hh);
-          bb[hh] = fwd::PackBF16(x[i * xp + c] * __expf(sG[i * GP + c] - grc),
-                                 x[(i + 1) * xp + c] * __expf(sG[(i + 1) * GP + c] - grc));
+          const float x0 = x[i * xp + c] * __expf(sG[i * GP + c] - grc);
+          const float x1 = x[(i + 1) * xp + c] * __expf(sG[(i + 1) * GP + c] - grc);
+          bb[hh] = kRowScale ? fwd::PackBF16(x0 * rowscale[i], x1 * rowscale[i + 1]) : fwd::PackBF16(x0, x1);
         }
       }
       float t[4] = {0.f, 0.f, 0.f, 0.f};
@@ -452,7 +470,9 @@ __device__ __forceinline__ void MmaTF32(float (&d)[4], const uint32_t (&a)[4], u
 // The mma's k index is mapped to columns so that the fragment loads are conflict-free with the odd pitch XP
 // (bank = row + column mod 32): in a 32-column step, lane (gr, t4) takes columns 8 t4 + s and 8 t4 + 4 + s of
 // the step for k = t4 and t4 + 4 of mma s (s = 0..3): every column once, the same map for A and B.
-template <int K, int BP, int XP, int YP, int NW, typename TX>
+// !kWithB (Grad2Kernel's kTPrep: no B_kk in sB): sB[i][j] = dA_ij, sB[j][i] = 0 and sB[i][i] = 0, no d beta here
+// (7a forms it).
+template <int K, int BP, int XP, int YP, int NW, bool kWithB, typename TX>
 __device__ __forceinline__ void Grad2DaMma(float* sB, const TX* sX, const float* sY, const float* sBeta,
                                            float* sDb, int warp, int lane, int tid) {
   const int gr = lane >> 2, t4 = lane & 3;
@@ -498,13 +518,19 @@ __device__ __forceinline__ void Grad2DaMma(float* sB, const TX* sX, const float*
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const int i = 16 * I + gr + 8 * (e >> 1), j = 16 * J + 8 * n + 2 * t4 + (e & 1);
-      if (j < i) {
-        const float da = -acc[e];
-        sB[j * BP + i] = da * sB[i * BP + j];
-        sB[i * BP + j] = sBeta[i] * da;
+      if constexpr (kWithB) {
+        if (j < i) {
+          const float da = -acc[e];
+          sB[j * BP + i] = da * sB[i * BP + j];
+          sB[i * BP + j] = sBeta[i] * da;
+        }
+      } else if (j <= i) {
+        sB[j * BP + i] = 0.f;
+        sB[i * BP + j] = j < i ? -acc[e] : 0.f;
       }
     }
   }
+  if constexpr (!kWithB) return;
   __syncthreads();
   if (tid < kChunk) {  // fixed order: four running sums over j mod 4, then (s0 + s1) + (s2 + s3)
     const int i = tid;
@@ -532,11 +558,14 @@ constexpr int Grad2Threads(bool factored, bool mma_solve) { return factored && m
 // kFactored selects the v2 stages (3: BkkV2; 7a / 7b: DecayGradV2); kMmaSolve the tensor-core WY solve of stage 4
 // (Grad2InvertDiag / Grad2InvertOffDiag / Grad2SolveMma); both true is the default, both false the first version.
 // kTPrep (with kMmaSolve): T from the prep's rows (Grad2TFromStaged) instead of the inversion, whose code the
-// default kernel then does not carry.
+// default kernel then does not carry; B_kk is then not needed either (only d beta read it, rowsum(dA o B_kk)):
+// stage 3 is skipped, stage 5 leaves dA itself in sB, and 7a takes diag(beta) dA as its dM (DecayGradV2's
+// kRowScale), which also yields d beta's B_kk term, sum_c k_ic D_ic (per channel group into sDbp, then in order).
 template <int K, typename TIn, bool kFactored, bool kMmaSolve, bool kTPrep = false>
 __global__ void __launch_bounds__(Grad2Threads(kFactored, kMmaSolve), 1) Grad2Kernel(Params P) {
   static_assert(kMmaSolve || !kTPrep, "T from the prep feeds the tensor-core solve");
   constexpr int kNT = Grad2Threads(kFactored, kMmaSolve), kNW = kNT / 32;
+  static_assert(!kTPrep || (kFactored && kNW == 4 * Grad2Smem<K>::kGroups), "7a's row scale: sDbp groups");
   using SM = Grad2Smem<K>;
   constexpr int C = kChunk, V = K, GP = SM::GP, BP = SM::BP, XP = SM::XP, WP = SM::WP;
   constexpr int PL = K / 32;  // channels per lane in row-per-warp steps
@@ -555,6 +584,7 @@ __global__ void __launch_bounds__(Grad2Threads(kFactored, kMmaSolve), 1) Grad2Ke
   float* sDb = sBeta + C;      // [C] d beta (effective)
   float* sKdp = sDb + C;       // [kNW][K] per warp: sum over its rows of Kd dKd (stage 6 -> stage 9)
   bf16* sTs = reinterpret_cast<bf16*>(sKdp);  // kTPrep, item start to stage 4: [C][C] the prep's T rows (bf16)
+  float* sDbp = sKdp + SM::KdpBytes() / 4;     // kTPrep, 7a: [kGroups][C] per channel group: d beta of B_kk by row
   static_assert(kNW <= SM::kMaxWarps, "sKdp rows");
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int HV = p.HV, H = p.H;
@@ -659,7 +689,7 @@ __global__ void __launch_bounds__(Grad2Threads(kFactored, kMmaSolve), 1) Grad2Ke
     __syncthreads();
     // ---- 3. B_kk[i][j] = sum_c k_ic k_jc exp(G_ic - G_jc), j < i (factored 16x16 blocks: BkkV2) ----
     if constexpr (kFactored) {
-      BkkV2<K, BP, kNW>(sB, sG, sK, GP, warp, lane);
+      if constexpr (!kTPrep) BkkV2<K, BP, kNW>(sB, sG, sK, GP, warp, lane);
     } else {
       const int i = tid >> 2, q4 = tid & 3;
       for (int j = q4; j < C; j += 4) {
@@ -743,9 +773,9 @@ __global__ void __launch_bounds__(Grad2Threads(kFactored, kMmaSolve), 1) Grad2Ke
     // ---- 5. dA = -strict_tril(dKb W^T + dVb U^T); dbeta += rowsum(dA * B); dB = diag(beta) dA (in place) ----
     if constexpr (kFactored) {
       if constexpr (kMmaSolve) {
-        Grad2DaMma<K, BP, WP, XP, kNW>(sB, sWUs, sY, sBeta, sDb, warp, lane, tid);
+        Grad2DaMma<K, BP, WP, XP, kNW, !kTPrep>(sB, sWUs, sY, sBeta, sDb, warp, lane, tid);
       } else {
-        Grad2DaMma<K, BP, XP, XP, kNW>(sB, sX, sY, sBeta, sDb, warp, lane, tid);
+        Grad2DaMma<K, BP, XP, XP, kNW, true>(sB, sX, sY, sBeta, sDb, warp, lane, tid);
       }
     } else {
       const int i = tid >> 2, q4 = tid & 3;
@@ -837,16 +867,27 @@ __global__ void __launch_bounds__(Grad2Threads(kFactored, kMmaSolve), 1) Grad2Ke
     __syncthreads();
     // ---- 7a. B_kk = decay product (k, k), strict: dk += dx + dy, dG += k dx - k dy ----
     if constexpr (kFactored) {
-      DecayGradV2<K, BP, kNW>(
+      float dbr[2] = {0.f, 0.f};  // kTPrep: this lane's share of d beta for rows 16 Q + gr (+ 8)
+      DecayGradV2<K, BP, kNW, kTPrep>(
           sB, sG, GP, sK, GP, sK, GP, warp, lane,
-          [&](int i, int c, float dx, float gx) {
+          [&](int i, int c, float dx, float gx, float db) {
             sY[i * XP + c] += dx;
             sY[i * XP + K + c] += gx;
+            dbr[(i >> 3) & 1] += db;
           },
           [&](int j, int c, float dy, float gy) {
             sY[j * XP + c] += dy;
             sY[j * XP + K + c] -= gy;
-          });
+          },
+          sBeta);
+      if constexpr (kTPrep) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          dbr[h] += __shfl_xor_sync(0xffffffffu, dbr[h], 1);
+          dbr[h] += __shfl_xor_sync(0xffffffffu, dbr[h], 2);
+          if ((lane & 3) == 0) sDbp[(warp >> 2) * C + 16 * (warp & 3) + (lane >> 2) + 8 * h] = dbr[h];
+        }
+      }
     } else {
       for (int idx = tid; idx < C * K; idx += kNT) {
         const int r = idx / K, c = idx % K;
@@ -859,6 +900,14 @@ __global__ void __launch_bounds__(Grad2Threads(kFactored, kMmaSolve), 1) Grad2Ke
       }
     }
     __syncthreads();
+    if constexpr (kTPrep) {  // d beta's B_kk term: the channel groups' sums in order
+      if (tid < C) {
+        float s = 0.f;
+#pragma unroll
+        for (int g = 0; g < Grad2Smem<K>::kGroups; ++g) s += sDbp[g * C + tid];
+        sDb[tid] += s;
+      }
+    }
     {  // dA_qk into sB: all of a thread's global loads first, then the smem stores
       constexpr int kN = C * C / kNT;
       static_assert(C * C % kNT == 0, "");
@@ -879,7 +928,7 @@ __global__ void __launch_bounds__(Grad2Threads(kFactored, kMmaSolve), 1) Grad2Ke
     if constexpr (kFactored) {
       DecayGradV2<K, BP, kNW>(
           sB, sG, GP, sX, XP, sK, GP, warp, lane,
-          [&](int i, int c, float dx, float gx) {
+          [&](int i, int c, float dx, float gx, float) {
             sX[i * XP + K + c] += dx;
             sY[i * XP + K + c] += gx;
           },
