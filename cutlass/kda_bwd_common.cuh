@@ -15,9 +15,11 @@
 //   grad1    fully parallel over (chunk, value head): R = U - W S, dR, dQg = dO S^T, dKd = R dS_next^T,
 //            dW = -dR S^T, dU = dR, dA_qk = tril(dO R^T), dgamma = rowsum(S * dS_next)  (scratch: dW | dU bf16,
 //            dQg, dKd, dA_qk and dgamma f32)
-//   grad2    fully parallel over (chunk, value head), everything recomputed in f32 from the raw inputs:
-//            G, l2norm, beta; B_kk = sum_c k_i k_j exp(G_i - G_j) (j < i); W | U by forward substitution;
-//            [dKb | dVb] by back substitution with (I + diag(beta) B_kk)^T; dA = -strict_tril(dKb W^T + dVb U^T);
+//   grad2    fully parallel over (chunk, value head), recomputed in f32 from the raw inputs: G, l2norm, beta;
+//            W | U and T = (I + diag(beta) B_kk)^{-1} from the prep (the default kernel; the first versions
+//            recompute B_kk = sum_c k_i k_j exp(G_i - G_j) (j < i) and solve / invert again);
+//            [dKb | dVb] = T^T [dW | dU]; dA = -strict_tril(dKb W^T + dVb U^T); dbeta's B_kk term
+//            rowsum(dA o B_kk) (by default out of the B_kk decay product's gradient, without B_kk itself);
 //            gradients of the decay products (only exp(G_i - G_j), j <= i); elementwise terms of Qg, Kd,
 //            gamma, Kb = beta e^G k, Vb = beta v; dg = reverse cumsum of dG; gate and beta-sigmoid chains.
 //            Writes dv, dg, dbeta and f32 per-(token, value head) dq, dk (w.r.t. the scaled, normalised

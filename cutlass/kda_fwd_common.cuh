@@ -9,7 +9,8 @@
 //            beta sigmoid, A_kk / A_qk with every decay formed as exp(G_i - G_j) (j <= i) or as a product
 //            of two factors <= 1 around a reference row (never exp(-G)), the WY solve
 //            (I + StrictTril(diag(beta) A_kk)) [W | U] = diag(beta) [exp(G) * K | V], and writes
-//            Qg = exp(G) * q, Kd = exp(G_last - G) * k, W, U, A_qk (bf16) and gamma = exp(G_last) (f32).
+//            Qg = exp(G) * q, Kd = exp(G_last - G) * k, W, U, A_qk (bf16) and gamma = exp(G_last) (f32); with
+//            the tensor-core solve also T = (I + A_kk)^{-1} (bf16, next to A_qk: kAqkPitch) for the backward.
 //   phase 1  (only where sequences are split into segments to fill the GPU) for each non-last segment,
 //            its end state from the true start state (first segment) or the affine map S -> P S + H
 //            (later segments: P from the identity with U = 0, H from zero).

@@ -174,6 +174,18 @@ def decay_product_grad_factored(dM, x, y, G, stats=None):
     return dx, dy, x * dx - y * dy
 
 
+# grad2's default since session 10 (Grad2Kernel's kTPrep, DecayGradV2's kRowScale): T comes from the forward's
+# prep and 7a runs without B_kk. The kernel holds dA (not dB = diag(beta) dA) and folds the row scale s = beta in:
+# the dx products take dA and scale their sums by s_i, the dy products take s_i x_i as their factor, and the
+# unscaled dx sums D give d beta's B_kk term, sum_j dA_ij B_ij = sum_c x_ic D_ic (B_kk = decay_product(x, x)).
+def decay_product_grad_factored_rowscale(dA, s, x, y, G, stats=None):
+    """decay_product_grad_factored of dM = diag(s) dA, plus sum_j dA_ij M_ij per row -> (dx, dy, dG, dbM)."""
+    D, _, _ = decay_product_grad_factored(dA, x, y, G, stats=stats)
+    _, dy, _ = decay_product_grad_factored(s[:, None] * dA, x, y, G)
+    dx = s[:, None] * D
+    return dx, dy, x * dx - y * dy, np.sum(x * D, axis=1)
+
+
 def prep_chunk(qe, ke, ve, ge, be):
     """Forward quantities of one chunk (rows = its L tokens)."""
     L = qe.shape[0]
@@ -261,8 +273,10 @@ def chunked_backward(q, k, v, g, beta, a_log, dt_bias, slot, init, do, dfin, *, 
     pad: partial chunks padded to C rows with zeros (and workspace indices), as in the kernels.
     stages: a dict to fill with the intermediates the kernels leave in their workspace, in its layout and
     indexing (NaN where the kernels write nothing; see _record_stages) and the plan's lists.
-    grad2: "pairwise" (the default grad2 kernel: every decay exp(G_i - G_j)) or "factored" (grad2 v2,
-    FLASHKDA_BWD_GRAD2=v2: B_kk recomputed and all decay-product gradients by blocks, decay_product_factored);
+    grad2: "pairwise" (the first grad2 kernel: every decay exp(G_i - G_j)), "factored" (grad2 v2: B_kk
+    recomputed and all decay-product gradients by blocks, decay_product_factored; FLASHKDA_BWD_GRAD2_T=invert) or
+    "factored_tprep" (the default since session 10: the forward's A, W, U and T, no B_kk; 7a by
+    decay_product_grad_factored_rowscale);
     grad2_stats: a dict counting the factored path's exact diagonal blocks."""
     B, T, H, K = q.shape
     HV, V = v.shape[2], v.shape[3]
@@ -431,14 +445,16 @@ def chunked_backward(q, k, v, g, beta, a_log, dt_bias, slot, init, do, dfin, *, 
                     Mi = np.linalg.inv(np.eye(Lp) + A)
                     Wm, Um = Mi @ p["Kb"], Mi @ p["Vb"]
                     dpg = lambda dM, x, y, E: decay_product_grad_factored(dM, x, y, G, stats=grad2_stats)
+                elif grad2 == "factored_tprep":  # the forward's A (through T), W, U; no B_kk
+                    Bkk, A, Wm, Um = None, p["A"], p["W"], p["U"]
+                    dpg = lambda dM, x, y, E: decay_product_grad_factored(dM, x, y, G, stats=grad2_stats)
                 else:
                     Bkk, A, Wm, Um = p["Bkk"], p["A"], p["W"], p["U"]
                     dpg = decay_product_grad
                 dKb = back_substitute(A, dW)
                 dVb = back_substitute(A, dU)
                 dA = -np.tril(dKb @ Wm.T + dVb @ Um.T, -1)
-                dB = bb[:, None] * dA
-                db = np.sum(dA * Bkk, axis=1)
+                db = np.sum(dA * Bkk, axis=1) if Bkk is not None else np.zeros(Lp)
                 dk = np.zeros((Lp, K))
                 dq = np.zeros((Lp, K))
                 dG = np.zeros((Lp, K))
@@ -448,7 +464,11 @@ def chunked_backward(q, k, v, g, beta, a_log, dt_bias, slot, init, do, dfin, *, 
                 dk += bb[:, None] * eG * dKb
                 dG += p["Kb"] * dKb
                 # B_kk = decay_product(k, k) strict, A_qk = decay_product(q, k)
-                dx, dy, dg_ = dpg(dB, kk, kk, p["Es"])
+                if Bkk is None:  # 7a with the row scale: dM = diag(beta) dA, and d beta's B_kk term
+                    dx, dy, dg_, dbB = decay_product_grad_factored_rowscale(dA, bb, kk, kk, G, stats=grad2_stats)
+                    db += dbB
+                else:
+                    dx, dy, dg_ = dpg(bb[:, None] * dA, kk, kk, p["Es"])
                 dk += dx + dy
                 dG += dg_
                 dx, dy, dg_ = dpg(dAqk, qq, kk, p["E"])
@@ -668,11 +688,12 @@ def _close(a, b, what, tol=1e-10):
     assert err <= tol, f"{what}: rel err {err:.3e}"
 
 
+@pytest.mark.parametrize("grad2", ["factored", "factored_tprep"])
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_grad2_factored_equals_pairwise(name):
+def test_grad2_factored_equals_pairwise(name, grad2):
     st = {}
     a = _case(0, **CASES[name])
-    b = _case(0, **CASES[name], grad2="factored", grad2_stats=st)
+    b = _case(0, **CASES[name], grad2=grad2, grad2_stats=st)
     for n, x in a.items():
         if x is not None:
             _close(b[n], x, f"{name} d{n}")
@@ -680,14 +701,15 @@ def test_grad2_factored_equals_pairwise(name):
         assert st.get("exact", 0) > 0
 
 
-def test_grad2_factored_ragged_and_aligned():
+@pytest.mark.parametrize("grad2", ["factored", "factored_tprep"])
+def test_grad2_factored_ragged_and_aligned(grad2):
     st = {}
     seg = np.array([[1] * 8 + [2] * 16 + [3] + [0] * 7 + [4] * 9 + [5] * 7,
                     [0] * 3 + [1] + [2] * 20 + [3] * 24], np.int32)
     kw = dict(B=2, T=48, H=2, HV=4, K=8, V=4, seg=seg, S=4, init=True, dfin=True, C=16, gate="bounded",
               use_a_log=False, sig=True, neg=True, l2=True)
     a = _case(2, **kw)
-    b = _case(2, **kw, grad2="factored", grad2_stats=st)
+    b = _case(2, **kw, grad2=grad2, grad2_stats=st)
     for n, x in a.items():
         if x is not None:
             _close(b[n], x, f"d{n}")
