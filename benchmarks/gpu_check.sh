@@ -35,10 +35,14 @@ if ls .whl/extra/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site_extra .whl/extra/*.whl \
     >>"$LOG/wheels.log" 2>&1 && EXTRA_SITE=/tmp/site_extra
 fi
-# fla's Triton autotuning costs ~1 min per shape; its results (small *.autotune.json files of Triton's cache)
-# are restored from .triton_autotune/ (git-ignored; carry it) and written back to $LOG/triton_autotune.
+# fla's Triton autotuning costs ~1 min per shape forward-only and ~4 min fwd+bwd; its results (small
+# *.autotune.json files of Triton's cache, H100, fla 0.6.0 / Triton 3.6) are restored from benchmarks/fla_autotune/
+# (tracked: the shapes tuned so far) and .triton_autotune/ (git-ignored; carry it), and written back to
+# $LOG/triton_autotune.
 export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/triton_cache}
-if [ -d .triton_autotune ]; then mkdir -p "$TRITON_CACHE_DIR" && cp -r .triton_autotune/. "$TRITON_CACHE_DIR/"; fi
+for d in benchmarks/fla_autotune .triton_autotune; do
+  if [ -d "$d" ]; then mkdir -p "$TRITON_CACHE_DIR" && cp -r "$d/." "$TRITON_CACHE_DIR/"; fi
+done
 save_autotune() {
   (cd "$TRITON_CACHE_DIR" 2>/dev/null && find . -name "*.autotune.json" -exec cp --parents {} "$LOG/triton_autotune/" \; ) 2>/dev/null
 }
