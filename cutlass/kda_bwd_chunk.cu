@@ -443,21 +443,9 @@ __device__ __forceinline__ void Grad2SolveMma(const float* sB, int warp, int lan
   }
 }
 
-// ---- stage 5 on tensor cores (kFactored): tf32 m16n8k8 mma, fp32 accumulation ----
-__device__ __forceinline__ uint32_t ToTF32(float x) {
-  uint32_t r;
-  asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
-  return r;
-}
-// D += A(16x8, tf32) * B(8x8, tf32). Fragments (gr = lane >> 2, t4 = lane & 3): a0 (gr, t4), a1 (gr + 8, t4),
-// a2 (gr, t4 + 4), a3 (gr + 8, t4 + 4); b0 (k = t4, n = gr), b1 (k = t4 + 4, n = gr); d as in the bf16 Mma.
-__device__ __forceinline__ void MmaTF32(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
+// ---- stage 5 on tensor cores (kFactored): tf32 m16n8k8 mma (fwd::MmaTF32), fp32 accumulation ----
+using fwd::MmaTF32;
+using fwd::ToTF32;
 
 // Stage 5 of the factored kernel: dA = -strict_tril(sY sX^T) (64 x 64 x (K + V), sX = W | U (f32; or bf16 with the
 // tensor-core solve: exact in tf32), sY = dKb | dVb (f32, pitch YP), rounded to tf32 as mma operands: 2^-11 relative per operand; tests/test_grad2_stage5_model.py), then,

@@ -226,6 +226,37 @@ __device__ __forceinline__ void LdsmT(const void* smem, uint32_t& r0, uint32_t& 
   cute::SM75_U16x8_LDSM_T::copy(*reinterpret_cast<const cute::uint128_t*>(smem), r0, r1, r2, r3);
 }
 
+// tf32 m16n8k8 products, fp32 accumulation.
+__device__ __forceinline__ uint32_t ToTF32(float x) {
+  uint32_t r;
+  asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
+  return r;
+}
+// D += A(16x8, tf32) * B(8x8, tf32). Fragments (gr = lane >> 2, t4 = lane & 3): a0 (gr, t4), a1 (gr + 8, t4),
+// a2 (gr, t4 + 4), a3 (gr + 8, t4 + 4); b0 (k = t4, n = gr), b1 (k = t4 + 4, n = gr); d as in the bf16 Mma.
+__device__ __forceinline__ void MmaTF32(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+// The same product of f32 operands to ~f32 accuracy (3xTF32: each operand split into a tf32 head and a tf32 tail,
+// D += Al Bh + Ah Bl + Ah Bh; the Al Bl term, ~2^-22 relative, is dropped).
+__device__ __forceinline__ void Mma3xTF32(float (&d)[4], const float (&a)[4], float b0, float b1) {
+  uint32_t ah[4], al[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    ah[i] = ToTF32(a[i]);
+    al[i] = ToTF32(a[i] - __uint_as_float(ah[i]));
+  }
+  const uint32_t bh0 = ToTF32(b0), bh1 = ToTF32(b1);
+  const uint32_t bl0 = ToTF32(b0 - __uint_as_float(bh0)), bl1 = ToTF32(b1 - __uint_as_float(bh1));
+  MmaTF32(d, al, bh0, bh1);
+  MmaTF32(d, ah, bl0, bl1);
+  MmaTF32(d, ah, bh0, bh1);
+}
+
 // 16-byte async global->shared copy; zero-fills when !pred.
 __device__ __forceinline__ void CpAsync16(void* smem, const void* gmem, bool pred) {
   cute::SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<cute::uint128_t, cute::uint128_t>::copy(

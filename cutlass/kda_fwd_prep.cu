@@ -41,6 +41,50 @@ __device__ __forceinline__ void LoadVec(const T* p, float (&out)[N]) {
 
 __device__ __forceinline__ float Bf(bf16 x) { return __bfloat162float(x); }
 
+// Elements c and c + 1 (c even, 4-byte aligned) of a bf16 row in shared memory: one 32-bit load instead of two
+// 16-bit ones (the compiler cannot prove the alignment itself).
+__device__ __forceinline__ float2 Bf2(const bf16* p) { return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(p)); }
+
+// Eight bf16 (16-byte aligned) of a shared-memory row as floats: one 128-bit load.
+__device__ __forceinline__ void Bf8(const bf16* p, float (&out)[8]) {
+  const uint4 u = *reinterpret_cast<const uint4*>(p);
+  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&u);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 f = __bfloat1622float2(h[i]);
+    out[2 * i] = f.x;
+    out[2 * i + 1] = f.y;
+  }
+}
+
+// N lane-parts of a row of bf16 (f32) in shared memory, from floats: one vector store (N = 2, 4 or 8).
+template <int N>
+__device__ __forceinline__ void StoreRowBf16(bf16* p, const float (&v)[N]) {
+  static_assert(N == 2 || N == 4 || N == 8, "2, 4 or 8 elements");
+  uint32_t w[N / 2];
+#pragma unroll
+  for (int i = 0; i < N / 2; ++i) w[i] = PackBF16(v[2 * i], v[2 * i + 1]);
+  if constexpr (N == 2) *reinterpret_cast<uint32_t*>(p) = w[0];
+  if constexpr (N == 4) *reinterpret_cast<uint2*>(p) = make_uint2(w[0], w[1]);
+  if constexpr (N == 8) *reinterpret_cast<uint4*>(p) = make_uint4(w[0], w[1], w[2], w[3]);
+}
+template <int N>
+__device__ __forceinline__ void StoreRowF32(float* p, const float (&v)[N]) {
+  static_assert(N == 2 || N == 4 || N == 8, "2, 4 or 8 elements");
+  if constexpr (N == 2) *reinterpret_cast<float2*>(p) = make_float2(v[0], v[1]);
+#pragma unroll
+  for (int i = 0; i < N / 4; ++i) reinterpret_cast<float4*>(p)[i] = make_float4(v[4 * i], v[4 * i + 1], v[4 * i + 2], v[4 * i + 3]);
+}
+
+// WarpSum of N independent values, their shuffles interleaved (the same butterfly per value).
+template <int N>
+__device__ __forceinline__ void WarpSumRows(float (&x)[N]) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1)
+#pragma unroll
+    for (int u = 0; u < N; ++u) x[u] += __shfl_xor_sync(0xffffffffu, x[u], o);
+}
+
 // Off-diagonal 16x16 blocks (I, J), I > J, handled by warps 0..5.
 __constant__ int kPairI[6] = {1, 2, 3, 2, 3, 3};
 __constant__ int kPairJ[6] = {0, 0, 0, 1, 1, 2};
@@ -129,42 +173,66 @@ __device__ __forceinline__ void InvertDiagBlocks(float* sAkk, int tid) {
   }
 }
 
+// T_ij of the fp32 T in sAkk for rows / columns of the blocks formed so far: below the diagonal from sAkk's
+// lower triangle, 1 on it, 0 above (where sAkk holds A_kk transposed).
+__device__ __forceinline__ float TAt(const float* sAkk, int i, int j) {
+  constexpr int AP = kChunk + 4;
+  return i > j ? sAkk[i * AP + j] : (i == j ? 1.f : 0.f);
+}
+
 // Off-diagonal blocks of T (after a barrier behind InvertDiagBlocks), and all of T as bf16 into sT
-// (pitch TP, 64 x 64; blocks above the diagonal are not written: the product never reads them). Thread
-// (r, c) = (tid & 15, tid >> 4): a half warp holds one column c of P, and T_II P is formed with shuffles.
+// (pitch TP, 64 x 64; blocks above the diagonal are not written: the product never reads them). In order of
+// distance d = I - J, one warp per 8-column half of each block (I, J): P = sum_{M=J}^{I-1} A_IM T_MJ, then
+// T_IJ = -T_II P, both on tensor cores in 3xTF32 (~fp32 products, fp32 sums). P goes through T_IJ's place in
+// sAkk (zero until then, and read by no other warp in round d) to become the second product's B operand.
 // Ends with a barrier.
 __device__ __forceinline__ void InvertOffDiagBlocks(float* sAkk, bf16* sT, int tid) {
   constexpr int AP = kChunk + 4, TP = kChunk + 8;
-  const int r = tid & 15, c = tid >> 4;
+  {
+    const int r = tid & 15, c = tid >> 4;
 #pragma unroll
-  for (int I = 0; I < 4; ++I) {
-    const int i = 16 * I + r, j = 16 * I + c;
-    sT[i * TP + j] = __float2bfloat16(r > c ? sAkk[i * AP + j] : (r == c ? 1.f : 0.f));
+    for (int I = 0; I < 4; ++I) {
+      const int i = 16 * I + r, j = 16 * I + c;
+      sT[i * TP + j] = __float2bfloat16(r > c ? sAkk[i * AP + j] : (r == c ? 1.f : 0.f));
+    }
   }
-#pragma unroll
+  const int warp = tid >> 5, lane = tid & 31, gr = lane >> 2, t4 = lane & 3;
+#pragma unroll 1
   for (int d = 1; d < 4; ++d) {
+    if (warp < 2 * (4 - d)) {
+      const int I = d + (warp >> 1), J = I - d, n0 = 16 * J + 8 * (warp & 1);
+      float acc[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll 1
+      for (int M = J; M < I; ++M) {
 #pragma unroll
-    for (int I = d; I < 4; ++I) {
-      const int J = I - d;
-      float pv = 0.f;  // P[r][c]
-#pragma unroll
-      for (int s = 0; s < 16; ++s) {  // M = J: T_JJ[s][c] is 1 at s = c and 0 above
-        const float t = s > c ? sAkk[(16 * J + s) * AP + 16 * J + c] : (s == c ? 1.f : 0.f);
-        pv += sAkk[(16 * J + s) * AP + 16 * I + r] * t;
+        for (int kb = 0; kb < 16; kb += 8) {
+          const int m = 16 * M + kb + t4;  // k rows m and m + 4 of this lane
+          // A_IM[i][m] = A_kk[16 I + i][m], stored transposed: sAkk[m * AP + 16 I + i]
+          const float a[4] = {sAkk[m * AP + 16 * I + gr], sAkk[m * AP + 16 * I + gr + 8],
+                              sAkk[(m + 4) * AP + 16 * I + gr], sAkk[(m + 4) * AP + 16 * I + gr + 8]};
+          Mma3xTF32(acc, a, TAt(sAkk, m, n0 + gr), TAt(sAkk, m + 4, n0 + gr));
+        }
       }
+      float* pb = sAkk + 16 * I * AP + n0;  // T_IJ's 16 x 8 half block: P, then T_IJ
+      pb[gr * AP + 2 * t4] = acc[0];
+      pb[gr * AP + 2 * t4 + 1] = acc[1];
+      pb[(gr + 8) * AP + 2 * t4] = acc[2];
+      pb[(gr + 8) * AP + 2 * t4 + 1] = acc[3];
+      __syncwarp();
+      float out[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
-      for (int M = J + 1; M < I; ++M)
-#pragma unroll
-        for (int s = 0; s < 16; ++s) pv += sAkk[(16 * M + s) * AP + 16 * I + r] * sAkk[(16 * M + s) * AP + 16 * J + c];
-      float out = pv;  // (T_II P)[r][c] = P[r][c] + sum_{s < r} T_II[r][s] P[s][c]
-#pragma unroll
-      for (int s = 0; s < 15; ++s) {
-        const float ps = __shfl_sync(0xffffffffu, pv, s, 16);
-        if (s < r) out += sAkk[(16 * I + r) * AP + 16 * I + s] * ps;
+      for (int kb = 0; kb < 16; kb += 8) {
+        const int i = 16 * I + gr, s = 16 * I + kb + t4;
+        const float a[4] = {TAt(sAkk, i, s), TAt(sAkk, i + 8, s), TAt(sAkk, i, s + 4), TAt(sAkk, i + 8, s + 4)};
+        Mma3xTF32(out, a, pb[(kb + t4) * AP + gr], pb[(kb + t4 + 4) * AP + gr]);
       }
-      out = -out;
-      sAkk[(16 * I + r) * AP + 16 * J + c] = out;
-      sT[(16 * I + r) * TP + 16 * J + c] = __float2bfloat16(out);
+      __syncwarp();
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int r = gr + 8 * (e >> 1), c = 2 * t4 + (e & 1);
+        pb[r * AP + c] = -out[e];
+        sT[(16 * I + r) * TP + n0 + c] = __float2bfloat16(-out[e]);
+      }
     }
     __syncthreads();
   }
@@ -253,6 +321,7 @@ __global__ void __launch_bounds__(kThreads, K <= 128 ? 2 : 1) PrepKernel(Params 
   constexpr int C = kChunk, KP = SM::KP, GP = SM::GP, AP = SM::AP, QP = SM::QP;
   constexpr int PL = K / 32;  // channels per lane
   constexpr int VPL = 8;      // v elements per lane (V <= 256)
+  constexpr int kRows = 4;    // kAsync: rows per warp pre-processed together
   // kAsync: raw q / k / v / g tiles by cp.async for 2-byte inputs (in place in the bf16 tiles; raw g in sG),
   // k and g of the next item prefetched during this one's solve. K = 256 (1 CTA/SM), fp32 inputs and the SIMT
   // solve (its x[64] spills more with it) keep the register path.
@@ -326,27 +395,47 @@ __global__ void __launch_bounds__(kThreads, K <= 128 ? 2 : 1) PrepKernel(Params 
       // k and g first (their group was issued one item earlier) while q and v are still in flight.
       CpAsyncWait<2>();
       __syncthreads();
+      // kRows rows per warp in flight (their loads and warp sums interleaved), stored with one vector store per
+      // row and lane.
 #pragma unroll 1
-      for (int r = warp; r < C; r += kThreads / 32) {
-        const bool valid = r < L;
-        float kv[PL], gvv[PL];
-        LoadVec<TIn, PL>(reinterpret_cast<const TIn*>(sK + r * KP) + lane * PL, kv);
-        LoadVec<TIn, PL>(reinterpret_cast<const TIn*>(sG + r * GP) + K + lane * PL, gvv);
-        __syncwarp();  // row r's raw g (read by the whole warp) is overwritten by its f32 G below
-        float ks = 1.f;
-        if (p.qk_l2norm) {
+      for (int r0 = warp; r0 < C; r0 += kRows * (kThreads / 32)) {
+        float kv[kRows][PL], gvv[kRows][PL];
+#pragma unroll
+        for (int u = 0; u < kRows; ++u) {
+          const int r = r0 + u * (kThreads / 32);
+          LoadVec<TIn, PL>(reinterpret_cast<const TIn*>(sK + r * KP) + lane * PL, kv[u]);
+          LoadVec<TIn, PL>(reinterpret_cast<const TIn*>(sG + r * GP) + K + lane * PL, gvv[u]);
+        }
+        __syncwarp();  // the rows' raw g (read by the whole warp) are overwritten by their f32 G below
+        float ks[kRows];
+#pragma unroll
+        for (int u = 0; u < kRows; ++u) {
           float sk = 0.f;
 #pragma unroll
-          for (int i = 0; i < PL; ++i) sk += kv[i] * kv[i];
-          sk = WarpSum(sk);
-          ks = rsqrtf(sk + 1e-6f);
+          for (int i = 0; i < PL; ++i) sk += kv[u][i] * kv[u][i];
+          ks[u] = sk;
+        }
+        if (p.qk_l2norm) {
+          WarpSumRows<kRows>(ks);
+#pragma unroll
+          for (int u = 0; u < kRows; ++u) ks[u] = rsqrtf(ks[u] + 1e-6f);
+        } else {
+#pragma unroll
+          for (int u = 0; u < kRows; ++u) ks[u] = 1.f;
         }
         // Each lane rewrites only the k elements it read.
 #pragma unroll
-        for (int i = 0; i < PL; ++i) {
-          const int c = lane * PL + i;
-          sK[r * KP + c] = __float2bfloat16(kv[i] * ks);
-          sG[r * GP + c] = valid ? GateActivation(p, gvv[i], dtb[i], a_coef) : 0.f;
+        for (int u = 0; u < kRows; ++u) {
+          const int r = r0 + u * (kThreads / 32);
+          const bool valid = r < L;
+          float kn[PL], gn[PL];
+#pragma unroll
+          for (int i = 0; i < PL; ++i) {
+            kn[i] = kv[u][i] * ks[u];
+            gn[i] = valid ? GateActivation(p, gvv[u][i], dtb[i], a_coef) : 0.f;
+          }
+          StoreRowBf16<PL>(sK + r * KP + lane * PL, kn);
+          StoreRowF32<PL>(sG + r * GP + lane * PL, gn);
         }
       }
       // q (and, fp16, v: converted in place; bf16 v needs no conversion, so its group may still be in flight).
@@ -354,28 +443,41 @@ __global__ void __launch_bounds__(kThreads, K <= 128 ? 2 : 1) PrepKernel(Params 
       else CpAsyncWait<0>();
       __syncthreads();
 #pragma unroll 1
-      for (int r = warp; r < C; r += kThreads / 32) {
-        float qv[PL];
-        LoadVec<TIn, PL>(reinterpret_cast<const TIn*>(sQ + r * KP) + lane * PL, qv);
-        float qs = p.scale;
-        if (p.qk_l2norm) {
+      for (int r0 = warp; r0 < C; r0 += kRows * (kThreads / 32)) {
+        float qv[kRows][PL], qs[kRows];
+#pragma unroll
+        for (int u = 0; u < kRows; ++u) {
+          LoadVec<TIn, PL>(reinterpret_cast<const TIn*>(sQ + (r0 + u * (kThreads / 32)) * KP) + lane * PL, qv[u]);
           float sq = 0.f;
 #pragma unroll
-          for (int i = 0; i < PL; ++i) sq += qv[i] * qv[i];
-          sq = WarpSum(sq);
-          qs *= rsqrtf(sq + 1e-6f);
+          for (int i = 0; i < PL; ++i) sq += qv[u][i] * qv[u][i];
+          qs[u] = sq;
         }
-        // Each lane rewrites only the q elements it read.
+        if (p.qk_l2norm) {
+          WarpSumRows<kRows>(qs);
 #pragma unroll
-        for (int i = 0; i < PL; ++i) sQ[r * KP + lane * PL + i] = __float2bfloat16(qv[i] * qs);
-        if constexpr (!std::is_same<TIn, bf16>::value) {
-          const TIn* rv = reinterpret_cast<const TIn*>(sV + r * VP);
+          for (int u = 0; u < kRows; ++u) qs[u] = p.scale * rsqrtf(qs[u] + 1e-6f);
+        } else {
 #pragma unroll
-          for (int i = 0; i < VPL; ++i) {
-            const int c = lane + 32 * i;
-            if (c < V) {
-              const float x = ToF<TIn>(rv[c]);
-              sV[r * VP + c] = __float2bfloat16(x);
+          for (int u = 0; u < kRows; ++u) qs[u] = p.scale;
+        }
+#pragma unroll
+        for (int u = 0; u < kRows; ++u) {
+          const int r = r0 + u * (kThreads / 32);
+          // Each lane rewrites only the q elements it read.
+          float qn[PL];
+#pragma unroll
+          for (int i = 0; i < PL; ++i) qn[i] = qv[u][i] * qs[u];
+          StoreRowBf16<PL>(sQ + r * KP + lane * PL, qn);
+          if constexpr (!std::is_same<TIn, bf16>::value) {
+            const TIn* rv = reinterpret_cast<const TIn*>(sV + r * VP);
+#pragma unroll
+            for (int i = 0; i < VPL; ++i) {
+              const int c = lane + 32 * i;
+              if (c < V) {
+                const float x = ToF<TIn>(rv[c]);
+                sV[r * VP + c] = __float2bfloat16(x);
+              }
             }
           }
         }
@@ -522,8 +624,9 @@ __global__ void __launch_bounds__(kThreads, K <= 128 ? 2 : 1) PrepKernel(Params 
               const int c = kk * 16 + 2 * t4 + 8 * (m >> 1);
               const float e0 = __expf(fminf(sG[i * GP + c] - sG[r * GP + c], 80.f));
               const float e1 = __expf(fminf(sG[i * GP + c + 1] - sG[r * GP + c + 1], 80.f));
-              ak[m] = PackBF16(Bf(sK[i * KP + c]) * e0, Bf(sK[i * KP + c + 1]) * e1);
-              aq[m] = PackBF16(Bf(sQ[i * KP + c]) * e0, Bf(sQ[i * KP + c + 1]) * e1);
+              const float2 kk2 = Bf2(sK + i * KP + c), qq2 = Bf2(sQ + i * KP + c);
+              ak[m] = PackBF16(kk2.x * e0, kk2.y * e1);
+              aq[m] = PackBF16(qq2.x * e0, qq2.y * e1);
             }
           };
           row_factors(diag ? 16 * I + 7 : 16 * J + 15);
@@ -538,7 +641,8 @@ __global__ void __launch_bounds__(kThreads, K <= 128 ? 2 : 1) PrepKernel(Params 
               const int c = kk * 16 + 2 * t4 + 8 * hh;
               const float e0 = __expf(sG[r * GP + c] - sG[j * GP + c]);
               const float e1 = __expf(sG[r * GP + c + 1] - sG[j * GP + c + 1]);
-              bb[hh] = PackBF16(Bf(sK[j * KP + c]) * e0, Bf(sK[j * KP + c + 1]) * e1);
+              const float2 kj2 = Bf2(sK + j * KP + c);
+              bb[hh] = PackBF16(kj2.x * e0, kj2.y * e1);
             }
             Mma(akk[n], ak, bb[0], bb[1]);
             Mma(aqk[n], aq, bb[0], bb[1]);
@@ -579,45 +683,57 @@ __global__ void __launch_bounds__(kThreads, K <= 128 ? 2 : 1) PrepKernel(Params 
         }
       }
     }
+    // ---- Qg = exp(G) q, Kd = exp(G_last - G) k ----
+    // by the warps with one task above, while the first kTaskWarps run their second: none of it writes what the
+    // tasks read.
+    constexpr int kTaskWarps = 10 - kThreads / 32;  // warps with two tasks
+    const float* gl = sG + (C - 1) * GP;  // rows >= L carry g = 0, so row C-1 holds G_last
+    if (warp >= kTaskWarps) {
+      const int t0 = tid - 32 * kTaskWarps, nt = kThreads - 32 * kTaskWarps;
+#pragma unroll 1
+      for (int idx = t0; idx < L * (K / 8); idx += nt) {
+        const int r = idx / (K / 8), c0 = (idx - r * (K / 8)) * 8;
+        uint32_t qw[4], kw[4];
+        float q8[8], k8[8];
+        Bf8(sQ + r * KP + c0, q8);
+        Bf8(sK + r * KP + c0, k8);
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+          const int c = c0 + 2 * u;
+          const float g0 = sG[r * GP + c], g1 = sG[r * GP + c + 1];
+          qw[u] = PackBF16(q8[2 * u] * __expf(g0), q8[2 * u + 1] * __expf(g1));
+          kw[u] = PackBF16(k8[2 * u] * __expf(gl[c] - g0), k8[2 * u + 1] * __expf(gl[c + 1] - g1));
+        }
+        const size_t o = (((size_t)b * p.T + cs + r) * HV + hv) * K + c0;
+        *reinterpret_cast<uint4*>(p.Qg + o) = make_uint4(qw[0], qw[1], qw[2], qw[3]);
+        *reinterpret_cast<uint4*>(p.Kd + o) = make_uint4(kw[0], kw[1], kw[2], kw[3]);
+      }
+    }
     __syncthreads();
     // ---- WY solve ----
     if constexpr (!kMmaSolve) {
       float x[kChunk];
       SolveSimt<K>(p, sK, sG, sAkk, sBeta, sV, V, VP, HV, b, cs, L, hv, tid, x);
     }
-    // mma: the diagonal blocks of T now (warps 0-1), the rest of T and the product after the epilogue, which
-    // frees sQ (W's right-hand side) and sAqk (bf16 T).
-    if constexpr (kMmaSolve) InvertDiagBlocks(sAkk, tid);
-    // ---- Qg = exp(G) q, Kd = exp(G_last - G) k, A_qk rows, gamma = exp(G_last) ----
-    const float* gl = sG + (C - 1) * GP;  // rows >= L carry g = 0, so row C-1 holds G_last
-    for (int idx = tid; idx < L * (K / 8); idx += kThreads) {
-      const int r = idx / (K / 8), c0 = (idx - r * (K / 8)) * 8;
-      uint32_t qw[4], kw[4];
-#pragma unroll
-      for (int u = 0; u < 4; ++u) {
-        const int c = c0 + 2 * u;
-        const float g0 = sG[r * GP + c], g1 = sG[r * GP + c + 1];
-        qw[u] = PackBF16(Bf(sQ[r * KP + c]) * __expf(g0), Bf(sQ[r * KP + c + 1]) * __expf(g1));
-        kw[u] = PackBF16(Bf(sK[r * KP + c]) * __expf(gl[c] - g0), Bf(sK[r * KP + c + 1]) * __expf(gl[c + 1] - g1));
-      }
-      const size_t o = (((size_t)b * p.T + cs + r) * HV + hv) * K + c0;
-      *reinterpret_cast<uint4*>(p.Qg + o) = make_uint4(qw[0], qw[1], qw[2], qw[3]);
-      *reinterpret_cast<uint4*>(p.Kd + o) = make_uint4(kw[0], kw[1], kw[2], kw[3]);
-      if constexpr (kMmaSolve) {
-        // W's right-hand side beta * exp(G) k (as SolveSimt forms it) replaces q, now written out.
+    // mma: the diagonal blocks of T now (warps 0-1), W's right-hand side beta * exp(G) k (as SolveSimt forms it)
+    // in place of q (written out above), then the rest of T and the product once A_qk is written out (sAqk then
+    // holds bf16 T).
+    if constexpr (kMmaSolve) {
+      InvertDiagBlocks(sAkk, tid);
+      for (int idx = tid; idx < L * (K / 8); idx += kThreads) {
+        const int r = idx / (K / 8), c0 = (idx - r * (K / 8)) * 8;
         const float bb = sBeta[r];
+        float k8[8];
+        Bf8(sK + r * KP + c0, k8);
         uint32_t ww[4];
 #pragma unroll
         for (int u = 0; u < 4; ++u) {
           const int c = c0 + 2 * u;
-          ww[u] = PackBF16(bb * (Bf(sK[r * KP + c]) * __expf(sG[r * GP + c])),
-                           bb * (Bf(sK[r * KP + c + 1]) * __expf(sG[r * GP + c + 1])));
+          ww[u] = PackBF16(bb * (k8[2 * u] * __expf(sG[r * GP + c])), bb * (k8[2 * u + 1] * __expf(sG[r * GP + c + 1])));
         }
         *reinterpret_cast<uint4*>(sQ + r * KP + c0) = make_uint4(ww[0], ww[1], ww[2], ww[3]);
       }
-    }
-    if constexpr (kMmaSolve) {
-      // U's right-hand side beta * v, in place (rows >= L of sQ and sV are zero already).
+      // U's right-hand side beta * v, in place (rows >= L of sV are zero already).
       for (int idx = tid; idx < L * (V / 8); idx += kThreads) {
         const int r = idx / (V / 8), c0 = (idx - r * (V / 8)) * 8;
         const float bb = sBeta[r];
