@@ -3,11 +3,12 @@
 The prep kernel solves, per (chunk, value head), (I + A) [W | U] = diag(beta) [exp(G) * k | v] with A the
 beta-scaled strictly lower A_kk (fp32 in shared memory). Two variants:
 
-  simt (default)            one column per thread, fp32 right-looking substitution (SolveSimt);
-  mma (FLASHKDA_FWD_SOLVE=mma)  T = (I + A)^{-1} in fp32, blocked: the 16x16 diagonal blocks by substitution
+  simt (fp32 inputs)        one column per thread, fp32 right-looking substitution (SolveSimt);
+  mma (bf16 / fp16 inputs)  T = (I + A)^{-1} in fp32, blocked: the 16x16 diagonal blocks by substitution
                             (InvertDiagBlocks), then T_IJ = -T_II sum_{M=J}^{I-1} A_IM T_MJ in order of
-                            distance I - J = 1, 2, 3 (InvertOffDiagBlocks); T and the right-hand side are
-                            rounded to bf16 and multiplied on tensor cores with fp32 accumulation (SolveMma).
+                            distance I - J = 1, 2, 3 on tensor cores in 3xTF32 (InvertOffDiagBlocks); T and
+                            the right-hand side are rounded to bf16 and multiplied on tensor cores with fp32
+                            accumulation (SolveMma).
 
 This file replays both in NumPy in the kernels' order of operations (fp32 FMAs emulated in float64 and
 rounded once; tensor-core products exact and each 16-deep k block summed before it is added to the fp32
@@ -86,8 +87,27 @@ def solve_simt(A, rhs):
     return x
 
 
-def invert_blocked(A):
-    """InvertDiagBlocks + InvertOffDiagBlocks: T = (I + A)^{-1} (fp32), same block order and FMA order."""
+def tf32(x):
+    """cvt.rna.tf32.f32: round float32 to 10 mantissa bits, ties away from zero (returned as float32)."""
+    u = np.ascontiguousarray(x, f32).view(np.uint32).astype(np.uint64)
+    u = (u + 0x1000) & ~np.uint64(0x1FFF)
+    return u.astype(np.uint32).view(f32)
+
+
+def mma_tf32(a, b, acc, split=True):
+    """Mma3xTF32 over one 8-deep k block: acc += Al Bh + Ah Bl + Ah Bh (split = False: acc += Ah Bh only), each
+    tf32 product exact, each mma's sum rounded to fp32 once."""
+    ah, bh = tf32(a), tf32(b)
+    terms = [(tf32(a - ah), bh), (ah, tf32(b - bh))] if split else []
+    for x, y in terms + [(ah, bh)]:
+        acc = (acc.astype(f64) + x.astype(f64) @ y.astype(f64)).astype(f32)
+    return acc
+
+
+def invert_blocked(A, split=True):
+    """InvertDiagBlocks + InvertOffDiagBlocks: T = (I + A)^{-1} (fp32). The diagonal blocks by fp32 substitution
+    (one thread per column), then, in order of distance d = I - J, P = sum_{M=J}^{I-1} A_IM T_MJ and
+    T_IJ = -T_II P on tensor cores (m16n8k8 tf32, 3xTF32), k blocks of 8 in order."""
     T = np.zeros((C, C), f32)
     for I in range(4):  # one thread per column j of T_II: right-looking substitution from e_j
         a = A[16 * I:16 * I + 16, 16 * I:16 * I + 16]
@@ -98,18 +118,17 @@ def invert_blocked(A):
     for d in (1, 2, 3):
         for I in range(d, 4):
             J = I - d
-            P = np.zeros((16, 16), f32)  # P[r, c], summed over M = J .. I-1, s = 0..15 in order
+            rows, cols = slice(16 * I, 16 * I + 16), slice(16 * J, 16 * J + 16)
+            P = np.zeros((16, 16), f32)
             for M in range(J, I):
-                a = A[16 * I:16 * I + 16, 16 * M:16 * M + 16]
-                t = T[16 * M:16 * M + 16, 16 * J:16 * J + 16]  # unit lower T_JJ for M = J
-                for s in range(16):
-                    P = fma32(a[:, s:s + 1], t[s:s + 1, :], P)
-            out = P.copy()
-            tii = T[16 * I:16 * I + 16, 16 * I:16 * I + 16]
-            for s in range(15):  # out[r] += T_II[r, s] P[s] for s < r
-                rows = slice(s + 1, 16)
-                out[rows] = fma32(tii[rows, s:s + 1], P[s:s + 1, :], out[rows])
-            T[16 * I:16 * I + 16, 16 * J:16 * J + 16] = -out
+                for kb in (0, 8):
+                    ks = slice(16 * M + kb, 16 * M + kb + 8)
+                    P = mma_tf32(A[rows, ks], T[ks, cols], P, split)
+            tii = T[rows, rows]
+            out = np.zeros((16, 16), f32)
+            for kb in (0, 8):
+                out = mma_tf32(tii[:, kb:kb + 8], P[kb:kb + 8], out, split)
+            T[rows, cols] = -out
     return T
 
 
@@ -148,6 +167,17 @@ def test_blocked_inverse_is_the_inverse():
     ref = np.linalg.inv(np.eye(C) + A.astype(f64))
     assert np.allclose(np.triu(T, 1), 0.0) and np.allclose(np.diag(T), 1.0)
     assert np.linalg.norm(T - ref) / np.linalg.norm(ref) < 1e-5
+
+
+def test_tf32_tails_keep_the_inverse_fp32_accurate():
+    """3xTF32 (head and tail of each operand) keeps T's off-diagonal blocks at fp32 accuracy (~3e-8 relative);
+    the heads alone (one tf32 mma) give ~1e-4, a tenth of T's bf16 rounding for the solve."""
+    for seed in range(3):
+        A, _ = make_chunk(seed, "softplus", 2.0, correlated=True)
+        ref = np.linalg.inv(np.eye(C) + A.astype(f64))
+        e3 = np.linalg.norm(invert_blocked(A) - ref) / np.linalg.norm(ref)
+        e1 = np.linalg.norm(invert_blocked(A, split=False) - ref) / np.linalg.norm(ref)
+        assert e3 < 1e-6 and e1 > 10 * e3, (seed, e3, e1)
 
 
 @pytest.mark.parametrize("gate,beta_max,correlated", CASES)
