@@ -9,20 +9,22 @@ cd "$(dirname "$0")/.."
 VENV=${FLASHKDA_VENV:-.venv}
 # Run from tests/ so that the installed package (with its compiled extension) is what gets imported.
 cd tests
-run() {
+# pytest's exit status, without stopping the script (5: it collected no tests).
+pytest_rc() {
   set +e
   "../$VENV/bin/python" -m pytest -q -rs "$@"
   local rc=$?
   set -e
-  if [ "$rc" -eq 5 ]; then
-    echo "pytest collected no tests ($*): failing" >&2
-    return 1
-  fi
   return "$rc"
 }
 if [ "$#" -gt 0 ]; then
-  run "$@"
-  exit $?
+  rc=0
+  pytest_rc "$@" || rc=$?
+  if [ "$rc" -eq 5 ]; then
+    echo "pytest collected no tests ($*): failing" >&2
+    exit 1
+  fi
+  exit "$rc"
 fi
 # Per file, "collected nothing" (pytest's 5) is a module skipped as a whole (e.g. torch missing); the run fails
 # if no file ran a test.
@@ -30,10 +32,8 @@ failed=()
 ran=0
 for f in test_*.py; do
   echo "== $f"
-  set +e
-  "../$VENV/bin/python" -m pytest -q -rs "$f"
-  rc=$?
-  set -e
+  rc=0
+  pytest_rc "$f" || rc=$?
   if [ "$rc" -eq 0 ]; then
     ran=1
   elif [ "$rc" -ne 5 ]; then
