@@ -85,6 +85,11 @@ __device__ __forceinline__ void WarpSumRows(float (&x)[N]) {
     for (int u = 0; u < N; ++u) x[u] += __shfl_xor_sync(0xffffffffu, x[u], o);
 }
 
+// Token t's row of the prep's A_qk output (kAqkPitch: its A_qk row, then its row of T).
+__device__ __forceinline__ bf16* AqkRow(const Params& p, int b, int t, int hv) {
+  return p.Aqk + (((size_t)b * p.T + t) * p.HV + hv) * kAqkPitch;
+}
+
 // Off-diagonal 16x16 blocks (I, J), I > J, handled by warps 0..5.
 __constant__ int kPairI[6] = {1, 2, 3, 2, 3, 3};
 __constant__ int kPairJ[6] = {0, 0, 0, 1, 1, 2};
@@ -750,7 +755,7 @@ __global__ void __launch_bounds__(kThreads, K <= 128 ? 2 : 1) PrepKernel(Params 
     // A_qk rows; without the tensor-core solve also zeros over the T half of each row (see kAqkPitch).
     for (int idx = tid; idx < L * (C / 8); idx += kThreads) {
       const int r = idx / (C / 8), c0 = (idx - r * (C / 8)) * 8;
-      bf16* row = p.Aqk + (((size_t)b * p.T + cs + r) * HV + hv) * kAqkPitch;
+      bf16* row = AqkRow(p, b, cs + r, hv);
       *reinterpret_cast<uint4*>(row + c0) = *reinterpret_cast<const uint4*>(sAqk + r * QP + c0);
       if constexpr (!kMmaSolve) *reinterpret_cast<uint4*>(row + C + c0) = make_uint4(0u, 0u, 0u, 0u);
     }
@@ -769,7 +774,7 @@ __global__ void __launch_bounds__(kThreads, K <= 128 ? 2 : 1) PrepKernel(Params 
       // backward's grad2 (kAqkPitch)
       for (int idx = tid; idx < L * (C / 8); idx += kThreads) {
         const int r = idx / (C / 8), c0 = (idx - r * (C / 8)) * 8;
-        *reinterpret_cast<uint4*>(p.Aqk + (((size_t)b * p.T + cs + r) * HV + hv) * kAqkPitch + C + c0) =
+        *reinterpret_cast<uint4*>(AqkRow(p, b, cs + r, hv) + C + c0) =
             *reinterpret_cast<const uint4*>(sAqk + r * QP + c0);
       }
       SolveMma<K>(p, sAqk, sQ, sV, b, cs, L, hv, warp, lane);
