@@ -10,7 +10,11 @@
 #            processes; then fwd+bwd timings of the default kernels and of the backward's first versions),
 #            slices (kda(checkpoint_slices=N): tests/test_slicing.py, then fwd+bwd time and memory ratio for
 #            N in SLICE_COUNTS (default "4 8 16") and without, on SLICE_CASES),
-#            multi (needs >= 2 GPUs: sharded == unsharded on the GPUs, context-parallel speed-up at 64k)
+#            multi (needs >= 2 GPUs: sharded == unsharded on the GPUs, context-parallel speed-up at 64k),
+#            lines (one kernel's stall samples and shared-memory wavefronts by source line: ncu's SASS metrics
+#            mapped with nvdisasm -g, benchmarks/ncu_lines.py; LINES_KERNEL (ncu -k regex, default PrepKernel),
+#            LINES_FUNCTION (substrings of the mangled instantiation, default PrepKernel<128, bf16, mma>),
+#            LINES_CASE (default b8-t4k-h16), LINES_ARGS (prof.py, e.g. --grad), LINES_RANGES (phases by line))
 #   BENCH_ARGS  extra args for bench_gpu.py's forward tables (e.g. "--reps 10 --cases b1-t8k-h16")
 #   GRAD_ARGS   extra args for the fwd+bwd table
 #   BENCH_FIRST_VERSION  0: the variants stage times only the defaults
@@ -167,6 +171,23 @@ if has prof; then
   env XLA_FLAGS=--xla_gpu_autotune_level=0 ${PROF_ENV:-} timeout 240 ncu --clock-control none --metrics gpu__time_duration.sum --print-summary per-kernel \
     python3 benchmarks/prof.py --grad --calls 1 ${PROF_CASES:-b8-t4k-h16} >"$LOG/prof.log" 2>&1
   summary+=("prof rc=$? [${PROF_ENV:-defaults}]")
+fi
+if has lines; then
+  LK=${LINES_KERNEL:-PrepKernel}
+  PKG=$(cd /tmp && python3 -c "import flashkda_jax, os; print(os.path.dirname(flashkda_jax.__file__))")
+  rm -rf /tmp/lines_cubin && mkdir -p /tmp/lines_cubin && (cd /tmp/lines_cubin && cuobjdump -xelf all "$PKG"/*.so >/dev/null 2>&1)
+  CUB=$(grep -l "$LK" /tmp/lines_cubin/*.cubin | head -1)
+  nvdisasm -g -c "$CUB" | gzip -c >"$LOG/lines_dis.txt.gz"
+  env XLA_FLAGS=--xla_gpu_autotune_level=0 timeout 300 ncu --clock-control none -k "regex:$LK" --launch-skip 1 \
+    --launch-count 1 --import-source yes --section SourceCounters --section WarpStateStats --section SpeedOfLight \
+    -f -o /tmp/lines_rep python3 benchmarks/prof.py --calls 2 ${LINES_ARGS:-} ${LINES_CASE:-b8-t4k-h16} \
+    >"$LOG/lines_ncu.log" 2>&1
+  ncu -i /tmp/lines_rep.ncu-rep --page details >"$LOG/lines_details.txt" 2>&1
+  ncu -i /tmp/lines_rep.ncu-rep --page source --csv --print-source sass | gzip -c >"$LOG/lines_sass.csv.gz"
+  python3 benchmarks/ncu_lines.py "$LOG/lines_sass.csv.gz" "$LOG/lines_dis.txt.gz" \
+    --function "${LINES_FUNCTION:-PrepKernel,ILi128E13__nv_bfloat16Lb1E}" ${LINES_RANGES:+--ranges "$LINES_RANGES"} \
+    >"$LOG/lines.txt" 2>&1
+  summary+=("lines rc=$? ($LK: $LOG/lines.txt)")
 fi
 if has multi; then
   timeout 500 python3 benchmarks/multi_gpu.py --cuda-bwd >"$LOG/multi_gpu.log" 2>&1

@@ -28,3 +28,30 @@ def test_first_version_switches_are_read_by_the_kernels():
     for name, value in FIRST_VERSION_ENV.items():
         assert f'EnvEquals("{name}", "{value}")' in sources, (name, value)
         assert f"`{name}` | `{value}`" in docs, (name, value)
+
+
+def test_ncu_lines_attributes_samples_to_source_lines(tmp_path):
+    """benchmarks/ncu_lines.py: instructions map to their function's lines by offset from the lowest address;
+    an inlined header's instruction counts at the last line of the file of interest before it; only the named
+    instantiation is read."""
+    import sys
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import ncu_lines
+
+    dis = "\n".join([
+        '\t.section\t.text._Z5OtherILi64EEv,"ax",@progbits',
+        '//## File "/src/k.cu", line 1', "        /*0000*/ NOP ;",
+        '\t.section\t.text._Z6KernelILi128EEv,"ax",@progbits',
+        '//## File "/src/k.cu", line 10', "        /*0000*/ LDS R0, [R1] ;",
+        '//## File "/usr/include/cuda_bf16.hpp", line 500', "        /*0010*/ F2F R2, R0 ;",
+        '//## File "/src/k.cu", line 20', "        /*0020*/ BAR.SYNC 0x0 ;",
+    ])
+    hdr = ["Address", "Source", "Warp Stall Sampling (All Samples)", "L1 Wavefronts Shared", "stall_barrier"]
+    rows = [["0x7f00", "LDS", "5", "4", "0"], ["0x7f10", "F2F", "3", "0", "0"], ["0x7f20", "BAR", "2", "0", "2"]]
+    csv_text = "\n".join([",".join('"%s"' % c for c in r) for r in [["title"], hdr] + rows])
+    lines = ncu_lines.line_map(dis.split("\n"), ["Kernel", "ILi128E"])
+    assert lines == {0: ("k.cu", 10), 16: ("cuda_bf16.hpp", 500), 32: ("k.cu", 20)}
+    agg = ncu_lines.attribute(ncu_lines.read_sass(csv_text.split("\n")), lines, "k.cu")
+    assert agg[10]["Warp Stall Sampling (All Samples)"] == 8 and agg[10]["L1 Wavefronts Shared"] == 4
+    assert agg[20]["Warp Stall Sampling (All Samples)"] == 2 and agg[20]["stall_barrier"] == 2
+    assert ncu_lines.parse_ranges("1-15=a,16-30=b") == [(1, 15, "a"), (16, 30, "b")]
