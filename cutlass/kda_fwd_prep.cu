@@ -692,6 +692,7 @@ __global__ void __launch_bounds__(kThreads, K <= 128 ? 2 : 1) PrepKernel(Params 
     // by the warps with one task above, while the first kTaskWarps run their second: none of it writes what the
     // tasks read.
     constexpr int kTaskWarps = 10 - kThreads / 32;  // warps with two tasks
+    static_assert(kThreads / 32 >= 5 && kThreads / 32 < 10, "each warp runs one or two of the ten A tasks");
     const float* gl = sG + (C - 1) * GP;  // rows >= L carry g = 0, so row C-1 holds G_last
     if (warp >= kTaskWarps) {
       const int t0 = tid - 32 * kTaskWarps, nt = kThreads - 32 * kTaskWarps;
