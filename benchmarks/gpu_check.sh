@@ -62,13 +62,15 @@ if has build; then
   summary+=("build rc=$rc ($(( $(date +%s) - t0 )) s)")
   if [ $rc -ne 0 ]; then grep -E "error|Error" "$LOG/build.log" | head -30; cat "$LOG/gpu.txt"; exit 1; fi
 fi
+# Directory of the installed package (imported from /tmp, not from this checkout).
+installed_pkg() { (cd /tmp && python3 -c "import flashkda_jax, os; print(os.path.dirname(flashkda_jax.__file__))"); }
 if [ -n "${PREBUILT:-}" ]; then
   python3 -m pip install -q --no-deps --no-index --force-reinstall $PREBUILT >"$LOG/build.log" 2>&1
   rc=$?
   summary+=("prebuilt install rc=$rc ($PREBUILT)")
   [ $rc -ne 0 ] && { cat "$LOG/build.log"; exit 1; }
   # Kernels from the wheel, Python from this checkout (a Python-only change needs no rebuild).
-  PKG=$(cd /tmp && python3 -c "import flashkda_jax, os; print(os.path.dirname(flashkda_jax.__file__))")
+  PKG=$(installed_pkg)
   cp flashkda_jax/*.py "$PKG/"
 fi
 # pytest (400 s limit) with .whl/extra searched after site-packages (what fla.layers needs); run from tests/.
@@ -174,7 +176,7 @@ if has prof; then
 fi
 if has lines; then
   LK=${LINES_KERNEL:-PrepKernel}
-  PKG=$(cd /tmp && python3 -c "import flashkda_jax, os; print(os.path.dirname(flashkda_jax.__file__))")
+  PKG=$(installed_pkg)
   rm -rf /tmp/lines_cubin && mkdir -p /tmp/lines_cubin && (cd /tmp/lines_cubin && cuobjdump -xelf all "$PKG"/*.so >/dev/null 2>&1)
   CUB=$(grep -l "$LK" /tmp/lines_cubin/*.cubin | head -1)
   nvdisasm -g -c "$CUB" | gzip -c >"$LOG/lines_dis.txt.gz"

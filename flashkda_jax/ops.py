@@ -127,29 +127,31 @@ def _ffi_backward_call(args, do, dfin, opts, impl, grad_types, saved=None):
                                      jax.ShapeDtypeStruct((ws,), jnp.uint8))
     if dfin is None:
         dfin = _empty_state(q)
-    operands = (q, k, v, g, beta, a_log, dt_bias, slot, _empty_state(q) if init is None else init,
-                do.astype(v.dtype), dfin.astype(_inputs.compute_dtype(q.dtype))) + tuple(saved)
+    inputs = (q, k, v, g, beta, a_log, dt_bias, slot, _empty_state(q) if init is None else init,
+              do.astype(v.dtype), dfin.astype(_inputs.compute_dtype(q.dtype)))
     outs = jax.ffi.ffi_call(_ffi.BWD_TARGET, out_types, vmap_method="broadcast_all",
-                            input_output_aliases=_residual_aliases(operands, out_types))(
-        *operands, **opts.ffi_attrs())
+                            input_output_aliases=_residual_aliases(len(inputs), saved, out_types))(
+        *inputs, *saved, **opts.ffi_attrs())
     return outs[:8]
 
 
-# The backward's results that may take the memory of the saved residual they replace (operand index after the 11
-# inputs: chunk_states, Qg, Kd, W, U, A_qk, gamma): dq <- Qg, dk <- Kd, dv <- U, dg <- W. The CUDA kernels read
-# Qg / Kd only before grad2 writes dq / dk (reverse pass, grad1), and grad2 reads an item's W | U rows before it
-# writes that item's dv / dg; PadZero's zeros go to padding tokens, whose rows no kernel reads.
-_RESIDUAL_OF_RESULT = ((12, 0), (13, 1), (15, 2), (14, 3))
+# The backward's results that may take the memory of the saved residual they replace, {index in the saved results
+# (chunk_states, Qg, Kd, W, U, A_qk, gamma: _workspace.saved_structs): result index}: dq <- Qg, dk <- Kd, dv <- U,
+# dg <- W. The CUDA kernels read Qg / Kd only before grad2 writes dq / dk (reverse pass, grad1), and grad2 reads
+# an item's W | U rows before it writes that item's dv / dg; PadZero's zeros go to padding tokens, whose rows no
+# kernel reads.
+_RESULT_OF_SAVED = {1: 0, 2: 1, 4: 2, 3: 3}
 
 
-def _residual_aliases(operands, out_types) -> dict:
-    """input_output_aliases of the backward call: each saved residual whose shape and dtype match the gradient
-    that replaces it (H == HV for dq / dk; 2-byte bf16 inputs), so that the backward's peak holds one of the two.
-    XLA copies a residual that is still live elsewhere, so this never changes results."""
-    if len(operands) <= 12 or operands[12].size == 0:
+def _residual_aliases(first: int, saved, out_types) -> dict:
+    """input_output_aliases of the backward call, whose saved results are operands first, first + 1, ...: each
+    saved residual whose shape and dtype match the gradient that replaces it (H == HV for dq / dk; bf16 inputs),
+    so that the backward's peak holds one of the two. XLA copies a residual that is still live elsewhere, so this
+    never changes results."""
+    if len(saved) < 5 or saved[1].size == 0:
         return {}
-    return {i: r for i, r in _RESIDUAL_OF_RESULT
-            if operands[i].shape == out_types[r].shape and operands[i].dtype == out_types[r].dtype}
+    return {first + i: r for i, r in _RESULT_OF_SAVED.items()
+            if saved[i].shape == out_types[r].shape and saved[i].dtype == out_types[r].dtype}
 
 
 def _grad_types(args):

@@ -30,7 +30,7 @@ def test_first_version_switches_are_read_by_the_kernels():
         assert f"`{name}` | `{value}`" in docs, (name, value)
 
 
-def test_ncu_lines_attributes_samples_to_source_lines(tmp_path):
+def test_ncu_lines_attributes_samples_to_source_lines():
     """benchmarks/ncu_lines.py: instructions map to their function's lines by offset from the lowest address;
     an inlined header's instruction counts at the last line of the file of interest before it; only the named
     instantiation is read."""
