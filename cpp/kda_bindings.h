@@ -48,7 +48,8 @@
       ::xla::ffi::Result<::xla::ffi::AnyBuffer> workspace
 
 // Backward: the forward operands, do, dfinal_state, chunk_states, saved_qg, saved_kd, saved_w, saved_u,
-// saved_aqk, saved_gamma (the forward's, or 0 elements: recompute) ->
+// saved_aqk, saved_gamma (the forward's, or 0 elements: recompute); attribute bwd_window (the CUDA backward's
+// token window, 0 = none; the CPU handler ignores it) ->
 //   dq, dk, dv, dg (of the raw gate input), dbeta (of the raw beta), da_log_partial [..., HV] f32,
 //   ddt_bias_partial [..., HV, K] f32 (both per batch row; Python sums them), dinitial_state, workspace.
 #define FLASHKDA_BWD_BINDING(binding)                                                          \
@@ -71,6 +72,7 @@
                             .Arg<::xla::ffi::AnyBuffer>() /* saved_u (0 elements = none) */       \
                             .Arg<::xla::ffi::AnyBuffer>() /* saved_aqk (0 elements = none) */     \
                             .Arg<::xla::ffi::AnyBuffer>() /* saved_gamma (0 elements = none) */)  \
+      .Attr<int64_t>("bwd_window") /* CUDA: tokens per backward window, 0 = none (docs/ffi.md) */ \
       .Ret<::xla::ffi::AnyBuffer>() /* dq */                                                   \
       .Ret<::xla::ffi::AnyBuffer>() /* dk */                                                   \
       .Ret<::xla::ffi::AnyBuffer>() /* dv */                                                   \
@@ -88,7 +90,7 @@
       ::xla::ffi::AnyBuffer initial_state, ::xla::ffi::AnyBuffer d_o,                           \
       ::xla::ffi::AnyBuffer dfinal_state, ::xla::ffi::AnyBuffer chunk_states, ::xla::ffi::AnyBuffer saved_qg,   \
       ::xla::ffi::AnyBuffer saved_kd, ::xla::ffi::AnyBuffer saved_w, ::xla::ffi::AnyBuffer saved_u,              \
-      ::xla::ffi::AnyBuffer saved_aqk, ::xla::ffi::AnyBuffer saved_gamma, FLASHKDA_OPTION_PARAMS,                               \
+      ::xla::ffi::AnyBuffer saved_aqk, ::xla::ffi::AnyBuffer saved_gamma, FLASHKDA_OPTION_PARAMS, int64_t bwd_window, \
       ::xla::ffi::Result<::xla::ffi::AnyBuffer> dq, ::xla::ffi::Result<::xla::ffi::AnyBuffer> dk, \
       ::xla::ffi::Result<::xla::ffi::AnyBuffer> dv, ::xla::ffi::Result<::xla::ffi::AnyBuffer> dg, \
       ::xla::ffi::Result<::xla::ffi::AnyBuffer> dbeta,                                          \

@@ -489,6 +489,7 @@ template <class In, class Acc> TaskFn PickFinish() {
 
 ffi::Error KdaBwd(ffi::ThreadPool& pool, FLASHKDA_BWD_PARAMS) {
   constexpr const char* op = "flashkda_bwd";
+  (void)bwd_window;  // the CUDA backward's token windows; the CPU backward has no per-token scratch to bound
   KdaOptions opt;
   if (auto e = FLASHKDA_DECODE_OPTIONS(opt); e.failure()) return e;
   BwdArgs A;
@@ -606,7 +607,8 @@ static ffi::Error KdaCpuBwdImpl(ffi::ThreadPool pool, FLASHKDA_BWD_PARAMS) {
   return Guard("flashkda_bwd", [&]() {
     return KdaBwd(pool, q, k, v, g, beta, a_log, dt_bias, slot, initial_state, d_o, dfinal_state, chunk_states,
                   saved_qg, saved_kd, saved_w, saved_u, saved_aqk, saved_gamma, scale, gate_mode, lower_bound, use_a_log, qk_l2norm,
-                  beta_sigmoid, allow_neg_eigval, state_vk, dq, dk, dv, dg, dbeta, da_log_partial, ddt_bias_partial, dinitial_state, workspace);
+                  beta_sigmoid, allow_neg_eigval, state_vk, bwd_window, dq, dk, dv, dg, dbeta, da_log_partial, ddt_bias_partial,
+                  dinitial_state, workspace);
   });
 }
 

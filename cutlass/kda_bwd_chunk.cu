@@ -576,7 +576,7 @@ __global__ void __launch_bounds__(Grad2Threads(kFactored, kMmaSolve), 1) Grad2Ke
   static_assert(kNW <= SM::kMaxWarps, "sKdp rows");
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int HV = p.HV, H = p.H;
-  const int nitems = p.counters[0] * HV;
+  const int nitems = WindowChunkCount(P) * HV;
   const TIn* gq = static_cast<const TIn*>(p.q);
   const TIn* gk = static_cast<const TIn*>(p.k);
   const TIn* gv = static_cast<const TIn*>(p.v);
@@ -591,11 +591,12 @@ __global__ void __launch_bounds__(Grad2Threads(kFactored, kMmaSolve), 1) Grad2Ke
   const bool wu_prep = P.grad2_wu_prep;  // kMmaSolve: W | U from the prep workspace instead of solved again
   for (int it = blockIdx.x; it < nitems; it += gridDim.x) {
     const int ci = it / HV, hv = it - ci * HV;
-    const int4 e = p.chunk_list[ci];
+    const int4 e = WindowChunk(P, ci);
     const int b = e.x, cs = e.y, se = e.z, s = e.w;
     const int L = min(C, se - cs);
     const int h = hv / p.group;
     const size_t tb = (size_t)b * p.T + cs;
+    const size_t wb = WinRow(P, b, cs);  // scratch rows
     // a_log and dt_bias are loaded here and first used in stage 1, after its row loads are issued (a load
     // consumed right away would stall every warp at the start of each item).
     const bool has_a = p.gate_mode == 1 || (p.gate_mode == 2 && p.use_a_log);
@@ -613,8 +614,8 @@ __global__ void __launch_bounds__(Grad2Threads(kFactored, kMmaSolve), 1) Grad2Ke
       for (int idx = wu_prep ? tid : C * N8 + tid; idx < 2 * C * N8; idx += kNT) {
         const int dwu = idx >= C * N8;
         const int rem = idx - dwu * C * N8, r = rem / N8, c8 = (rem - r * N8) * 8;
-        const size_t row = (tb + (r < L ? r : 0)) * HV + hv;
-        const bf16* src = dwu ? P.sWU + row * 2 * K + c8 : (c8 < K ? p.W + row * K + c8 : p.U + row * V + (c8 - K));
+        const size_t row = (tb + (r < L ? r : 0)) * HV + hv, wrow = (wb + (r < L ? r : 0)) * HV + hv;
+        const bf16* src = dwu ? P.sWU + wrow * 2 * K + c8 : (c8 < K ? p.W + row * K + c8 : p.U + row * V + (c8 - K));
         fwd::CpAsync16((dwu ? sDWUs : sWUs) + r * WP + c8, src, r < L);
       }
       if constexpr (kTPrep) {  // T rows (bf16, after the A_qk row: fwd::kAqkPitch); rows >= L zero, as T's there
@@ -745,7 +746,7 @@ __global__ void __launch_bounds__(Grad2Threads(kFactored, kMmaSolve), 1) Grad2Ke
 #pragma unroll
         for (int i = 0; i < C; ++i) sX[i * XP + col] = x[i];
 #pragma unroll
-        for (int i = 0; i < C; ++i) x[i] = i < L ? __bfloat162float(P.sWU[((tb + i) * HV + hv) * (K + V) + col]) : 0.f;
+        for (int i = 0; i < C; ++i) x[i] = i < L ? __bfloat162float(P.sWU[((wb + i) * HV + hv) * (K + V) + col]) : 0.f;
         // Right-looking back substitution: y_i -= beta_j B_ji y_j for i < j, once y_j is final.
 #pragma unroll
         for (int j = C - 1; j > 0; --j) {
@@ -809,7 +810,7 @@ __global__ void __launch_bounds__(Grad2Threads(kFactored, kMmaSolve), 1) Grad2Ke
 #pragma unroll
           for (int u = 0; u < PL; ++u) {
             const int c = lane + 32 * u;
-            const size_t o = ((tb + r) * HV + hv) * K + c;
+            const size_t o = ((wb + r) * HV + hv) * K + c;
             vv[h2][u] = ok ? fwd::ToF<TIn>(gv[((tb + r) * HV + hv) * V + c]) : 0.f;
             qv[h2][u] = ok ? fwd::ToF<TIn>(gq[((tb + r) * H + h) * K + c]) : 0.f;
             dqg[h2][u] = ok ? P.sQg[o] : 0.f;
@@ -903,7 +904,7 @@ __global__ void __launch_bounds__(Grad2Threads(kFactored, kMmaSolve), 1) Grad2Ke
 #pragma unroll
       for (int u = 0; u < kN; ++u) {
         const int idx = tid + u * kNT, r = idx / C, c = idx % C;
-        va[u] = r < L ? P.sA[((tb + r) * HV + hv) * C + c] : 0.f;
+        va[u] = r < L ? P.sA[((wb + r) * HV + hv) * C + c] : 0.f;
       }
 #pragma unroll
       for (int u = 0; u < kN; ++u) {
@@ -1001,8 +1002,9 @@ __global__ void __launch_bounds__(Grad2Threads(kFactored, kMmaSolve), 1) Grad2Ke
           }
           odg[o] = fwd::FromF<TIn>(dgr);
           if (!fin) {
-            P.sQg[o] = sX[r * XP + K + c];
-            P.sKd[o] = sY[r * XP + c];
+            const size_t ow = ((wb + r) * HV + hv) * K + c;
+            P.sQg[ow] = sX[r * XP + K + c];
+            P.sKd[ow] = sY[r * XP + c];
           }
         }
         if (fin) {  // as Finish with one value head: dq = scale dq_eff, then both through the l2norm
@@ -1043,10 +1045,10 @@ __global__ void __launch_bounds__(Grad2Threads(kFactored, kMmaSolve), 1) Grad2Ke
         float sum = 0.f;
         if (tid < K) {
           for (int r = 0; r < L; ++r) sum += sK[r * GP + tid];
-          P.sDgr[(tb * HV + hv) * K + tid] = sum;
+          P.sDgr[(wb * HV + hv) * K + tid] = sum;
         } else {
           for (int r = 0; r < L; ++r) sum += sBeta[r];
-          P.sDa[tb * HV + hv] = sum;
+          P.sDa[wb * HV + hv] = sum;
         }
       }
     }

@@ -8,6 +8,7 @@
 //   states   one CTA per (sequence, value head, BV columns): the start state S_c of every chunk but a
 //            sequence's first (f32, at index ceil(cs / C) of its row; first chunks read initial_state[slot]).
 //            Skipped when the forward saved them (its chunk_states, bf16; the backward's operand of that name)
+//   (the stages below run per token window, last window first, when the workspace is windowed: Windows)
 //   reverse  one CTA per (sequence, value head, BV columns), chunks last to first:
 //              dR = A_qk^T dO + Kd dS_next,   dS = Qg^T dO - W^T dR + diag(gamma) dS_next
 //            dS_next of every chunk but the last is stored at the index of the next chunk (f32); a last
@@ -48,6 +49,8 @@ constexpr int kThreads = 256;
 // Slots of fwd::Params::counters (16 ints, zeroed per call; 0 and 1 are the plan's chunk and sequence counts).
 constexpr int kReverseWorkSlot = 4;  // next reverse-pass item (dynamic scheduling)
 constexpr int kReversePickSlot = 5;  // the reverse pass's column block
+constexpr int kWinChunkSlot = 6;     // chunks of the current token window (WindowLists)
+constexpr int kWinSeqSlot = 7;       // sequences with a chunk in the current token window (WindowLists)
 constexpr int kBV = 64;  // state columns per CTA of the states / reverse kernels
 constexpr int kReduceTile = 64;  // tokens per CTA of the gate-parameter reduction's first pass
 
@@ -90,11 +93,91 @@ struct Params {
   // PickReverseBlock from the sequence lengths) names theirs, and take items from f.counters[kReverseWorkSlot]
   int reverse_pick;
   float* gred;     // [B, HV, ceil(T / kReduceTile), K + 1] per-tile sums of d(gate input) (K) and d a_log (1)
+  // Token window of this launch (Window, set per window by the handler): the reverse, grad1, grad2, finish and
+  // gate-tile stages of one window handle the chunks starting in [win_lo, win_hi) of every batch row; the
+  // per-token scratch (sQg, sKd, sWU, sA, sDa) holds win_T rows per batch row from win_lo, dH holds win_nw
+  // chunk states per batch row from index win_dh0. One window: 0, T, T, NW + 1, 0 (the unwindowed layout).
+  int win_lo, win_hi, win_T, win_nw, win_dh0;
+  int windowed;    // more than one window: the stages take their items from win_chunks / win_seqs
+  // f32 dS crossing the window's end (read: written by the later window) and its start (written), [B, HV, K, V]
+  // each; null with one window.
+  float* bnd_in;
+  float* bnd_out;
+  int* win_chunks;  // [B * T] the window's chunks (indices into f.chunk_list), counters[kWinChunkSlot] of them
+  int* win_seqs;    // [B * T] the window's sequences (indices into seq_list), counters[kWinSeqSlot] of them
 };
+
+// The backward's token windows (docs/ffi.md, "CUDA backward workspace"): the stages after the states pass run
+// window by window, last to first, so the per-token scratch and dH are a window's size. `len` tokens per window
+// (a multiple of kChunk), `count` windows; count == 1: the whole sequence, unwindowed. Python picks the length
+// (flashkda_jax/_workspace.py:cuda_bwd_windows) and passes it as the op's bwd_window attribute.
+struct Windows {
+  int64_t len, count;
+};
+
+inline Windows MakeWindows(int64_t T, int64_t window) {
+  if (window <= 0 || window >= T) return Windows{T, 1};
+  return Windows{window, (T + window - 1) / window};
+}
+
+// Per-window values of Params (win_*), for window w of `win` (0 = the first tokens).
+__host__ __forceinline__ void SetWindow(Params& P, const Windows& win, int64_t w) {
+  const int64_t T = P.f.T;
+  P.windowed = win.count > 1 ? 1 : 0;
+  if (win.count <= 1) {
+    P.win_lo = 0;
+    P.win_hi = static_cast<int>(T);
+    P.win_T = static_cast<int>(T);
+    P.win_nw = P.f.NW + 1;
+    P.win_dh0 = 0;
+    return;
+  }
+  const int64_t lo = w * win.len, hi = lo + win.len < T ? lo + win.len : T;
+  P.win_lo = static_cast<int>(lo);
+  P.win_hi = static_cast<int>(hi);
+  // A chunk starting before hi ends before hi + kChunk - 1; a chunk starting at cs >= lo has its dS_next at
+  // dH index (cs + 2 kChunk - 1) / kChunk >= lo / kChunk + 1, at most len / kChunk + 1 indices in all.
+  P.win_T = static_cast<int>(win.len + kChunk - 1 < T ? win.len + kChunk - 1 : T);
+  P.win_nw = static_cast<int>(win.len / kChunk + 1);
+  P.win_dh0 = static_cast<int>(lo / kChunk + 1);
+}
+
+// Whether a chunk starting at cs belongs to the current window.
+__device__ __forceinline__ bool InWindow(const Params& P, int cs) { return cs >= P.win_lo && cs < P.win_hi; }
+
+// The chunks m_lo .. m_hi - 1 (0 = first) of the sequence [ss, se) that start in the current window.
+__device__ __forceinline__ void WindowChunkRange(const Params& P, int ss, int se, int* m_lo, int* m_hi) {
+  const int nch = (se - ss + kChunk - 1) / kChunk;
+  *m_lo = P.win_lo > ss ? (P.win_lo - ss + kChunk - 1) / kChunk : 0;
+  *m_hi = P.win_hi > ss ? min(nch, (P.win_hi - ss + kChunk - 1) / kChunk) : 0;
+}
+
+// Work items of the per-window stages: the window's chunks / sequences (WindowLists), or all of them.
+__device__ __forceinline__ int WindowChunkCount(const Params& P) {
+  return P.f.counters[P.windowed ? kWinChunkSlot : 0];
+}
+__device__ __forceinline__ int4 WindowChunk(const Params& P, int i) {
+  return P.f.chunk_list[P.windowed ? P.win_chunks[i] : i];
+}
+__device__ __forceinline__ int WindowSeqCount(const Params& P) { return P.f.counters[P.windowed ? kWinSeqSlot : 1]; }
+__device__ __forceinline__ int4 WindowSeq(const Params& P, int i) { return P.seq_list[P.windowed ? P.win_seqs[i] : i]; }
+
+// Scratch row of token cs + r of batch row b (cs a chunk start in the window).
+__device__ __forceinline__ size_t WinRow(const Params& P, int b, int cs) {
+  return static_cast<size_t>(b) * P.win_T + (cs - P.win_lo);
+}
+
+// Offset in dH of the state dS_next of the chunk starting at cs (index (cs + 2 kChunk - 1) / kChunk).
+__device__ __forceinline__ size_t DhOffset(const Params& P, int b, int cs, int hv) {
+  const fwd::Params& p = P.f;
+  return ((static_cast<size_t>(b) * P.win_nw + (cs + 2 * kChunk - 1) / kChunk - P.win_dh0) * p.HV + hv) *
+         p.K * p.V;
+}
 
 struct Layout {
   fwd::Layout f;  // the prep workspace (only qg..gamma, seq_start, seq_end, chunks, counters are used)
-  size_t hs, dh, dgam, sqg, skd, swu, sa, sda, seqs, gred, total;
+  Windows win;
+  size_t hs, dh, dgam, sqg, skd, swu, sa, sda, seqs, gred, bnd, wlists, total;
 };
 
 // Whether the chunk states Hs / dH are stored in bf16: with the default kernels (v2 states / reverse passes and
@@ -108,8 +191,9 @@ bool StatesInBf16();
 // the workspace holds no Hs.
 // prep_given: the forward's prep outputs come as operands (saved_*), so the embedded forward layout has no prep
 // regions; S_out is then the slots of the saved gamma (its NG - NW), which dgamma shares.
+// window: tokens per window (bwd_window; 0 = none).
 inline Layout MakeLayout(int64_t B, int64_t T, int64_t HV, int64_t K, int64_t V, int64_t S_out, bool states_bf16,
-                         bool states_given = false, bool prep_given = false) {
+                         bool states_given = false, bool prep_given = false, int64_t window = 0) {
   Layout l{};
   // The forward's layout without splitting (its HP / Sstart blocks are then empty).
   l.f = fwd::MakeLayout(B, T, HV, K, V, S_out, /*no_split=*/true, prep_given);
@@ -119,10 +203,15 @@ inline Layout MakeLayout(int64_t B, int64_t T, int64_t HV, int64_t K, int64_t V,
     off += fwd::Align256(bytes);
     return at;
   };
-  const size_t tok = static_cast<size_t>(B * T * HV);
-  const size_t nst = static_cast<size_t>(B) * (l.f.NW + 1) * HV * K * V * (states_bf16 ? 2 : 4);
-  l.hs = take(states_given ? 0 : nst);
-  l.dh = take(nst);
+  l.win = MakeWindows(T, window);
+  const bool windowed = l.win.count > 1;
+  // Per-token scratch and dH: one window's rows (SetWindow's win_T, win_nw).
+  const int64_t wt = windowed ? (l.win.len + kChunk - 1 < T ? l.win.len + kChunk - 1 : T) : T;
+  const int64_t wnw = windowed ? l.win.len / kChunk + 1 : l.f.NW + 1;
+  const size_t tok = static_cast<size_t>(B * wt * HV);
+  const size_t sbytes = static_cast<size_t>(HV) * K * V * (states_bf16 ? 2 : 4);
+  l.hs = take(states_given ? 0 : static_cast<size_t>(B) * (l.f.NW + 1) * sbytes);
+  l.dh = take(static_cast<size_t>(B) * wnw * sbytes);
   l.dgam = take(static_cast<size_t>(B) * l.f.NG * HV * K * 4);
   l.sqg = take(tok * K * 4);
   l.skd = take(tok * K * 4);
@@ -131,6 +220,8 @@ inline Layout MakeLayout(int64_t B, int64_t T, int64_t HV, int64_t K, int64_t V,
   l.sda = take(tok * 4);
   l.seqs = take(static_cast<size_t>(B * T) * 16);
   l.gred = take(static_cast<size_t>(B) * HV * ((T + kReduceTile - 1) / kReduceTile) * (K + 1) * 4);
+  l.bnd = take(windowed ? 2 * static_cast<size_t>(B) * HV * K * V * 4 : 0);
+  l.wlists = take(windowed ? static_cast<size_t>(B * T) * 8 : 0);
   l.total = off;
   return l;
 }

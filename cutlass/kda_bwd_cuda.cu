@@ -39,22 +39,35 @@ __global__ void __launch_bounds__(256) PadZero(Params P) {
   }
 }
 
+// Tokens the window's finish pass may see, per batch row: [win_lo, win_lo + FinishSpan) (a chunk starting
+// before win_hi ends before win_hi + kChunk - 1).
+__host__ __device__ __forceinline__ int FinishSpan(const Params& P) {
+  return min(P.win_hi + kChunk - 1, P.f.T) - P.win_lo;
+}
+
 // dq, dk per (token, q/k head), one warp each: sum over the value heads of the group in order, scale,
-// l2norm. Padding tokens get zeros.
+// l2norm. Padding tokens get zeros. The tokens of the window's chunks (padding tokens: those in
+// [win_lo, win_hi)).
 template <int K, typename TIn>
 __global__ void __launch_bounds__(256) Finish(Params P) {
   constexpr int PL = K / 32;
   const fwd::Params& p = P.f;
   const int lane = threadIdx.x & 31;
-  const long long n = static_cast<long long>(p.B) * p.T * p.H;
+  const int span = FinishSpan(P);
+  const long long n = static_cast<long long>(p.B) * span * p.H;
   const TIn* gq = static_cast<const TIn*>(p.q);
   const TIn* gk = static_cast<const TIn*>(p.k);
   TIn* oq = static_cast<TIn*>(P.dq);
   TIn* ok = static_cast<TIn*>(P.dk);
   for (long long w = (blockIdx.x * 256ll + threadIdx.x) / 32; w < n; w += gridDim.x * 8ll) {
-    const long long tok = w / p.H;
-    const int h = static_cast<int>(w - tok * p.H);
+    const long long bt = w / p.H;
+    const int h = static_cast<int>(w - bt * p.H);
+    const int b = static_cast<int>(bt / span), t = P.win_lo + static_cast<int>(bt - static_cast<long long>(b) * span);
+    const long long tok = static_cast<long long>(b) * p.T + t;
     const bool valid = p.slot[tok] >= 0;
+    const int cs = valid ? t - (t - p.seq_start[tok]) % kChunk : t;  // the token's chunk start (padding: itself)
+    if (!InWindow(P, cs)) continue;  // (warp-uniform)
+    const size_t wrow = WinRow(P, b, t);  // scratch row of the token
     for (int which = 0; which < 2; ++which) {
       const float* src = which == 0 ? P.sQg : P.sKd;
       const TIn* x = which == 0 ? gq : gk;
@@ -64,7 +77,7 @@ __global__ void __launch_bounds__(256) Finish(Params P) {
       for (int u = 0; u < PL; ++u) dy[u] = 0.f;
       if (valid) {
         for (int j = 0; j < p.group; ++j) {
-          const size_t o = ((size_t)tok * p.HV + h * p.group + j) * K;
+          const size_t o = (wrow * p.HV + h * p.group + j) * K;
 #pragma unroll
           for (int u = 0; u < PL; ++u) dy[u] += src[o + lane + 32 * u];
         }
@@ -102,12 +115,16 @@ __global__ void __launch_bounds__(256) ReduceGateTiles(Params P) {
   const fwd::Params& p = P.f;
   const int tid = threadIdx.x, c = tid % K, part = tid / K;
   const int ntile = (p.T + kReduceTile - 1) / kReduceTile;
-  const long long nitems = static_cast<long long>(p.B) * p.HV * ntile;
-  for (long long it = blockIdx.x; it < nitems; it += gridDim.x) {
-    const int tile = static_cast<int>(it % ntile);
-    const long long bh = it / ntile;  // b * HV + hv
+  // The window's tiles (its bounds are multiples of kReduceTile, or T): the chunk starts in [win_lo, win_hi).
+  const int tile0 = P.win_lo / kReduceTile, wtiles = (P.win_hi + kReduceTile - 1) / kReduceTile - tile0;
+  const long long nitems = static_cast<long long>(p.B) * p.HV * wtiles;
+  for (long long wit = blockIdx.x; wit < nitems; wit += gridDim.x) {
+    const int tile = tile0 + static_cast<int>(wit % wtiles);
+    const long long bh = wit / wtiles;  // b * HV + hv
+    const long long it = bh * ntile + tile;  // gred's item
     const int b = static_cast<int>(bh / p.HV), hv = static_cast<int>(bh % p.HV);
     const int t0 = tile * kReduceTile, t1 = min(t0 + kReduceTile, p.T);
+    const size_t wb = WinRow(P, b, t0);  // scratch row of t0
     __syncthreads();  // the previous item is done with shared memory
     if (tid < kReduceTile) {
       const int t = t0 + tid;
@@ -116,9 +133,9 @@ __global__ void __launch_bounds__(256) ReduceGateTiles(Params P) {
     __syncthreads();
     float acc = 0.f, da = 0.f;
     for (int i = part; i < t1 - t0; i += NP) {
-      if (s_start[i]) acc += P.sDgr[(((size_t)b * p.T + t0 + i) * p.HV + hv) * K + c];
+      if (s_start[i]) acc += P.sDgr[((wb + i) * p.HV + hv) * K + c];
     }
-    if (tid < kReduceTile && s_start[tid]) da = P.sDa[((size_t)b * p.T + t0 + tid) * p.HV + hv];
+    if (tid < kReduceTile && s_start[tid]) da = P.sDa[(wb + tid) * p.HV + hv];
     s_part[tid] = acc;
     if (tid < kReduceTile) s_da[tid] = da;
     __syncthreads();
@@ -173,12 +190,58 @@ __global__ void __launch_bounds__(256) ReduceGate(Params P) {
   }
 }
 
+// The current window's work lists (one CTA of 1024 threads): the indices of the chunks that start in it (into
+// f.chunk_list) and of the sequences with such a chunk (into seq_list), in list order, and their counts
+// (counters[kWinChunkSlot], counters[kWinSeqSlot]). The per-window stages iterate these instead of every item.
+constexpr int kListThreads = 1024;
+__global__ void __launch_bounds__(kListThreads) WindowLists(Params P) {
+  __shared__ int s_warp[kListThreads / 32];
+  __shared__ int s_base;
+  const fwd::Params& p = P.f;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  for (int which = 0; which < 2; ++which) {  // 0: chunks, 1: sequences
+    const int n = p.counters[which];
+    int* out = which == 0 ? P.win_chunks : P.win_seqs;
+    if (tid == 0) s_base = 0;
+    __syncthreads();
+    for (int i0 = 0; i0 < n; i0 += kListThreads) {
+      const int i = i0 + tid;
+      bool take = false;
+      if (i < n) {
+        if (which == 0) {
+          take = InWindow(P, p.chunk_list[i].y);
+        } else {
+          const int4 e = P.seq_list[i];
+          int m_lo, m_hi;
+          WindowChunkRange(P, e.y, e.z, &m_lo, &m_hi);
+          take = m_lo < m_hi;
+        }
+      }
+      const unsigned mask = __ballot_sync(0xffffffffu, take);
+      if (lane == 0) s_warp[warp] = __popc(mask);
+      __syncthreads();
+      int before = 0, total = 0;
+      for (int w = 0; w < kListThreads / 32; ++w) {
+        before += w < warp ? s_warp[w] : 0;
+        total += s_warp[w];
+      }
+      if (take) out[s_base + before + __popc(mask & ((1u << lane) - 1u))] = i;
+      __syncthreads();  // everyone has read s_base and s_warp
+      if (tid == 0) s_base += total;
+      __syncthreads();
+    }
+    if (tid == 0) p.counters[which == 0 ? kWinChunkSlot : kWinSeqSlot] = s_base;
+  }
+}
+
 ffi::Error CudaError(cudaError_t err, const char* where) {
   return ffi::Error::Internal(std::string("flashkda_bwd: ") + where + ": " + cudaGetErrorString(err));
 }
 
+// bnd: the windows' boundary states (two [B, HV, K, V] f32 blocks of bnd_elems each; null with one window).
 template <typename TIn>
-ffi::Error Run(cudaStream_t stream, Params& P, bool state_only, bool states_given, bool prep_given) {
+ffi::Error Run(cudaStream_t stream, Params& P, const Windows& win, float* bnd, size_t bnd_elems, bool state_only,
+               bool states_given, bool prep_given) {
   const fwd::Params& p = P.f;
   const int nsm = fwd::SmCount();
   cudaError_t err;
@@ -192,31 +255,40 @@ ffi::Error Run(cudaStream_t stream, Params& P, bool state_only, bool states_give
   }
   if ((err = cudaGetLastError()) != cudaSuccess) return CudaError(err, "plan kernels");
   if (!prep_given && (err = fwd::LaunchPrep<TIn>(p, stream, nsm)) != cudaSuccess) return CudaError(err, "prep kernel");
-  if (state_only) {  // the reverse pass needs no chunk states
+  if (!state_only && !states_given && (err = LaunchStates(P, stream, nsm)) != cudaSuccess) return CudaError(err, "states kernel");
+  // The per-window stages, last window first (the reverse pass carries dS across windows through bnd).
+  const long long rows = static_cast<long long>(p.B) * p.HV;
+  const bool finish = !FinishInGrad2(p);
+  for (int64_t w = win.count - 1; w >= 0; --w) {
+    SetWindow(P, win, w);
+    if (win.count > 1) {  // ping-pong: a window reads its successor's boundary states while writing its own
+      P.bnd_in = bnd + ((w + 1) & 1) * bnd_elems;
+      P.bnd_out = bnd + (w & 1) * bnd_elems;
+      WindowLists<<<1, kListThreads, 0, stream>>>(P);
+    }
     if ((err = LaunchReverse<TIn>(P, stream, nsm)) != cudaSuccess) return CudaError(err, "reverse kernel");
-    return ffi::Error::Success();
-  }
-  if (!states_given && (err = LaunchStates(P, stream, nsm)) != cudaSuccess) return CudaError(err, "states kernel");
-  if ((err = LaunchReverse<TIn>(P, stream, nsm)) != cudaSuccess) return CudaError(err, "reverse kernel");
-  if ((err = LaunchGrad1<TIn>(P, stream, nsm)) != cudaSuccess) return CudaError(err, "grad1 kernel");
-  if ((err = LaunchGrad2<TIn>(P, stream, nsm)) != cudaSuccess) return CudaError(err, "grad2 kernel");
-  {
-    const long long n = static_cast<long long>(p.B) * p.T * p.H;
+    if (state_only) continue;  // the reverse pass needs no chunk states
+    if ((err = LaunchGrad1<TIn>(P, stream, nsm)) != cudaSuccess) return CudaError(err, "grad1 kernel");
+    if ((err = LaunchGrad2<TIn>(P, stream, nsm)) != cudaSuccess) return CudaError(err, "grad2 kernel");
+    const long long n = static_cast<long long>(p.B) * FinishSpan(P) * p.H;
     long long grid = (n + 7) / 8;
     if (grid > 4ll * nsm * 8) grid = 4ll * nsm * 8;
-    const long long rows = static_cast<long long>(p.B) * p.HV;
-    const long long tiles = rows * ((p.T + kReduceTile - 1) / kReduceTile);
+    const long long tiles = rows * ((P.win_hi + kReduceTile - 1) / kReduceTile - P.win_lo / kReduceTile);
     const int gt = static_cast<int>(tiles < 16ll * nsm ? tiles : 16ll * nsm);
-    const long long ritems = rows * ReduceGroups(p.K);  // ReduceGate's items: (row, head, column group)
-    const int gr = static_cast<int>(ritems < 4ll * nsm ? ritems : 4ll * nsm);
-    const bool finish = !FinishInGrad2(p);
     if (p.K == 64) {
       if (finish) Finish<64, TIn><<<static_cast<int>(grid), 256, 0, stream>>>(P);
       if (gt > 0) ReduceGateTiles<64><<<gt, 256, 0, stream>>>(P);
-      if (gr > 0) ReduceGate<64><<<gr, 256, 0, stream>>>(P);
     } else {
       if (finish) Finish<128, TIn><<<static_cast<int>(grid), 256, 0, stream>>>(P);
       if (gt > 0) ReduceGateTiles<128><<<gt, 256, 0, stream>>>(P);
+    }
+  }
+  if (!state_only) {
+    const long long ritems = rows * ReduceGroups(p.K);  // ReduceGate's items: (row, head, column group)
+    const int gr = static_cast<int>(ritems < 4ll * nsm ? ritems : 4ll * nsm);
+    if (p.K == 64) {
+      if (gr > 0) ReduceGate<64><<<gr, 256, 0, stream>>>(P);
+    } else {
       if (gr > 0) ReduceGate<128><<<gr, 256, 0, stream>>>(P);
     }
   }
@@ -308,7 +380,13 @@ static ffi::Error KdaCudaBwdImpl(cudaStream_t stream, FLASHKDA_BWD_PARAMS) {
         "flashkda_bwd (CUDA): saved_qg / kd / w / u / aqk / gamma must be all empty or the forward's (bf16 [B, T, HV, "
         "K] (x4), bf16 [B, T, HV, 128], f32 [B, ceil(T / 64) + S, HV, K] with S >= the dfinal_state slots)");
   }
-  const Layout lay = MakeLayout(s.B, s.T, s.HV, s.K, s.V, s_lay, states_bf16, states_given, prep_given);
+  if (bwd_window < 0 || bwd_window % kChunk != 0 || (bwd_window > 0 && !states_bf16)) {
+    return ffi::Error::InvalidArgument(
+        "flashkda_bwd (CUDA): bwd_window must be 0 or a positive multiple of 64 (tokens), and 0 with the "
+        "first-version kernels (FLASHKDA_BWD_RECUR=v1 / FLASHKDA_BWD_GRAD1=simt)");
+  }
+  const Layout lay =
+      MakeLayout(s.B, s.T, s.HV, s.K, s.V, s_lay, states_bf16, states_given, prep_given, bwd_window);
   if (workspace->size_bytes() < lay.total) {
     return ffi::Error::InvalidArgument("flashkda_bwd (CUDA): workspace too small: " +
                                        std::to_string(workspace->size_bytes()) + " < " + std::to_string(lay.total) +
@@ -365,10 +443,15 @@ static ffi::Error KdaCudaBwdImpl(cudaStream_t stream, FLASHKDA_BWD_PARAMS) {
   P.sDa = reinterpret_cast<float*>(ws + lay.sda);
   P.seq_list = reinterpret_cast<int4*>(ws + lay.seqs);
   P.gred = reinterpret_cast<float*>(ws + lay.gred);
+  float* bnd = lay.win.count > 1 ? reinterpret_cast<float*>(ws + lay.bnd) : nullptr;
+  P.win_chunks = reinterpret_cast<int*>(ws + lay.wlists);
+  P.win_seqs = P.win_chunks + s.B * s.T;
+  const size_t bnd_elems = static_cast<size_t>(s.B * s.HV * s.K * s.V);
   switch (dt) {
-    case ffi::DataType::BF16: return Run<__nv_bfloat16>(stream, P, state_only, states_given, prep_given);
-    case ffi::DataType::F16: return Run<__half>(stream, P, state_only, states_given, prep_given);
-    default: return Run<float>(stream, P, state_only, states_given, prep_given);
+    case ffi::DataType::BF16:
+      return Run<__nv_bfloat16>(stream, P, lay.win, bnd, bnd_elems, state_only, states_given, prep_given);
+    case ffi::DataType::F16: return Run<__half>(stream, P, lay.win, bnd, bnd_elems, state_only, states_given, prep_given);
+    default: return Run<float>(stream, P, lay.win, bnd, bnd_elems, state_only, states_given, prep_given);
   }
 }
 

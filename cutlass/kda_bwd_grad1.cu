@@ -50,16 +50,17 @@ __global__ void __launch_bounds__(kThreads) Grad1Kernel(Params P) {
   bf16* sA = sKd + C * KP;                          // [C][AP]
   const int tid = threadIdx.x, tm = tid / 16, tn = tid % 16;
   const int HV = p.HV;
-  const int nitems = p.counters[0] * HV;
+  const int nitems = WindowChunkCount(P) * HV;
   const TIn* gdo = static_cast<const TIn*>(P.d_o);
   for (int it = blockIdx.x; it < nitems; it += gridDim.x) {
     const int ci = it / HV, hv = it - ci * HV;
-    const int4 e = p.chunk_list[ci];
+    const int4 e = WindowChunk(P, ci);
     const int b = e.x, cs = e.y, se = e.z, s = e.w;
     const int L = min(C, se - cs);
     const bool first = p.seq_start[(size_t)b * p.T + cs] == cs;
     const bool last = cs + C >= se;
     const size_t tb = (size_t)b * p.T + cs;
+    const size_t wb = WinRow(P, b, cs);  // scratch rows
     __syncthreads();
     // ---- loads ----
     {
@@ -77,7 +78,7 @@ __global__ void __launch_bounds__(kThreads) Grad1Kernel(Params P) {
         if (P.dfin != nullptr && s < P.S_out) dsrc = P.dfin + (((size_t)b * P.S_out + s) * HV + hv) * K * V;
         dvk = p.state_vk;
       } else {
-        dsrc = P.dH + (((size_t)b * (p.NW + 1) + (cs + 2 * C - 1) / C) * HV + hv) * K * V;
+        dsrc = P.dH + DhOffset(P, b, cs, hv);
       }
       for (int idx = tid; idx < K * V; idx += kThreads) {
         const int r = idx / V, c = idx % V;
@@ -132,7 +133,7 @@ __global__ void __launch_bounds__(kThreads) Grad1Kernel(Params P) {
         const int r = tm + 16 * i;
         if (r < L) {
 #pragma unroll
-          for (int j = 0; j < TN; ++j) base[((tb + r) * HV + hv) * K + tn + 16 * j] = acc[i][j];
+          for (int j = 0; j < TN; ++j) base[((wb + r) * HV + hv) * K + tn + 16 * j] = acc[i][j];
         }
       }
     };
@@ -154,7 +155,7 @@ __global__ void __launch_bounds__(kThreads) Grad1Kernel(Params P) {
         const int r = tm + 16 * i;
         if (r < L) {
 #pragma unroll
-          for (int j = 0; j < TN; ++j) P.sWU[((tb + r) * HV + hv) * (K + V) + tn + 16 * j] = __float2bfloat16(-acc[i][j]);
+          for (int j = 0; j < TN; ++j) P.sWU[((wb + r) * HV + hv) * (K + V) + tn + 16 * j] = __float2bfloat16(-acc[i][j]);
         }
       }
     }
@@ -170,14 +171,14 @@ __global__ void __launch_bounds__(kThreads) Grad1Kernel(Params P) {
 #pragma unroll
           for (int j = 0; j < 4; ++j) {
             const int c = tn + 16 * j;
-            P.sA[((tb + r) * HV + hv) * C + c] = c <= r ? acc[i][j] : 0.f;
+            P.sA[((wb + r) * HV + hv) * C + c] = c <= r ? acc[i][j] : 0.f;
           }
         }
       }
     }
     for (int idx = tid; idx < L * V; idx += kThreads) {  // dU = dR (bf16, the dU half of the dW | dU rows)
       const int r = idx / V, c = idx % V;
-      P.sWU[((tb + r) * HV + hv) * (K + V) + K + c] = __float2bfloat16(sdR[r * RP + c]);
+      P.sWU[((wb + r) * HV + hv) * (K + V) + K + c] = __float2bfloat16(sdR[r * RP + c]);
     }
     {
       const int gidx = GammaIndex(p, cs, se, s);
@@ -331,7 +332,7 @@ __global__ void __launch_bounds__(kThreads, 2) Grad1MmaKernel(Params P) {
   const bool rwarp = warp < 4;  // warps 0-3: R; 4-7: dR
   const int m = warp & 3;       // row block 16m..16m+15
   const int HV = p.HV;
-  const int nitems = p.counters[0] * HV;
+  const int nitems = WindowChunkCount(P) * HV;
   const TIn* gdo = static_cast<const TIn*>(P.d_o);
   // ldmatrix lane offsets (rows x pitch + columns) of the three operand shapes, as in the forward recurrence:
   const int offA = (lane & 15) * SP + (lane >> 4) * 8;                     // A operand, row-major [m][k]
@@ -340,12 +341,13 @@ __global__ void __launch_bounds__(kThreads, 2) Grad1MmaKernel(Params P) {
   const int offAT = ((lane & 7) + (lane >> 4) * 8) * AP + ((lane >> 3) & 1) * 8;  // A^T operand of A_qk (.trans)
   for (int it = blockIdx.x; it < nitems; it += gridDim.x) {
     const int ci = it / HV, hv = it - ci * HV;
-    const int4 e = p.chunk_list[ci];
+    const int4 e = WindowChunk(P, ci);
     const int b = e.x, cs = e.y, se = e.z, s = e.w;
     const int L = min(C, se - cs);
     const bool first = p.seq_start[(size_t)b * p.T + cs] == cs;
     const bool last = cs + C >= se;
     const size_t tb = (size_t)b * p.T + cs;
+    const size_t wb = WinRow(P, b, cs);  // scratch rows
     __syncthreads();  // the previous item is done with shared memory
     // ---- A_qk and (bf16) dO by cp.async ----
     for (int idx = tid; idx < C * (C / 8); idx += kThreads) {
@@ -391,7 +393,7 @@ __global__ void __launch_bounds__(kThreads, 2) Grad1MmaKernel(Params P) {
     // stored (bf16 with states_bf16, else f32 rounded here), initial / final states (f32) rounded here ----
     {
       const size_t hidx = (((size_t)b * (p.NW + 1) + (cs + C - 1) / C) * HV + hv) * K * V;
-      const size_t didx = (((size_t)b * (p.NW + 1) + (cs + 2 * C - 1) / C) * HV + hv) * K * V;
+      const size_t didx = DhOffset(P, b, cs, hv);
       if (first) {
         const float* src = s < p.S_init ? p.init + (((size_t)b * p.S_init + s) * HV + hv) * K * V : nullptr;
         StateToSmem<K, SP>(sS, src, p.state_vk, tid);
@@ -465,7 +467,7 @@ __global__ void __launch_bounds__(kThreads, 2) Grad1MmaKernel(Params P) {
       for (int hh = 0; hh < 2; ++hh) {
         const int r = 16 * m + gr + 8 * hh;
         if (r < L) {
-          bf16* dst = P.sWU + ((tb + r) * HV + hv) * (K + V) + c0 + 2 * t4;
+          bf16* dst = P.sWU + ((wb + r) * HV + hv) * (K + V) + c0 + 2 * t4;
 #pragma unroll
           for (int n = 0; n < NH; ++n)
             *reinterpret_cast<uint32_t*>(dst + 8 * n) = fwd::PackBF16(sign * acc[n][2 * hh], sign * acc[n][2 * hh + 1]);
@@ -478,7 +480,7 @@ __global__ void __launch_bounds__(kThreads, 2) Grad1MmaKernel(Params P) {
       for (int hh = 0; hh < 2; ++hh) {
         const int r = 16 * m + gr + 8 * hh;
         if (r < L) {
-          float* dst = base + ((tb + r) * HV + hv) * K + c0 + 2 * t4;
+          float* dst = base + ((wb + r) * HV + hv) * K + c0 + 2 * t4;
 #pragma unroll
           for (int n = 0; n < NH; ++n) *reinterpret_cast<float2*>(dst + 8 * n) = make_float2(acc[n][2 * hh], acc[n][2 * hh + 1]);
         }
@@ -542,7 +544,7 @@ __global__ void __launch_bounds__(kThreads, 2) Grad1MmaKernel(Params P) {
 #pragma unroll
             for (int nh = 0; nh < 2; ++nh) {
               const int c = 16 * m + 8 * nh + 2 * t4;
-              *reinterpret_cast<float2*>(P.sA + ((tb + r) * HV + hv) * C + c) =
+              *reinterpret_cast<float2*>(P.sA + ((wb + r) * HV + hv) * C + c) =
                   make_float2(c <= r ? acc[nh][2 * hh] : 0.f, c + 1 <= r ? acc[nh][2 * hh + 1] : 0.f);
             }
           }

@@ -157,7 +157,7 @@ __global__ void __launch_bounds__(kThreads) ReverseKernel(Params P) {
       const size_t tb = (size_t)b * p.T + cs;
       __syncthreads();  // sdS final for this chunk; operands free
       if (m + 1 < nch) {  // dS_next of this chunk = gradient w.r.t. the start state of the next one
-        float* dst = P.dH + (((size_t)b * (p.NW + 1) + (cs + 2 * C - 1) / C) * HV + hv) * K * V;
+        float* dst = P.dH + DhOffset(P, b, cs, hv);  // (never windowed: Windows)
         for (int idx = tid; idx < K * BV; idx += kThreads) {
           const int r = idx / BV, c = idx % BV;
           dst[(size_t)r * V + col0 + c] = sdS[r * SP + c];
@@ -568,7 +568,7 @@ __global__ void __launch_bounds__(kThreads, 1) ReverseKernelV2(Params P) {
   const int gr = lane >> 2, t4 = lane & 3, mt = warp & 3, nt0 = (warp >> 2) * NTW;
   const StateTile<K, BV> tt{warp % TL::WM3, warp / TL::WM3, gr, t4};
   const int V = p.V, HV = p.HV, NCB = V / BV;
-  const int nitems = p.counters[1] * HV * NCB;
+  const int nitems = WindowSeqCount(P) * HV * NCB;
   const TIn* gdo = static_cast<const TIn*>(P.d_o);
   float st[TL::MTW3][TL::NTW3][4];
   typename DoVec<TIn>::T dreg[kBfDo ? 1 : NU];
@@ -582,15 +582,25 @@ __global__ void __launch_bounds__(kThreads, 1) ReverseKernelV2(Params P) {
   };
   for (int it = next_item(-1); it < nitems; it = next_item(it)) {
     const int cb = it % NCB, hv = (it / NCB) % HV, si = it / NCB / HV;
-    const int4 e = P.seq_list[si];
+    const int4 e = WindowSeq(P, si);
     const int b = e.x, ss = e.y, se = e.z, s = e.w;
     const int col0 = cb * BV;
     const int nch = (se - ss + C - 1) / C;
+    // The window's chunks m_lo .. m_hi - 1 (starts in [win_lo, win_hi); WindowLists lists only sequences with
+    // some). A sequence that goes on past the window starts from the later window's dS (bnd_in); one that began
+    // before it leaves its dS in bnd_out.
+    int m_lo, m_hi;
+    WindowChunkRange(P, ss, se, &m_lo, &m_hi);
+    const size_t bnd = ((size_t)b * HV + hv) * K * V;
 
-    LoadState<K, BV>(st, tt,
-                     (P.dfin != nullptr && s < P.S_out) ? P.dfin + (((size_t)b * P.S_out + s) * HV + hv) * K * V
-                                                        : nullptr,
-                     p.state_vk, V, col0);
+    if (m_hi < nch) {
+      LoadState<K, BV>(st, tt, P.bnd_in + bnd, false, V, col0);
+    } else {
+      LoadState<K, BV>(st, tt,
+                       (P.dfin != nullptr && s < P.S_out) ? P.dfin + (((size_t)b * P.S_out + s) * HV + hv) * K * V
+                                                          : nullptr,
+                       p.state_vk, V, col0);
+    }
 
     // Rows >= L of a partial last chunk are zero-filled (as the default kernel's zeros).
     auto load_chunk = [&](int m, int stg) {
@@ -644,33 +654,32 @@ __global__ void __launch_bounds__(kThreads, 1) ReverseKernelV2(Params P) {
     };
 
     __syncthreads();  // the previous item is done with shared memory
-    load_chunk(nch - 1, 0);
+    load_chunk(m_hi - 1, 0);
     if constexpr (NS == 3) {  // one cp.async group per chunk, empty past the first: a fixed count in flight
-      if (nch > 1) {
-        load_chunk(nch - 2, 1);
+      if (m_hi - 1 > m_lo) {
+        load_chunk(m_hi - 2, 1);
       } else {
         fwd::CpAsyncCommit();
       }
     }
     store_do(0);
     StoreStateBf16<K, BV>(st, tt, sdS, VP);
-    for (int m = nch - 1; m >= 0; --m) {
-      const int stg = (nch - 1 - m) % NS;
+    for (int m = m_hi - 1; m >= m_lo; --m) {
+      const int stg = (m_hi - 1 - m) % NS;
       const int cs = ss + m * C;
       fwd::CpAsyncWait<NS - 2>();  // chunk m's group (NS = 3: chunk m - 1's may stay in flight)
       __syncthreads();  // A: chunk m and sdS visible; everyone is done with chunk m + 1 (its stage, sdR)
       if constexpr (NS == 3) {  // chunk m - 2 into chunk m + 1's stage
-        if (m > 1) {
+        if (m > m_lo + 1) {
           load_chunk(m - 2, (stg + 2) % 3);
         } else {
           fwd::CpAsyncCommit();
         }
       } else {
-        if (m > 0) load_chunk(m - 1, stg ^ 1);
+        if (m > m_lo) load_chunk(m - 1, stg ^ 1);
       }
       if (m + 1 < nch)  // dS_next of this chunk = gradient w.r.t. the start state of the next one
-        StoreChunkState<K, BV>(st, tt, P, P.dH, (((size_t)b * (p.NW + 1) + (cs + 2 * C - 1) / C) * HV + hv) * K * V,
-                               V, col0);
+        StoreChunkState<K, BV>(st, tt, P, P.dH, DhOffset(P, b, cs, hv), V, col0);
       {  // dR = A_qk^T dO + Kd dS  (rows mt * 16.., columns nt0 * 8..); A_qk is lower triangular: i >= j only
         float acc[NTW][4] = {};
         const bf16* aa = ATBase(sA + stg * C * AP, AP, lane) + mt * 16;
@@ -699,12 +708,14 @@ __global__ void __launch_bounds__(kThreads, 1) ReverseKernelV2(Params P) {
       ScaleRows<K, BV>(st, tt, sGam + stg * K);
       AccXtY<K, BV>(st, tt, sQg + stg * C * KP, KP, sdO + stg * C * VP, VP, lane);
       AccXtY<K, BV>(st, tt, sW + stg * C * KP, KP, sdR, VP, lane);
-      if (m > 0) {
+      if (m > m_lo) {
         StoreStateBf16<K, BV>(st, tt, sdS, VP);
         store_do((stg + 1) % NS);
       }
     }
-    if (P.dinit != nullptr && s < p.S_init) {
+    if (m_lo > 0) {  // the sequence began in an earlier window: its dS here (f32, exact) carries on there
+      StoreStateKV<K, BV>(st, tt, P.bnd_out + bnd, V, col0);
+    } else if (P.dinit != nullptr && s < p.S_init) {
       float* dst = P.dinit + (((size_t)b * p.S_init + s) * HV + hv) * K * V;
 #pragma unroll
       for (int mi = 0; mi < TL::MTW3; ++mi)
@@ -810,6 +821,7 @@ __global__ void __launch_bounds__(kPickThreads) PickReverseBlock(Params P, int s
     }
   }
   p.counters[kReversePickSlot] = best;
+  p.counters[kReverseWorkSlot] = 0;  // the reverse launches after this pick (one per token window) take items anew
 }
 
 // CTA slots of ReverseKernelV2<K, BV, TIn> (SMs x resident CTAs), or 0 where V is not a multiple of BV.

@@ -122,51 +122,115 @@ def cuda_bwd_states_bf16() -> bool:
     return os.environ.get("FLASHKDA_BWD_RECUR") != "v1" and os.environ.get("FLASHKDA_BWD_GRAD1") != "simt"
 
 
+# The CUDA backward's default token windows: 4096 tokens (64 chunks), for rows of one sequence longer than
+# _WINDOW_MIN_T. Each window costs a few launches and the tails of its grad1 / grad2 (H100, session 12: +7% fwd+bwd
+# time at b1-t32k-h16 with 8 windows, +9-10% with 8-12 windows of 704-1024 tokens at T = 8192, HV = 64-96).
+_WINDOW_TOKENS = 4096
+_WINDOW_MIN_T = 8192
+
+
+def _forced_window() -> int | None:
+    """``FLASHKDA_BWD_WINDOW`` (tokens per window, a multiple of 64; 0 = no windows), or None when unset."""
+    raw = os.environ.get("FLASHKDA_BWD_WINDOW", "")
+    if raw == "":
+        return None
+    try:
+        v = int(raw)
+    except ValueError:
+        v = -1
+    if v < 0 or v % _CHUNK:
+        raise ValueError(f"FLASHKDA_BWD_WINDOW={raw!r}: expected a non-negative multiple of {_CHUNK} (tokens per "
+                         "window of the CUDA backward; 0 = no windows)")
+    return v
+
+
+def cuda_bwd_window(T: int, HV: int, one_sequence_per_row: bool) -> int:
+    """Tokens per window of the CUDA backward (its ``bwd_window`` attribute; 0 = none). The stages after the
+    states pass run one token window at a time, last first, so their per-token scratch and chunk-state gradients
+    are one window's size (docs/ffi.md): the backward's peak falls from about 2.3x to 1.5x of the inputs, outputs
+    and gradients at b1-t32k-h16, for about 7% more time. Windows serialise the reverse pass over the sequences of
+    a row (each window waits for the later one), so by default they are used only with one sequence per row (no
+    segment_ids / cu_seqlens) longer than 8192 tokens: windows of 4096 tokens. ``FLASHKDA_BWD_WINDOW`` overrides
+    the choice. The first-version kernels (f32 states) are never windowed. HV is not used by the default (the
+    override and the docs name the trade per token); independent of B: the workspace stays linear in B (vmap)."""
+    del HV
+    if not cuda_bwd_states_bf16():
+        return 0
+    forced = _forced_window()
+    if forced is not None:
+        return forced if forced < T else 0
+    if not one_sequence_per_row or T <= _WINDOW_MIN_T:
+        return 0
+    return _WINDOW_TOKENS
+
+
+def cuda_bwd_windows(T: int, window: int) -> tuple[int, int]:
+    """(tokens per window, window count) for a ``bwd_window`` value; mirrors ``flashkda::bwd::MakeWindows``.
+    Count 1: unwindowed."""
+    if window <= 0 or window >= T:
+        return T, 1
+    return window, -(-T // window)
+
+
 def _cuda_bwd_pack(B: int, T: int, HV: int, K: int, V: int, S: int,
-                   states_given: bool = False, prep_given: bool = False) -> tuple[dict, int]:
+                   states_given: bool = False, prep_given: bool = False, window: int = 0) -> tuple[dict, int]:
     fwd, off = _pack(_cuda_fwd_regions(B, T, HV, K, V, S, no_split=True, prep_external=prep_given))
     nw = -(-T // _CHUNK)
-    tok = B * T * HV
-    states = B * (nw + 1) * HV * K * V * (2 if cuda_bwd_states_bf16() else 4)
+    length, count = cuda_bwd_windows(T, window)
+    windowed = count > 1
+    # Rows of the per-token scratch and chunk-state gradients: one window's (SetWindow's win_T, win_nw).
+    wt = min(length + _CHUNK - 1, T) if windowed else T
+    wnw = length // _CHUNK + 1 if windowed else nw + 1
+    tok = B * wt * HV
+    state = HV * K * V * (2 if cuda_bwd_states_bf16() else 4)
     # Names are the fields of flashkda::bwd::Layout, in its order (after the forward's, embedded first).
     bwd, off = _pack([
-        ("hs", 0 if states_given else states),  # chunk start states (bf16, or f32) [B, NW + 1, HV, K, V]
-        ("dh", states),                    # their gradients (bf16, or f32) [B, NW + 1, HV, K, V]
+        ("hs", 0 if states_given else B * (nw + 1) * state),  # chunk start states (bf16, or f32) [B, NW + 1, HV, K, V]
+        ("dh", B * wnw * state),           # their gradients (bf16, or f32) [B, wnw, HV, K, V] (window's)
         ("dgam", B * (nw + S) * HV * K * 4),  # dgamma per chunk (f32) [B, NG, HV, K]
-        ("sqg", tok * K * 4),              # dQg, then dq (effective) (f32) [B, T, HV, K]
+        ("sqg", tok * K * 4),              # dQg, then dq (effective) (f32) [B, wt, HV, K]
         ("skd", tok * K * 4),              # dKd, then dk (effective)
-        ("swu", tok * (K + V) * 2),        # dW | dU rows (bf16) [B, T, HV, K + V], then d(gate input) (f32,
-                                           # [B, T, HV, K], gate != precomputed; K == V)
-        ("sa", tok * _CHUNK * 4),          # dA_qk rows (f32) [B, T, HV, C]
-        ("sda", tok * 4),                  # d a_log per chunk at its first token (f32) [B, T, HV]
+        ("swu", tok * (K + V) * 2),        # dW | dU rows (bf16) [B, wt, HV, K + V], then d(gate input) (f32,
+                                           # [B, wt, HV, K], gate != precomputed; K == V)
+        ("sa", tok * _CHUNK * 4),          # dA_qk rows (f32) [B, wt, HV, C]
+        ("sda", tok * 4),                  # d a_log per chunk at its first token (f32) [B, wt, HV]
         ("seqs", B * T * 16),              # sequence list (int4 b, start, end, slot)
         ("gred", B * HV * -(-T // _REDUCE_TILE) * (K + 1) * 4),  # per-tile gate-parameter sums (f32)
+        ("bnd", 2 * B * HV * K * V * 4 if windowed else 0),  # windows' boundary dS (f32) [2, B, HV, K, V]
+        ("wlists", 8 * B * T if windowed else 0),  # a window's chunk and sequence lists (int32) [2, B * T]
     ], off)
     return {**fwd, **bwd}, off
 
 
 def cuda_bwd_workspace_layout(B: int, T: int, HV: int, K: int, V: int, S: int, states_given: bool = False,
-                              prep_given: bool = False) -> dict:
+                              prep_given: bool = False, window: int = 0) -> dict:
     """``{name: (byte offset, bytes)}`` of ``flashkda::bwd::MakeLayout``: the forward's regions
     (``fwd::MakeLayout(no_split=True)``, names of ``fwd::Layout``) then the backward's (names of
     ``bwd::Layout``). ``bytes`` is the region's size before the 256-byte padding. S must be the
     dfinal_state slots the handler sees (0 without dfinal_state): the offsets after ``gamma`` depend on it.
     states_given / prep_given: the forward's chunk_states / saved prep outputs come as operands (no ``hs`` /
-    ``qg`` .. ``gamma`` regions; S is then the saved gamma's slots)."""
-    return _cuda_bwd_pack(B, T, HV, K, V, S, states_given, prep_given)[0]
+    ``qg`` .. ``gamma`` regions; S is then the saved gamma's slots). window: the op's bwd_window (cuda_bwd_window)."""
+    return _cuda_bwd_pack(B, T, HV, K, V, S, states_given, prep_given, window)[0]
 
 
 def cuda_bwd_workspace_bytes(B: int, T: int, HV: int, K: int, V: int, S: int, states_given: bool = False,
-                             prep_given: bool = False) -> int:
+                             prep_given: bool = False, window: int = 0) -> int:
     """Mirrors ``flashkda::bwd::MakeLayout`` in ``cutlass/kda_bwd_common.cuh`` (S: dfinal_state slots, or an
     upper bound of them: the size only grows with S; states_given: the forward's chunk_states are an operand)."""
-    return _cuda_bwd_pack(B, T, HV, K, V, S, states_given, prep_given)[1]
+    return _cuda_bwd_pack(B, T, HV, K, V, S, states_given, prep_given, window)[1]
+
+
+def bwd_window(platform: str, *, T: int, HV: int, opts) -> int:
+    """The backward op's bwd_window attribute: cuda_bwd_window on CUDA (one sequence per row: state_mode
+    "dense"), 0 on the CPU."""
+    return cuda_bwd_window(T, HV, opts.state_mode == "dense") if platform == "cuda" else 0
 
 
 def bwd_workspace_bytes(platform: str, *, B: int, T: int, H: int, HV: int, K: int, V: int, S: int, opts,
                         states_given: bool = False, prep_given: bool = False) -> int:
     if platform == "cuda":
-        return cuda_bwd_workspace_bytes(B, T, HV, K, V, S, states_given, prep_given)
+        return cuda_bwd_workspace_bytes(B, T, HV, K, V, S, states_given, prep_given,
+                                        bwd_window(platform, T=T, HV=HV, opts=opts))
     return 0
 
 

@@ -18,6 +18,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from flashkda_jax import _capabilities as _caps
 from flashkda_jax import _dispatch
@@ -129,9 +130,11 @@ def _ffi_backward_call(args, do, dfin, opts, impl, grad_types, saved=None):
         dfin = _empty_state(q)
     inputs = (q, k, v, g, beta, a_log, dt_bias, slot, _empty_state(q) if init is None else init,
               do.astype(v.dtype), dfin.astype(_inputs.compute_dtype(q.dtype)))
+    sizes = _sizes(q, v, opts)
+    window = _workspace.bwd_window(impl, T=sizes["T"], HV=sizes["HV"], opts=opts)
     outs = jax.ffi.ffi_call(_ffi.BWD_TARGET, out_types, vmap_method="broadcast_all",
                             input_output_aliases=_residual_aliases(len(inputs), saved, out_types))(
-        *inputs, *saved, **opts.ffi_attrs())
+        *inputs, *saved, **opts.ffi_attrs(), bwd_window=np.int64(window))
     return outs[:8]
 
 

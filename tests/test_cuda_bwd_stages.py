@@ -379,14 +379,14 @@ def _gpu(name):
     dt_rows = jnp.broadcast_to(core.dt_bias, (B, HV, K))
     f32 = jnp.float32
     init = core.initial_state
-    ws_bytes = W.bwd_workspace_bytes("cuda", B=B, T=T, H=H, HV=HV, K=K, V=V, S=opts.num_slots, opts=opts)
+    ws_bytes = W.cuda_bwd_workspace_bytes(B, T, HV, K, V, opts.num_slots)  # unwindowed: the layout read back below
     out_types = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (core.q, core.k, core.v, core.g, core.beta))
     out_types += (jax.ShapeDtypeStruct((B, HV), f32), jax.ShapeDtypeStruct((B, HV, K), f32),
                   jax.ShapeDtypeStruct(init.shape if init is not None else (0,), f32),
                   jax.ShapeDtypeStruct((ws_bytes,), jnp.uint8))
     call = jax.ffi.ffi_call(_ffi.BWD_TARGET, out_types, vmap_method="broadcast_all")
     empty = jnp.zeros((0,), f32)
-    fn = jax.jit(lambda *a: call(*a, **opts.ffi_attrs()))
+    fn = jax.jit(lambda *a: call(*a, **opts.ffi_attrs(), bwd_window=np.int64(0)))
     res = fn(core.q, core.k, core.v, core.g, core.beta, a_rows, dt_rows, core.slot,
              init if init is not None else empty, do, dfin if dfin is not None else empty,
              *[jnp.zeros((0,), jnp.bfloat16)] * 6, jnp.zeros((0,), f32))
@@ -487,7 +487,7 @@ _BWD_BF16_STATES = {
 
 _FWD_ORDER = ("qg", "kd", "w", "u", "aqk", "gamma", "hp", "sstart", "seq_start", "seq_end", "chunks", "segs",
               "multi", "counters")
-_BWD_ORDER = ("hs", "dh", "dgam", "sqg", "skd", "swu", "sa", "sda", "seqs", "gred")
+_BWD_ORDER = ("hs", "dh", "dgam", "sqg", "skd", "swu", "sa", "sda", "seqs", "gred", "bnd", "wlists")
 
 
 def _bf16_scratch_saving(B, T, HV, K, V, S):
@@ -509,6 +509,8 @@ def _aqk_t_rows_growth(B, T, HV, K, V, S):
 @pytest.mark.parametrize("shape", sorted(_TOTALS))
 @pytest.mark.parametrize("states", ["bf16", "f32_recur_v1", "f32_grad1_simt"])
 def test_workspace_totals_unchanged(shape, states, monkeypatch):
+    """The unwindowed totals (bwd_window 0, the default of these functions); test_workspace_windows covers the
+    windows."""
     monkeypatch.delenv("FLASHKDA_BWD_RECUR", raising=False)
     monkeypatch.delenv("FLASHKDA_BWD_GRAD1", raising=False)
     if states == "f32_recur_v1":
@@ -522,6 +524,61 @@ def test_workspace_totals_unchanged(shape, states, monkeypatch):
                                                   - _bf16_scratch_saving(*shape) + grown)
     assert W.cuda_fwd_workspace_bytes(*shape) == fwd + grown
     assert W.cuda_fwd_workspace_bytes(*shape, no_split=True) == fwd_ns + grown
+
+
+@pytest.mark.parametrize("T, HV, one_seq, env, want", [
+    (32768, 16, True, None, 4096),    # b1-t32k-h16: 8 windows of 4096 tokens
+    (32768, 16, False, None, 0),      # packed sequences: no windows by default
+    (8192, 64, True, None, 0),        # T <= 8192: none
+    (8256, 96, True, None, 4096),     # 3 windows, the last of 64 tokens
+    (1 << 20, 16, True, None, 4096),
+    (32768, 16, True, "0", 0),
+    (1100, 2, False, "128", 128),      # forced, with packed sequences too
+    (100, 2, True, "128", 0),          # a window past T: none
+])
+def test_workspace_windows(T, HV, one_seq, env, want, monkeypatch):
+    """The backward's token windows (the bwd_window attribute) and the regions they shrink: the per-token scratch
+    to one window's rows (window + 63) and dH to window / 64 + 1 chunk states per batch row, plus two f32 boundary
+    states per (batch row, value head) and the window's work lists; everything else as unwindowed. Linear in B
+    (vmap)."""
+    for name in ("FLASHKDA_BWD_RECUR", "FLASHKDA_BWD_GRAD1", "FLASHKDA_BWD_WINDOW"):
+        monkeypatch.delenv(name, raising=False)
+    if env is not None:
+        monkeypatch.setenv("FLASHKDA_BWD_WINDOW", env)
+    window = W.cuda_bwd_window(T, HV, one_seq)
+    assert window == want
+    length, count = W.cuda_bwd_windows(T, window)
+    assert count == (1 if want == 0 else -(-T // want))
+    K = V = 64
+    for B in (1, 3):
+        lay = W.cuda_bwd_workspace_layout(B, T, HV, K, V, 1, True, True, window)
+        full = W.cuda_bwd_workspace_layout(B, T, HV, K, V, 1, True, True)
+        rows = T if count == 1 else min(length + 63, T)
+        assert lay["sqg"][1] == B * rows * HV * K * 4 and lay["sa"][1] == B * rows * HV * 64 * 4
+        assert lay["swu"][1] == B * rows * HV * (K + V) * 2 and lay["sda"][1] == B * rows * HV * 4
+        nw = -(-T // 64) + 1 if count == 1 else length // 64 + 1
+        assert lay["dh"][1] == B * nw * HV * K * V * 2
+        assert lay["bnd"][1] == (2 * B * HV * K * V * 4 if count > 1 else 0)
+        assert lay["wlists"][1] == (8 * B * T if count > 1 else 0)
+        for name in ("hs", "dgam", "seqs", "gred") + _FWD_ORDER:
+            assert lay[name][1] == full[name][1], name
+    one = W.cuda_bwd_workspace_bytes(1, T, HV, K, V, 1, True, True, window)
+    assert W.cuda_bwd_workspace_bytes(4, T, HV, K, V, 1, True, True, window) <= 4 * one
+
+
+def test_workspace_windows_env(monkeypatch):
+    """A bad FLASHKDA_BWD_WINDOW fails at trace time; the first-version kernels (f32 states) are never windowed
+    (the handler rejects a window with them)."""
+    monkeypatch.delenv("FLASHKDA_BWD_RECUR", raising=False)
+    monkeypatch.delenv("FLASHKDA_BWD_GRAD1", raising=False)
+    for bad in ("100", "-64", "x"):
+        monkeypatch.setenv("FLASHKDA_BWD_WINDOW", bad)
+        with pytest.raises(ValueError, match="FLASHKDA_BWD_WINDOW"):
+            W.cuda_bwd_window(1100, 2, True)
+    monkeypatch.setenv("FLASHKDA_BWD_WINDOW", "128")
+    assert W.cuda_bwd_window(1100, 2, True) == 128
+    monkeypatch.setenv("FLASHKDA_BWD_RECUR", "v1")
+    assert W.cuda_bwd_window(1100, 2, True) == 0
 
 
 @pytest.mark.parametrize("shape", sorted(_TOTALS))
