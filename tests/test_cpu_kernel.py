@@ -80,7 +80,8 @@ def ffi_bwd(core, opts, do, dfin):
         dfin = jnp.zeros((0,), _inputs.compute_dtype(core.q.dtype))
     res = jax.ffi.ffi_call("flashkda_bwd", outs)(
         core.q, core.k, core.v, core.g, core.beta, a_rows, dt_rows, core.slot, _init_operand(core), do, dfin,
-        *[jnp.zeros((0,), jnp.bfloat16)] * 6, jnp.zeros((0,), jnp.float32), **opts.ffi_attrs())
+        *[jnp.zeros((0,), jnp.bfloat16)] * 6, jnp.zeros((0,), jnp.float32), **opts.ffi_attrs(),
+        bwd_window=np.int64(0))
     return res[:8]
 
 
@@ -278,7 +279,8 @@ def test_saved_results_are_cuda_only():
     with pytest.raises(Exception, match="CUDA forward only"):
         jax.block_until_ready(jax.ffi.ffi_call("flashkda_bwd", gouts)(
             core.q, core.k, core.v, core.g, core.beta, a_rows, dt_rows, core.slot, _init_operand(core), do,
-            jnp.zeros((0,), jnp.float32), *[jnp.zeros(x.shape, x.dtype) for x in saved], **opts.ffi_attrs()))
+            jnp.zeros((0,), jnp.float32), *[jnp.zeros(x.shape, x.dtype) for x in saved], **opts.ffi_attrs(),
+            bwd_window=np.int64(0)))
 
 
 def test_padding_exactly_zero():
