@@ -53,6 +53,11 @@ _VARIANT_CASES = {
     "fp32_64": (26, 2, 260, 1, 2, 64, "float32", "bounded", {}),
     "vk64": (27, 2, 270, 1, 2, 64, "bfloat16", "bounded", {"vk": True}),
 }
+# Only for test_default_windows: one sequence per row, longer than the 8192 tokens past which the default windows
+# start (3 windows: 4096, 4096, 64 tokens).
+_LONG_CASES = {"dense_long64": (28, 2, 8256, 1, 1, 64, "bfloat16", "softplus", {})}
+_DEFAULT_CASES = tuple(_VARIANT_CASES)
+_VARIANT_CASES.update(_LONG_CASES)
 
 
 def _variant_case(name):
@@ -87,7 +92,7 @@ np.savez(sys.argv[2], **out)
 """
 
 
-def _variant_run(tmp_path, tag, env_extra, cases=tuple(_VARIANT_CASES)):
+def _variant_run(tmp_path, tag, env_extra, cases=_DEFAULT_CASES):
     out, saved = run_child(_VARIANT_CHILD, tmp_path, f"{tag}.npz", ",".join(cases), env=env_extra,
                            drop=_VARIANT_ENV_KEYS, what=tag)
     assert out.count("ok ") == len(cases), out
@@ -146,6 +151,19 @@ def test_windows_bit_identical(tmp_path):
             np.testing.assert_array_equal(got[key], x, err_msg=f"window {w} vs unwindowed: {key}")
 
 
+def test_default_windows(tmp_path):
+    """The default window choice end to end (kda -> the bwd_window attribute): a one-sequence row longer than 8192
+    tokens gets windows, and its gradients are the unwindowed ones bit for bit."""
+    from flashkda_jax import _workspace as W
+    assert W.cuda_bwd_window(8256, 1, True) == 4096
+    cases = tuple(_LONG_CASES)
+    default = _variant_run(tmp_path, "default_windows", {}, cases)
+    base = _variant_run(tmp_path, "no_windows", {"FLASHKDA_BWD_WINDOW": "0"}, cases)
+    assert default.keys() == base.keys()
+    for key, x in base.items():
+        np.testing.assert_array_equal(default[key], x, err_msg=f"default windows vs unwindowed: {key}")
+
+
 def test_defaults_vs_first_version(tmp_path):
     base = _variant_run(tmp_path, "first", FIRST_VERSION_ENV)
     variants = {
@@ -174,7 +192,7 @@ def test_defaults_vs_first_version(tmp_path):
 
 
 def test_defaults_vs_oracle(tmp_path):
-    cases = list(_VARIANT_CASES)
+    cases = list(_DEFAULT_CASES)
     got = _variant_run(tmp_path, "defaults_oracle", {}, cases)
     first = _variant_run(tmp_path, "first_oracle", FIRST_VERSION_ENV, cases)
     for case in cases:
