@@ -22,6 +22,7 @@
 #include "kda_bindings.h"
 #include "kda_decode_binding.h"
 #include "kda_env.h"
+#include "kda_gate_math.cuh"
 
 namespace ffi = xla::ffi;
 
@@ -68,8 +69,8 @@ __device__ __forceinline__ float WarpSum(float x) {
   return x;
 }
 
-__device__ __forceinline__ float Sigmoid(float x) { return 1.f / (1.f + __expf(-x)); }
-__device__ __forceinline__ float Softplus(float x) { return fmaxf(x, 0.f) + log1pf(__expf(-fabsf(x))); }
+using flashkda::Sigmoid;
+using flashkda::Softplus;
 
 template <int K, int BV>
 struct alignas(16) Smem {

@@ -25,6 +25,8 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "kda_gate_math.cuh"
+
 #include <cute/arch/copy_sm75.hpp>
 #include <cute/arch/copy_sm80.hpp>
 #include <cute/arch/mma_sm80.hpp>
@@ -278,8 +280,8 @@ __device__ __forceinline__ int TakeItem(int* counter, int* s_next) {
   return *s_next;
 }
 
-__device__ __forceinline__ float Sigmoid(float x) { return 1.f / (1.f + __expf(-x)); }
-__device__ __forceinline__ float Softplus(float x) { return fmaxf(x, 0.f) + log1pf(__expf(-fabsf(x))); }
+using ::flashkda::Sigmoid;
+using ::flashkda::Softplus;
 
 // Effective log-decay of a raw gate input x with its dt_bias dt: x itself (gate_mode 0), -a softplus(x + dt)
 // (1), lower_bound sigmoid(a (x + dt)) with use_a_log, else lower_bound sigmoid(x + dt) (2); a = exp(A_log).
