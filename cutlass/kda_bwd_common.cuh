@@ -93,7 +93,7 @@ struct Params {
   // PickReverseBlock from the sequence lengths) names theirs, and take items from f.counters[kReverseWorkSlot]
   int reverse_pick;
   float* gred;     // [B, HV, ceil(T / kReduceTile), K + 1] per-tile sums of d(gate input) (K) and d a_log (1)
-  // Token window of this launch (Window, set per window by the handler): the reverse, grad1, grad2, finish and
+  // Token window of this launch (SetWindow, per window by the handler): the reverse, grad1, grad2, finish and
   // gate-tile stages of one window handle the chunks starting in [win_lo, win_hi) of every batch row; the
   // per-token scratch (sQg, sKd, sWU, sA, sDa) holds win_T rows per batch row from win_lo, dH holds win_nw
   // chunk states per batch row from index win_dh0. One window: 0, T, T, NW + 1, 0 (the unwindowed layout).
@@ -110,36 +110,33 @@ struct Params {
 // The backward's token windows (docs/ffi.md, "CUDA backward workspace"): the stages after the states pass run
 // window by window, last to first, so the per-token scratch and dH are a window's size. `len` tokens per window
 // (a multiple of kChunk), `count` windows; count == 1: the whole sequence, unwindowed. Python picks the length
-// (flashkda_jax/_workspace.py:cuda_bwd_windows) and passes it as the op's bwd_window attribute.
+// (flashkda_jax/_workspace.py:cuda_bwd_window) and passes it as the op's bwd_window attribute.
 struct Windows {
   int64_t len, count;
+  int64_t rows;   // per-token scratch rows per batch row (Params::win_T)
+  int64_t slots;  // dH chunk states per batch row (Params::win_nw)
 };
 
-inline Windows MakeWindows(int64_t T, int64_t window) {
-  if (window <= 0 || window >= T) return Windows{T, 1};
-  return Windows{window, (T + window - 1) / window};
+// NW: the problem's chunk count (ceil(T / kChunk)).
+inline Windows MakeWindows(int64_t T, int64_t NW, int64_t window) {
+  if (window <= 0 || window >= T) return Windows{T, 1, T, NW + 1};
+  // A chunk starting before a window's end ends before end + kChunk - 1; a chunk starting at cs >= lo has its
+  // dS_next at dH index (cs + 2 kChunk - 1) / kChunk >= lo / kChunk + 1, at most window / kChunk + 1 indices in all.
+  const int64_t rows = window + kChunk - 1 < T ? window + kChunk - 1 : T;
+  return Windows{window, (T + window - 1) / window, rows, window / kChunk + 1};
 }
 
 // Per-window values of Params (win_*), for window w of `win` (0 = the first tokens).
 __host__ __forceinline__ void SetWindow(Params& P, const Windows& win, int64_t w) {
   const int64_t T = P.f.T;
-  P.windowed = win.count > 1 ? 1 : 0;
-  if (win.count <= 1) {
-    P.win_lo = 0;
-    P.win_hi = static_cast<int>(T);
-    P.win_T = static_cast<int>(T);
-    P.win_nw = P.f.NW + 1;
-    P.win_dh0 = 0;
-    return;
-  }
-  const int64_t lo = w * win.len, hi = lo + win.len < T ? lo + win.len : T;
+  const bool windowed = win.count > 1;
+  const int64_t lo = windowed ? w * win.len : 0, hi = windowed && lo + win.len < T ? lo + win.len : T;
+  P.windowed = windowed ? 1 : 0;
   P.win_lo = static_cast<int>(lo);
   P.win_hi = static_cast<int>(hi);
-  // A chunk starting before hi ends before hi + kChunk - 1; a chunk starting at cs >= lo has its dS_next at
-  // dH index (cs + 2 kChunk - 1) / kChunk >= lo / kChunk + 1, at most len / kChunk + 1 indices in all.
-  P.win_T = static_cast<int>(win.len + kChunk - 1 < T ? win.len + kChunk - 1 : T);
-  P.win_nw = static_cast<int>(win.len / kChunk + 1);
-  P.win_dh0 = static_cast<int>(lo / kChunk + 1);
+  P.win_T = static_cast<int>(win.rows);
+  P.win_nw = static_cast<int>(win.slots);
+  P.win_dh0 = windowed ? static_cast<int>(lo / kChunk + 1) : 0;
 }
 
 // Whether a chunk starting at cs belongs to the current window.
@@ -203,15 +200,13 @@ inline Layout MakeLayout(int64_t B, int64_t T, int64_t HV, int64_t K, int64_t V,
     off += fwd::Align256(bytes);
     return at;
   };
-  l.win = MakeWindows(T, window);
+  l.win = MakeWindows(T, l.f.NW, window);
   const bool windowed = l.win.count > 1;
-  // Per-token scratch and dH: one window's rows (SetWindow's win_T, win_nw).
-  const int64_t wt = windowed ? (l.win.len + kChunk - 1 < T ? l.win.len + kChunk - 1 : T) : T;
-  const int64_t wnw = windowed ? l.win.len / kChunk + 1 : l.f.NW + 1;
-  const size_t tok = static_cast<size_t>(B * wt * HV);
+  // Per-token scratch and dH: one window's rows and chunk states.
+  const size_t tok = static_cast<size_t>(B * l.win.rows * HV);
   const size_t sbytes = static_cast<size_t>(HV) * K * V * (states_bf16 ? 2 : 4);
   l.hs = take(states_given ? 0 : static_cast<size_t>(B) * (l.f.NW + 1) * sbytes);
-  l.dh = take(static_cast<size_t>(B) * wnw * sbytes);
+  l.dh = take(static_cast<size_t>(B) * l.win.slots * sbytes);
   l.dgam = take(static_cast<size_t>(B) * l.f.NG * HV * K * 4);
   l.sqg = take(tok * K * 4);
   l.skd = take(tok * K * 4);

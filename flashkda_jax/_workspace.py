@@ -144,16 +144,15 @@ def _forced_window() -> int | None:
     return v
 
 
-def cuda_bwd_window(T: int, HV: int, one_sequence_per_row: bool) -> int:
+def cuda_bwd_window(T: int, one_sequence_per_row: bool) -> int:
     """Tokens per window of the CUDA backward (its ``bwd_window`` attribute; 0 = none). The stages after the
     states pass run one token window at a time, last first, so their per-token scratch and chunk-state gradients
     are one window's size (docs/ffi.md): the backward's peak falls from about 2.3x to 1.5x of the inputs, outputs
     and gradients at b1-t32k-h16, for about 7% more time. Windows serialise the reverse pass over the sequences of
     a row (each window waits for the later one), so by default they are used only with one sequence per row (no
     segment_ids / cu_seqlens) longer than 8192 tokens: windows of 4096 tokens. ``FLASHKDA_BWD_WINDOW`` overrides
-    the choice. The first-version kernels (f32 states) are never windowed. HV is not used by the default (the
-    override and the docs name the trade per token); independent of B: the workspace stays linear in B (vmap)."""
-    del HV
+    the choice. The first-version kernels (f32 states) are never windowed. For a given window the layout is
+    linear in B (vmap)."""
     if not cuda_bwd_states_bf16():
         return 0
     forced = _forced_window()
@@ -178,7 +177,7 @@ def _cuda_bwd_pack(B: int, T: int, HV: int, K: int, V: int, S: int,
     nw = -(-T // _CHUNK)
     length, count = cuda_bwd_windows(T, window)
     windowed = count > 1
-    # Rows of the per-token scratch and chunk-state gradients: one window's (SetWindow's win_T, win_nw).
+    # Rows of the per-token scratch and chunk-state gradients: one window's (MakeWindows' rows, slots).
     wt = min(length + _CHUNK - 1, T) if windowed else T
     wnw = length // _CHUNK + 1 if windowed else nw + 1
     tok = B * wt * HV
@@ -220,17 +219,17 @@ def cuda_bwd_workspace_bytes(B: int, T: int, HV: int, K: int, V: int, S: int, st
     return _cuda_bwd_pack(B, T, HV, K, V, S, states_given, prep_given, window)[1]
 
 
-def bwd_window(platform: str, *, T: int, HV: int, opts) -> int:
+def bwd_window(platform: str, *, T: int, opts) -> int:
     """The backward op's bwd_window attribute: cuda_bwd_window on CUDA (one sequence per row: state_mode
     "dense"), 0 on the CPU."""
-    return cuda_bwd_window(T, HV, opts.state_mode == "dense") if platform == "cuda" else 0
+    return cuda_bwd_window(T, opts.state_mode == "dense") if platform == "cuda" else 0
 
 
 def bwd_workspace_bytes(platform: str, *, B: int, T: int, H: int, HV: int, K: int, V: int, S: int, opts,
-                        states_given: bool = False, prep_given: bool = False) -> int:
+                        states_given: bool = False, prep_given: bool = False, window: int = 0) -> int:
+    """window: the op's bwd_window attribute (bwd_window)."""
     if platform == "cuda":
-        return cuda_bwd_workspace_bytes(B, T, HV, K, V, S, states_given, prep_given,
-                                        bwd_window(platform, T=T, HV=HV, opts=opts))
+        return cuda_bwd_workspace_bytes(B, T, HV, K, V, S, states_given, prep_given, window)
     return 0
 
 

@@ -122,16 +122,16 @@ def _ffi_backward_call(args, do, dfin, opts, impl, grad_types, saved=None):
     if saved is None:
         saved = tuple(jnp.zeros(t.shape, t.dtype) for t in _saved_types(q, v, opts, False))
     # (the chunk states and the prep outputs may come alone: an empty operand is recomputed)
+    sizes = _sizes(q, v, opts)
+    window = _workspace.bwd_window(impl, T=sizes["T"], opts=opts)
     ws = _workspace.bwd_workspace_bytes(impl, opts=opts, states_given=saved[0].size > 0, prep_given=saved[1].size > 0,
-                                        **_sizes(q, v, opts))
+                                        window=window, **sizes)
     out_types = tuple(grad_types) + (_state_struct(q, v, opts, init is not None),
                                      jax.ShapeDtypeStruct((ws,), jnp.uint8))
     if dfin is None:
         dfin = _empty_state(q)
     inputs = (q, k, v, g, beta, a_log, dt_bias, slot, _empty_state(q) if init is None else init,
               do.astype(v.dtype), dfin.astype(_inputs.compute_dtype(q.dtype)))
-    sizes = _sizes(q, v, opts)
-    window = _workspace.bwd_window(impl, T=sizes["T"], HV=sizes["HV"], opts=opts)
     outs = jax.ffi.ffi_call(_ffi.BWD_TARGET, out_types, vmap_method="broadcast_all",
                             input_output_aliases=_residual_aliases(len(inputs), saved, out_types))(
         *inputs, *saved, **opts.ffi_attrs(), bwd_window=np.int64(window))

@@ -545,7 +545,7 @@ def test_workspace_windows(T, HV, one_seq, env, want, monkeypatch):
         monkeypatch.delenv(name, raising=False)
     if env is not None:
         monkeypatch.setenv("FLASHKDA_BWD_WINDOW", env)
-    window = W.cuda_bwd_window(T, HV, one_seq)
+    window = W.cuda_bwd_window(T, one_seq)
     assert window == want
     length, count = W.cuda_bwd_windows(T, window)
     assert count == (1 if want == 0 else -(-T // want))
@@ -574,11 +574,11 @@ def test_workspace_windows_env(monkeypatch):
     for bad in ("100", "-64", "x"):
         monkeypatch.setenv("FLASHKDA_BWD_WINDOW", bad)
         with pytest.raises(ValueError, match="FLASHKDA_BWD_WINDOW"):
-            W.cuda_bwd_window(1100, 2, True)
+            W.cuda_bwd_window(1100, True)
     monkeypatch.setenv("FLASHKDA_BWD_WINDOW", "128")
-    assert W.cuda_bwd_window(1100, 2, True) == 128
+    assert W.cuda_bwd_window(1100, True) == 128
     monkeypatch.setenv("FLASHKDA_BWD_RECUR", "v1")
-    assert W.cuda_bwd_window(1100, 2, True) == 0
+    assert W.cuda_bwd_window(1100, True) == 0
 
 
 @pytest.mark.parametrize("shape", sorted(_TOTALS))

@@ -155,7 +155,7 @@ def test_default_windows(tmp_path):
     """The default window choice end to end (kda -> the bwd_window attribute): a one-sequence row longer than 8192
     tokens gets windows, and its gradients are the unwindowed ones bit for bit."""
     from flashkda_jax import _workspace as W
-    assert W.cuda_bwd_window(8256, 1, True) == 4096
+    assert W.cuda_bwd_window(8256, True) == 4096
     cases = tuple(_LONG_CASES)
     default = _variant_run(tmp_path, "default_windows", {}, cases)
     base = _variant_run(tmp_path, "no_windows", {"FLASHKDA_BWD_WINDOW": "0"}, cases)
