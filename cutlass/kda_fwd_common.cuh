@@ -5,7 +5,8 @@
 //   plan     one CTA per batch row: sequence starts/ends from `slot`, lists of chunk starts (prep work),
 //            segment starts (recurrence work) and multi-segment sequences (combine work); zeroes the
 //            outputs of padding tokens.
-//   prep     fully parallel over (chunk, value head): gate activation, cumulative gate G, q/k l2norm,
+//   prep     (kda_fwd_prep.cu; bounded gates: kda_fwd_prep_bounded.cu, same outputs)
+//            fully parallel over (chunk, value head): gate activation, cumulative gate G, q/k l2norm,
 //            beta sigmoid, A_kk / A_qk with every decay formed as exp(G_i - G_j) (j <= i) or as a product
 //            of two factors <= 1 around a reference row (never exp(-G)), the WY solve
 //            (I + StrictTril(diag(beta) A_kk)) [W | U] = diag(beta) [exp(G) * K | V], and writes
@@ -41,14 +42,18 @@ constexpr int kChunk = 64;          // tokens per chunk
 constexpr int kAqkPitch = 2 * kChunk;
 constexpr int kSegMinChunks = 8;    // shortest segment a sequence is split into (chunks)
 constexpr int kSms = 132;           // SMs assumed by ChooseSeglen (H100/H200)
-// Recurrence CTAs resident at once: two per SM for K <= 128 (single-stage, <= 128 registers), else one.
-inline constexpr int Slots(int K) { return K <= 128 ? 2 * kSms : kSms; }
-constexpr int kThreads = 256;       // every compute kernel runs 8 warps
+constexpr int kThreads = 256;       // compute kernels run 8 warps (the K = 128 recurrence: 16)
+// Column block of the recurrence kernel (per CTA). K = 128 with at least 64 (row, value head) chains takes all 128
+// value columns (16 warps, one CTA per SM), so that each chunk's W, Kd, Qg and A_qk rows are
+// read once; with fewer chains two 64-column CTAs of 8 warps per SM hide each other's latency better (H100,
+// session 13: b1-t8k-h64 -4%, varlen-32k-h16 +5% at 128 columns).
+inline constexpr int BlockV(int K, int64_t B, int64_t HV) { return K >= 256 ? 32 : (K == 128 && B * HV >= 64 ? 128 : 64); }
+// Threads of a recurrence CTA: 16 warps for 128 columns, else 8.
+inline constexpr int RecurThreads(int BV) { return BV == 128 ? 512 : kThreads; }
+// Recurrence CTAs per SM: two for K <= 128 with 64 columns (single stage, <= 128 registers), else one.
+inline constexpr int RecurCtasPerSm(int K, int BV) { return K <= 128 && BV <= 64 ? 2 : 1; }
 constexpr int kPhase1WorkSlot = 4;  // Params::counters slots: next item of phase 1 / phase 3 (dynamic scheduling)
 constexpr int kPhase3WorkSlot = 5;
-
-// Column block of the recurrence kernel (per CTA) for a given K.
-inline constexpr int BlockV(int K) { return K >= 256 ? 32 : 64; }
 
 struct Params {
   // problem
@@ -62,6 +67,7 @@ struct Params {
   // options
   float scale, lower_bound;
   int gate_mode, use_a_log, qk_l2norm, beta_sigmoid, allow_neg, state_vk;
+  int skip_t;    // 1: the prep leaves the T half of each A_qk row unwritten (no backward will read it)
   // operands
   const void* q;
   const void* k;
@@ -104,11 +110,12 @@ inline size_t Align256(size_t x) { return (x + 255) / 256 * 256; }
 
 // Chunks per segment. Splitting a sequence into n segments runs phase 1 (segment maps: V columns for the
 // first segment, V + K for the middle ones) and phase 3 (outputs) over chunks of n-times shorter
-// segments; pick n minimising (rounds of Slots(K) resident CTAs) x (chunks per segment + 2), a phase-1 round
+// segments; pick n minimising (rounds of the resident recurrence CTAs) x (chunks per segment + 2), a phase-1 round
 // counted as half a phase-3 one (H100, b1-t32k-h16: 3.4 vs 8.5 us per chunk step; no outputs, fewer operands).
 inline int ChooseSeglen(int64_t B, int64_t T, int64_t HV, int64_t K, int64_t V) {
   const int64_t nw = (T + kChunk - 1) / kChunk;
-  const int64_t chains = B * HV * (V / BlockV(static_cast<int>(K)));
+  const int bv = BlockV(static_cast<int>(K), B, HV);
+  const int64_t chains = B * HV * (V / bv);
   // K = 256 is supported, not tuned: its sequences are never split (the split path is tested for K <= 128).
   if (chains <= 0 || nw <= kSegMinChunks || K > 128) return static_cast<int>(nw > 0 ? nw : 1);
   int64_t best_len = nw, best_cost = -1;
@@ -119,7 +126,7 @@ inline int ChooseSeglen(int64_t B, int64_t T, int64_t HV, int64_t K, int64_t V) 
     if (n > 1 && ns < 2) break;
     const int64_t items3 = ns * chains;
     const int64_t items1 = ns > 1 ? chains + (ns - 2) * chains * 2 : 0;
-    const int64_t slots = Slots(static_cast<int>(K));
+    const int64_t slots = static_cast<int64_t>(RecurCtasPerSm(static_cast<int>(K), bv)) * kSms;
     const int64_t half_rounds = 2 * ((items3 + slots - 1) / slots) + (items1 + slots - 1) / slots;
     const int64_t cost = half_rounds * (len + 2);
     if (best_cost < 0 || cost < best_cost) {

@@ -108,6 +108,7 @@ static ffi::Error KdaCudaFwdImpl(cudaStream_t stream, FLASHKDA_FWD_PARAMS) {
                         o->untyped_data(),
                         s_final > 0 ? static_cast<float*>(final_state->untyped_data()) : nullptr);
   p.chunk_states = chunk_states->element_count() > 0 ? static_cast<__nv_bfloat16*>(chunk_states->untyped_data()) : nullptr;
+  p.skip_t = save_prep ? 0 : 1;  // T's rows serve only the backward, which reads them from the saved outputs
   if (save_prep) {
     void* const dst[6] = {saved_qg->untyped_data(), saved_kd->untyped_data(), saved_w->untyped_data(),
                           saved_u->untyped_data(), saved_aqk->untyped_data(), saved_gamma->untyped_data()};

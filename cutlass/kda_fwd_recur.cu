@@ -12,7 +12,8 @@ namespace {
 
 using bf16 = __nv_bfloat16;
 
-// One buffer per chunk operand (two CTAs per SM for K <= 128 overlap each other's latency); within a CTA the
+// One buffer per chunk operand (two 64-column CTAs per SM overlap each other's latency; a second stage for the
+// 128-column CTA, alone on its SM, issuing chunk c + 1's loads a whole step ahead, was 1-3% slower); within a CTA the
 // loads of chunk c + 1 are issued as soon as their buffers are free: W | U after step 1 of chunk c (only step 1
 // reads them), Qg, A_qk, Kd and gamma after its step 3, each waited for just before its first use (see the loop).
 template <int K, int BV, bool kOut>
@@ -28,11 +29,12 @@ struct RecurSmem {
 };
 
 template <int K, int BV, typename TOut, bool kOut>
-__global__ void __launch_bounds__(kThreads, K <= 128 ? 2 : 1) RecurKernel(Params p) {
+__global__ void __launch_bounds__(RecurThreads(BV), RecurCtasPerSm(K, BV)) RecurKernel(Params p) {
   using SM = RecurSmem<K, BV, kOut>;
   constexpr int C = kChunk, KP = SM::KP, VP = SM::VP, AP = SM::AP;
-  constexpr int NT = BV / 8, NTW = NT / 2;  // steps 1/2: 4 warps along rows x 2 along columns
-  constexpr int MT3 = K / 16, WM3 = MT3 < 8 ? MT3 : 8, WN3 = 8 / WM3, MTW3 = MT3 / WM3, NTW3 = NT / WN3;
+  constexpr int NTH = RecurThreads(BV), NWARP = NTH / 32;
+  constexpr int NT = BV / 8, NTW = NT / (NWARP / 4);  // steps 1/2: 4 warps along rows x NWARP / 4 along columns
+  constexpr int MT3 = K / 16, WM3 = MT3 < 8 ? MT3 : 8, WN3 = NWARP / WM3, MTW3 = MT3 / WM3, NTW3 = NT / WN3;
   static_assert(NTW % 2 == 0 && NTW3 % 2 == 0, "column tiles come in pairs");
   extern __shared__ __align__(16) unsigned char smem[];
   bf16* sW = reinterpret_cast<bf16*>(smem);
@@ -110,13 +112,13 @@ __global__ void __launch_bounds__(kThreads, K <= 128 ? 2 : 1) RecurKernel(Params
       const int cs = t0 + c * C;
       const int L = min(C, send - cs);
       const size_t tb = (size_t)b * p.T + cs;
-      for (int idx = tid; idx < C * (K / 8); idx += kThreads) {
+      for (int idx = tid; idx < C * (K / 8); idx += NTH) {
         const int r = idx / (K / 8), v8 = idx - r * (K / 8);
         const bool ok = r < L;
         CpAsync16(sW + r * KP + v8 * 8, p.W + ((tb + (ok ? r : 0)) * HV + hv) * K + v8 * 8, ok);
       }
       if (!pcols) {
-        for (int idx = tid; idx < C * (BV / 8); idx += kThreads) {
+        for (int idx = tid; idx < C * (BV / 8); idx += NTH) {
           const int r = idx / (BV / 8), v8 = idx - r * (BV / 8);
           const bool ok = r < L;
           CpAsync16(sU + r * VP + v8 * 8, p.U + ((tb + (ok ? r : 0)) * HV + hv) * V + col0 + v8 * 8, ok);
@@ -128,7 +130,7 @@ __global__ void __launch_bounds__(kThreads, K <= 128 ? 2 : 1) RecurKernel(Params
       const int cs = t0 + c * C;
       const int L = min(C, send - cs);
       const size_t tb = (size_t)b * p.T + cs;
-      for (int idx = tid; idx < C * (K / 8); idx += kThreads) {
+      for (int idx = tid; idx < C * (K / 8); idx += NTH) {
         const int r = idx / (K / 8), v8 = idx - r * (K / 8);
         const bool ok = r < L;
         const size_t go = ((tb + (ok ? r : 0)) * HV + hv) * K + v8 * 8;
@@ -136,7 +138,7 @@ __global__ void __launch_bounds__(kThreads, K <= 128 ? 2 : 1) RecurKernel(Params
         if (kOut) CpAsync16(sQ + r * KP + v8 * 8, p.Qg + go, ok);
       }
       if (kOut) {
-        for (int idx = tid; idx < C * (C / 8); idx += kThreads) {
+        for (int idx = tid; idx < C * (C / 8); idx += NTH) {
           const int r = idx / (C / 8), v8 = idx - r * (C / 8);
           const bool ok = r < L;
           CpAsync16(sA + r * AP + v8 * 8, p.Aqk + ((tb + (ok ? r : 0)) * HV + hv) * kAqkPitch + v8 * 8, ok);
@@ -145,7 +147,7 @@ __global__ void __launch_bounds__(kThreads, K <= 128 ? 2 : 1) RecurKernel(Params
       const bool lastc = cs + C >= send;
       const int gidx = !lastc ? (cs + C - 1) / C : (s < p.S_final ? p.NW + s : -1);
       if (gidx >= 0) {
-        for (int idx = tid; idx < K / 4; idx += kThreads) {
+        for (int idx = tid; idx < K / 4; idx += NTH) {
           CpAsync16(sGam + idx * 4, p.gamma + (((size_t)b * p.NG + gidx) * HV + hv) * K + idx * 4, true);
         }
       }
@@ -358,14 +360,24 @@ cudaError_t LaunchRecurK(const Params& p, cudaStream_t stream, int nsm) {
   constexpr size_t smem = RecurSmem<K, BV, kOut>::Bytes();
   const int ncb = kOut ? p.V / BV : (p.V + K) / BV;
   const long long items = static_cast<long long>(p.B) * p.T * p.HV * ncb;  // bound on (segment, head, block) items
-  return LaunchGrid(RecurKernel<K, BV, TOut, kOut>, smem, items, 1, p, stream, nsm);
+  return LaunchGrid<RecurThreads(BV)>(RecurKernel<K, BV, TOut, kOut>, smem, items, 1, p, stream, nsm);
+}
+
+template <int K, int BV, typename TOut>
+cudaError_t LaunchRecurK2(const Params& p, bool phase3, cudaStream_t stream, int nsm) {
+  return phase3 ? LaunchRecurK<K, BV, TOut, true>(p, stream, nsm)
+                : LaunchRecurK<K, BV, float, false>(p, stream, nsm);  // no outputs: one instance
 }
 
 template <int K, typename TOut>
 cudaError_t LaunchRecurK2(const Params& p, bool phase3, cudaStream_t stream, int nsm) {
-  constexpr int BV = BlockV(K);
-  return phase3 ? LaunchRecurK<K, BV, TOut, true>(p, stream, nsm)
-                : LaunchRecurK<K, BV, float, false>(p, stream, nsm);  // no outputs: one instance
+  // The column block ChooseSeglen planned with (MakeLayout).
+  if constexpr (K == 128) {
+    if (BlockV(K, p.B, p.HV) == 128) return LaunchRecurK2<K, 128, TOut>(p, phase3, stream, nsm);
+    return LaunchRecurK2<K, 64, TOut>(p, phase3, stream, nsm);
+  } else {
+    return LaunchRecurK2<K, BlockV(K, 1, 1), TOut>(p, phase3, stream, nsm);
+  }
 }
 
 // ---- phase 2: S_{j+1} = P_j S_j + H_j over the segments of each split sequence, fp32 ----

@@ -27,14 +27,16 @@ def _align256(x: int) -> int:
     return (x + 255) // 256 * 256
 
 
-def _block_v(K: int) -> int:
-    return 32 if K >= 256 else 64
+def _block_v(K: int, B: int, HV: int) -> int:
+    """The forward recurrence's column block (BlockV in cutlass/kda_fwd_common.cuh)."""
+    return 32 if K >= 256 else (128 if K == 128 and B * HV >= 64 else 64)
 
 
 def cuda_fwd_seglen(B: int, T: int, HV: int, K: int, V: int) -> int:
     """Chunks per segment that the CUDA forward splits long sequences into (ChooseSeglen)."""
     nw = -(-T // _CHUNK)
-    chains = B * HV * (V // _block_v(K))
+    bv = _block_v(K, B, HV)
+    chains = B * HV * (V // bv)
     if chains <= 0 or nw <= _SEG_MIN_CHUNKS or K > 128:  # K = 256: never split (untuned)
         return max(nw, 1)
     best_len, best_cost = nw, -1
@@ -45,7 +47,7 @@ def cuda_fwd_seglen(B: int, T: int, HV: int, K: int, V: int) -> int:
             break
         items3 = ns * chains
         items1 = chains + (ns - 2) * chains * 2 if ns > 1 else 0
-        slots = 2 * _SMS if K <= 128 else _SMS
+        slots = (2 if K <= 128 and bv <= 64 else 1) * _SMS  # resident recurrence CTAs (RecurCtasPerSm)
         half_rounds = 2 * -(-items3 // slots) + -(-items1 // slots)  # a phase-1 round costs half
         cost = half_rounds * (ln + 2)
         if best_cost < 0 or cost < best_cost:

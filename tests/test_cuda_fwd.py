@@ -230,3 +230,45 @@ def test_simt_solve_env(tmp_path):
     if os.environ.get("FLASHKDA_FWD_SOLVE") is None:  # this process runs the default (mma for bf16)
         default = np.asarray(_run(args, "cuda", **kw)[0], np.float32)
         assert not np.array_equal(default, np.load(saved)), "FLASHKDA_FWD_SOLVE=simt gave the default solve's bits"
+
+
+_PREP_CHILD = r"""
+import sys
+sys.path.insert(0, sys.argv[1])
+import jax.numpy as jnp
+import numpy as np
+import test_cuda_fwd as t
+
+outs = {}
+for name, K, lb in (("k128", 128, -5.0), ("k64", 64, -5.0), ("lb9", 128, -9.0)):
+    args, kw = t._inputs(31, 2, 200, 2, 4, K, K, jnp.bfloat16, "bounded")
+    kw.update(lower_bound=lb, return_final_state=True)
+    out = t._run(args, "cuda", **kw)
+    t._check(out, t._ref(args, **kw), t.BF16_TOL, "general prep " + name)
+    outs[name] = np.asarray(out[0], np.float32)
+np.savez(sys.argv[2], **outs)
+"""
+
+
+def test_bounded_prep_against_general(tmp_path):
+    # gate="bounded" with lower_bound >= -8 (K in {64, 128}, 2-byte inputs) takes the bounded prep
+    # (cutlass/kda_fwd_prep_bounded.cu) in this process; a fresh process with FLASHKDA_FWD_PREP=general runs the
+    # general one. Both must meet the oracle's tolerance; their outputs must differ in some bits (or the switch
+    # did nothing), and be bit-identical where the bounded prep does not apply (lower_bound -9).
+    import os
+
+    if os.environ.get("FLASHKDA_FWD_PREP") is not None:
+        pytest.skip("FLASHKDA_FWD_PREP is set in this process")
+    _, saved = run_child(_PREP_CHILD, tmp_path, "general.npz", env={"FLASHKDA_FWD_PREP": "general"},
+                         what="general prep run", timeout=900)
+    general = np.load(saved)
+    for name, K, lb in (("k128", 128, -5.0), ("k64", 64, -5.0), ("lb9", 128, -9.0)):
+        args, kw = _inputs(31, 2, 200, 2, 4, K, K, jnp.bfloat16, "bounded")
+        kw.update(lower_bound=lb, return_final_state=True)
+        out = _run(args, "cuda", **kw)
+        _check(out, _ref(args, **kw), BF16_TOL, "bounded prep " + name)
+        o = np.asarray(out[0], np.float32)
+        if lb < -8:
+            assert np.array_equal(o, general[name]), f"{name}: lower_bound {lb} must take the general prep"
+        else:
+            assert not np.array_equal(o, general[name]), f"{name}: FLASHKDA_FWD_PREP=general changed nothing"

@@ -1,0 +1,399 @@
+// flashkda_fwd, stage "prep" for bounded gates (gate "bounded", lower_bound >= kBoundedPrepMinBound) and 2-byte
+// inputs, K in {64, 128}: the same outputs as PrepKernel (kda_fwd_prep.cu), with every decay factor formed once
+// per element instead of once per A task.
+//
+// Warp w owns rows 8w .. 8w + 7 of the chunk, lane l channels CPL l .. CPL l + CPL - 1 (CPL = K / 32). Each thread
+// keeps the cumulative gate G of its 8 x CPL elements in registers (row-group totals through shared memory), so
+// G is never stored. With s(I) = 16 I - 1, m(I) = 16 I + 7 and e(I) = 16 I + 15 the rows around 16-row block I
+// (G_{-1} = 0), one pass writes, for row i of block I:
+//   KA_i = k_i exp(G_i - G_s(I)),  QA_i = q_i exp(G_i - G_s(I)),  KB_i = k_i exp(G_e(I) - G_i)     (all <= |x|)
+// in place of the raw k, q and g tiles, and Qg = QA exp(G_s(I)), Kd = KB exp(G_63 - G_e(I)) to memory, and keeps
+// W's right-hand side beta KA exp(G_s(I)) in registers. A_kk and A_qk are then bf16 tensor-core products of those
+// tiles with per-channel factors applied to the fragments:
+//   block (I, I - 1):  A = KA_I KB_{I-1}^T                              (s(I) = e(I - 1))
+//   block (I, J < I - 1): A = KA_I (KB_J exp(G_s(I) - G_e(J)))^T       (factor <= 1)
+//   block (I, I):      A = (KA_I exp(G_s(I) - G_m(I))) (KB_I exp(G_m(I) - G_e(I)))^T
+// The diagonal factors span 8 rows each: with g >= lower_bound >= -8 per token they stay below e^64, so no factor
+// overflows for any input this path accepts (the general kernel handles unbounded gates). The rest (T, the WY
+// product, outputs) is PrepKernel's: kda_fwd_prep_common.cuh.
+#include "kda_env.h"
+#include "kda_fwd_common.cuh"
+#include "kda_fwd_launch.h"
+#include "kda_fwd_prep_common.cuh"
+
+namespace flashkda {
+namespace fwd {
+namespace {
+
+using bf16 = __nv_bfloat16;
+using namespace prep;
+
+constexpr int kRowsPerWarp = 8;  // kThreads / 32 warps x 8 rows = one chunk
+static_assert(kThreads / 32 * kRowsPerWarp == kChunk, "one row group per warp");
+constexpr int kFactorTables = 11;  // fA[0..3], fB[0..3], far-pair factors (2,0), (3,0), (3,1)
+
+// Off-diagonal 16x16 blocks (I, J), I > J, then the factor table of the far pairs (-1: none).
+__constant__ int kBPairI[6] = {1, 2, 3, 2, 3, 3};
+__constant__ int kBPairJ[6] = {0, 0, 0, 1, 1, 2};
+__constant__ int kBPairTable[6] = {-1, 8, 9, -1, 10, -1};
+
+template <int K>
+struct BoundedSmem {
+  static constexpr int C = kChunk;
+  static constexpr int KP = K + 8;  // bf16 row pitch of the q / k / g tiles
+  static constexpr int AP = C + 4;  // f32 row pitch of A_kk^T
+  static constexpr int QP = C + 8;  // bf16 row pitch of A_qk (then T)
+  static size_t Bytes(int V) {
+    return static_cast<size_t>(3 * C * KP) * 2 + static_cast<size_t>(C * (V + 8)) * 2 +
+           static_cast<size_t>(C * AP) * 4 + static_cast<size_t>(C * QP) * 2 + C * 4 +
+           static_cast<size_t>(kThreads / 32 + kFactorTables) * K * 4;
+  }
+};
+
+// Sum over the 32 lanes of each of 8 per-lane values (x[r]: this lane's part of row r), by halving exchanges: 9
+// shuffles instead of 40. Returns the total of row (lane >> 2) & 7.
+__device__ __forceinline__ float ReduceRows8(const float (&x)[8], int lane) {
+  const bool u16 = lane & 16, u8 = lane & 8, u4 = lane & 4;
+  float y[4], z[2];
+#pragma unroll
+  for (int j = 0; j < 4; ++j) y[j] = (u16 ? x[j + 4] : x[j]) + __shfl_xor_sync(0xffffffffu, u16 ? x[j] : x[j + 4], 16);
+#pragma unroll
+  for (int j = 0; j < 2; ++j) z[j] = (u8 ? y[j + 2] : y[j]) + __shfl_xor_sync(0xffffffffu, u8 ? y[j] : y[j + 2], 8);
+  float s = (u4 ? z[1] : z[0]) + __shfl_xor_sync(0xffffffffu, u4 ? z[0] : z[1], 4);
+  s += __shfl_xor_sync(0xffffffffu, s, 2);
+  s += __shfl_xor_sync(0xffffffffu, s, 1);
+  return s;
+}
+
+// bf16 pair x times (f.x, f.y), rounded to bf16 again.
+__device__ __forceinline__ uint32_t ScaleBf2(uint32_t x, float2 f) {
+  const float2 v = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&x));
+  return PackBF16(v.x * f.x, v.y * f.y);
+}
+
+// CPL bf16 from floats, one vector store (CPL = 2 or 4).
+template <int CPL>
+__device__ __forceinline__ void StoreBf16(bf16* p, const float (&v)[CPL]) {
+  if constexpr (CPL == 2) {
+    *reinterpret_cast<uint32_t*>(p) = PackBF16(v[0], v[1]);
+  } else {
+    *reinterpret_cast<uint2*>(p) = make_uint2(PackBF16(v[0], v[1]), PackBF16(v[2], v[3]));
+  }
+}
+
+template <int K, typename TIn>
+__global__ void __launch_bounds__(kThreads, 2) PrepBoundedKernel(Params p) {
+  static_assert(K == 64 || K == 128, "K = 64 or 128");
+  static_assert(sizeof(TIn) == 2, "bf16 / fp16 inputs");
+  using SM = BoundedSmem<K>;
+  constexpr int C = kChunk, KP = SM::KP, AP = SM::AP, QP = SM::QP;
+  constexpr int CPL = K / 32;  // channels per lane
+  constexpr int R = kRowsPerWarp;
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int V = p.V, VP = V + 8;
+  bf16* sQ = reinterpret_cast<bf16*>(smem);  // raw q -> QA -> W's right-hand side
+  bf16* sK = sQ + C * KP;                    // raw k -> KA
+  bf16* sG = sK + C * KP;                    // raw g -> KB
+  bf16* sV = sG + C * KP;                    // raw v -> beta v (bf16)
+  float* sAkk = reinterpret_cast<float*>(sV + C * VP);
+  bf16* sAqk = reinterpret_cast<bf16*>(sAkk + C * AP);
+  float* sBeta = reinterpret_cast<float*>(sAqk + C * QP);
+  float* sTot = sBeta + C;                // [8][K]: each warp's sum of g over its 8 rows
+  float* sFac = sTot + (kThreads / 32) * K;  // [kFactorTables][K]
+
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int gr = lane >> 2, t4 = lane & 3;
+  const int HV = p.HV;
+  const int nitems = p.counters[0] * HV;
+  const TIn* gq = static_cast<const TIn*>(p.q);
+  const TIn* gv = static_cast<const TIn*>(p.v);
+  const TIn* gb = static_cast<const TIn*>(p.beta);
+  const int c0 = lane * CPL;     // this lane's first channel
+  const int row0 = warp * R;     // this warp's first row
+  const int blk = warp >> 1;     // its 16-row block
+
+  if (blockIdx.x < nitems) IssueRawKG<K, TIn>(p, sK, reinterpret_cast<TIn*>(sG), KP, blockIdx.x, tid);
+
+  for (int it = blockIdx.x; it < nitems; it += gridDim.x) {
+    const int ci = it / HV, hv = it - ci * HV;
+    const int4 e = p.chunk_list[ci];
+    const int b = e.x, cs = e.y, send = e.z, s = e.w;
+    const int L = min(C, send - cs);
+    const int h = hv / p.group;
+    const size_t tok0 = (size_t)b * p.T + cs;
+
+    // Raw q and v (k and g were issued by the previous item).
+    for (int idx = tid; idx < C * (K / 8); idx += kThreads) {
+      const int r = idx / (K / 8), c8 = (idx - r * (K / 8)) * 8;
+      const bool ok = r < L;
+      CpAsync16(sQ + r * KP + c8, gq + ((tok0 + (ok ? r : 0)) * p.H + h) * K + c8, ok);
+    }
+    CpAsyncCommit();
+    for (int idx = tid; idx < C * (V / 8); idx += kThreads) {
+      const int r = idx / (V / 8), c8 = (idx - r * (V / 8)) * 8;
+      const bool ok = r < L;
+      CpAsync16(reinterpret_cast<TIn*>(sV + r * VP) + c8, gv + ((tok0 + (ok ? r : 0)) * HV + hv) * V + c8, ok);
+    }
+    CpAsyncCommit();
+    const float braw = tid < L ? ToF<TIn>(gb[(tok0 + tid) * HV + hv]) : 0.f;
+    for (int i = tid; i < C * AP; i += kThreads) sAkk[i] = 0.f;
+    for (int i = tid; i < C * QP / 2; i += kThreads) reinterpret_cast<uint32_t*>(sAqk)[i] = 0u;
+    float a_coef = 1.f;
+    if (p.use_a_log) a_coef = __expf(p.a_log[(size_t)b * HV + hv]);
+    float dtb[CPL];
+#pragma unroll
+    for (int i = 0; i < CPL; ++i) dtb[i] = p.dt_bias[((size_t)b * HV + hv) * K + c0 + i];
+
+    CpAsyncWait<2>();  // k, g
+    __syncthreads();
+    // ---- pass 1: G of this thread's elements (within the row group), k's sums of squares ----
+    float G[R][CPL];
+    float ks;  // k's norm factor of row row0 + (lane >> 2) & 7
+    {
+      float run[CPL], sq[R];
+#pragma unroll
+      for (int i = 0; i < CPL; ++i) run[i] = 0.f;
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        const int row = row0 + r;
+        float gx[CPL], kx[CPL];
+        LoadVec<TIn, CPL>(reinterpret_cast<const TIn*>(sG + row * KP) + c0, gx);
+        LoadVec<TIn, CPL>(reinterpret_cast<const TIn*>(sK + row * KP) + c0, kx);
+        sq[r] = 0.f;
+#pragma unroll
+        for (int i = 0; i < CPL; ++i) {
+          run[i] += row < L ? GateActivation(p, gx[i], dtb[i], a_coef) : 0.f;  // rows >= L: no decay
+          G[r][i] = run[i];
+          sq[r] += kx[i] * kx[i];
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < CPL; ++i) sTot[warp * K + c0 + i] = run[i];
+      ks = p.qk_l2norm ? rsqrtf(ReduceRows8(sq, lane) + 1e-6f) : 1.f;
+    }
+    if (tid < C) sBeta[tid] = ActivateBeta(p, braw, tid < L);
+    CpAsyncWait<1>();  // q
+    __syncthreads();   // q, sTot, sBeta visible
+    float qs;          // q's factor (scale and norm) of row row0 + (lane >> 2) & 7
+    {
+      float sq[R];
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        float qx[CPL];
+        LoadVec<TIn, CPL>(reinterpret_cast<const TIn*>(sQ + (row0 + r) * KP) + c0, qx);
+        sq[r] = 0.f;
+#pragma unroll
+        for (int i = 0; i < CPL; ++i) sq[r] += qx[i] * qx[i];
+      }
+      qs = p.qk_l2norm ? p.scale * rsqrtf(ReduceRows8(sq, lane) + 1e-6f) : p.scale;
+    }
+    // ---- G at the row-group boundaries of this lane's channels: Gb(j) = G_{8j-1} (Gb(0) = 0) ----
+    float off[CPL], gs[CPL], ge[CPL], eGs[CPL], eTail[CPL];
+    {
+      float run[CPL];
+#pragma unroll
+      for (int i = 0; i < CPL; ++i) run[i] = 0.f;
+#pragma unroll
+      for (int w = 0; w < kThreads / 32; ++w) {
+#pragma unroll
+        for (int i = 0; i < CPL; ++i) {
+          if (w == 2 * blk) gs[i] = run[i];
+          if (w == warp) off[i] = run[i];
+          run[i] += sTot[w * K + c0 + i];
+          if (w == 2 * blk + 1) ge[i] = run[i];
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < CPL; ++i) {
+        eGs[i] = __expf(gs[i]);
+        eTail[i] = __expf(run[i] - ge[i]);
+      }
+      // gamma = exp(G_last) by the warp holding row 63 (rows >= L carry no decay)
+      const bool last = cs + C >= send;
+      const int gidx = !last ? (cs + C - 1) / C : (s < p.S_final ? p.NW + s : -1);
+      if (warp == kThreads / 32 - 1 && gidx >= 0) {
+#pragma unroll
+        for (int i = 0; i < CPL; ++i) p.gamma[(((size_t)b * p.NG + gidx) * HV + hv) * K + c0 + i] = __expf(run[i]);
+      }
+      // Factor tables (warp w: tables w and w + 8): table t = exp(Gb(x) - Gb(y)), summed from the row-group totals.
+      for (int t = warp; t < kFactorTables; t += kThreads / 32) {
+        int x, y;
+        if (t < 4) {  // fA[I] = exp(G_s(I) - G_m(I)) >= 1
+          x = 2 * t;
+          y = x + 1;
+        } else if (t < 8) {  // fB[I] = exp(G_m(I) - G_e(I)) >= 1
+          x = 2 * (t - 4) + 1;
+          y = x + 1;
+        } else {  // far pairs (2, 0), (3, 0), (3, 1): exp(G_s(I) - G_e(J)) <= 1
+          x = t == 8 ? 4 : 6;
+          y = t == 10 ? 4 : 2;
+        }
+        float gx[CPL], gy[CPL];
+#pragma unroll
+        for (int i = 0; i < CPL; ++i) gx[i] = gy[i] = 0.f;
+        for (int w = 0; w < (x > y ? x : y); ++w) {
+#pragma unroll
+          for (int i = 0; i < CPL; ++i) {
+            const float gw = sTot[w * K + c0 + i];
+            if (w < x) gx[i] += gw;
+            if (w < y) gy[i] += gw;
+          }
+        }
+#pragma unroll
+        for (int i = 0; i < CPL; ++i) sFac[t * K + c0 + i] = __expf(gx[i] - gy[i]);
+      }
+    }
+    // ---- pass 2: the decayed tiles, Qg, Kd ----
+    uint32_t wr[R][CPL / 2];  // W's right-hand side, written into sQ once the A tasks are done with QA
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const int row = row0 + r;
+      const float kf = __shfl_sync(0xffffffffu, ks, 4 * r), qf = __shfl_sync(0xffffffffu, qs, 4 * r);
+      const float bb = sBeta[row];
+      float kx[CPL], qx[CPL], ka[CPL], qa[CPL], kb[CPL], qg[CPL], kd[CPL];
+      LoadVec<TIn, CPL>(reinterpret_cast<const TIn*>(sK + row * KP) + c0, kx);
+      LoadVec<TIn, CPL>(reinterpret_cast<const TIn*>(sQ + row * KP) + c0, qx);
+#pragma unroll
+      for (int i = 0; i < CPL; ++i) {
+        const float g = G[r][i] + off[i];
+        const float ea = __expf(g - gs[i]), eb = __expf(ge[i] - g);
+        const float kn = kx[i] * kf, qn = qx[i] * qf;
+        ka[i] = kn * ea;
+        qa[i] = qn * ea;
+        kb[i] = kn * eb;
+        qg[i] = qa[i] * eGs[i];
+        kd[i] = kb[i] * eTail[i];
+      }
+#pragma unroll
+      for (int i = 0; i < CPL / 2; ++i) wr[r][i] = PackBF16(bb * (ka[2 * i] * eGs[2 * i]), bb * (ka[2 * i + 1] * eGs[2 * i + 1]));
+      StoreBf16<CPL>(sK + row * KP + c0, ka);
+      StoreBf16<CPL>(sQ + row * KP + c0, qa);
+      StoreBf16<CPL>(sG + row * KP + c0, kb);
+      if (row < L) {
+        const size_t o = ((tok0 + row) * HV + hv) * K + c0;
+        StoreBf16<CPL>(p.Qg + o, qg);
+        StoreBf16<CPL>(p.Kd + o, kd);
+      }
+    }
+    CpAsyncWait<0>();  // v
+    __syncthreads();   // the tiles, the factor tables and v visible
+    // ---- A_kk (beta-scaled, strictly lower, stored transposed) and A_qk (lower incl. the diagonal) ----
+    for (int task = warp; task < 10; task += kThreads / 32) {
+      const bool diag = task >= 6;
+      const int I = diag ? task - 6 : kBPairI[task];
+      const int J = diag ? I : kBPairJ[task];
+      const int tb = diag ? 4 + I : kBPairTable[task];  // factor table of the B fragments (-1: none)
+      const float* fa = sFac + I * K;
+      const float* fb = sFac + (tb < 0 ? 0 : tb) * K;
+      float akk[2][4], aqk[2][4];
+#pragma unroll
+      for (int n = 0; n < 2; ++n)
+#pragma unroll
+        for (int q = 0; q < 4; ++q) akk[n][q] = aqk[n][q] = 0.f;
+      const int a_off = (16 * I + (lane & 15)) * KP + (lane >> 4) * 8;
+      const bf16* kb_base = sG + (16 * J + (lane & 7) + ((lane >> 4) << 3)) * KP + ((lane >> 3) & 1) * 8;
+#pragma unroll 4
+      for (int kk = 0; kk < K / 16; ++kk) {
+        uint32_t ak[4], aq[4], bk[4];
+        Ldsm(sK + a_off + kk * 16, ak[0], ak[1], ak[2], ak[3]);
+        Ldsm(sQ + a_off + kk * 16, aq[0], aq[1], aq[2], aq[3]);
+        Ldsm(kb_base + kk * 16, bk[0], bk[1], bk[2], bk[3]);
+        const int c = kk * 16 + 2 * t4;  // channels c, c + 1 (fragment registers 0, 1 / b 0, 2) and c + 8, c + 9
+        if (diag) {
+          const float2 f0 = *reinterpret_cast<const float2*>(fa + c), f1 = *reinterpret_cast<const float2*>(fa + c + 8);
+          ak[0] = ScaleBf2(ak[0], f0);
+          ak[1] = ScaleBf2(ak[1], f0);
+          ak[2] = ScaleBf2(ak[2], f1);
+          ak[3] = ScaleBf2(ak[3], f1);
+          aq[0] = ScaleBf2(aq[0], f0);
+          aq[1] = ScaleBf2(aq[1], f0);
+          aq[2] = ScaleBf2(aq[2], f1);
+          aq[3] = ScaleBf2(aq[3], f1);
+        }
+        if (tb >= 0) {
+          const float2 f0 = *reinterpret_cast<const float2*>(fb + c), f1 = *reinterpret_cast<const float2*>(fb + c + 8);
+          bk[0] = ScaleBf2(bk[0], f0);
+          bk[2] = ScaleBf2(bk[2], f0);
+          bk[1] = ScaleBf2(bk[1], f1);
+          bk[3] = ScaleBf2(bk[3], f1);
+        }
+        Mma(akk[0], ak, bk[0], bk[1]);
+        Mma(akk[1], ak, bk[2], bk[3]);
+        Mma(aqk[0], aq, bk[0], bk[1]);
+        Mma(aqk[1], aq, bk[2], bk[3]);
+      }
+#pragma unroll
+      for (int n = 0; n < 2; ++n)
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh)
+#pragma unroll
+          for (int e2 = 0; e2 < 2; ++e2) {
+            const int row = 16 * I + gr + 8 * hh;
+            const int col = 16 * J + 8 * n + 2 * t4 + e2;
+            if (!diag || col < row) sAkk[col * AP + row] = sBeta[row] * akk[n][2 * hh + e2];
+            if (!diag || col <= row) sAqk[row * QP + col] = __float2bfloat16(aqk[n][2 * hh + e2]);
+          }
+    }
+    __syncthreads();  // A_kk, A_qk formed; sK, sG and sQ free
+    if (it + (int)gridDim.x < nitems) IssueRawKG<K, TIn>(p, sK, reinterpret_cast<TIn*>(sG), KP, it + gridDim.x, tid);
+    InvertDiagBlocks(sAkk, tid);
+    // W's right-hand side (this thread's elements, kept since pass 2), U's: beta v (fp16 v converted)
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      if constexpr (CPL == 2) {
+        *reinterpret_cast<uint32_t*>(sQ + (row0 + r) * KP + c0) = wr[r][0];
+      } else {
+        *reinterpret_cast<uint2*>(sQ + (row0 + r) * KP + c0) = make_uint2(wr[r][0], wr[r][1]);
+      }
+    }
+    for (int idx = tid; idx < C * (V / 8); idx += kThreads) {
+      const int r = idx / (V / 8), c8 = (idx - r * (V / 8)) * 8;
+      const float bb = sBeta[r];
+      float x[8];
+      LoadVec<TIn, 8>(reinterpret_cast<const TIn*>(sV + r * VP) + c8, x);
+      uint4 u;
+      u.x = PackBF16(bb * x[0], bb * x[1]);
+      u.y = PackBF16(bb * x[2], bb * x[3]);
+      u.z = PackBF16(bb * x[4], bb * x[5]);
+      u.w = PackBF16(bb * x[6], bb * x[7]);
+      *reinterpret_cast<uint4*>(sV + r * VP + c8) = u;
+    }
+    StoreAqkHalf(p, sAqk, b, cs, L, hv, 0, tid);
+    __syncthreads();  // A_qk written out (sAqk free for T), T_II, right-hand sides
+    InvertOffDiagBlocks(sAkk, sAqk, tid);
+    if (!p.skip_t) StoreAqkHalf(p, sAqk, b, cs, L, hv, C, tid);
+    SolveMma<K>(p, sAqk, sQ, sV, b, cs, L, hv, warp, lane);
+    __syncthreads();
+  }
+}
+
+template <int K, typename TIn>
+cudaError_t LaunchK(const Params& p, cudaStream_t stream, int nsm) {
+  const long long items = static_cast<long long>(p.B) * p.T * p.HV;  // bound on (chunk, head) items
+  return LaunchGrid(PrepBoundedKernel<K, TIn>, BoundedSmem<K>::Bytes(p.V), items, 4, p, stream, nsm);
+}
+
+}  // namespace
+
+bool PrepBoundedApplies(const Params& p, bool two_byte_inputs, bool mma_solve) {
+  // FLASHKDA_FWD_PREP=general forces the general kernel (A/B timing, tests). Read once per process.
+  static const bool forced_general = EnvEquals("FLASHKDA_FWD_PREP", "general");
+  return !forced_general && two_byte_inputs && mma_solve && (p.K == 64 || p.K == 128) && p.gate_mode == 2 &&
+         p.lower_bound >= kBoundedPrepMinBound;
+}
+
+template <typename TIn>
+cudaError_t LaunchPrepBounded(const Params& p, cudaStream_t stream, int nsm) {
+  if constexpr (sizeof(TIn) != 2) {
+    return cudaErrorInvalidValue;
+  } else {
+    return p.K == 64 ? LaunchK<64, TIn>(p, stream, nsm) : LaunchK<128, TIn>(p, stream, nsm);
+  }
+}
+
+template cudaError_t LaunchPrepBounded<__nv_bfloat16>(const Params&, cudaStream_t, int);
+template cudaError_t LaunchPrepBounded<__half>(const Params&, cudaStream_t, int);
+template cudaError_t LaunchPrepBounded<float>(const Params&, cudaStream_t, int);
+
+}  // namespace fwd
+}  // namespace flashkda

@@ -1,0 +1,283 @@
+// Device helpers shared by the forward's two prep kernels (kda_fwd_prep.cu: any gate; kda_fwd_prep_bounded.cu:
+// bounded gates): vector loads / stores of small row parts, the A_qk / T output row, and the tensor-core WY solve
+// (T = (I + A_kk)^{-1}, then [W | U] = T R).
+#pragma once
+
+#include "kda_fwd_common.cuh"
+
+namespace flashkda {
+namespace fwd {
+namespace prep {
+
+using bf16 = __nv_bfloat16;
+
+template <typename T, int N>
+__device__ __forceinline__ void LoadVec(const T* p, float (&out)[N]) {
+  constexpr int kBytes = N * static_cast<int>(sizeof(T));
+  if constexpr (kBytes % 16 == 0) {
+    constexpr int E = 16 / sizeof(T);
+#pragma unroll
+    for (int i = 0; i < kBytes / 16; ++i) {
+      uint4 u = reinterpret_cast<const uint4*>(p)[i];
+      const T* e = reinterpret_cast<const T*>(&u);
+#pragma unroll
+      for (int j = 0; j < E; ++j) out[i * E + j] = ToF<T>(e[j]);
+    }
+  } else if constexpr (kBytes % 8 == 0) {
+    constexpr int E = 8 / sizeof(T);
+#pragma unroll
+    for (int i = 0; i < kBytes / 8; ++i) {
+      uint2 u = reinterpret_cast<const uint2*>(p)[i];
+      const T* e = reinterpret_cast<const T*>(&u);
+#pragma unroll
+      for (int j = 0; j < E; ++j) out[i * E + j] = ToF<T>(e[j]);
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < N; ++i) out[i] = ToF<T>(p[i]);
+  }
+}
+
+__device__ __forceinline__ float Bf(bf16 x) { return __bfloat162float(x); }
+
+// Elements c and c + 1 (c even, 4-byte aligned) of a bf16 row in shared memory: one 32-bit load instead of two
+// 16-bit ones (the compiler cannot prove the alignment itself).
+__device__ __forceinline__ float2 Bf2(const bf16* p) { return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(p)); }
+
+// Eight bf16 (16-byte aligned) of a shared-memory row as floats: one 128-bit load.
+__device__ __forceinline__ void Bf8(const bf16* p, float (&out)[8]) {
+  const uint4 u = *reinterpret_cast<const uint4*>(p);
+  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&u);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 f = __bfloat1622float2(h[i]);
+    out[2 * i] = f.x;
+    out[2 * i + 1] = f.y;
+  }
+}
+
+// N lane-parts of a row of bf16 (f32) in shared memory, from floats: one vector store (N = 2, 4 or 8).
+template <int N>
+__device__ __forceinline__ void StoreRowBf16(bf16* p, const float (&v)[N]) {
+  static_assert(N == 2 || N == 4 || N == 8, "2, 4 or 8 elements");
+  uint32_t w[N / 2];
+#pragma unroll
+  for (int i = 0; i < N / 2; ++i) w[i] = PackBF16(v[2 * i], v[2 * i + 1]);
+  if constexpr (N == 2) *reinterpret_cast<uint32_t*>(p) = w[0];
+  if constexpr (N == 4) *reinterpret_cast<uint2*>(p) = make_uint2(w[0], w[1]);
+  if constexpr (N == 8) *reinterpret_cast<uint4*>(p) = make_uint4(w[0], w[1], w[2], w[3]);
+}
+template <int N>
+__device__ __forceinline__ void StoreRowF32(float* p, const float (&v)[N]) {
+  static_assert(N == 2 || N == 4 || N == 8, "2, 4 or 8 elements");
+  if constexpr (N == 2) *reinterpret_cast<float2*>(p) = make_float2(v[0], v[1]);
+#pragma unroll
+  for (int i = 0; i < N / 4; ++i) reinterpret_cast<float4*>(p)[i] = make_float4(v[4 * i], v[4 * i + 1], v[4 * i + 2], v[4 * i + 3]);
+}
+
+// WarpSum of N independent values, their shuffles interleaved (the same butterfly per value).
+template <int N>
+__device__ __forceinline__ void WarpSumRows(float (&x)[N]) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1)
+#pragma unroll
+    for (int u = 0; u < N; ++u) x[u] += __shfl_xor_sync(0xffffffffu, x[u], o);
+}
+
+// Token t's row of the prep's A_qk output (kAqkPitch: its A_qk row, then its row of T).
+__device__ __forceinline__ bf16* AqkRow(const Params& p, int b, int t, int hv) {
+  return p.Aqk + (((size_t)b * p.T + t) * p.HV + hv) * kAqkPitch;
+}
+
+// ---- WY solve, tensor cores (FLASHKDA_FWD_SOLVE=mma): T = (I + A_kk)^{-1} in fp32, then
+// [W | U] = T (beta [exp(G) k | v]) with bf16 operands and fp32 accumulation. ----
+//
+// sAkk (pitch AP) holds A_kk transposed in its strict upper triangle: sAkk[j * AP + i] = A_ij, i > j. T is
+// unit lower triangular and is written, untransposed, into the strict lower triangle, which is zero
+// until then: sAkk[i * AP + j] = T_ij, i > j (the two never overlap, so no step reads what it writes).
+// Blocks of 16: T_II = (I + A_II)^{-1} by substitution (InvertDiagBlocks), then, in order of distance
+// d = I - J = 1, 2, 3, T_IJ = -T_II P with P = sum_{M=J}^{I-1} A_IM T_MJ (InvertOffDiagBlocks).
+
+// T_II, I = 0..3: thread (I, j) of the first 64 forms column j of T_II in registers (no barrier: it
+// reads only A). Writes fp32 T below the diagonal of sAkk.
+__device__ __forceinline__ void InvertDiagBlocks(float* sAkk, int tid) {
+  constexpr int AP = kChunk + 4;
+  if (tid < 64) {
+    const int I = tid >> 4, j = tid & 15;
+    float* blk = sAkk + 16 * I * AP + 16 * I;  // blk[m * AP + i] = A_II[i][m] (i > m); blk[i * AP + m] = T_II[i][m]
+    float x[16];
+#pragma unroll
+    for (int i = 0; i < 16; ++i) x[i] = i == j ? 1.f : 0.f;  // x[i] stays 0 for i < j
+#pragma unroll
+    for (int m = 0; m < 15; ++m) {
+      const float xm = x[m];
+#pragma unroll
+      for (int i = m + 1; i < 16; ++i) x[i] -= blk[m * AP + i] * xm;
+    }
+#pragma unroll
+    for (int i = 1; i < 16; ++i)
+      if (i > j) blk[i * AP + j] = x[i];
+  }
+}
+
+// T_ij of the fp32 T in sAkk for rows / columns of the blocks formed so far: below the diagonal from sAkk's
+// lower triangle, 1 on it, 0 above (where sAkk holds A_kk transposed).
+__device__ __forceinline__ float TAt(const float* sAkk, int i, int j) {
+  constexpr int AP = kChunk + 4;
+  return i > j ? sAkk[i * AP + j] : (i == j ? 1.f : 0.f);
+}
+
+// Off-diagonal blocks of T (after a barrier behind InvertDiagBlocks), and all of T as bf16 into sT
+// (pitch TP, 64 x 64; blocks above the diagonal are not written: the product never reads them). In order of
+// distance d = I - J, one warp per 8-column half of each block (I, J): P = sum_{M=J}^{I-1} A_IM T_MJ, then
+// T_IJ = -T_II P, both on tensor cores in 3xTF32 (~fp32 products, fp32 sums). P goes through T_IJ's place in
+// sAkk (zero until then, and read by no other warp in round d) to become the second product's B operand.
+// Ends with a barrier.
+__device__ __forceinline__ void InvertOffDiagBlocks(float* sAkk, bf16* sT, int tid) {
+  constexpr int AP = kChunk + 4, TP = kChunk + 8;
+  {
+    const int r = tid & 15, c = tid >> 4;
+#pragma unroll
+    for (int I = 0; I < 4; ++I) {
+      const int i = 16 * I + r, j = 16 * I + c;
+      sT[i * TP + j] = __float2bfloat16(r > c ? sAkk[i * AP + j] : (r == c ? 1.f : 0.f));
+    }
+  }
+  const int warp = tid >> 5, lane = tid & 31, gr = lane >> 2, t4 = lane & 3;
+#pragma unroll 1
+  for (int d = 1; d < 4; ++d) {
+    if (warp < 2 * (4 - d)) {
+      const int I = d + (warp >> 1), J = I - d, n0 = 16 * J + 8 * (warp & 1);
+      float acc[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll 1
+      for (int M = J; M < I; ++M) {
+#pragma unroll
+        for (int kb = 0; kb < 16; kb += 8) {
+          const int m = 16 * M + kb + t4;  // k rows m and m + 4 of this lane
+          // A_IM[i][m] = A_kk[16 I + i][m], stored transposed: sAkk[m * AP + 16 I + i]
+          const float a[4] = {sAkk[m * AP + 16 * I + gr], sAkk[m * AP + 16 * I + gr + 8],
+                              sAkk[(m + 4) * AP + 16 * I + gr], sAkk[(m + 4) * AP + 16 * I + gr + 8]};
+          Mma3xTF32(acc, a, TAt(sAkk, m, n0 + gr), TAt(sAkk, m + 4, n0 + gr));
+        }
+      }
+      float* pb = sAkk + 16 * I * AP + n0;  // T_IJ's 16 x 8 half block: P, then T_IJ
+      pb[gr * AP + 2 * t4] = acc[0];
+      pb[gr * AP + 2 * t4 + 1] = acc[1];
+      pb[(gr + 8) * AP + 2 * t4] = acc[2];
+      pb[(gr + 8) * AP + 2 * t4 + 1] = acc[3];
+      __syncwarp();
+      float out[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+      for (int kb = 0; kb < 16; kb += 8) {
+        const int i = 16 * I + gr, s = 16 * I + kb + t4;
+        const float a[4] = {TAt(sAkk, i, s), TAt(sAkk, i + 8, s), TAt(sAkk, i, s + 4), TAt(sAkk, i + 8, s + 4)};
+        Mma3xTF32(out, a, pb[(kb + t4) * AP + gr], pb[(kb + t4 + 4) * AP + gr]);
+      }
+      __syncwarp();
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int r = gr + 8 * (e >> 1), c = 2 * t4 + (e & 1);
+        pb[r * AP + c] = -out[e];
+        sT[(16 * I + r) * TP + n0 + c] = __float2bfloat16(-out[e]);
+      }
+    }
+    __syncthreads();
+  }
+}
+
+// [W | U] = T R with R = [sRw | sRu] (bf16, rows = tokens; rows >= L are zero): each warp takes 16-column
+// strips of the K + V columns, all 64 rows (4 m tiles; k blocks above the diagonal skipped).
+template <int K>
+__device__ __forceinline__ void SolveMma(const Params& p, const bf16* sT, const bf16* sRw, const bf16* sRu, int b,
+                                         int cs, int L, int hv, int warp, int lane) {
+  constexpr int TP = kChunk + 8, KP = K + 8;
+  const int V = p.V, VP = V + 8, HV = p.HV;
+  const int gr = lane >> 2, t4 = lane & 3;
+  const bf16* a_base = sT + (lane & 15) * TP + (lane >> 4) * 8;
+  const int b_off = (lane & 7) + ((lane >> 3) & 1) * 8;
+  for (int n0 = warp * 16; n0 < K + V; n0 += kThreads / 2) {
+    const bool isW = n0 < K;
+    const int pitch = isW ? KP : VP;
+    const bf16* b_base = (isW ? sRw + n0 : sRu + (n0 - K)) + b_off * pitch + (lane >> 4) * 8;
+    float acc[4][2][4];
+#pragma unroll
+    for (int I = 0; I < 4; ++I)
+#pragma unroll
+      for (int n = 0; n < 2; ++n)
+#pragma unroll
+        for (int q = 0; q < 4; ++q) acc[I][n][q] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      uint32_t b0, b1, b2, b3;
+      LdsmT(b_base + kk * 16 * pitch, b0, b1, b2, b3);
+#pragma unroll
+      for (int I = kk; I < 4; ++I) {
+        uint32_t a[4];
+        Ldsm(a_base + I * 16 * TP + kk * 16, a[0], a[1], a[2], a[3]);
+        Mma(acc[I][0], a, b0, b1);
+        Mma(acc[I][1], a, b2, b3);
+      }
+    }
+    bf16* dst = isW ? p.W : p.U;
+    const int dim = isW ? K : V;
+    const int cc = isW ? n0 : n0 - K;
+#pragma unroll
+    for (int I = 0; I < 4; ++I)
+#pragma unroll
+      for (int hh = 0; hh < 2; ++hh) {
+        const int row = 16 * I + gr + 8 * hh;
+        if (row < L) {
+          bf16* o = dst + (((size_t)b * p.T + cs + row) * HV + hv) * dim + cc + 2 * t4;
+#pragma unroll
+          for (int n = 0; n < 2; ++n) Store2<bf16>(o + 8 * n, acc[I][n][2 * hh], acc[I][n][2 * hh + 1]);
+        }
+      }
+  }
+}
+
+// Raw-tile prefetch of a prep kernel (2-byte inputs): cp.async of the raw k and g tiles of item `item` (rows >= L
+// zero-filled) into sK (pitch K + 8) and g_dst (row r at g_dst + r * g_pitch, TIn elements), one commit group.
+// Issued as soon as the current item is done with both tiles, so that they land while its T and [W | U] are formed.
+template <int K, typename TIn>
+__device__ __forceinline__ void IssueRawKG(const Params& p, bf16* sK, TIn* g_dst, int g_pitch, int item, int tid) {
+  constexpr int C = kChunk, KP = K + 8;
+  constexpr int KC = K * static_cast<int>(sizeof(TIn)) / 16;  // 16-byte chunks per row
+  const TIn* gk = static_cast<const TIn*>(p.k);
+  const TIn* gg = static_cast<const TIn*>(p.g);
+  const int HV = p.HV;
+  const int ci = item / HV, hv = item - ci * HV;
+  const int4 e = p.chunk_list[ci];
+  const int L = min(C, e.z - e.y);
+  const int h = hv / p.group;
+  const size_t tok0 = (size_t)e.x * p.T + e.y;
+  for (int idx = tid; idx < C * KC; idx += kThreads) {
+    const int r = idx / KC, c8 = (idx - r * KC) * 8;
+    const bool ok = r < L;
+    const size_t tok = tok0 + (ok ? r : 0);
+    CpAsync16(sK + r * KP + c8, gk + (tok * p.H + h) * K + c8, ok);
+    CpAsync16(g_dst + r * g_pitch + c8, gg + (tok * HV + hv) * K + c8, ok);
+  }
+  CpAsyncCommit();
+}
+
+// Rows 0 .. L - 1 of a 64 x 64 bf16 tile in shared memory (pitch kChunk + 8) into the A_qk output rows at column
+// `col` (0: the A_qk half, kChunk: the T half; kAqkPitch).
+__device__ __forceinline__ void StoreAqkHalf(const Params& p, const bf16* tile, int b, int cs, int L, int hv, int col,
+                                             int tid) {
+  constexpr int C = kChunk, QP = kChunk + 8;
+  for (int idx = tid; idx < L * (C / 8); idx += kThreads) {
+    const int r = idx / (C / 8), c8 = (idx - r * (C / 8)) * 8;
+    *reinterpret_cast<uint4*>(AqkRow(p, b, cs + r, hv) + col + c8) = *reinterpret_cast<const uint4*>(tile + r * QP + c8);
+  }
+}
+
+// beta of a token from its raw input (valid: the token is in the chunk; rows past it keep their zero).
+__device__ __forceinline__ float ActivateBeta(const Params& p, float raw, bool valid) {
+  if (!valid || !p.beta_sigmoid) return raw;
+  const float bb = Sigmoid(raw);
+  return p.allow_neg ? 2.f * bb : bb;
+}
+
+}  // namespace prep
+}  // namespace fwd
+}  // namespace flashkda
