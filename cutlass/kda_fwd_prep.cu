@@ -399,17 +399,7 @@ __global__ void __launch_bounds__(kThreads, K <= 128 ? 2 : 1) PrepKernel(Params 
             Mma(aqk[n], aq, bb[0], bb[1]);
           }
         }
-#pragma unroll
-        for (int n = 0; n < 2; ++n)
-#pragma unroll
-          for (int hh = 0; hh < 2; ++hh)
-#pragma unroll
-            for (int e2 = 0; e2 < 2; ++e2) {
-              const int row = 16 * I + gr + 8 * hh;
-              const int col = 16 * J + 8 * n + 2 * t4 + e2;
-              if (!diag || col < row) sAkk[col * AP + row] = sBeta[row] * akk[n][2 * hh + e2];
-              if (!diag || col <= row) sAqk[row * QP + col] = __float2bfloat16(aqk[n][2 * hh + e2]);
-            }
+        StoreABlock(sAkk, sAqk, sBeta, akk, aqk, I, J, diag, lane);
       } else {
         // Exact pairwise decays exp(G_i - G_j), j <= i (strong gates).
         for (int q = 0; q < 136; ++q) {

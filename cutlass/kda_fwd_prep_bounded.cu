@@ -102,7 +102,7 @@ __global__ void __launch_bounds__(kThreads, 2) PrepBoundedKernel(Params p) {
   float* sFac = sTot + (kThreads / 32) * K;  // [kFactorTables][K]
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  const int gr = lane >> 2, t4 = lane & 3;
+  const int t4 = lane & 3;
   const int HV = p.HV;
   const int nitems = p.counters[0] * HV;
   const TIn* gq = static_cast<const TIn*>(p.q);
@@ -322,17 +322,7 @@ __global__ void __launch_bounds__(kThreads, 2) PrepBoundedKernel(Params p) {
         Mma(aqk[0], aq, bk[0], bk[1]);
         Mma(aqk[1], aq, bk[2], bk[3]);
       }
-#pragma unroll
-      for (int n = 0; n < 2; ++n)
-#pragma unroll
-        for (int hh = 0; hh < 2; ++hh)
-#pragma unroll
-          for (int e2 = 0; e2 < 2; ++e2) {
-            const int row = 16 * I + gr + 8 * hh;
-            const int col = 16 * J + 8 * n + 2 * t4 + e2;
-            if (!diag || col < row) sAkk[col * AP + row] = sBeta[row] * akk[n][2 * hh + e2];
-            if (!diag || col <= row) sAqk[row * QP + col] = __float2bfloat16(aqk[n][2 * hh + e2]);
-          }
+      StoreABlock(sAkk, sAqk, sBeta, akk, aqk, I, J, diag, lane);
     }
     __syncthreads();  // A_kk, A_qk formed; sK, sG and sQ free
     if (it + (int)gridDim.x < nitems) IssueRawKG<K, TIn>(p, sK, reinterpret_cast<TIn*>(sG), KP, it + gridDim.x, tid);

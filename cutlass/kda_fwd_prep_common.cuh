@@ -278,6 +278,26 @@ __device__ __forceinline__ float ActivateBeta(const Params& p, float raw, bool v
   return p.allow_neg ? 2.f * bb : bb;
 }
 
+// One A task's results (16 x 16 block (I, J) of A_kk and A_qk, as m16n8k16 accumulators of its two 8-column halves)
+// into shared memory: A_kk beta-scaled, strictly lower, transposed (sAkk, pitch kChunk + 4; A_kk[i][j] at
+// sAkk[j * AP + i]), A_qk lower with the diagonal (sAqk, bf16, pitch kChunk + 8). diag: I == J (mask above).
+__device__ __forceinline__ void StoreABlock(float* sAkk, bf16* sAqk, const float* sBeta, const float (&akk)[2][4],
+                                            const float (&aqk)[2][4], int I, int J, bool diag, int lane) {
+  constexpr int AP = kChunk + 4, QP = kChunk + 8;
+  const int gr = lane >> 2, t4 = lane & 3;
+#pragma unroll
+  for (int n = 0; n < 2; ++n)
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh)
+#pragma unroll
+      for (int e2 = 0; e2 < 2; ++e2) {
+        const int row = 16 * I + gr + 8 * hh;
+        const int col = 16 * J + 8 * n + 2 * t4 + e2;
+        if (!diag || col < row) sAkk[col * AP + row] = sBeta[row] * akk[n][2 * hh + e2];
+        if (!diag || col <= row) sAqk[row * QP + col] = __float2bfloat16(aqk[n][2 * hh + e2]);
+      }
+}
+
 }  // namespace prep
 }  // namespace fwd
 }  // namespace flashkda
