@@ -104,6 +104,14 @@ def test_gates_gva_states(gate, KV):
     _compare(args, params, kw, init, dfin, f"{gate} K={KV}")
 
 
+def test_full_width_forward_states():
+    # K = 128 with B x HV >= 64: the forward's recurrence runs over all 128 value columns (16 warps) and writes
+    # the chunk states that this backward reads (saved residuals).
+    B, T, H, HV = 1, 200, 16, 64
+    args, params, kw = _inputs(7, B, T, H, HV, 128, 128, jnp.bfloat16, "bounded")
+    _compare(args, params, kw, what="full width")
+
+
 @pytest.mark.parametrize("T", [1, 63, 64, 65, 130])
 def test_lengths(T):
     args, params, kw = _inputs(2, 1, T, 1, 2, 64, 64, jnp.bfloat16, "bounded")

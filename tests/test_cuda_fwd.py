@@ -145,6 +145,21 @@ def test_long_sequence_split(K):
     _check(_run(args, "cuda", **kw), _ref(args, **kw), BF16_TOL, "split")
 
 
+@pytest.mark.parametrize("T, gate", [(330, "bounded"), (2048, "softplus")])
+def test_full_width_recurrence(T, gate):
+    # K = 128 with B x HV >= 64 chains: the recurrence runs over all 128 value columns on 16 warps (BlockV in
+    # cutlass/kda_fwd_common.cuh; the other tests have fewer chains). T = 2048 also splits the sequence into
+    # segments: phase 1 over the V + K map columns at that width, then the composition.
+    from flashkda_jax import _workspace
+
+    B, H, HV, K = 1, 16, 64, 128
+    assert _workspace._block_v(K, B, HV) == 128
+    assert (_workspace.cuda_fwd_seglen(B, T, HV, K, K) < T // 64) == (T == 2048)
+    args, kw = _inputs(41, B, T, H, HV, K, K, jnp.bfloat16, gate)
+    kw.update(initial_state=random_state(42, (B, HV, K, K)), return_final_state=True)
+    _check(_run(args, "cuda", **kw), _ref(args, **kw), BF16_TOL, f"full width, T = {T}")
+
+
 @pytest.mark.parametrize("K", [64, 128])
 @pytest.mark.parametrize("T", [130, 3000])
 def test_map_columns_v_is_2k(K, T, monkeypatch):
