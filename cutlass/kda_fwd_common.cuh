@@ -44,9 +44,9 @@ constexpr int kSegMinChunks = 8;    // shortest segment a sequence is split into
 constexpr int kSms = 132;           // SMs assumed by ChooseSeglen (H100/H200)
 constexpr int kThreads = 256;       // compute kernels run 8 warps (the K = 128 recurrence: 16)
 // Column block of the recurrence kernel (per CTA). K = 128 with at least 64 (row, value head) chains takes all 128
-// value columns (16 warps, one CTA per SM), so that each chunk's W, Kd, Qg and A_qk rows are
-// read once; with fewer chains two 64-column CTAs of 8 warps per SM hide each other's latency better (H100,
-// session 13: b1-t8k-h64 -4%, varlen-32k-h16 +5% at 128 columns).
+// value columns (16 warps, one CTA per SM), so that each chunk's W, Kd, Qg and A_qk rows are read once; with fewer
+// chains two 64-column CTAs of 8 warps per SM hide each other's latency better (H100, session 13: b1-t8k-h64 -4%,
+// varlen-32k-h16 +5% at 128 columns).
 inline constexpr int BlockV(int K, int64_t B, int64_t HV) { return K >= 256 ? 32 : (K == 128 && B * HV >= 64 ? 128 : 64); }
 // Threads of a recurrence CTA: 16 warps for 128 columns, else 8.
 inline constexpr int RecurThreads(int BV) { return BV == 128 ? 512 : kThreads; }
