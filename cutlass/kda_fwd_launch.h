@@ -19,11 +19,11 @@ cudaError_t LaunchPlanSeqs(const Params& p, int4* seq_list, cudaStream_t stream)
 // Intra-chunk preparation; TIn is the input dtype.
 template <typename TIn>
 cudaError_t LaunchPrep(const Params& p, cudaStream_t stream, int nsm);
-// The prep for bounded gates (kda_fwd_prep_bounded.cu), which LaunchPrep picks where PrepBoundedApplies: gate
-// "bounded" with lower_bound >= kBoundedPrepMinBound, K in {64, 128}, 2-byte inputs, the tensor-core solve, and
-// FLASHKDA_FWD_PREP not "general".
+// The prep for bounded gates (kda_fwd_prep_bounded.cu; bf16 / fp16 inputs), which LaunchPrep picks for 2-byte
+// inputs where PrepBoundedApplies: gate "bounded" with lower_bound >= kBoundedPrepMinBound, K in {64, 128}, the
+// tensor-core solve, and FLASHKDA_FWD_PREP not "general".
 constexpr float kBoundedPrepMinBound = -8.f;
-bool PrepBoundedApplies(const Params& p, bool two_byte_inputs, bool mma_solve);
+bool PrepBoundedApplies(const Params& p, bool mma_solve);
 template <typename TIn>
 cudaError_t LaunchPrepBounded(const Params& p, cudaStream_t stream, int nsm);
 // Whether LaunchPrep<TIn> solves on tensor cores, i.e. writes T next to A_qk (kAqkPitch). Host only.

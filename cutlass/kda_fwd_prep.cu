@@ -112,17 +112,13 @@ __global__ void __launch_bounds__(kThreads, K <= 128 ? 2 : 1) PrepKernel(Params 
   const TIn* gg = static_cast<const TIn*>(p.g);
   const TIn* gb = static_cast<const TIn*>(p.beta);
 
-  constexpr int KC = K * static_cast<int>(sizeof(TIn)) / 16;  // 16-byte chunks per row of q / k / g
   if constexpr (kAsync) {
     if (blockIdx.x < nitems) IssueRawKG<K, TIn>(p, sK, RawG<K, TIn>(sG), 2 * GP, blockIdx.x, tid);
   }
 
   for (int it = blockIdx.x; it < nitems; it += gridDim.x) {
-    const int ci = it / HV, hv = it - ci * HV;
-    const int4 e = p.chunk_list[ci];
-    const int b = e.x, cs = e.y, send = e.z, s = e.w;
-    const int L = min(C, send - cs);
-    const int h = hv / p.group;
+    const PrepItem m = DecodePrepItem(p, it);
+    const int b = m.b, cs = m.cs, send = m.send, s = m.s, L = m.L, hv = m.hv, h = m.h;
 
     // kAsync: the raw q, k, v, g tiles of all 64 rows are in flight at once (cp.async, zero-filled past L):
     // k and g (issued by the previous item, see IssueRawKG), q straight into sQ, v into sV; then k, g, and
@@ -131,21 +127,7 @@ __global__ void __launch_bounds__(kThreads, K <= 128 ? 2 : 1) PrepKernel(Params 
     float braw = 0.f;  // kAsync: raw beta of row tid (tid < C)
     if constexpr (kAsync) {
       const size_t tok0 = (size_t)b * p.T + cs;
-      for (int idx = tid; idx < C * KC; idx += kThreads) {
-        const int r = idx / KC, c8 = (idx - r * KC) * 8;
-        const bool ok = r < L;
-        const size_t tok = tok0 + (ok ? r : 0);
-        CpAsync16(sQ + r * KP + c8, gq + (tok * p.H + h) * K + c8, ok);
-      }
-      CpAsyncCommit();
-      const int VC = V / 8;
-      for (int idx = tid; idx < C * VC; idx += kThreads) {
-        const int r = idx / VC, c8 = (idx - r * VC) * 8;
-        const bool ok = r < L;
-        const size_t tok = tok0 + (ok ? r : 0);
-        CpAsync16(reinterpret_cast<TIn*>(sV + r * VP) + c8, gv + (tok * HV + hv) * V + c8, ok);
-      }
-      CpAsyncCommit();
+      IssueRawQV<K, TIn>(p, m, sQ, sV, tid);
       if (tid < L) braw = ToF<TIn>(gb[(tok0 + tid) * HV + hv]);
     }
     for (int i = tid; i < C * AP; i += kThreads) sAkk[i] = 0.f;
@@ -548,7 +530,9 @@ bool PrepSolvesOnTensorCores() {
 template <typename TIn>
 cudaError_t LaunchPrep(const Params& p, cudaStream_t stream, int nsm) {
   const bool mma = PrepSolvesOnTensorCores<TIn>();
-  if (PrepBoundedApplies(p, sizeof(TIn) == 2, mma)) return LaunchPrepBounded<TIn>(p, stream, nsm);
+  if constexpr (sizeof(TIn) == 2) {
+    if (PrepBoundedApplies(p, mma)) return LaunchPrepBounded<TIn>(p, stream, nsm);
+  }
   switch (p.K) {
     case 64: return LaunchPrepK<64, TIn>(p, stream, nsm, mma);
     case 128: return LaunchPrepK<128, TIn>(p, stream, nsm, mma);

@@ -105,8 +105,6 @@ __global__ void __launch_bounds__(kThreads, 2) PrepBoundedKernel(Params p) {
   const int t4 = lane & 3;
   const int HV = p.HV;
   const int nitems = p.counters[0] * HV;
-  const TIn* gq = static_cast<const TIn*>(p.q);
-  const TIn* gv = static_cast<const TIn*>(p.v);
   const TIn* gb = static_cast<const TIn*>(p.beta);
   const int c0 = lane * CPL;     // this lane's first channel
   const int row0 = warp * R;     // this warp's first row
@@ -115,26 +113,11 @@ __global__ void __launch_bounds__(kThreads, 2) PrepBoundedKernel(Params p) {
   if (blockIdx.x < nitems) IssueRawKG<K, TIn>(p, sK, reinterpret_cast<TIn*>(sG), KP, blockIdx.x, tid);
 
   for (int it = blockIdx.x; it < nitems; it += gridDim.x) {
-    const int ci = it / HV, hv = it - ci * HV;
-    const int4 e = p.chunk_list[ci];
-    const int b = e.x, cs = e.y, send = e.z, s = e.w;
-    const int L = min(C, send - cs);
-    const int h = hv / p.group;
+    const PrepItem m = DecodePrepItem(p, it);
+    const int b = m.b, cs = m.cs, send = m.send, s = m.s, L = m.L, hv = m.hv;
     const size_t tok0 = (size_t)b * p.T + cs;
 
-    // Raw q and v (k and g were issued by the previous item).
-    for (int idx = tid; idx < C * (K / 8); idx += kThreads) {
-      const int r = idx / (K / 8), c8 = (idx - r * (K / 8)) * 8;
-      const bool ok = r < L;
-      CpAsync16(sQ + r * KP + c8, gq + ((tok0 + (ok ? r : 0)) * p.H + h) * K + c8, ok);
-    }
-    CpAsyncCommit();
-    for (int idx = tid; idx < C * (V / 8); idx += kThreads) {
-      const int r = idx / (V / 8), c8 = (idx - r * (V / 8)) * 8;
-      const bool ok = r < L;
-      CpAsync16(reinterpret_cast<TIn*>(sV + r * VP) + c8, gv + ((tok0 + (ok ? r : 0)) * HV + hv) * V + c8, ok);
-    }
-    CpAsyncCommit();
+    IssueRawQV<K, TIn>(p, m, sQ, sV, tid);  // k and g were issued by the previous item
     const float braw = tid < L ? ToF<TIn>(gb[(tok0 + tid) * HV + hv]) : 0.f;
     for (int i = tid; i < C * AP; i += kThreads) sAkk[i] = 0.f;
     for (int i = tid; i < C * QP / 2; i += kThreads) reinterpret_cast<uint32_t*>(sAqk)[i] = 0u;
@@ -365,25 +348,20 @@ cudaError_t LaunchK(const Params& p, cudaStream_t stream, int nsm) {
 
 }  // namespace
 
-bool PrepBoundedApplies(const Params& p, bool two_byte_inputs, bool mma_solve) {
+bool PrepBoundedApplies(const Params& p, bool mma_solve) {
   // FLASHKDA_FWD_PREP=general forces the general kernel (A/B timing, tests). Read once per process.
   static const bool forced_general = EnvEquals("FLASHKDA_FWD_PREP", "general");
-  return !forced_general && two_byte_inputs && mma_solve && (p.K == 64 || p.K == 128) && p.gate_mode == 2 &&
+  return !forced_general && mma_solve && (p.K == 64 || p.K == 128) && p.gate_mode == 2 &&
          p.lower_bound >= kBoundedPrepMinBound;
 }
 
 template <typename TIn>
 cudaError_t LaunchPrepBounded(const Params& p, cudaStream_t stream, int nsm) {
-  if constexpr (sizeof(TIn) != 2) {
-    return cudaErrorInvalidValue;
-  } else {
-    return p.K == 64 ? LaunchK<64, TIn>(p, stream, nsm) : LaunchK<128, TIn>(p, stream, nsm);
-  }
+  return p.K == 64 ? LaunchK<64, TIn>(p, stream, nsm) : LaunchK<128, TIn>(p, stream, nsm);
 }
 
 template cudaError_t LaunchPrepBounded<__nv_bfloat16>(const Params&, cudaStream_t, int);
 template cudaError_t LaunchPrepBounded<__half>(const Params&, cudaStream_t, int);
-template cudaError_t LaunchPrepBounded<float>(const Params&, cudaStream_t, int);
 
 }  // namespace fwd
 }  // namespace flashkda

@@ -235,6 +235,17 @@ __device__ __forceinline__ void SolveMma(const Params& p, const bf16* sT, const 
   }
 }
 
+// Prep item `item` = (chunk of the plan's chunk list, value head).
+struct PrepItem {
+  int b, cs, send, s;  // batch row, chunk start, its sequence's end, state slot
+  int L, hv, h;        // valid rows, value head, q / k head
+};
+__device__ __forceinline__ PrepItem DecodePrepItem(const Params& p, int item) {
+  const int ci = item / p.HV, hv = item - ci * p.HV;
+  const int4 e = p.chunk_list[ci];
+  return PrepItem{e.x, e.y, e.z, e.w, min(kChunk, e.z - e.y), hv, hv / p.group};
+}
+
 // Raw-tile prefetch of a prep kernel (2-byte inputs): cp.async of the raw k and g tiles of item `item` (rows >= L
 // zero-filled) into sK (pitch K + 8) and g_dst (row r at g_dst + r * g_pitch, TIn elements), one commit group.
 // Issued as soon as the current item is done with both tiles, so that they land while its T and [W | U] are formed.
@@ -244,18 +255,37 @@ __device__ __forceinline__ void IssueRawKG(const Params& p, bf16* sK, TIn* g_dst
   constexpr int KC = K * static_cast<int>(sizeof(TIn)) / 16;  // 16-byte chunks per row
   const TIn* gk = static_cast<const TIn*>(p.k);
   const TIn* gg = static_cast<const TIn*>(p.g);
-  const int HV = p.HV;
-  const int ci = item / HV, hv = item - ci * HV;
-  const int4 e = p.chunk_list[ci];
-  const int L = min(C, e.z - e.y);
-  const int h = hv / p.group;
-  const size_t tok0 = (size_t)e.x * p.T + e.y;
+  const PrepItem m = DecodePrepItem(p, item);
+  const size_t tok0 = (size_t)m.b * p.T + m.cs;
   for (int idx = tid; idx < C * KC; idx += kThreads) {
     const int r = idx / KC, c8 = (idx - r * KC) * 8;
-    const bool ok = r < L;
+    const bool ok = r < m.L;
     const size_t tok = tok0 + (ok ? r : 0);
-    CpAsync16(sK + r * KP + c8, gk + (tok * p.H + h) * K + c8, ok);
-    CpAsync16(g_dst + r * g_pitch + c8, gg + (tok * HV + hv) * K + c8, ok);
+    CpAsync16(sK + r * KP + c8, gk + (tok * p.H + m.h) * K + c8, ok);
+    CpAsync16(g_dst + r * g_pitch + c8, gg + (tok * p.HV + m.hv) * K + c8, ok);
+  }
+  CpAsyncCommit();
+}
+
+// The raw q and v tiles of item m (2-byte inputs, rows >= L zero-filled) into sQ (pitch K + 8) and sV (pitch V + 8,
+// TIn elements in place of its bf16 ones), one commit group each: q, then v.
+template <int K, typename TIn>
+__device__ __forceinline__ void IssueRawQV(const Params& p, const PrepItem& m, bf16* sQ, bf16* sV, int tid) {
+  constexpr int C = kChunk, KP = K + 8;
+  const TIn* gq = static_cast<const TIn*>(p.q);
+  const TIn* gv = static_cast<const TIn*>(p.v);
+  const int V = p.V, VP = V + 8;
+  const size_t tok0 = (size_t)m.b * p.T + m.cs;
+  for (int idx = tid; idx < C * (K / 8); idx += kThreads) {
+    const int r = idx / (K / 8), c8 = (idx - r * (K / 8)) * 8;
+    const bool ok = r < m.L;
+    CpAsync16(sQ + r * KP + c8, gq + ((tok0 + (ok ? r : 0)) * p.H + m.h) * K + c8, ok);
+  }
+  CpAsyncCommit();
+  for (int idx = tid; idx < C * (V / 8); idx += kThreads) {
+    const int r = idx / (V / 8), c8 = (idx - r * (V / 8)) * 8;
+    const bool ok = r < m.L;
+    CpAsync16(reinterpret_cast<TIn*>(sV + r * VP) + c8, gv + ((tok0 + (ok ? r : 0)) * p.HV + m.hv) * V + c8, ok);
   }
   CpAsyncCommit();
 }
