@@ -14,8 +14,8 @@ using bf16 = __nv_bfloat16;
 
 // One buffer per chunk operand (two 64-column CTAs per SM overlap each other's latency; a second stage for the
 // 128-column CTA, alone on its SM, issuing chunk c + 1's loads a whole step ahead, was 1-3% slower); within a CTA the
-// loads of chunk c + 1 are issued as soon as their buffers are free: W | U after step 1 of chunk c (only step 1
-// reads them), Qg, A_qk, Kd and gamma after its step 3, each waited for just before its first use (see the loop).
+// loads of chunk c + 1 are issued as soon as their buffers are free: W | U | Qg after step 1 of chunk c (only step 1
+// reads them), A_qk, Kd and gamma after its step 3, each waited for just before its first use (see the loop).
 template <int K, int BV, bool kOut>
 struct RecurSmem {
   static constexpr int C = kChunk, KP = K + 8, VP = BV + 8, AP = C + 8;
@@ -34,7 +34,10 @@ __global__ void __launch_bounds__(RecurThreads(BV), RecurCtasPerSm(K, BV)) Recur
   constexpr int C = kChunk, KP = SM::KP, VP = SM::VP, AP = SM::AP;
   constexpr int NTH = RecurThreads(BV), NWARP = NTH / 32;
   constexpr int NT = BV / 8, NTW = NT / (NWARP / 4);  // steps 1/2: 4 warps along rows x NWARP / 4 along columns
-  constexpr int MT3 = K / 16, WM3 = MT3 < 8 ? MT3 : 8, WN3 = NWARP / WM3, MTW3 = MT3 / WM3, NTW3 = NT / WN3;
+  // Step 3's warps: the 16-warp CTA (K = 128) takes 4 x 4 (32 state rows x 32 columns per warp), which reads fewer
+  // Kd^T / R fragments from shared memory than 8 x 2 (8 warps at K = 128: 4 x 2 spills at the 128-register cap).
+  constexpr int MT3 = K / 16, WM3 = NWARP == 16 ? 4 : (MT3 < 8 ? MT3 : 8), WN3 = NWARP / WM3, MTW3 = MT3 / WM3,
+                NTW3 = NT / WN3;
   static_assert(NTW % 2 == 0 && NTW3 % 2 == 0, "column tiles come in pairs");
   extern __shared__ __align__(16) unsigned char smem[];
   bf16* sW = reinterpret_cast<bf16*>(smem);
@@ -105,9 +108,10 @@ __global__ void __launch_bounds__(RecurThreads(BV), RecurCtasPerSm(K, BV)) Recur
           }
     }
 
-    // Chunk c's operands in two cp.async groups (every thread commits both, copies or not): load_wu (W, U: step 1)
-    // and load_rest (Kd, gamma and, with outputs, Qg, A_qk: steps 2 and 3). Rows >= L are zero-filled. (A shared
-    // row-copy helper for the five tiles cost 8-12 bytes of spills at the 128-register cap; hence the loops.)
+    // Chunk c's operands in two cp.async groups (every thread commits both, copies or not): load_wu (W, U and, with
+    // outputs, Qg: step 1) and load_rest (Kd, gamma and, with outputs, A_qk: steps 2 and 3). Rows >= L are
+    // zero-filled. (A shared row-copy helper for the five tiles cost 8-12 bytes of spills at the 128-register cap;
+    // hence the loops.)
     auto load_wu = [&](int c) {
       const int cs = t0 + c * C;
       const int L = min(C, send - cs);
@@ -115,7 +119,9 @@ __global__ void __launch_bounds__(RecurThreads(BV), RecurCtasPerSm(K, BV)) Recur
       for (int idx = tid; idx < C * (K / 8); idx += NTH) {
         const int r = idx / (K / 8), v8 = idx - r * (K / 8);
         const bool ok = r < L;
-        CpAsync16(sW + r * KP + v8 * 8, p.W + ((tb + (ok ? r : 0)) * HV + hv) * K + v8 * 8, ok);
+        const size_t go = ((tb + (ok ? r : 0)) * HV + hv) * K + v8 * 8;
+        CpAsync16(sW + r * KP + v8 * 8, p.W + go, ok);
+        if (kOut) CpAsync16(sQ + r * KP + v8 * 8, p.Qg + go, ok);
       }
       if (!pcols) {
         for (int idx = tid; idx < C * (BV / 8); idx += NTH) {
@@ -135,7 +141,6 @@ __global__ void __launch_bounds__(RecurThreads(BV), RecurCtasPerSm(K, BV)) Recur
         const bool ok = r < L;
         const size_t go = ((tb + (ok ? r : 0)) * HV + hv) * K + v8 * 8;
         CpAsync16(sKd + r * KP + v8 * 8, p.Kd + go, ok);
-        if (kOut) CpAsync16(sQ + r * KP + v8 * 8, p.Qg + go, ok);
       }
       if (kOut) {
         for (int idx = tid; idx < C * (C / 8); idx += NTH) {
@@ -173,34 +178,42 @@ __global__ void __launch_bounds__(RecurThreads(BV), RecurCtasPerSm(K, BV)) Recur
     load_rest(0);
     store_state_bf16(sS, VP);
 
-    // In flight at the top of chunk c: its W | U group, then its rest group (issued after step 1 / step 3 of c - 1).
+    // In flight at the top of chunk c: its W | U | Qg group, then its rest group (issued after step 1 / step 3 of
+    // c - 1).
     for (int c = 0; c < nch; ++c) {
-      CpAsyncWait<1>();  // W | U of chunk c
+      CpAsyncWait<1>();  // W | U (and Qg) of chunk c
       __syncthreads();   // A: W, U and sS visible
       const int cs = t0 + c * C;
       const int L = min(C, send - cs);
       const bool lastc = cs + C >= send;
       const bool update = !kOut || !lastc || write_final;
 
-      // ---- step 1: R = U - W S (rows: 16 per warp, columns: NTW tiles per warp) ----
+      // ---- step 1: R = U - W S and, with outputs, O = Qg S (rows: 16 per warp, columns: NTW tiles per warp); the
+      // two products share each S fragment (read once from shared memory) ----
+      float acc_o[kOut ? NTW : 1][4];
       {
         float acc[NTW][4];
 #pragma unroll
         for (int ni = 0; ni < NTW; ++ni)
 #pragma unroll
-          for (int q = 0; q < 4; ++q) acc[ni][q] = 0.f;
-        const bf16* a_base = sW + (mt * 16 + (lane & 15)) * KP + (lane >> 4) * 8;
+          for (int q = 0; q < 4; ++q) acc[ni][q] = acc_o[kOut ? ni : 0][q] = 0.f;
+        const int a_off = (mt * 16 + (lane & 15)) * KP + (lane >> 4) * 8;
         const bf16* b_base = sS + ((lane & 7) + ((lane >> 3) & 1) * 8) * VP + nt0 * 8 + (lane >> 4) * 8;
 #pragma unroll
         for (int kk = 0; kk < K / 16; ++kk) {
-          uint32_t a[4];
-          Ldsm(a_base + kk * 16, a[0], a[1], a[2], a[3]);
+          uint32_t a[4], aq[4];
+          Ldsm(sW + a_off + kk * 16, a[0], a[1], a[2], a[3]);
+          if constexpr (kOut) Ldsm(sQ + a_off + kk * 16, aq[0], aq[1], aq[2], aq[3]);
 #pragma unroll
           for (int np = 0; np < NTW / 2; ++np) {
             uint32_t b0, b1, b2, b3;
             LdsmT(b_base + kk * 16 * VP + np * 16, b0, b1, b2, b3);
             Mma(acc[2 * np], a, b0, b1);
             Mma(acc[2 * np + 1], a, b2, b3);
+            if constexpr (kOut) {
+              Mma(acc_o[2 * np], aq, b0, b1);
+              Mma(acc_o[2 * np + 1], aq, b2, b3);
+            }
           }
         }
 #pragma unroll
@@ -218,31 +231,13 @@ __global__ void __launch_bounds__(RecurThreads(BV), RecurCtasPerSm(K, BV)) Recur
             *reinterpret_cast<uint32_t*>(sR + row * VP + col) = PackBF16(u0 - acc[ni][2 * hh], u1 - acc[ni][2 * hh + 1]);
           }
       }
-      CpAsyncWait<0>();  // Kd, gamma (and Qg, A_qk) of chunk c
-      __syncthreads();   // B: R and the rest of chunk c visible; sW / sU are free
+      CpAsyncWait<0>();  // Kd, gamma (and A_qk) of chunk c
+      __syncthreads();   // B: R and the rest of chunk c visible; sW, sU and sQ are free
       if (c + 1 < nch) load_wu(c + 1);
 
-      // ---- step 2: O = Qg S + A_qk R ----
+      // ---- step 2: O += A_qk R ----
       if constexpr (kOut) {
-        float acc[NTW][4];
-#pragma unroll
-        for (int ni = 0; ni < NTW; ++ni)
-#pragma unroll
-          for (int q = 0; q < 4; ++q) acc[ni][q] = 0.f;
-        const bf16* a_base = sQ + (mt * 16 + (lane & 15)) * KP + (lane >> 4) * 8;
-        const bf16* b_base = sS + ((lane & 7) + ((lane >> 3) & 1) * 8) * VP + nt0 * 8 + (lane >> 4) * 8;
-#pragma unroll
-        for (int kk = 0; kk < K / 16; ++kk) {
-          uint32_t a[4];
-          Ldsm(a_base + kk * 16, a[0], a[1], a[2], a[3]);
-#pragma unroll
-          for (int np = 0; np < NTW / 2; ++np) {
-            uint32_t b0, b1, b2, b3;
-            LdsmT(b_base + kk * 16 * VP + np * 16, b0, b1, b2, b3);
-            Mma(acc[2 * np], a, b0, b1);
-            Mma(acc[2 * np + 1], a, b2, b3);
-          }
-        }
+        float (&acc)[NTW][4] = acc_o;
         const bf16* aa_base = sA + (mt * 16 + (lane & 15)) * AP + (lane >> 4) * 8;
         const bf16* rb_base = sR + ((lane & 7) + ((lane >> 3) & 1) * 8) * VP + nt0 * 8 + (lane >> 4) * 8;
 #pragma unroll
