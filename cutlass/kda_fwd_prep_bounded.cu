@@ -36,6 +36,10 @@ constexpr int kFactorTables = 11;  // fA[0..3], fB[0..3], far-pair factors (2,0)
 __constant__ int kBPairI[6] = {1, 2, 3, 2, 3, 3};
 __constant__ int kBPairJ[6] = {0, 0, 0, 1, 1, 2};
 __constant__ int kBPairTable[6] = {-1, 8, 9, -1, 10, -1};
+// A tasks (0-5: the off-diagonal blocks above, 6-9: the diagonal blocks I = 0..3) of each warp, -1: none. A diagonal
+// task scales both operands (~5x the instructions of (I, I - 1), ~3x a far pair's): one per warp, the six others
+// paired cheap + far (task w, w + 8 for warps 0, 1 before: 2 x the slowest warp's work).
+__constant__ int kWarpTasks[kThreads / 32][2] = {{6, -1}, {7, -1}, {8, -1}, {9, -1}, {0, 1}, {3, 2}, {5, -1}, {4, -1}};
 
 template <int K>
 struct BoundedSmem {
@@ -110,14 +114,14 @@ __global__ void __launch_bounds__(kThreads, 2) PrepBoundedKernel(Params p) {
   const int row0 = warp * R;     // this warp's first row
   const int blk = warp >> 1;     // its 16-row block
 
-  if (blockIdx.x < nitems) IssueRawKG<K, TIn>(p, sK, reinterpret_cast<TIn*>(sG), KP, blockIdx.x, tid);
+  if (blockIdx.x < nitems) IssueRawKG<K, TIn, true>(p, sK, reinterpret_cast<TIn*>(sG), KP, blockIdx.x, tid);
 
   for (int it = blockIdx.x; it < nitems; it += gridDim.x) {
     const PrepItem m = DecodePrepItem(p, it);
     const int b = m.b, cs = m.cs, send = m.send, s = m.s, L = m.L, hv = m.hv;
     const size_t tok0 = (size_t)b * p.T + cs;
 
-    IssueRawQV<K, TIn>(p, m, sQ, sV, tid);  // k and g were issued by the previous item
+    IssueRawQV<K, TIn, true>(p, m, sQ, sV, tid);  // k and g were issued by the previous item
     const float braw = tid < L ? ToF<TIn>(gb[(tok0 + tid) * HV + hv]) : 0.f;
     for (int i = tid; i < C * AP; i += kThreads) sAkk[i] = 0.f;
     for (int i = tid; i < C * QP / 2; i += kThreads) reinterpret_cast<uint32_t*>(sAqk)[i] = 0u;
@@ -261,7 +265,10 @@ __global__ void __launch_bounds__(kThreads, 2) PrepBoundedKernel(Params p) {
     CpAsyncWait<0>();  // v
     __syncthreads();   // the tiles, the factor tables and v visible
     // ---- A_kk (beta-scaled, strictly lower, stored transposed) and A_qk (lower incl. the diagonal) ----
-    for (int task = warp; task < 10; task += kThreads / 32) {
+#pragma unroll 1
+    for (int j = 0; j < 2; ++j) {
+      const int task = kWarpTasks[warp][j];
+      if (task < 0) break;
       const bool diag = task >= 6;
       const int I = diag ? task - 6 : kBPairI[task];
       const int J = diag ? I : kBPairJ[task];
@@ -308,7 +315,7 @@ __global__ void __launch_bounds__(kThreads, 2) PrepBoundedKernel(Params p) {
       StoreABlock(sAkk, sAqk, sBeta, akk, aqk, I, J, diag, lane);
     }
     __syncthreads();  // A_kk, A_qk formed; sK, sG and sQ free
-    if (it + (int)gridDim.x < nitems) IssueRawKG<K, TIn>(p, sK, reinterpret_cast<TIn*>(sG), KP, it + gridDim.x, tid);
+    if (it + (int)gridDim.x < nitems) IssueRawKG<K, TIn, true>(p, sK, reinterpret_cast<TIn*>(sG), KP, it + gridDim.x, tid);
     InvertDiagBlocks(sAkk, tid);
     // W's right-hand side (this thread's elements, kept since pass 2), U's: beta v (fp16 v converted)
 #pragma unroll
@@ -319,7 +326,9 @@ __global__ void __launch_bounds__(kThreads, 2) PrepBoundedKernel(Params p) {
         *reinterpret_cast<uint2*>(sQ + (row0 + r) * KP + c0) = make_uint2(wr[r][0], wr[r][1]);
       }
     }
-    for (int idx = tid; idx < C * (V / 8); idx += kThreads) {
+    // Warps 0-1 invert the diagonal blocks meanwhile: the rest form U's right-hand side and write A_qk out.
+    constexpr int kInvThreads = 64;
+    for (int idx = tid - kInvThreads; idx >= 0 && idx < C * (V / 8); idx += kThreads - kInvThreads) {
       const int r = idx / (V / 8), c8 = (idx - r * (V / 8)) * 8;
       const float bb = sBeta[r];
       float x[8];
@@ -331,7 +340,7 @@ __global__ void __launch_bounds__(kThreads, 2) PrepBoundedKernel(Params p) {
       u.w = PackBF16(bb * x[6], bb * x[7]);
       *reinterpret_cast<uint4*>(sV + r * VP + c8) = u;
     }
-    StoreAqkHalf(p, sAqk, b, cs, L, hv, 0, tid);
+    if (tid >= kInvThreads) StoreAqkHalf(p, sAqk, b, cs, L, hv, 0, tid - kInvThreads, kThreads - kInvThreads);
     __syncthreads();  // A_qk written out (sAqk free for T), T_II, right-hand sides
     InvertOffDiagBlocks(sAkk, sAqk, tid);
     if (!p.skip_t) StoreAqkHalf(p, sAqk, b, cs, L, hv, C, tid);

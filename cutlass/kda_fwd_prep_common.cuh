@@ -246,10 +246,26 @@ __device__ __forceinline__ PrepItem DecodePrepItem(const Params& p, int item) {
   return PrepItem{e.x, e.y, e.z, e.w, min(kChunk, e.z - e.y), hv, hv / p.group};
 }
 
+// cp.async of rows 0 .. 63 of a raw tile (rows >= L zero-filled) into dst (pitch dst_pitch elements): row r of the
+// source at src + r * src_stride, RC 16-byte chunks per row (8 elements each, RC divides kThreads). Each thread copies
+// one column chunk of every kThreads / RC-th row from one base address: fewer address instructions than deriving
+// every copy's address from its index (kHoist of the Issue* helpers), but more live registers (the general prep
+// spilled with it).
+template <typename TIn, typename TDst>
+__device__ __forceinline__ void CopyRawRows(TDst* dst, int dst_pitch, const TIn* src, size_t src_stride, int RC, int L,
+                                            int tid) {
+  const int rs = kThreads / RC, r0 = tid / RC, c8 = (tid - r0 * RC) * 8;
+  const TIn* s0 = src + c8;
+  for (int r = r0; r < kChunk; r += rs) {
+    const bool ok = r < L;
+    CpAsync16(dst + r * dst_pitch + c8, s0 + (ok ? r : 0) * src_stride, ok);
+  }
+}
+
 // Raw-tile prefetch of a prep kernel (2-byte inputs): cp.async of the raw k and g tiles of item `item` (rows >= L
 // zero-filled) into sK (pitch K + 8) and g_dst (row r at g_dst + r * g_pitch, TIn elements), one commit group.
 // Issued as soon as the current item is done with both tiles, so that they land while its T and [W | U] are formed.
-template <int K, typename TIn>
+template <int K, typename TIn, bool kHoist = false>
 __device__ __forceinline__ void IssueRawKG(const Params& p, bf16* sK, TIn* g_dst, int g_pitch, int item, int tid) {
   constexpr int C = kChunk, KP = K + 8;
   constexpr int KC = K * static_cast<int>(sizeof(TIn)) / 16;  // 16-byte chunks per row
@@ -257,45 +273,59 @@ __device__ __forceinline__ void IssueRawKG(const Params& p, bf16* sK, TIn* g_dst
   const TIn* gg = static_cast<const TIn*>(p.g);
   const PrepItem m = DecodePrepItem(p, item);
   const size_t tok0 = (size_t)m.b * p.T + m.cs;
-  for (int idx = tid; idx < C * KC; idx += kThreads) {
-    const int r = idx / KC, c8 = (idx - r * KC) * 8;
-    const bool ok = r < m.L;
-    const size_t tok = tok0 + (ok ? r : 0);
-    CpAsync16(sK + r * KP + c8, gk + (tok * p.H + m.h) * K + c8, ok);
-    CpAsync16(g_dst + r * g_pitch + c8, gg + (tok * p.HV + m.hv) * K + c8, ok);
+  if constexpr (kHoist) {
+    CopyRawRows(sK, KP, gk + (tok0 * p.H + m.h) * K, (size_t)p.H * K, KC, m.L, tid);
+    CopyRawRows(g_dst, g_pitch, gg + (tok0 * p.HV + m.hv) * K, (size_t)p.HV * K, KC, m.L, tid);
+  } else {
+    for (int idx = tid; idx < C * KC; idx += kThreads) {
+      const int r = idx / KC, c8 = (idx - r * KC) * 8;
+      const bool ok = r < m.L;
+      const size_t tok = tok0 + (ok ? r : 0);
+      CpAsync16(sK + r * KP + c8, gk + (tok * p.H + m.h) * K + c8, ok);
+      CpAsync16(g_dst + r * g_pitch + c8, gg + (tok * p.HV + m.hv) * K + c8, ok);
+    }
   }
   CpAsyncCommit();
 }
 
 // The raw q and v tiles of item m (2-byte inputs, rows >= L zero-filled) into sQ (pitch K + 8) and sV (pitch V + 8,
 // TIn elements in place of its bf16 ones), one commit group each: q, then v.
-template <int K, typename TIn>
+template <int K, typename TIn, bool kHoist = false>
 __device__ __forceinline__ void IssueRawQV(const Params& p, const PrepItem& m, bf16* sQ, bf16* sV, int tid) {
   constexpr int C = kChunk, KP = K + 8;
   const TIn* gq = static_cast<const TIn*>(p.q);
   const TIn* gv = static_cast<const TIn*>(p.v);
   const int V = p.V, VP = V + 8;
   const size_t tok0 = (size_t)m.b * p.T + m.cs;
-  for (int idx = tid; idx < C * (K / 8); idx += kThreads) {
-    const int r = idx / (K / 8), c8 = (idx - r * (K / 8)) * 8;
-    const bool ok = r < m.L;
-    CpAsync16(sQ + r * KP + c8, gq + ((tok0 + (ok ? r : 0)) * p.H + m.h) * K + c8, ok);
+  if constexpr (kHoist) {
+    CopyRawRows(sQ, KP, gq + (tok0 * p.H + m.h) * K, (size_t)p.H * K, K / 8, m.L, tid);
+  } else {
+    for (int idx = tid; idx < C * (K / 8); idx += kThreads) {
+      const int r = idx / (K / 8), c8 = (idx - r * (K / 8)) * 8;
+      const bool ok = r < m.L;
+      CpAsync16(sQ + r * KP + c8, gq + ((tok0 + (ok ? r : 0)) * p.H + m.h) * K + c8, ok);
+    }
   }
   CpAsyncCommit();
-  for (int idx = tid; idx < C * (V / 8); idx += kThreads) {
-    const int r = idx / (V / 8), c8 = (idx - r * (V / 8)) * 8;
-    const bool ok = r < m.L;
-    CpAsync16(reinterpret_cast<TIn*>(sV + r * VP) + c8, gv + ((tok0 + (ok ? r : 0)) * p.HV + m.hv) * V + c8, ok);
+  if constexpr (kHoist) {
+    CopyRawRows(reinterpret_cast<TIn*>(sV), VP, gv + (tok0 * p.HV + m.hv) * V, (size_t)p.HV * V, V / 8, m.L, tid);
+  } else {
+    for (int idx = tid; idx < C * (V / 8); idx += kThreads) {
+      const int r = idx / (V / 8), c8 = (idx - r * (V / 8)) * 8;
+      const bool ok = r < m.L;
+      CpAsync16(reinterpret_cast<TIn*>(sV + r * VP) + c8, gv + ((tok0 + (ok ? r : 0)) * p.HV + m.hv) * V + c8, ok);
+    }
   }
   CpAsyncCommit();
 }
 
 // Rows 0 .. L - 1 of a 64 x 64 bf16 tile in shared memory (pitch kChunk + 8) into the A_qk output rows at column
 // `col` (0: the A_qk half, kChunk: the T half; kAqkPitch).
+// tid / nthreads: this thread's index among the nthreads doing it.
 __device__ __forceinline__ void StoreAqkHalf(const Params& p, const bf16* tile, int b, int cs, int L, int hv, int col,
-                                             int tid) {
+                                             int tid, int nthreads = kThreads) {
   constexpr int C = kChunk, QP = kChunk + 8;
-  for (int idx = tid; idx < L * (C / 8); idx += kThreads) {
+  for (int idx = tid; idx < L * (C / 8); idx += nthreads) {
     const int r = idx / (C / 8), c8 = (idx - r * (C / 8)) * 8;
     *reinterpret_cast<uint4*>(AqkRow(p, b, cs + r, hv) + col + c8) = *reinterpret_cast<const uint4*>(tile + r * QP + c8);
   }

@@ -44,6 +44,7 @@ __device__ __forceinline__ int BlockScan(int v, int* s_warp, int* total) {
 //               end at its start position; kZeroPad (forward): zeroes the outputs of padding tokens
 //   PlanLists   work lists (chunk starts, segment starts, split sequences), compacted with one atomic per tile
 //               (forward); PlanSeqLists: chunk starts and sequences (backward)
+// and, for the forward, PlanOrder (one CTA): the segment list sorted longest first.
 __global__ void __launch_bounds__(kPlanThreads) PlanScan(Params p) {
   __shared__ int s_warp[32];
   const int b = blockIdx.y, t = blockIdx.x * kPlanThreads + threadIdx.x, T = p.T;
@@ -120,6 +121,42 @@ __global__ void __launch_bounds__(kPlanThreads) PlanLists(Params p) {
   if (fm) p.multi_list[s_base[2] + ((excl >> 22) & 0x3ff)] = make_int4(b, t, se, s);
 }
 
+// Longest segments first: the recurrence's CTAs take segments in list order as they finish, so a long segment late
+// in the list (a varlen batch's longest sequence at its end) would run alone at the end (H100, varlen-8k-h64: 89
+// chunk steps per SM instead of 67 by a greedy model). One CTA sorts the segment list in place by length in chunks,
+// descending (a counting sort through shared memory; ties in any order: items are independent, so the results do
+// not depend on it). Longer lists (more than kOrderCap segments: many short sequences, whose order matters little)
+// keep the plan's order.
+constexpr int kOrderCap = 4096;                    // segments sorted (16 bytes each in shared memory)
+constexpr int kOrderBuckets = kPlanThreads;        // lengths in chunks, the last bucket holding longer ones
+constexpr size_t kOrderSmem = kOrderCap * sizeof(int4);
+
+__global__ void __launch_bounds__(kPlanThreads) PlanOrder(Params p) {
+  extern __shared__ int4 s_list[];  // [kOrderCap]
+  __shared__ int s_warp[32];
+  __shared__ int s_start[kOrderBuckets];
+  const int n = p.counters[1], tid = threadIdx.x;
+  if (n > kOrderCap || n < 2) return;
+  auto bucket = [&](const int4& e) {  // kOrderBuckets - 1 - length in chunks (clamped): longest first
+    const int len = (min(e.y + p.Lseg, e.z) - e.y + kChunk - 1) / kChunk;
+    return kOrderBuckets - 1 - min(len, kOrderBuckets - 1);
+  };
+  s_start[tid] = 0;
+  for (int i = tid; i < n; i += kPlanThreads) s_list[i] = p.seg_list[i];
+  __syncthreads();
+  for (int i = tid; i < n; i += kPlanThreads) atomicAdd(&s_start[bucket(s_list[i])], 1);
+  __syncthreads();
+  const int count = s_start[tid];
+  int total;
+  const int excl = BlockScan<false>(count, s_warp, &total) - count;  // its first barrier orders the read above
+  s_start[tid] = excl;
+  __syncthreads();
+  for (int i = tid; i < n; i += kPlanThreads) {
+    const int4 e = s_list[i];
+    p.seg_list[atomicAdd(&s_start[bucket(e)], 1)] = e;
+  }
+}
+
 __global__ void __launch_bounds__(kPlanThreads) PlanSeqLists(Params p, int4* seq_list) {
   __shared__ int s_warp[32];
   __shared__ int s_base[2];
@@ -154,6 +191,10 @@ cudaError_t LaunchPlan(const Params& p, int out_token_bytes, cudaStream_t stream
   PlanScan<<<pgrid, kPlanThreads, 0, stream>>>(p);
   PlanFix<true><<<pgrid, kPlanThreads, 0, stream>>>(p, out_token_bytes);
   PlanLists<<<pgrid, kPlanThreads, 0, stream>>>(p);
+  cudaError_t err = cudaFuncSetAttribute(PlanOrder, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         static_cast<int>(kOrderSmem));
+  if (err != cudaSuccess) return err;
+  PlanOrder<<<1, kPlanThreads, kOrderSmem, stream>>>(p);
   return cudaGetLastError();
 }
 
