@@ -24,7 +24,7 @@ template <typename TIn>
 ffi::Error Run(cudaStream_t stream, Params& p, const Layout& lay, int64_t init_bytes, int64_t final_bytes) {
   const int nsm = SmCount();
   cudaError_t err;
-  if (p.S_final > 0) {
+  if (p.S_final > 0 && !PlanWritesEmptyFinalStates(p)) {  // else the plan fills the slots without tokens
     err = p.S_init > 0 ? cudaMemcpyAsync(p.final_state, p.init, final_bytes, cudaMemcpyDeviceToDevice, stream)
                        : cudaMemsetAsync(p.final_state, 0, final_bytes, stream);
     if (err != cudaSuccess) return CudaError(err, "final state copy");

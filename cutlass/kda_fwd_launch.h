@@ -14,6 +14,12 @@ namespace fwd {
 // token. The backward's (LaunchPlanSeqs): the chunk list and the sequences (b, start, end, slot) in seq_list.
 // p.counters must be zero.
 cudaError_t LaunchPlan(const Params& p, int out_token_bytes, cudaStream_t stream);
+// Whether LaunchPlan also writes the final state of every slot without tokens (its initial state, or zeros), so that
+// the handler need not copy all initial states first: final states wanted, with a flag per (row, slot) fitting the
+// plan's [B, T] scratch, and some work.
+inline bool PlanWritesEmptyFinalStates(const Params& p) {
+  return p.S_final > 0 && p.S_final <= p.T && p.B > 0 && p.HV > 0;
+}
 cudaError_t LaunchPlanSeqs(const Params& p, int4* seq_list, cudaStream_t stream);
 
 // Intra-chunk preparation; TIn is the input dtype.

@@ -44,7 +44,7 @@ __device__ __forceinline__ int BlockScan(int v, int* s_warp, int* total) {
 //               end at its start position; kZeroPad (forward): zeroes the outputs of padding tokens
 //   PlanLists   work lists (chunk starts, segment starts, split sequences), compacted with one atomic per tile
 //               (forward); PlanSeqLists: chunk starts and sequences (backward)
-// and, for the forward, PlanOrder (one CTA): the segment list sorted longest first.
+// and, for the forward, PlanOrder (one CTA): the segment list sorted longest first; FinalOfEmptySlots.
 __global__ void __launch_bounds__(kPlanThreads) PlanScan(Params p) {
   __shared__ int s_warp[32];
   const int b = blockIdx.y, t = blockIdx.x * kPlanThreads + threadIdx.x, T = p.T;
@@ -126,16 +126,27 @@ __global__ void __launch_bounds__(kPlanThreads) PlanLists(Params p) {
 // chunk steps per SM instead of 67 by a greedy model). One CTA sorts the segment list in place by length in chunks,
 // descending (a counting sort through shared memory; ties in any order: items are independent, so the results do
 // not depend on it). Longer lists (more than kOrderCap segments: many short sequences, whose order matters little)
-// keep the plan's order.
+// keep the plan's order. With mark_slots (PlanWritesEmptyFinalStates) it first flags, in p.seq_start (free once the
+// lists are made) as [B][S_final], every state slot that owns a token: FinalOfEmptySlots fills the others.
 constexpr int kOrderCap = 4096;                    // segments sorted (16 bytes each in shared memory)
 constexpr int kOrderBuckets = kPlanThreads;        // lengths in chunks, the last bucket holding longer ones
 constexpr size_t kOrderSmem = kOrderCap * sizeof(int4);
 
-__global__ void __launch_bounds__(kPlanThreads) PlanOrder(Params p) {
+__global__ void __launch_bounds__(kPlanThreads) PlanOrder(Params p, bool mark_slots) {
   extern __shared__ int4 s_list[];  // [kOrderCap]
   __shared__ int s_warp[32];
   __shared__ int s_start[kOrderBuckets];
   const int n = p.counters[1], tid = threadIdx.x;
+  if (mark_slots) {
+    int* seen = p.seq_start;
+    for (int i = tid; i < p.B * p.S_final; i += kPlanThreads) seen[i] = 0;
+    __syncthreads();
+    for (int i = tid; i < n; i += kPlanThreads) {
+      const int4 e = p.seg_list[i];
+      const int slot = e.w & 0x3fffffff;
+      if (slot < p.S_final) seen[e.x * p.S_final + slot] = 1;
+    }
+  }
   if (n > kOrderCap || n < 2) return;
   auto bucket = [&](const int4& e) {  // kOrderBuckets - 1 - length in chunks (clamped): longest first
     const int len = (min(e.y + p.Lseg, e.z) - e.y + kChunk - 1) / kChunk;
@@ -155,6 +166,17 @@ __global__ void __launch_bounds__(kPlanThreads) PlanOrder(Params p) {
     const int4 e = s_list[i];
     p.seg_list[atomicAdd(&s_start[bucket(e)], 1)] = e;
   }
+}
+
+// The final state of every slot that owns no token (PlanOrder's flags): its initial state, or zeros without one.
+// The recurrence writes the others. One CTA per (slot, batch row).
+__global__ void __launch_bounds__(256) FinalOfEmptySlots(Params p) {
+  const int s = blockIdx.x, b = blockIdx.y;
+  if (p.seq_start[b * p.S_final + s]) return;
+  const size_t n4 = static_cast<size_t>(p.HV) * p.K * p.V / 4;  // float4 per slot
+  float4* dst = reinterpret_cast<float4*>(p.final_state) + ((size_t)b * p.S_final + s) * n4;
+  const float4* src = p.S_init > 0 ? reinterpret_cast<const float4*>(p.init) + ((size_t)b * p.S_init + s) * n4 : nullptr;
+  for (size_t i = threadIdx.x; i < n4; i += blockDim.x) dst[i] = src ? src[i] : make_float4(0.f, 0.f, 0.f, 0.f);
 }
 
 __global__ void __launch_bounds__(kPlanThreads) PlanSeqLists(Params p, int4* seq_list) {
@@ -194,7 +216,9 @@ cudaError_t LaunchPlan(const Params& p, int out_token_bytes, cudaStream_t stream
   cudaError_t err = cudaFuncSetAttribute(PlanOrder, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(kOrderSmem));
   if (err != cudaSuccess) return err;
-  PlanOrder<<<1, kPlanThreads, kOrderSmem, stream>>>(p);
+  const bool empty_finals = PlanWritesEmptyFinalStates(p);
+  PlanOrder<<<1, kPlanThreads, kOrderSmem, stream>>>(p, empty_finals);
+  if (empty_finals) FinalOfEmptySlots<<<dim3(p.S_final, p.B), 256, 0, stream>>>(p);
   return cudaGetLastError();
 }
 
