@@ -136,6 +136,40 @@ def test_cu_seqlens_with_empty_sequence():
     _check(_run(args, "cuda", **kw), _ref(args, **kw), BF16_TOL, "cu_seqlens")
 
 
+def _poison_allocator(nbytes=64 << 20, pieces=64):
+    """Fill memory the allocator will hand out again with NaN: any output element a kernel leaves unwritten then
+    reads as NaN (jax's allocator reuses freed blocks of this process)."""
+    junk = [jnp.full((nbytes // pieces // 4,), jnp.nan, jnp.float32) for _ in range(pieces)]
+    jax.block_until_ready(junk)
+    del junk
+
+
+@pytest.mark.parametrize("with_state", [False, True])
+def test_every_output_written(with_state):
+    # Poisoned outputs: o and every final state, including the slots that own no token (more slots than a row has
+    # sequences: their final state is the initial state, or zeros without one, written without the recurrence).
+    B, T, H, HV, K = 2, 300, 1, 2, 128
+    args, kw = _inputs(43, B, T, H, HV, K, K, jnp.bfloat16, "bounded")
+    seg = np.zeros((B, T), np.int32)
+    seg[0, :100], seg[0, 100:230], seg[0, 230:] = 1, 2, 3   # 3 sequences
+    seg[1, 5:180] = 1                                       # 1 sequence, padding around it
+    S = 5
+    kw.update(segment_ids=jnp.asarray(seg), max_segments=S, return_final_state=True)
+    if with_state:
+        kw["initial_state"] = random_state(44, (B, S, HV, K, K))
+    f = jax.jit(lambda *a: F.kda(*a, implementation="cuda", **kw))
+    jax.block_until_ready(f(*args))  # compiled, so that the next call allocates only its buffers
+    _poison_allocator()
+    out = f(*args)
+    ref = _ref(args, **kw)
+    assert np.all(np.isfinite(np.asarray(out[1]))), "an unwritten final state"
+    _check(out, ref, BF16_TOL, f"poisoned outputs, initial state: {with_state}")
+    fin = np.asarray(out[1])
+    want = np.asarray(kw["initial_state"]) if with_state else np.zeros_like(fin)
+    assert np.array_equal(fin[0, 3:], want[0, 3:]) and np.array_equal(fin[1, 1:], want[1, 1:])
+    assert np.all(np.asarray(out[0], np.float32)[seg == 0] == 0.0)
+
+
 @pytest.mark.parametrize("K", [64, 128])
 def test_long_sequence_split(K):
     # Few (B x HV) chains: the kernel splits the sequence into segments and composes their maps.

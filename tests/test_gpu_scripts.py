@@ -55,3 +55,26 @@ def test_ncu_lines_attributes_samples_to_source_lines():
     assert agg[10]["Warp Stall Sampling (All Samples)"] == 8 and agg[10]["L1 Wavefronts Shared"] == 4
     assert agg[20]["Warp Stall Sampling (All Samples)"] == 2 and agg[20]["stall_barrier"] == 2
     assert ncu_lines.parse_ranges("1-15=a,16-30=b") == [(1, 15, "a"), (16, 30, "b")]
+
+
+def test_overhead_reads_device_activity_from_a_perfetto_trace():
+    """benchmarks/overhead.py: only the device processes' complete events count, and busy time is the union of
+    their intervals (overlaps and nesting counted once)."""
+    import sys
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import overhead
+
+    trace = {"traceEvents": [
+        {"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/host:CPU"}},
+        {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/device:GPU:0"}},
+        {"ph": "X", "pid": 1, "ts": 0, "dur": 500, "name": "host op"},
+        {"ph": "X", "pid": 2, "ts": 10, "dur": 100, "name": "PrepKernel"},
+        {"ph": "X", "pid": 2, "ts": 50, "dur": 20, "name": "nested"},
+        {"ph": "X", "pid": 2, "ts": 150, "dur": 50, "name": "RecurKernel"},
+        {"ph": "i", "pid": 2, "ts": 160, "name": "instant"},
+    ]}
+    ev, names = overhead.device_events(trace)
+    assert [e["name"] for e in ev] == ["PrepKernel", "nested", "RecurKernel"]
+    assert names[2] == "/device:GPU:0"
+    assert overhead.union_length([(e["ts"], e["ts"] + e["dur"]) for e in ev]) == 150
+    assert overhead.union_length([(0, 10), (5, 20), (30, 40)]) == 30
