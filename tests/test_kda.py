@@ -23,9 +23,12 @@ def fwd_tol(impl, dtype):
 
 
 def grad_tol(impl, dtype, name=""):
-    # fp32 inputs on CUDA: bf16-level, as above (H100: q's gradient 3.6-3.8e-3 against the oracle).
-    if dtype in (jnp.bfloat16, jnp.float16) or impl == "cuda":
+    if dtype in (jnp.bfloat16, jnp.float16):
         return 2e-2 if name in ("g", "beta") else 1e-2
+    if impl == "cuda":
+        # fp32 inputs on CUDA: bf16-level, as above (H100: q's gradient 3.6-3.8e-3 against the oracle); the gate
+        # parameters' gradients, sums over every token of bf16 products, at tests/test_cuda_bwd.py's bar.
+        return 2e-2 if name in ("g", "beta", "A_log", "dt_bias") else 1e-2
     return 1e-4
 
 
