@@ -2,9 +2,10 @@
 // the small tensor-core helpers (CuTe SM80 mma / ldmatrix / cp.async atoms) used by every kernel.
 //
 // Algorithm (DESIGN §2, chunk C = 64, chunks aligned to sequence starts so every chunk holds one sequence):
-//   plan     one CTA per batch row: sequence starts/ends from `slot`, lists of chunk starts (prep work),
-//            segment starts (recurrence work) and multi-segment sequences (combine work); zeroes the
-//            outputs of padding tokens.
+//   plan     (kda_plan.cu) per tile of tokens and batch row: sequence starts/ends from `slot`, lists of chunk
+//            starts (prep work), segment starts (recurrence work) and multi-segment sequences (combine work);
+//            zeroes the outputs of padding tokens; then one CTA sorts the segments longest first and flags the
+//            state slots that own tokens, and the final state of every other slot is its initial state (or 0).
 //   prep     (kda_fwd_prep.cu; bounded gates: kda_fwd_prep_bounded.cu, same outputs)
 //            fully parallel over (chunk, value head): gate activation, cumulative gate G, q/k l2norm,
 //            beta sigmoid, A_kk / A_qk with every decay formed as exp(G_i - G_j) (j <= i) or as a product
