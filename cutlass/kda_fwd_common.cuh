@@ -288,6 +288,12 @@ __device__ __forceinline__ int TakeItem(int* counter, int* s_next) {
   return *s_next;
 }
 
+// Chunks of the segment starting at token t0 of a sequence that ends at send (a seg_list entry: t0 = e.y, send =
+// e.z): the recurrence's steps for it, and PlanOrder's sort key.
+__device__ __forceinline__ int SegmentChunks(const Params& p, int t0, int send) {
+  return (min(t0 + p.Lseg, send) - t0 + kChunk - 1) / kChunk;
+}
+
 using ::flashkda::Sigmoid;
 using ::flashkda::Softplus;
 

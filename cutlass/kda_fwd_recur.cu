@@ -75,8 +75,7 @@ __global__ void __launch_bounds__(RecurThreads(BV), RecurCtasPerSm(K, BV)) Recur
     const int col0 = cb * BV;
     const bool pcols = col0 >= V;
     if (!kOut && (last_seg || (pcols && first))) continue;
-    const int tend = min(t0 + p.Lseg, send);
-    const int nch = (tend - t0 + C - 1) / C;
+    const int nch = SegmentChunks(p, t0, send);
     const bool write_final = kOut && last_seg && s < p.S_final;
 
     // ---- start state ----

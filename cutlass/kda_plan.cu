@@ -149,8 +149,7 @@ __global__ void __launch_bounds__(kPlanThreads) PlanOrder(Params p, bool mark_sl
   }
   if (n > kOrderCap || n < 2) return;
   auto bucket = [&](const int4& e) {  // kOrderBuckets - 1 - length in chunks (clamped): longest first
-    const int len = (min(e.y + p.Lseg, e.z) - e.y + kChunk - 1) / kChunk;
-    return kOrderBuckets - 1 - min(len, kOrderBuckets - 1);
+    return kOrderBuckets - 1 - min(SegmentChunks(p, e.y, e.z), kOrderBuckets - 1);
   };
   s_start[tid] = 0;
   for (int i = tid; i < n; i += kPlanThreads) s_list[i] = p.seg_list[i];
