@@ -25,8 +25,9 @@ import jax  # noqa: E402
 import bench_gpu as bg  # noqa: E402
 
 
-def device_events(trace: dict) -> list[dict]:
-    """Complete ("X") events of the device processes (perfetto process names holding "GPU" or "/device:")."""
+def device_events(trace: dict) -> tuple[list[dict], dict]:
+    """(complete ("X") events of the device processes, {pid: process name}); device processes are those whose
+    perfetto process name holds "GPU" or "/device:"."""
     names = {e["pid"]: e.get("args", {}).get("name", "") for e in trace.get("traceEvents", [])
              if e.get("ph") == "M" and e.get("name") == "process_name"}
     dev = {pid for pid, n in names.items() if "GPU" in n or "/device:" in n}
