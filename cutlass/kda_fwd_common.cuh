@@ -252,8 +252,10 @@ __device__ __forceinline__ void MmaTF32(float (&d)[4], const uint32_t (&a)[4], u
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 // The same product of f32 operands to ~f32 accuracy (3xTF32: each operand split into a tf32 head and a tf32 tail,
-// D += Al Bh + Ah Bl + Ah Bh; the Al Bl term, ~2^-22 relative, is dropped).
-__device__ __forceinline__ void Mma3xTF32(float (&d)[4], const float (&a)[4], float b0, float b1) {
+// D += Al Bh + Ah Bl + Ah Bh; the Al Bl term, ~2^-22 relative, is dropped), each of the three products into its own
+// accumulator (d[0] += Al Bh, d[1] += Ah Bl, d[2] += Ah Bh), so that a sum over k-steps is not one chain of dependent
+// mmas: callers keep a set per k-step parity and add the sets up at the end.
+__device__ __forceinline__ void Mma3xTF32Parts(float (&d)[3][4], const float (&a)[4], float b0, float b1) {
   uint32_t ah[4], al[4];
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
@@ -262,9 +264,9 @@ __device__ __forceinline__ void Mma3xTF32(float (&d)[4], const float (&a)[4], fl
   }
   const uint32_t bh0 = ToTF32(b0), bh1 = ToTF32(b1);
   const uint32_t bl0 = ToTF32(b0 - __uint_as_float(bh0)), bl1 = ToTF32(b1 - __uint_as_float(bh1));
-  MmaTF32(d, al, bh0, bh1);
-  MmaTF32(d, ah, bl0, bl1);
-  MmaTF32(d, ah, bh0, bh1);
+  MmaTF32(d[0], al, bh0, bh1);
+  MmaTF32(d[1], ah, bl0, bl1);
+  MmaTF32(d[2], ah, bh0, bh1);
 }
 
 // 16-byte async global->shared copy; zero-fills when !pred.

@@ -113,7 +113,7 @@ __global__ void __launch_bounds__(kThreads, K <= 128 ? 2 : 1) PrepKernel(Params 
   const TIn* gb = static_cast<const TIn*>(p.beta);
 
   if constexpr (kAsync) {
-    if (blockIdx.x < nitems) IssueRawKG<K, TIn>(p, sK, RawG<K, TIn>(sG), 2 * GP, blockIdx.x, tid);
+    if (blockIdx.x < nitems) IssueRawKG<K, TIn>(p, DecodePrepItem(p, blockIdx.x), sK, RawG<K, TIn>(sG), 2 * GP, tid);
   }
 
   for (int it = blockIdx.x; it < nitems; it += gridDim.x) {
@@ -486,7 +486,7 @@ __global__ void __launch_bounds__(kThreads, K <= 128 ? 2 : 1) PrepKernel(Params 
     if constexpr (kMmaSolve) {
       __syncthreads();  // A_qk written out (sAqk free for T), T_II, right-hand sides
       if constexpr (kAsync) {
-        if (it + (int)gridDim.x < nitems) IssueRawKG<K, TIn>(p, sK, RawG<K, TIn>(sG), 2 * GP, it + gridDim.x, tid);
+        if (it + (int)gridDim.x < nitems) IssueRawKG<K, TIn>(p, DecodePrepItem(p, it + gridDim.x), sK, RawG<K, TIn>(sG), 2 * GP, tid);
       }
       InvertOffDiagBlocks(sAkk, sAqk, tid);
       // T's rows (bf16, zero above the diagonal: sAqk was zeroed at the item start) after the A_qk rows, for the

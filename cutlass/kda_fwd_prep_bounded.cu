@@ -50,7 +50,7 @@ struct BoundedSmem {
   static size_t Bytes(int V) {
     return static_cast<size_t>(3 * C * KP) * 2 + static_cast<size_t>(C * (V + 8)) * 2 +
            static_cast<size_t>(C * AP) * 4 + static_cast<size_t>(C * QP) * 2 + C * 4 +
-           static_cast<size_t>(kThreads / 32 + kFactorTables) * K * 4;
+           static_cast<size_t>(kThreads / 32 + kFactorTables) * K * 4 + kThreads * 4;
   }
 };
 
@@ -67,6 +67,27 @@ __device__ __forceinline__ float ReduceRows8(const float (&x)[8], int lane) {
   s += __shfl_xor_sync(0xffffffffu, s, 2);
   s += __shfl_xor_sync(0xffffffffu, s, 1);
   return s;
+}
+
+// The bounded gate, lower_bound sigmoid(a (g + dt_bias)) (a = exp(A_log), or 1 without A_log): GateActivation's
+// gate_mode 2 with the same operations (so the same bits), without its per-element mode branches.
+__device__ __forceinline__ float BoundedGate(float lb, float x, float dt, float a) { return lb * Sigmoid(a * (x + dt)); }
+
+// The scalars an item reads from global memory besides its tiles, loaded one item ahead (one per thread, into a
+// register, stored to shared memory later, so that the next item starts without a dependent global load): threads
+// kThreads - C .. kThreads - 1 the raw beta of the chunk's tokens (0 past L), threads 0 .. K - 1 dt_bias, thread K
+// exp(A_log) (1 without A_log; stored as A_log itself here, its exponential taken at the item's start).
+template <int K, typename TIn>
+__device__ __forceinline__ float LoadItemScalar(const Params& p, const PrepItem& m, int tid) {
+  static_assert(K + 1 <= kThreads - kChunk, "disjoint thread ranges");
+  const size_t bh = (size_t)m.b * p.HV + m.hv;
+  if (tid >= kThreads - kChunk) {
+    const int r = tid - (kThreads - kChunk);
+    return r < m.L ? ToF<TIn>(static_cast<const TIn*>(p.beta)[((size_t)m.b * p.T + m.cs + r) * p.HV + m.hv]) : 0.f;
+  }
+  if (tid < K) return p.dt_bias[bh * K + tid];
+  if (tid == K) return p.use_a_log ? p.a_log[bh] : 0.f;
+  return 0.f;
 }
 
 // bf16 pair x times (f.x, f.y), rounded to bf16 again.
@@ -104,32 +125,40 @@ __global__ void __launch_bounds__(kThreads, 2) PrepBoundedKernel(Params p) {
   float* sBeta = reinterpret_cast<float*>(sAqk + C * QP);
   float* sTot = sBeta + C;                // [8][K]: each warp's sum of g over its 8 rows
   float* sFac = sTot + (kThreads / 32) * K;  // [kFactorTables][K]
+  float* sScal = sFac + kFactorTables * K;   // [kThreads]: the next item's scalars (LoadItemScalar)
+  __shared__ PrepItem s_item;                // the next item
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int t4 = lane & 3;
   const int HV = p.HV;
   const int nitems = p.counters[0] * HV;
-  const TIn* gb = static_cast<const TIn*>(p.beta);
   const int c0 = lane * CPL;     // this lane's first channel
   const int row0 = warp * R;     // this warp's first row
   const int blk = warp >> 1;     // its 16-row block
 
-  if (blockIdx.x < nitems) IssueRawKG<K, TIn, true>(p, sK, reinterpret_cast<TIn*>(sG), KP, blockIdx.x, tid);
+  if (blockIdx.x < nitems) {
+    const PrepItem m0 = DecodePrepItem(p, blockIdx.x);
+    IssueRawKG<K, TIn, true>(p, m0, sK, reinterpret_cast<TIn*>(sG), KP, tid);
+    if (tid == 0) s_item = m0;
+    sScal[tid] = LoadItemScalar<K, TIn>(p, m0, tid);
+  }
+  __syncthreads();
 
   for (int it = blockIdx.x; it < nitems; it += gridDim.x) {
-    const PrepItem m = DecodePrepItem(p, it);
+    const PrepItem m = s_item;  // written one item ahead, behind the previous item's last barrier
     const int b = m.b, cs = m.cs, send = m.send, s = m.s, L = m.L, hv = m.hv;
     const size_t tok0 = (size_t)b * p.T + cs;
 
     IssueRawQV<K, TIn, true>(p, m, sQ, sV, tid);  // k and g were issued by the previous item
-    const float braw = tid < L ? ToF<TIn>(gb[(tok0 + tid) * HV + hv]) : 0.f;
-    for (int i = tid; i < C * AP; i += kThreads) sAkk[i] = 0.f;
-    for (int i = tid; i < C * QP / 2; i += kThreads) reinterpret_cast<uint32_t*>(sAqk)[i] = 0u;
-    float a_coef = 1.f;
-    if (p.use_a_log) a_coef = __expf(p.a_log[(size_t)b * HV + hv]);
+    const float braw = tid < C ? sScal[kThreads - C + tid] : 0.f;
+    static_assert((C * AP) % 4 == 0 && (C * QP) % 8 == 0, "16-byte pieces");
+    for (int i = tid; i < C * AP / 4; i += kThreads) reinterpret_cast<float4*>(sAkk)[i] = make_float4(0.f, 0.f, 0.f, 0.f);
+    for (int i = tid; i < C * QP / 8; i += kThreads) reinterpret_cast<uint4*>(sAqk)[i] = make_uint4(0u, 0u, 0u, 0u);
+    const float a_coef = p.use_a_log ? __expf(sScal[K]) : 1.f;
+    const float lb = p.lower_bound;
     float dtb[CPL];
 #pragma unroll
-    for (int i = 0; i < CPL; ++i) dtb[i] = p.dt_bias[((size_t)b * HV + hv) * K + c0 + i];
+    for (int i = 0; i < CPL; ++i) dtb[i] = sScal[c0 + i];
 
     CpAsyncWait<2>();  // k, g
     __syncthreads();
@@ -149,7 +178,7 @@ __global__ void __launch_bounds__(kThreads, 2) PrepBoundedKernel(Params p) {
         sq[r] = 0.f;
 #pragma unroll
         for (int i = 0; i < CPL; ++i) {
-          run[i] += row < L ? GateActivation(p, gx[i], dtb[i], a_coef) : 0.f;  // rows >= L: no decay
+          run[i] += row < L ? BoundedGate(lb, gx[i], dtb[i], a_coef) : 0.f;  // rows >= L: no decay
           G[r][i] = run[i];
           sq[r] += kx[i] * kx[i];
         }
@@ -315,7 +344,14 @@ __global__ void __launch_bounds__(kThreads, 2) PrepBoundedKernel(Params p) {
       StoreABlock(sAkk, sAqk, sBeta, akk, aqk, I, J, diag, lane);
     }
     __syncthreads();  // A_kk, A_qk formed; sK, sG and sQ free
-    if (it + (int)gridDim.x < nitems) IssueRawKG<K, TIn, true>(p, sK, reinterpret_cast<TIn*>(sG), KP, it + gridDim.x, tid);
+    const bool has_next = it + (int)gridDim.x < nitems;
+    float scal_next = 0.f;  // stored to sScal once this item no longer reads it (below)
+    if (has_next) {
+      const PrepItem mn = DecodePrepItem(p, it + gridDim.x);
+      IssueRawKG<K, TIn, true>(p, mn, sK, reinterpret_cast<TIn*>(sG), KP, tid);
+      if (tid == 0) s_item = mn;  // read after this item's last barrier
+      scal_next = LoadItemScalar<K, TIn>(p, mn, tid);
+    }
     InvertDiagBlocks(sAkk, tid);
     // W's right-hand side (this thread's elements, kept since pass 2), U's: beta v (fp16 v converted)
 #pragma unroll
@@ -342,6 +378,7 @@ __global__ void __launch_bounds__(kThreads, 2) PrepBoundedKernel(Params p) {
     }
     if (tid >= kInvThreads) StoreAqkHalf(p, sAqk, b, cs, L, hv, 0, tid - kInvThreads, kThreads - kInvThreads);
     __syncthreads();  // A_qk written out (sAqk free for T), T_II, right-hand sides
+    if (has_next) sScal[tid] = scal_next;  // sScal is not read again before the next item
     InvertOffDiagBlocks(sAkk, sAqk, tid);
     if (!p.skip_t) StoreAqkHalf(p, sAqk, b, cs, L, hv, C, tid);
     SolveMma<K>(p, sAqk, sQ, sV, b, cs, L, hv, warp, lane);

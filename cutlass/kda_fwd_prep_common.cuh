@@ -99,9 +99,12 @@ __device__ __forceinline__ bf16* AqkRow(const Params& p, int b, int t, int hv) {
 // d = I - J = 1, 2, 3, T_IJ = -T_II P with P = sum_{M=J}^{I-1} A_IM T_MJ (InvertOffDiagBlocks).
 
 // T_II, I = 0..3: thread (I, j) of the first 64 forms column j of T_II in registers (no barrier: it
-// reads only A). Writes fp32 T below the diagonal of sAkk.
+// reads only A). Writes fp32 T below the diagonal of sAkk. Column m of A_II is read as 16-byte pieces of its row
+// of sAkk (from the piece holding element m + 1 on; the elements at or before m, which this step does not use, may
+// be T values that other threads of the block are writing).
 __device__ __forceinline__ void InvertDiagBlocks(float* sAkk, int tid) {
   constexpr int AP = kChunk + 4;
+  static_assert(AP % 4 == 0, "16-byte aligned rows");
   if (tid < 64) {
     const int I = tid >> 4, j = tid & 15;
     float* blk = sAkk + 16 * I * AP + 16 * I;  // blk[m * AP + i] = A_II[i][m] (i > m); blk[i * AP + m] = T_II[i][m]
@@ -110,9 +113,18 @@ __device__ __forceinline__ void InvertDiagBlocks(float* sAkk, int tid) {
     for (int i = 0; i < 16; ++i) x[i] = i == j ? 1.f : 0.f;  // x[i] stays 0 for i < j
 #pragma unroll
     for (int m = 0; m < 15; ++m) {
+      float a[16];
+#pragma unroll
+      for (int q = (m + 1) / 4; q < 4; ++q) {
+        const float4 v = *reinterpret_cast<const float4*>(blk + m * AP + 4 * q);
+        a[4 * q] = v.x;
+        a[4 * q + 1] = v.y;
+        a[4 * q + 2] = v.z;
+        a[4 * q + 3] = v.w;
+      }
       const float xm = x[m];
 #pragma unroll
-      for (int i = m + 1; i < 16; ++i) x[i] -= blk[m * AP + i] * xm;
+      for (int i = m + 1; i < 16; ++i) x[i] -= a[i] * xm;
     }
 #pragma unroll
     for (int i = 1; i < 16; ++i)
@@ -127,12 +139,65 @@ __device__ __forceinline__ float TAt(const float* sAkk, int i, int j) {
   return i > j ? sAkk[i * AP + j] : (i == j ? 1.f : 0.f);
 }
 
+// Round d of InvertOffDiagBlocks: warp w < 2 (4 - d) forms the 8-column half w & 1 of T_IJ, I = d + w / 2,
+// J = I - d. P = sum_{M=J}^{I-1} A_IM T_MJ (2 d k-steps of 8), then T_IJ = -T_II P, both in 3xTF32; each k-step's
+// three products go to their own accumulators, one set per k-step parity, so the mmas of a round are not one
+// dependent chain (d = 3 was 24 in a row). P goes through T_IJ's place in sAkk (zero until then, and read by no
+// other warp in round d) to become the second product's B operand.
+template <int d>
+__device__ __forceinline__ void InvertOffDiagRound(float* sAkk, bf16* sT, int warp, int lane) {
+  constexpr int AP = kChunk + 4, TP = kChunk + 8;
+  if (warp >= 2 * (4 - d)) return;
+  const int gr = lane >> 2, t4 = lane & 3;
+  const int I = d + (warp >> 1), J = I - d, n0 = 16 * J + 8 * (warp & 1);
+  float acc[2][3][4];
+#pragma unroll
+  for (int x = 0; x < 2; ++x)
+#pragma unroll
+    for (int y = 0; y < 3; ++y)
+#pragma unroll
+      for (int q = 0; q < 4; ++q) acc[x][y][q] = 0.f;
+#pragma unroll
+  for (int ks = 0; ks < 2 * d; ++ks) {
+    const int m = 16 * J + 8 * ks + t4;  // k rows m and m + 4 of this lane
+    // A_IM[i][m] = A_kk[16 I + i][m], stored transposed: sAkk[m * AP + 16 I + i]
+    const float a[4] = {sAkk[m * AP + 16 * I + gr], sAkk[m * AP + 16 * I + gr + 8], sAkk[(m + 4) * AP + 16 * I + gr],
+                        sAkk[(m + 4) * AP + 16 * I + gr + 8]};
+    Mma3xTF32Parts(acc[ks & 1], a, TAt(sAkk, m, n0 + gr), TAt(sAkk, m + 4, n0 + gr));
+  }
+  float* pb = sAkk + 16 * I * AP + n0;  // T_IJ's 16 x 8 half block: P, then T_IJ
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    const float v = ((acc[0][0][e] + acc[1][0][e]) + (acc[0][1][e] + acc[1][1][e])) + (acc[0][2][e] + acc[1][2][e]);
+    pb[(gr + 8 * (e >> 1)) * AP + 2 * t4 + (e & 1)] = v;
+  }
+  __syncwarp();
+  float out[2][3][4];
+#pragma unroll
+  for (int x = 0; x < 2; ++x)
+#pragma unroll
+    for (int y = 0; y < 3; ++y)
+#pragma unroll
+      for (int q = 0; q < 4; ++q) out[x][y][q] = 0.f;
+#pragma unroll
+  for (int kb = 0; kb < 2; ++kb) {
+    const int i = 16 * I + gr, s = 16 * I + 8 * kb + t4;
+    const float a[4] = {TAt(sAkk, i, s), TAt(sAkk, i + 8, s), TAt(sAkk, i, s + 4), TAt(sAkk, i + 8, s + 4)};
+    Mma3xTF32Parts(out[kb], a, pb[(8 * kb + t4) * AP + gr], pb[(8 * kb + t4 + 4) * AP + gr]);
+  }
+  __syncwarp();
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    const int r = gr + 8 * (e >> 1), c = 2 * t4 + (e & 1);
+    const float v = -(((out[0][0][e] + out[1][0][e]) + (out[0][1][e] + out[1][1][e])) + (out[0][2][e] + out[1][2][e]));
+    pb[r * AP + c] = v;
+    sT[(16 * I + r) * TP + n0 + c] = __float2bfloat16(v);
+  }
+}
+
 // Off-diagonal blocks of T (after a barrier behind InvertDiagBlocks), and all of T as bf16 into sT
 // (pitch TP, 64 x 64; blocks above the diagonal are not written: the product never reads them). In order of
-// distance d = I - J, one warp per 8-column half of each block (I, J): P = sum_{M=J}^{I-1} A_IM T_MJ, then
-// T_IJ = -T_II P, both on tensor cores in 3xTF32 (~fp32 products, fp32 sums). P goes through T_IJ's place in
-// sAkk (zero until then, and read by no other warp in round d) to become the second product's B operand.
-// Ends with a barrier.
+// distance d = I - J = 1, 2, 3 (InvertOffDiagRound), a barrier after each. Ends with a barrier.
 __device__ __forceinline__ void InvertOffDiagBlocks(float* sAkk, bf16* sT, int tid) {
   constexpr int AP = kChunk + 4, TP = kChunk + 8;
   {
@@ -143,46 +208,13 @@ __device__ __forceinline__ void InvertOffDiagBlocks(float* sAkk, bf16* sT, int t
       sT[i * TP + j] = __float2bfloat16(r > c ? sAkk[i * AP + j] : (r == c ? 1.f : 0.f));
     }
   }
-  const int warp = tid >> 5, lane = tid & 31, gr = lane >> 2, t4 = lane & 3;
-#pragma unroll 1
-  for (int d = 1; d < 4; ++d) {
-    if (warp < 2 * (4 - d)) {
-      const int I = d + (warp >> 1), J = I - d, n0 = 16 * J + 8 * (warp & 1);
-      float acc[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll 1
-      for (int M = J; M < I; ++M) {
-#pragma unroll
-        for (int kb = 0; kb < 16; kb += 8) {
-          const int m = 16 * M + kb + t4;  // k rows m and m + 4 of this lane
-          // A_IM[i][m] = A_kk[16 I + i][m], stored transposed: sAkk[m * AP + 16 I + i]
-          const float a[4] = {sAkk[m * AP + 16 * I + gr], sAkk[m * AP + 16 * I + gr + 8],
-                              sAkk[(m + 4) * AP + 16 * I + gr], sAkk[(m + 4) * AP + 16 * I + gr + 8]};
-          Mma3xTF32(acc, a, TAt(sAkk, m, n0 + gr), TAt(sAkk, m + 4, n0 + gr));
-        }
-      }
-      float* pb = sAkk + 16 * I * AP + n0;  // T_IJ's 16 x 8 half block: P, then T_IJ
-      pb[gr * AP + 2 * t4] = acc[0];
-      pb[gr * AP + 2 * t4 + 1] = acc[1];
-      pb[(gr + 8) * AP + 2 * t4] = acc[2];
-      pb[(gr + 8) * AP + 2 * t4 + 1] = acc[3];
-      __syncwarp();
-      float out[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-      for (int kb = 0; kb < 16; kb += 8) {
-        const int i = 16 * I + gr, s = 16 * I + kb + t4;
-        const float a[4] = {TAt(sAkk, i, s), TAt(sAkk, i + 8, s), TAt(sAkk, i, s + 4), TAt(sAkk, i + 8, s + 4)};
-        Mma3xTF32(out, a, pb[(kb + t4) * AP + gr], pb[(kb + t4 + 4) * AP + gr]);
-      }
-      __syncwarp();
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int r = gr + 8 * (e >> 1), c = 2 * t4 + (e & 1);
-        pb[r * AP + c] = -out[e];
-        sT[(16 * I + r) * TP + n0 + c] = __float2bfloat16(-out[e]);
-      }
-    }
-    __syncthreads();
-  }
+  const int warp = tid >> 5, lane = tid & 31;
+  InvertOffDiagRound<1>(sAkk, sT, warp, lane);
+  __syncthreads();
+  InvertOffDiagRound<2>(sAkk, sT, warp, lane);
+  __syncthreads();
+  InvertOffDiagRound<3>(sAkk, sT, warp, lane);
+  __syncthreads();
 }
 
 // [W | U] = T R with R = [sRw | sRu] (bf16, rows = tokens; rows >= L are zero): each warp takes 16-column
@@ -262,16 +294,16 @@ __device__ __forceinline__ void CopyRawRows(TDst* dst, int dst_pitch, const TIn*
   }
 }
 
-// Raw-tile prefetch of a prep kernel (2-byte inputs): cp.async of the raw k and g tiles of item `item` (rows >= L
+// Raw-tile prefetch of a prep kernel (2-byte inputs): cp.async of the raw k and g tiles of item m (rows >= L
 // zero-filled) into sK (pitch K + 8) and g_dst (row r at g_dst + r * g_pitch, TIn elements), one commit group.
 // Issued as soon as the current item is done with both tiles, so that they land while its T and [W | U] are formed.
 template <int K, typename TIn, bool kHoist = false>
-__device__ __forceinline__ void IssueRawKG(const Params& p, bf16* sK, TIn* g_dst, int g_pitch, int item, int tid) {
+__device__ __forceinline__ void IssueRawKG(const Params& p, const PrepItem& m, bf16* sK, TIn* g_dst, int g_pitch,
+                                           int tid) {
   constexpr int C = kChunk, KP = K + 8;
   constexpr int KC = K * static_cast<int>(sizeof(TIn)) / 16;  // 16-byte chunks per row
   const TIn* gk = static_cast<const TIn*>(p.k);
   const TIn* gg = static_cast<const TIn*>(p.g);
-  const PrepItem m = DecodePrepItem(p, item);
   const size_t tok0 = (size_t)m.b * p.T + m.cs;
   if constexpr (kHoist) {
     CopyRawRows(sK, KP, gk + (tok0 * p.H + m.h) * K, (size_t)p.H * K, KC, m.L, tid);

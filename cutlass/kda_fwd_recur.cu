@@ -6,6 +6,11 @@
 #include "kda_fwd_common.cuh"
 #include "kda_fwd_launch.h"
 
+#include <cute/tensor.hpp>
+#include <cute/atom/mma_traits_sm90_gmma.hpp>
+#include <cute/arch/mma_sm90_gmma.hpp>
+#include <cutlass/arch/barrier.h>
+
 namespace flashkda {
 namespace fwd {
 namespace {
@@ -24,7 +29,7 @@ struct RecurSmem {
     return (kW * (kOut ? 3 : 2) + static_cast<size_t>(C) * VP + (kOut ? static_cast<size_t>(C) * AP : 0) +
             static_cast<size_t>(K) * VP + static_cast<size_t>(C) * VP) *
                2 +
-           static_cast<size_t>(K) * 4;
+           static_cast<size_t>(K) * 4 + 1024;  // + the 1024-byte alignment of the wgmma tiles
   }
 };
 
@@ -39,7 +44,10 @@ __global__ void __launch_bounds__(RecurThreads(BV), RecurCtasPerSm(K, BV)) Recur
   constexpr int MT3 = K / 16, WM3 = NWARP == 16 ? 4 : (MT3 < 8 ? MT3 : 8), WN3 = NWARP / WM3, MTW3 = MT3 / WM3,
                 NTW3 = NT / WN3;
   static_assert(NTW % 2 == 0 && NTW3 % 2 == 0, "column tiles come in pairs");
-  extern __shared__ __align__(16) unsigned char smem[];
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  // 1024-byte aligned base: with the pitches below every tile starts on a 1024-byte boundary, as the 128-byte
+  // swizzled wgmma tiles (sW, sQ, sS when kWg) need.
+  unsigned char* smem = smem_raw + ((1024u - (static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw)) & 1023u)) & 1023u);
   bf16* sW = reinterpret_cast<bf16*>(smem);
   bf16* sKd = sW + SM::kW;
   bf16* sQ = sKd + SM::kW;
@@ -58,6 +66,26 @@ __global__ void __launch_bounds__(RecurThreads(BV), RecurCtasPerSm(K, BV)) Recur
   const int nitems = p.counters[1] * HV * NCB;
 
   float st[MTW3][NTW3][4];
+
+  // kWg: step 1 on wgmma where each warpgroup's warps hold 16 rows x 32 columns (NTW = 4: warpgroup g = warp / 4
+  // owns value columns 32 g .. 32 g + 31, warp % 4 the rows, as steps 2 and 3 expect). Warpgroup g forms W S and
+  // Qg S for its columns as m64n32k16 wgmmas from shared memory: W and Qg (token x k) in 128-byte swizzled K-major
+  // GMMA tiles (cp.async places each 16-byte piece), S (v x k) in 64-byte swizzled v-major ones (one 32-column atom
+  // per warpgroup; the state store writes value pairs), so each warpgroup reads W and Qg
+  // once instead of each warp its rows and all of S's columns. The accumulators come back in the mma.sync C layout
+  // (value 4 j + 2 h + e at row 16 (warp % 4) + gr + 8 h, column 8 j + 2 t4 + e of the warpgroup's 32), i.e.
+  // acc[j][2 h + e], so R's store and steps 2 and 3 keep their fragment code.
+  constexpr bool kWg = (K == 64 || K == 128) && NTW == 4;
+  using GT = cute::bfloat16_t;  // CuTe's bf16 (the same bits as __nv_bfloat16)
+  using GAtom = cute::GMMA::Layout_K_SW128_Atom<GT>;
+  constexpr auto LWq = cute::tile_to_shape(GAtom{}, cute::make_shape(cute::Int<C>{}, cute::Int<K>{}));   // W, Qg: (token, k)
+  constexpr auto LSt = cute::tile_to_shape(cute::GMMA::Layout_MN_SW64_Atom<GT>{},
+                                           cute::make_shape(cute::Int<BV>{}, cute::Int<K>{}));  // S: (v, k), v-major
+  // The same layouts as element offsets from the 1024-byte aligned tile base (the GMMA atoms' swizzles act on byte
+  // addresses; these recast them to bf16 elements), for the cp.async destinations and the state store.
+  const auto LWqE = cute::as_position_independent_swizzle_layout(LWq);
+  const auto LStE = cute::as_position_independent_swizzle_layout(LSt);
+  const int wg = warp >> 2;
 
   // Items are taken as CTAs finish (segments differ in length: a sequence's last one, varlen batches), from a
   // counter per phase; items are independent, so the results do not depend on the order.
@@ -119,8 +147,9 @@ __global__ void __launch_bounds__(RecurThreads(BV), RecurCtasPerSm(K, BV)) Recur
         const int r = idx / (K / 8), v8 = idx - r * (K / 8);
         const bool ok = r < L;
         const size_t go = ((tb + (ok ? r : 0)) * HV + hv) * K + v8 * 8;
-        CpAsync16(sW + r * KP + v8 * 8, p.W + go, ok);
-        if (kOut) CpAsync16(sQ + r * KP + v8 * 8, p.Qg + go, ok);
+        const int so = kWg ? static_cast<int>(LWqE(r, v8 * 8)) : r * KP + v8 * 8;
+        CpAsync16(sW + so, p.W + go, ok);
+        if (kOut) CpAsync16(sQ + so, p.Qg + go, ok);
       }
       if (!pcols) {
         for (int idx = tid; idx < C * (BV / 8); idx += NTH) {
@@ -172,15 +201,34 @@ __global__ void __launch_bounds__(RecurThreads(BV), RecurCtasPerSm(K, BV)) Recur
           }
     };
 
+    // The state as step 1's B operand: in the swizzled layout LSt (kWg), else sS as [K][VP].
+    auto store_state_smem = [&]() {
+      if constexpr (kWg) {
+#pragma unroll
+        for (int mi = 0; mi < MTW3; ++mi)
+#pragma unroll
+          for (int ni = 0; ni < NTW3; ++ni)
+#pragma unroll
+            for (int hh = 0; hh < 2; ++hh) {
+              const int row = (wm3 + WM3 * mi) * 16 + gr + 8 * hh;  // k
+              const int col = (wn3 * NTW3 + ni) * 8 + 2 * t4;       // v (and v + 1, the next element)
+              *reinterpret_cast<uint32_t*>(sS + LStE(col, row)) = PackBF16(st[mi][ni][2 * hh], st[mi][ni][2 * hh + 1]);
+            }
+      } else {
+        store_state_bf16(sS, VP);
+      }
+    };
+
     __syncthreads();  // the previous item is done with shared memory
     load_wu(0);
     load_rest(0);
-    store_state_bf16(sS, VP);
+    store_state_smem();
 
     // In flight at the top of chunk c: its W | U | Qg group, then its rest group (issued after step 1 / step 3 of
     // c - 1).
     for (int c = 0; c < nch; ++c) {
       CpAsyncWait<1>();  // W | U (and Qg) of chunk c
+      if constexpr (kWg) cutlass::arch::fence_view_async_shared();  // those writes, then the wgmma's reads
       __syncthreads();   // A: W, U and sS visible
       const int cs = t0 + c * C;
       const int L = min(C, send - cs);
@@ -190,8 +238,42 @@ __global__ void __launch_bounds__(RecurThreads(BV), RecurCtasPerSm(K, BV)) Recur
       // ---- step 1: R = U - W S and, with outputs, O = Qg S (rows: 16 per warp, columns: NTW tiles per warp); the
       // two products share each S fragment (read once from shared memory) ----
       float acc_o[kOut ? NTW : 1][4];
-      {
-        float acc[NTW][4];
+      float acc[NTW][4];
+      if constexpr (kWg) {
+        using namespace cute;
+        auto mma = make_tiled_mma(SM90_64x32x16_F32BF16BF16_SS<GMMA::Major::K, GMMA::Major::MN>{});
+        auto thr = mma.get_thread_slice(tid & 127);
+        Tensor sBt = local_tile(make_tensor(make_smem_ptr(reinterpret_cast<GT*>(sS)), LSt),
+                                make_shape(Int<32>{}, Int<K>{}), make_coord(wg, 0));  // this warpgroup's 32 columns of S
+        Tensor tCrB = thr.make_fragment_B(thr.partition_B(sBt));
+        Tensor tCrW = thr.make_fragment_A(thr.partition_A(make_tensor(make_smem_ptr(reinterpret_cast<const GT*>(sW)), LWq)));
+        auto cl = partition_fragment_C(mma, make_shape(Int<C>{}, Int<32>{})).layout();
+        static_assert(decltype(size(cl))::value == NTW * 4, "16 x 32 per warp");
+        Tensor tR = make_tensor(make_rmem_ptr(&acc[0][0]), cl);
+        Tensor tO = make_tensor(make_rmem_ptr(&acc_o[0][0]), cl);
+        warpgroup_fence_operand(tR);
+        if constexpr (kOut) warpgroup_fence_operand(tO);
+        warpgroup_arrive();
+        mma.accumulate_ = GMMA::ScaleOut::Zero;
+#pragma unroll
+        for (int kk = 0; kk < K / 16; ++kk) {
+          cute::gemm(mma, tCrW(_, _, kk), tCrB(_, _, kk), tR);
+          mma.accumulate_ = GMMA::ScaleOut::One;
+        }
+        if constexpr (kOut) {
+          Tensor tCrQ = thr.make_fragment_A(thr.partition_A(make_tensor(make_smem_ptr(reinterpret_cast<const GT*>(sQ)), LWq)));
+          mma.accumulate_ = GMMA::ScaleOut::Zero;
+#pragma unroll
+          for (int kk = 0; kk < K / 16; ++kk) {
+            cute::gemm(mma, tCrQ(_, _, kk), tCrB(_, _, kk), tO);
+            mma.accumulate_ = GMMA::ScaleOut::One;
+          }
+        }
+        warpgroup_commit_batch();
+        warpgroup_wait<0>();
+        warpgroup_fence_operand(tR);
+        if constexpr (kOut) warpgroup_fence_operand(tO);
+      } else {
 #pragma unroll
         for (int ni = 0; ni < NTW; ++ni)
 #pragma unroll
@@ -215,21 +297,21 @@ __global__ void __launch_bounds__(RecurThreads(BV), RecurCtasPerSm(K, BV)) Recur
             }
           }
         }
-#pragma unroll
-        for (int ni = 0; ni < NTW; ++ni)
-#pragma unroll
-          for (int hh = 0; hh < 2; ++hh) {
-            const int row = mt * 16 + gr + 8 * hh;
-            const int col = (nt0 + ni) * 8 + 2 * t4;
-            float u0 = 0.f, u1 = 0.f;
-            if (!pcols) {
-              const __nv_bfloat162 u = *reinterpret_cast<const __nv_bfloat162*>(sU + row * VP + col);
-              u0 = __low2float(u);
-              u1 = __high2float(u);
-            }
-            *reinterpret_cast<uint32_t*>(sR + row * VP + col) = PackBF16(u0 - acc[ni][2 * hh], u1 - acc[ni][2 * hh + 1]);
-          }
       }
+#pragma unroll
+      for (int ni = 0; ni < NTW; ++ni)
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+          const int row = mt * 16 + gr + 8 * hh;
+          const int col = (nt0 + ni) * 8 + 2 * t4;
+          float u0 = 0.f, u1 = 0.f;
+          if (!pcols) {
+            const __nv_bfloat162 u = *reinterpret_cast<const __nv_bfloat162*>(sU + row * VP + col);
+            u0 = __low2float(u);
+            u1 = __high2float(u);
+          }
+          *reinterpret_cast<uint32_t*>(sR + row * VP + col) = PackBF16(u0 - acc[ni][2 * hh], u1 - acc[ni][2 * hh + 1]);
+        }
       CpAsyncWait<0>();  // Kd, gamma (and A_qk) of chunk c
       __syncthreads();   // B: R and the rest of chunk c visible; sW, sU and sQ are free
       if (c + 1 < nch) load_wu(c + 1);
@@ -307,7 +389,7 @@ __global__ void __launch_bounds__(RecurThreads(BV), RecurCtasPerSm(K, BV)) Recur
       }
       __syncthreads();  // C: everyone is done with sS, sR, sQ, sA, sKd and sGam
       if (c + 1 < nch) load_rest(c + 1);
-      if (update && c + 1 < nch) store_state_bf16(sS, VP);
+      if (update && c + 1 < nch) store_state_smem();
     }
 
     // ---- end state ----
