@@ -492,7 +492,7 @@ __global__ void __launch_bounds__(kThreads, K <= 128 ? 2 : 1) PrepKernel(Params 
       // T's rows (bf16, zero above the diagonal: sAqk was zeroed at the item start) after the A_qk rows, for the
       // backward's grad2 (kAqkPitch)
       if (!p.skip_t) StoreAqkHalf(p, sAqk, b, cs, L, hv, C, tid);
-      SolveMma<K>(p, sAqk, sQ, sV, b, cs, L, hv, warp, lane);
+      SolveMma<K>(p, sAqk, sQ, sV, b, cs, L, hv, warp, lane, tid);
     }
     __syncthreads();
   }

@@ -4,18 +4,17 @@
 //
 // Warp w owns rows 8w .. 8w + 7 of the chunk, lane l channels CPL l .. CPL l + CPL - 1 (CPL = K / 32). Each thread
 // keeps the cumulative gate G of its 8 x CPL elements in registers (row-group totals through shared memory), so
-// G is never stored. With s(I) = 16 I - 1, m(I) = 16 I + 7 and e(I) = 16 I + 15 the rows around 16-row block I
-// (G_{-1} = 0), one pass writes, for row i of block I:
-//   KA_i = k_i exp(G_i - G_s(I)),  QA_i = q_i exp(G_i - G_s(I)),  KB_i = k_i exp(G_e(I) - G_i)     (all <= |x|)
-// in place of the raw k, q and g tiles, and Qg = QA exp(G_s(I)), Kd = KB exp(G_63 - G_e(I)) to memory, and keeps
-// W's right-hand side beta KA exp(G_s(I)) in registers. A_kk and A_qk are then bf16 tensor-core products of those
-// tiles with per-channel factors applied to the fragments:
-//   block (I, I - 1):  A = KA_I KB_{I-1}^T                              (s(I) = e(I - 1))
-//   block (I, J < I - 1): A = KA_I (KB_J exp(G_s(I) - G_e(J)))^T       (factor <= 1)
-//   block (I, I):      A = (KA_I exp(G_s(I) - G_m(I))) (KB_I exp(G_m(I) - G_e(I)))^T
-// The diagonal factors span 8 rows each: with g >= lower_bound >= -8 per token they stay below e^64, so no factor
-// overflows for any input this path accepts (the general kernel handles unbounded gates). The rest (T, the WY
-// product, outputs) is PrepKernel's: kda_fwd_prep_common.cuh.
+// G is never stored. With m(I) = 16 I + 7 and e(I) = 16 I + 15 the middle and last rows of 16-row block I, one pass
+// writes, for row i of block I:
+//   KA_i = k_i exp(G_i - G_m(I)),  QA_i = q_i exp(G_i - G_m(I)),  KB_i = k_i exp(G_e(I) - G_i)
+// in place of the raw k, q and g tiles, and Qg = QA exp(G_m(I)), Kd = KB exp(G_63 - G_e(I)) to memory, and keeps
+// W's right-hand side beta KA exp(G_m(I)) in registers. A_kk and A_qk are then bf16 tensor-core products of those
+// tiles, with one per-channel factor table per block (I, J <= I) applied to the B fragments only:
+//   A_IJ = KA_I (KB_J exp(G_m(I) - G_e(J)))^T        (factor <= 1 for J < I, >= 1 for J = I)
+// Every factor spans at most 8 rows (the A side's exp(G_i - G_m) for the rows before m, the diagonal factor): with
+// g >= lower_bound >= -8 per token they stay below e^64, so none overflows for any input this path accepts (the
+// general kernel handles unbounded gates). The rest (T, the WY product, outputs) is PrepKernel's:
+// kda_fwd_prep_common.cuh.
 #include "kda_env.h"
 #include "kda_fwd_common.cuh"
 #include "kda_fwd_launch.h"
@@ -30,16 +29,13 @@ using namespace prep;
 
 constexpr int kRowsPerWarp = 8;  // kThreads / 32 warps x 8 rows = one chunk
 static_assert(kThreads / 32 * kRowsPerWarp == kChunk, "one row group per warp");
-constexpr int kFactorTables = 11;  // fA[0..3], fB[0..3], far-pair factors (2,0), (3,0), (3,1)
+constexpr int kFactorTables = 10;  // one per block (I, J <= I), in task order: exp(G_m(I) - G_e(J))
 
-// Off-diagonal 16x16 blocks (I, J), I > J, then the factor table of the far pairs (-1: none).
-__constant__ int kBPairI[6] = {1, 2, 3, 2, 3, 3};
-__constant__ int kBPairJ[6] = {0, 0, 0, 1, 1, 2};
-__constant__ int kBPairTable[6] = {-1, 8, 9, -1, 10, -1};
-// A tasks (0-5: the off-diagonal blocks above, 6-9: the diagonal blocks I = 0..3) of each warp, -1: none. A diagonal
-// task scales both operands (~5x the instructions of (I, I - 1), ~3x a far pair's): one per warp, the six others
-// paired cheap + far (task w, w + 8 for warps 0, 1 before: 2 x the slowest warp's work).
-__constant__ int kWarpTasks[kThreads / 32][2] = {{6, -1}, {7, -1}, {8, -1}, {9, -1}, {0, 1}, {3, 2}, {5, -1}, {4, -1}};
+// The 16x16 blocks (I, J <= I) of A: task t (0-5 off the diagonal, 6-9 on it) and its factor table t.
+__constant__ int kTaskI[kFactorTables] = {1, 2, 3, 2, 3, 3, 0, 1, 2, 3};
+__constant__ int kTaskJ[kFactorTables] = {0, 0, 0, 1, 1, 2, 0, 1, 2, 3};
+// The tasks of each warp (-1: none); every task costs the same (one operand scaled), so 10 tasks on 8 warps.
+__constant__ int kWarpTasks[kThreads / 32][2] = {{6, 0}, {7, 1}, {8, -1}, {9, -1}, {2, -1}, {3, -1}, {4, -1}, {5, -1}};
 
 template <int K>
 struct BoundedSmem {
@@ -73,21 +69,31 @@ __device__ __forceinline__ float ReduceRows8(const float (&x)[8], int lane) {
 // gate_mode 2 with the same operations (so the same bits), without its per-element mode branches.
 __device__ __forceinline__ float BoundedGate(float lb, float x, float dt, float a) { return lb * Sigmoid(a * (x + dt)); }
 
-// The scalars an item reads from global memory besides its tiles, loaded one item ahead (one per thread, into a
-// register, stored to shared memory later, so that the next item starts without a dependent global load): threads
-// kThreads - C .. kThreads - 1 the raw beta of the chunk's tokens (0 past L), threads 0 .. K - 1 dt_bias, thread K
-// exp(A_log) (1 without A_log; stored as A_log itself here, its exponential taken at the item's start).
+// The scalars an item reads from global memory besides its tiles, loaded one item ahead (one per thread, as raw bits
+// into a register, converted and stored to shared memory later, so that neither this load nor the next item's start
+// waits on global memory): threads kThreads - C .. kThreads - 1 the raw beta of the chunk's tokens (0 past L; TIn
+// bits), threads 0 .. K - 1 dt_bias, thread K A_log (0 without A_log), as floats (ItemScalar converts).
 template <int K, typename TIn>
-__device__ __forceinline__ float LoadItemScalar(const Params& p, const PrepItem& m, int tid) {
+__device__ __forceinline__ uint32_t LoadItemScalarBits(const Params& p, const PrepItem& m, int tid) {
   static_assert(K + 1 <= kThreads - kChunk, "disjoint thread ranges");
   const size_t bh = (size_t)m.b * p.HV + m.hv;
   if (tid >= kThreads - kChunk) {
     const int r = tid - (kThreads - kChunk);
-    return r < m.L ? ToF<TIn>(static_cast<const TIn*>(p.beta)[((size_t)m.b * p.T + m.cs + r) * p.HV + m.hv]) : 0.f;
+    const unsigned short* beta = static_cast<const unsigned short*>(p.beta);
+    return r < m.L ? beta[((size_t)m.b * p.T + m.cs + r) * p.HV + m.hv] : 0u;
   }
-  if (tid < K) return p.dt_bias[bh * K + tid];
-  if (tid == K) return p.use_a_log ? p.a_log[bh] : 0.f;
-  return 0.f;
+  if (tid < K) return __float_as_uint(p.dt_bias[bh * K + tid]);
+  if (tid == K && p.use_a_log) return __float_as_uint(p.a_log[bh]);
+  return 0u;
+}
+template <typename TIn>
+__device__ __forceinline__ float ItemScalar(uint32_t bits, int tid) {
+  if (tid < kThreads - kChunk) return __uint_as_float(bits);
+  if constexpr (std::is_same_v<TIn, __half>) {
+    return __half2float(__ushort_as_half(static_cast<unsigned short>(bits)));
+  } else {
+    return __uint_as_float(bits << 16);  // bf16: the high half of a float
+  }
 }
 
 // bf16 pair x times (f.x, f.y), rounded to bf16 again.
@@ -127,6 +133,7 @@ __global__ void __launch_bounds__(kThreads, 2) PrepBoundedKernel(Params p) {
   float* sFac = sTot + (kThreads / 32) * K;  // [kFactorTables][K]
   float* sScal = sFac + kFactorTables * K;   // [kThreads]: the next item's scalars (LoadItemScalar)
   __shared__ PrepItem s_item;                // the next item
+  __shared__ __align__(16) int4 s_next_entry;  // its chunk-list entry (cp.async with the current item's q)
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int t4 = lane & 3;
@@ -140,7 +147,7 @@ __global__ void __launch_bounds__(kThreads, 2) PrepBoundedKernel(Params p) {
     const PrepItem m0 = DecodePrepItem(p, blockIdx.x);
     IssueRawKG<K, TIn, true>(p, m0, sK, reinterpret_cast<TIn*>(sG), KP, tid);
     if (tid == 0) s_item = m0;
-    sScal[tid] = LoadItemScalar<K, TIn>(p, m0, tid);
+    sScal[tid] = ItemScalar<TIn>(LoadItemScalarBits<K, TIn>(p, m0, tid), tid);
   }
   __syncthreads();
 
@@ -149,6 +156,9 @@ __global__ void __launch_bounds__(kThreads, 2) PrepBoundedKernel(Params p) {
     const int b = m.b, cs = m.cs, send = m.send, s = m.s, L = m.L, hv = m.hv;
     const size_t tok0 = (size_t)b * p.T + cs;
 
+    const int next = it + gridDim.x;
+    const bool has_next = next < nitems;
+    if (tid == 0 && has_next) CpAsync16(&s_next_entry, p.chunk_list + next / HV, true);  // joins q's group
     IssueRawQV<K, TIn, true>(p, m, sQ, sV, tid);  // k and g were issued by the previous item
     const float braw = tid < C ? sScal[kThreads - C + tid] : 0.f;
     static_assert((C * AP) % 4 == 0 && (C * QP) % 8 == 0, "16-byte pieces");
@@ -204,7 +214,7 @@ __global__ void __launch_bounds__(kThreads, 2) PrepBoundedKernel(Params p) {
       qs = p.qk_l2norm ? p.scale * rsqrtf(ReduceRows8(sq, lane) + 1e-6f) : p.scale;
     }
     // ---- G at the row-group boundaries of this lane's channels: Gb(j) = G_{8j-1} (Gb(0) = 0) ----
-    float off[CPL], gs[CPL], ge[CPL], eGs[CPL], eTail[CPL];
+    float off[CPL], gm[CPL], ge[CPL], eGm[CPL], eTail[CPL];
     {
       float run[CPL];
 #pragma unroll
@@ -213,15 +223,15 @@ __global__ void __launch_bounds__(kThreads, 2) PrepBoundedKernel(Params p) {
       for (int w = 0; w < kThreads / 32; ++w) {
 #pragma unroll
         for (int i = 0; i < CPL; ++i) {
-          if (w == 2 * blk) gs[i] = run[i];
           if (w == warp) off[i] = run[i];
           run[i] += sTot[w * K + c0 + i];
+          if (w == 2 * blk) gm[i] = run[i];
           if (w == 2 * blk + 1) ge[i] = run[i];
         }
       }
 #pragma unroll
       for (int i = 0; i < CPL; ++i) {
-        eGs[i] = __expf(gs[i]);
+        eGm[i] = __expf(gm[i]);
         eTail[i] = __expf(run[i] - ge[i]);
       }
       // gamma = exp(G_last) by the warp holding row 63 (rows >= L carry no decay)
@@ -231,19 +241,10 @@ __global__ void __launch_bounds__(kThreads, 2) PrepBoundedKernel(Params p) {
 #pragma unroll
         for (int i = 0; i < CPL; ++i) p.gamma[(((size_t)b * p.NG + gidx) * HV + hv) * K + c0 + i] = __expf(run[i]);
       }
-      // Factor tables (warp w: tables w and w + 8): table t = exp(Gb(x) - Gb(y)), summed from the row-group totals.
+      // Factor tables (warp w: tables w and w + 8): table t = exp(Gb(x) - Gb(y)) with Gb(j) = G_{8j-1} the G at
+      // the end of row group j - 1 (G_m(I) = Gb(2 I + 1), G_e(J) = Gb(2 J + 2)), summed from the row-group totals.
       for (int t = warp; t < kFactorTables; t += kThreads / 32) {
-        int x, y;
-        if (t < 4) {  // fA[I] = exp(G_s(I) - G_m(I)) >= 1
-          x = 2 * t;
-          y = x + 1;
-        } else if (t < 8) {  // fB[I] = exp(G_m(I) - G_e(I)) >= 1
-          x = 2 * (t - 4) + 1;
-          y = x + 1;
-        } else {  // far pairs (2, 0), (3, 0), (3, 1): exp(G_s(I) - G_e(J)) <= 1
-          x = t == 8 ? 4 : 6;
-          y = t == 10 ? 4 : 2;
-        }
+        const int x = 2 * kTaskI[t] + 1, y = 2 * kTaskJ[t] + 2;
         float gx[CPL], gy[CPL];
 #pragma unroll
         for (int i = 0; i < CPL; ++i) gx[i] = gy[i] = 0.f;
@@ -272,16 +273,16 @@ __global__ void __launch_bounds__(kThreads, 2) PrepBoundedKernel(Params p) {
 #pragma unroll
       for (int i = 0; i < CPL; ++i) {
         const float g = G[r][i] + off[i];
-        const float ea = __expf(g - gs[i]), eb = __expf(ge[i] - g);
+        const float ea = __expf(g - gm[i]), eb = __expf(ge[i] - g);
         const float kn = kx[i] * kf, qn = qx[i] * qf;
         ka[i] = kn * ea;
         qa[i] = qn * ea;
         kb[i] = kn * eb;
-        qg[i] = qa[i] * eGs[i];
+        qg[i] = qa[i] * eGm[i];
         kd[i] = kb[i] * eTail[i];
       }
 #pragma unroll
-      for (int i = 0; i < CPL / 2; ++i) wr[r][i] = PackBF16(bb * (ka[2 * i] * eGs[2 * i]), bb * (ka[2 * i + 1] * eGs[2 * i + 1]));
+      for (int i = 0; i < CPL / 2; ++i) wr[r][i] = PackBF16(bb * (ka[2 * i] * eGm[2 * i]), bb * (ka[2 * i + 1] * eGm[2 * i + 1]));
       StoreBf16<CPL>(sK + row * KP + c0, ka);
       StoreBf16<CPL>(sQ + row * KP + c0, qa);
       StoreBf16<CPL>(sG + row * KP + c0, kb);
@@ -298,12 +299,9 @@ __global__ void __launch_bounds__(kThreads, 2) PrepBoundedKernel(Params p) {
     for (int j = 0; j < 2; ++j) {
       const int task = kWarpTasks[warp][j];
       if (task < 0) break;
-      const bool diag = task >= 6;
-      const int I = diag ? task - 6 : kBPairI[task];
-      const int J = diag ? I : kBPairJ[task];
-      const int tb = diag ? 4 + I : kBPairTable[task];  // factor table of the B fragments (-1: none)
-      const float* fa = sFac + I * K;
-      const float* fb = sFac + (tb < 0 ? 0 : tb) * K;
+      const int I = kTaskI[task], J = kTaskJ[task];
+      const bool diag = I == J;
+      const float* fb = sFac + task * K;  // factor table of the B fragments
       float akk[2][4], aqk[2][4];
 #pragma unroll
       for (int n = 0; n < 2; ++n)
@@ -317,19 +315,8 @@ __global__ void __launch_bounds__(kThreads, 2) PrepBoundedKernel(Params p) {
         Ldsm(sK + a_off + kk * 16, ak[0], ak[1], ak[2], ak[3]);
         Ldsm(sQ + a_off + kk * 16, aq[0], aq[1], aq[2], aq[3]);
         Ldsm(kb_base + kk * 16, bk[0], bk[1], bk[2], bk[3]);
-        const int c = kk * 16 + 2 * t4;  // channels c, c + 1 (fragment registers 0, 1 / b 0, 2) and c + 8, c + 9
-        if (diag) {
-          const float2 f0 = *reinterpret_cast<const float2*>(fa + c), f1 = *reinterpret_cast<const float2*>(fa + c + 8);
-          ak[0] = ScaleBf2(ak[0], f0);
-          ak[1] = ScaleBf2(ak[1], f0);
-          ak[2] = ScaleBf2(ak[2], f1);
-          ak[3] = ScaleBf2(ak[3], f1);
-          aq[0] = ScaleBf2(aq[0], f0);
-          aq[1] = ScaleBf2(aq[1], f0);
-          aq[2] = ScaleBf2(aq[2], f1);
-          aq[3] = ScaleBf2(aq[3], f1);
-        }
-        if (tb >= 0) {
+        const int c = kk * 16 + 2 * t4;  // channels c, c + 1 (b registers 0, 2) and c + 8, c + 9 (1, 3)
+        {
           const float2 f0 = *reinterpret_cast<const float2*>(fb + c), f1 = *reinterpret_cast<const float2*>(fb + c + 8);
           bk[0] = ScaleBf2(bk[0], f0);
           bk[2] = ScaleBf2(bk[2], f0);
@@ -344,13 +331,12 @@ __global__ void __launch_bounds__(kThreads, 2) PrepBoundedKernel(Params p) {
       StoreABlock(sAkk, sAqk, sBeta, akk, aqk, I, J, diag, lane);
     }
     __syncthreads();  // A_kk, A_qk formed; sK, sG and sQ free
-    const bool has_next = it + (int)gridDim.x < nitems;
-    float scal_next = 0.f;  // stored to sScal once this item no longer reads it (below)
+    uint32_t scal_next = 0u;  // stored to sScal once this item no longer reads it (below)
     if (has_next) {
-      const PrepItem mn = DecodePrepItem(p, it + gridDim.x);
+      const PrepItem mn = DecodePrepItem(p, next, s_next_entry);
       IssueRawKG<K, TIn, true>(p, mn, sK, reinterpret_cast<TIn*>(sG), KP, tid);
       if (tid == 0) s_item = mn;  // read after this item's last barrier
-      scal_next = LoadItemScalar<K, TIn>(p, mn, tid);
+      scal_next = LoadItemScalarBits<K, TIn>(p, mn, tid);
     }
     InvertDiagBlocks(sAkk, tid);
     // W's right-hand side (this thread's elements, kept since pass 2), U's: beta v (fp16 v converted)
@@ -378,10 +364,10 @@ __global__ void __launch_bounds__(kThreads, 2) PrepBoundedKernel(Params p) {
     }
     if (tid >= kInvThreads) StoreAqkHalf(p, sAqk, b, cs, L, hv, 0, tid - kInvThreads, kThreads - kInvThreads);
     __syncthreads();  // A_qk written out (sAqk free for T), T_II, right-hand sides
-    if (has_next) sScal[tid] = scal_next;  // sScal is not read again before the next item
+    if (has_next) sScal[tid] = ItemScalar<TIn>(scal_next, tid);  // sScal is not read again before the next item
     InvertOffDiagBlocks(sAkk, sAqk, tid);
     if (!p.skip_t) StoreAqkHalf(p, sAqk, b, cs, L, hv, C, tid);
-    SolveMma<K>(p, sAqk, sQ, sV, b, cs, L, hv, warp, lane);
+    SolveMma<K>(p, sAqk, sQ, sV, b, cs, L, hv, warp, lane, tid);
     __syncthreads();
   }
 }

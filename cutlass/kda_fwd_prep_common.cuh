@@ -218,10 +218,13 @@ __device__ __forceinline__ void InvertOffDiagBlocks(float* sAkk, bf16* sT, int t
 }
 
 // [W | U] = T R with R = [sRw | sRu] (bf16, rows = tokens; rows >= L are zero): each warp takes 16-column
-// strips of the K + V columns, all 64 rows (4 m tiles; k blocks above the diagonal skipped).
+// strips of the K + V columns, all 64 rows (4 m tiles; k blocks above the diagonal skipped), and writes its results
+// back over the strip it read (no other warp reads it); after a barrier every thread copies whole rows of W and U out
+// in 16-byte pieces (the fragments' 4-byte stores backed up the store queue: long-scoreboard stalls on their
+// address registers). Ends with a barrier behind the smem writes, none after the copy.
 template <int K>
-__device__ __forceinline__ void SolveMma(const Params& p, const bf16* sT, const bf16* sRw, const bf16* sRu, int b,
-                                         int cs, int L, int hv, int warp, int lane) {
+__device__ __forceinline__ void SolveMma(const Params& p, const bf16* sT, bf16* sRw, bf16* sRu, int b, int cs, int L,
+                                         int hv, int warp, int lane, int tid) {
   constexpr int TP = kChunk + 8, KP = K + 8;
   const int V = p.V, VP = V + 8, HV = p.HV;
   const int gr = lane >> 2, t4 = lane & 3;
@@ -230,7 +233,8 @@ __device__ __forceinline__ void SolveMma(const Params& p, const bf16* sT, const 
   for (int n0 = warp * 16; n0 < K + V; n0 += kThreads / 2) {
     const bool isW = n0 < K;
     const int pitch = isW ? KP : VP;
-    const bf16* b_base = (isW ? sRw + n0 : sRu + (n0 - K)) + b_off * pitch + (lane >> 4) * 8;
+    bf16* strip = isW ? sRw + n0 : sRu + (n0 - K);
+    const bf16* b_base = strip + b_off * pitch + (lane >> 4) * 8;
     float acc[4][2][4];
 #pragma unroll
     for (int I = 0; I < 4; ++I)
@@ -250,20 +254,25 @@ __device__ __forceinline__ void SolveMma(const Params& p, const bf16* sT, const 
         Mma(acc[I][1], a, b2, b3);
       }
     }
-    bf16* dst = isW ? p.W : p.U;
-    const int dim = isW ? K : V;
-    const int cc = isW ? n0 : n0 - K;
+    __syncwarp();  // every lane's reads of the strip are done
 #pragma unroll
     for (int I = 0; I < 4; ++I)
 #pragma unroll
-      for (int hh = 0; hh < 2; ++hh) {
-        const int row = 16 * I + gr + 8 * hh;
-        if (row < L) {
-          bf16* o = dst + (((size_t)b * p.T + cs + row) * HV + hv) * dim + cc + 2 * t4;
+      for (int hh = 0; hh < 2; ++hh)
 #pragma unroll
-          for (int n = 0; n < 2; ++n) Store2<bf16>(o + 8 * n, acc[I][n][2 * hh], acc[I][n][2 * hh + 1]);
-        }
-      }
+        for (int n = 0; n < 2; ++n)
+          *reinterpret_cast<uint32_t*>(strip + (16 * I + gr + 8 * hh) * pitch + 8 * n + 2 * t4) =
+              PackBF16(acc[I][n][2 * hh], acc[I][n][2 * hh + 1]);
+  }
+  __syncthreads();
+  const int kw = K / 8, nw = L * kw, nu = L * (V / 8);
+  for (int idx = tid; idx < nw + nu; idx += kThreads) {
+    const bool w = idx < nw;
+    const int j = w ? idx : idx - nw, per = w ? kw : V / 8;
+    const int r = j / per, c8 = (j - r * per) * 8;
+    const uint4 v = *reinterpret_cast<const uint4*>((w ? sRw + r * KP : sRu + r * VP) + c8);
+    const size_t row = ((size_t)b * p.T + cs + r) * HV + hv;
+    *reinterpret_cast<uint4*>(w ? p.W + row * K + c8 : p.U + row * V + c8) = v;
   }
 }
 
@@ -272,10 +281,13 @@ struct PrepItem {
   int b, cs, send, s;  // batch row, chunk start, its sequence's end, state slot
   int L, hv, h;        // valid rows, value head, q / k head
 };
-__device__ __forceinline__ PrepItem DecodePrepItem(const Params& p, int item) {
-  const int ci = item / p.HV, hv = item - ci * p.HV;
-  const int4 e = p.chunk_list[ci];
+// e: the item's chunk-list entry, p.chunk_list[item / p.HV] (fetched ahead by the bounded prep).
+__device__ __forceinline__ PrepItem DecodePrepItem(const Params& p, int item, int4 e) {
+  const int hv = item - (item / p.HV) * p.HV;
   return PrepItem{e.x, e.y, e.z, e.w, min(kChunk, e.z - e.y), hv, hv / p.group};
+}
+__device__ __forceinline__ PrepItem DecodePrepItem(const Params& p, int item) {
+  return DecodePrepItem(p, item, p.chunk_list[item / p.HV]);
 }
 
 // cp.async of rows 0 .. 63 of a raw tile (rows >= L zero-filled) into dst (pitch dst_pitch elements): row r of the

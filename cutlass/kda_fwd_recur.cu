@@ -3,6 +3,7 @@
 // bf16 copy in shared memory, chunk operands through cp.async (loads of the next chunk issued as each buffer
 // frees, see RecurSmem); tensor cores through CuTe's SM80 mma atom. Also "phase 2", the in-order composition
 // of segment maps.
+#include "kda_env.h"
 #include "kda_fwd_common.cuh"
 #include "kda_fwd_launch.h"
 
@@ -29,11 +30,12 @@ struct RecurSmem {
     return (kW * (kOut ? 3 : 2) + static_cast<size_t>(C) * VP + (kOut ? static_cast<size_t>(C) * AP : 0) +
             static_cast<size_t>(K) * VP + static_cast<size_t>(C) * VP) *
                2 +
-           static_cast<size_t>(K) * 4 + 1024;  // + the 1024-byte alignment of the wgmma tiles
+           static_cast<size_t>(K) * 4;
   }
 };
 
-template <int K, int BV, typename TOut, bool kOut>
+// kWgmma: step 1 on wgmma where the warp layout allows (kWg below); false: on mma.sync (FLASHKDA_FWD_RECUR_STEP1=mma).
+template <int K, int BV, typename TOut, bool kOut, bool kWgmma>
 __global__ void __launch_bounds__(RecurThreads(BV), RecurCtasPerSm(K, BV)) RecurKernel(Params p) {
   using SM = RecurSmem<K, BV, kOut>;
   constexpr int C = kChunk, KP = SM::KP, VP = SM::VP, AP = SM::AP;
@@ -44,10 +46,9 @@ __global__ void __launch_bounds__(RecurThreads(BV), RecurCtasPerSm(K, BV)) Recur
   constexpr int MT3 = K / 16, WM3 = NWARP == 16 ? 4 : (MT3 < 8 ? MT3 : 8), WN3 = NWARP / WM3, MTW3 = MT3 / WM3,
                 NTW3 = NT / WN3;
   static_assert(NTW % 2 == 0 && NTW3 % 2 == 0, "column tiles come in pairs");
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  // 1024-byte aligned base: with the pitches below every tile starts on a 1024-byte boundary, as the 128-byte
-  // swizzled wgmma tiles (sW, sQ, sS when kWg) need.
-  unsigned char* smem = smem_raw + ((1024u - (static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw)) & 1023u)) & 1023u);
+  // 1024-byte aligned: with the pitches below every tile starts on a 1024-byte boundary, as the swizzled wgmma tiles
+  // (sW, sQ, sS when kWg) need (a constant base; aligning a pointer at run time cost registers and spills).
+  extern __shared__ __align__(1024) unsigned char smem[];
   bf16* sW = reinterpret_cast<bf16*>(smem);
   bf16* sKd = sW + SM::kW;
   bf16* sQ = sKd + SM::kW;
@@ -75,7 +76,7 @@ __global__ void __launch_bounds__(RecurThreads(BV), RecurCtasPerSm(K, BV)) Recur
   // once instead of each warp its rows and all of S's columns. The accumulators come back in the mma.sync C layout
   // (value 4 j + 2 h + e at row 16 (warp % 4) + gr + 8 h, column 8 j + 2 t4 + e of the warpgroup's 32), i.e.
   // acc[j][2 h + e], so R's store and steps 2 and 3 keep their fragment code.
-  constexpr bool kWg = (K == 64 || K == 128) && NTW == 4;
+  constexpr bool kWg = kWgmma && (K == 64 || K == 128) && NTW == 4;
   using GT = cute::bfloat16_t;  // CuTe's bf16 (the same bits as __nv_bfloat16)
   using GAtom = cute::GMMA::Layout_K_SW128_Atom<GT>;
   constexpr auto LWq = cute::tile_to_shape(GAtom{}, cute::make_shape(cute::Int<C>{}, cute::Int<K>{}));   // W, Qg: (token, k)
@@ -86,6 +87,7 @@ __global__ void __launch_bounds__(RecurThreads(BV), RecurCtasPerSm(K, BV)) Recur
   const auto LWqE = cute::as_position_independent_swizzle_layout(LWq);
   const auto LStE = cute::as_position_independent_swizzle_layout(LSt);
   const int wg = warp >> 2;
+  if (kWg && tid == 0 && (static_cast<uint32_t>(__cvta_generic_to_shared(smem)) & 1023u) != 0) __trap();  // see smem
 
   // Items are taken as CTAs finish (segments differ in length: a sequence's last one, varlen batches), from a
   // counter per phase; items are independent, so the results do not depend on the order.
@@ -433,10 +435,13 @@ __global__ void __launch_bounds__(RecurThreads(BV), RecurCtasPerSm(K, BV)) Recur
 
 template <int K, int BV, typename TOut, bool kOut>
 cudaError_t LaunchRecurK(const Params& p, cudaStream_t stream, int nsm) {
+  // FLASHKDA_FWD_RECUR_STEP1=mma: step 1 on mma.sync everywhere (A/B timing, tests). Read once per process.
+  static const bool mma_step1 = EnvEquals("FLASHKDA_FWD_RECUR_STEP1", "mma");
   constexpr size_t smem = RecurSmem<K, BV, kOut>::Bytes();
   const int ncb = kOut ? p.V / BV : (p.V + K) / BV;
   const long long items = static_cast<long long>(p.B) * p.T * p.HV * ncb;  // bound on (segment, head, block) items
-  return LaunchGrid<RecurThreads(BV)>(RecurKernel<K, BV, TOut, kOut>, smem, items, 1, p, stream, nsm);
+  if (mma_step1) return LaunchGrid<RecurThreads(BV)>(RecurKernel<K, BV, TOut, kOut, false>, smem, items, 1, p, stream, nsm);
+  return LaunchGrid<RecurThreads(BV)>(RecurKernel<K, BV, TOut, kOut, true>, smem, items, 1, p, stream, nsm);
 }
 
 template <int K, int BV, typename TOut>
