@@ -144,6 +144,19 @@ __device__ __forceinline__ float TAt(const float* sAkk, int i, int j) {
 // three products go to their own accumulators, one set per k-step parity, so the mmas of a round are not one
 // dependent chain (d = 3 was 24 in a row). P goes through T_IJ's place in sAkk (zero until then, and read by no
 // other warp in round d) to become the second product's B operand.
+// Mma3xTF32Parts accumulators, one set of three per k-step parity: cleared, and element e of their sum.
+__device__ __forceinline__ void ClearParts(float (&d)[2][3][4]) {
+#pragma unroll
+  for (int x = 0; x < 2; ++x)
+#pragma unroll
+    for (int y = 0; y < 3; ++y)
+#pragma unroll
+      for (int q = 0; q < 4; ++q) d[x][y][q] = 0.f;
+}
+__device__ __forceinline__ float SumParts(const float (&d)[2][3][4], int e) {
+  return ((d[0][0][e] + d[1][0][e]) + (d[0][1][e] + d[1][1][e])) + (d[0][2][e] + d[1][2][e]);
+}
+
 template <int d>
 __device__ __forceinline__ void InvertOffDiagRound(float* sAkk, bf16* sT, int warp, int lane) {
   constexpr int AP = kChunk + 4, TP = kChunk + 8;
@@ -151,12 +164,7 @@ __device__ __forceinline__ void InvertOffDiagRound(float* sAkk, bf16* sT, int wa
   const int gr = lane >> 2, t4 = lane & 3;
   const int I = d + (warp >> 1), J = I - d, n0 = 16 * J + 8 * (warp & 1);
   float acc[2][3][4];
-#pragma unroll
-  for (int x = 0; x < 2; ++x)
-#pragma unroll
-    for (int y = 0; y < 3; ++y)
-#pragma unroll
-      for (int q = 0; q < 4; ++q) acc[x][y][q] = 0.f;
+  ClearParts(acc);
 #pragma unroll
   for (int ks = 0; ks < 2 * d; ++ks) {
     const int m = 16 * J + 8 * ks + t4;  // k rows m and m + 4 of this lane
@@ -168,17 +176,11 @@ __device__ __forceinline__ void InvertOffDiagRound(float* sAkk, bf16* sT, int wa
   float* pb = sAkk + 16 * I * AP + n0;  // T_IJ's 16 x 8 half block: P, then T_IJ
 #pragma unroll
   for (int e = 0; e < 4; ++e) {
-    const float v = ((acc[0][0][e] + acc[1][0][e]) + (acc[0][1][e] + acc[1][1][e])) + (acc[0][2][e] + acc[1][2][e]);
-    pb[(gr + 8 * (e >> 1)) * AP + 2 * t4 + (e & 1)] = v;
+    pb[(gr + 8 * (e >> 1)) * AP + 2 * t4 + (e & 1)] = SumParts(acc, e);
   }
   __syncwarp();
   float out[2][3][4];
-#pragma unroll
-  for (int x = 0; x < 2; ++x)
-#pragma unroll
-    for (int y = 0; y < 3; ++y)
-#pragma unroll
-      for (int q = 0; q < 4; ++q) out[x][y][q] = 0.f;
+  ClearParts(out);
 #pragma unroll
   for (int kb = 0; kb < 2; ++kb) {
     const int i = 16 * I + gr, s = 16 * I + 8 * kb + t4;
@@ -189,7 +191,7 @@ __device__ __forceinline__ void InvertOffDiagRound(float* sAkk, bf16* sT, int wa
 #pragma unroll
   for (int e = 0; e < 4; ++e) {
     const int r = gr + 8 * (e >> 1), c = 2 * t4 + (e & 1);
-    const float v = -(((out[0][0][e] + out[1][0][e]) + (out[0][1][e] + out[1][1][e])) + (out[0][2][e] + out[1][2][e]));
+    const float v = -SumParts(out, e);
     pb[r * AP + c] = v;
     sT[(16 * I + r) * TP + n0 + c] = __float2bfloat16(v);
   }
