@@ -245,7 +245,6 @@ ffi::Error Run(cudaStream_t stream, Params& P, const Windows& win, float* bnd, s
   const fwd::Params& p = P.f;
   const int nsm = fwd::SmCount();
   cudaError_t err;
-  if ((err = cudaMemsetAsync(p.counters, 0, 64, stream)) != cudaSuccess) return CudaError(err, "memset");
   if ((err = fwd::LaunchPlanSeqs(p, P.seq_list, stream)) != cudaSuccess) return CudaError(err, "plan kernels");
   if (!state_only) {
     const long long ntok = static_cast<long long>(p.B) * p.T;

@@ -53,6 +53,7 @@ inline constexpr int BlockV(int K, int64_t B, int64_t HV) { return K >= 256 ? 32
 inline constexpr int RecurThreads(int BV) { return BV == 128 ? 512 : kThreads; }
 // Recurrence CTAs per SM: two for K <= 128 with 64 columns (single stage, <= 128 registers), else one.
 inline constexpr int RecurCtasPerSm(int K, int BV) { return K <= 128 && BV <= 64 ? 2 : 1; }
+constexpr int kCounterInts = 16;    // Params::counters (the workspace keeps 64 bytes: _workspace.py)
 constexpr int kPhase1WorkSlot = 4;  // Params::counters slots: next item of phase 1 / phase 3 (dynamic scheduling)
 constexpr int kPhase3WorkSlot = 5;
 
@@ -98,7 +99,8 @@ struct Params {
   int4* chunk_list;    // [B * T]  (b, t, seq_end, slot)
   int4* seg_list;      // [B * T]  (b, t, seq_end, slot | first << 30)
   int4* multi_list;    // [B * T]  (b, t, seq_end, slot)
-  int* counters;       // [16]: the plan's list lengths (0-2), the recurrence's item counters (kPhase*WorkSlot)
+  int* counters;       // [kCounterInts]: the plan's list lengths (0-2), the recurrence's item counters
+                       // (kPhase*WorkSlot); cleared by PlanScan, the first kernel of every call
 };
 
 // Workspace layout; mirrored by flashkda_jax/_workspace.py (keep both in sync).
@@ -172,7 +174,7 @@ inline Layout MakeLayout(int64_t B, int64_t T, int64_t HV, int64_t K, int64_t V,
   l.chunks = take(static_cast<size_t>(B * T) * 16);
   l.segs = take(static_cast<size_t>(B * T) * 16);
   l.multi = take(static_cast<size_t>(B * T) * 16);
-  l.counters = take(64);
+  l.counters = take(kCounterInts * sizeof(int));
   l.total = off;
   return l;
 }

@@ -31,8 +31,6 @@ ffi::Error Run(cudaStream_t stream, Params& p, const Layout& lay, int64_t init_b
   }
   (void)init_bytes;
   if (p.B == 0 || p.T == 0 || p.HV == 0) return ffi::Error::Success();
-  err = cudaMemsetAsync(p.counters, 0, 64, stream);
-  if (err != cudaSuccess) return CudaError(err, "memset");
   err = LaunchPlan(p, p.HV * p.V * static_cast<int>(sizeof(TIn)), stream);
   if (err != cudaSuccess) return CudaError(err, "plan kernels");
   if ((err = LaunchPrep<TIn>(p, stream, nsm)) != cudaSuccess) return CudaError(err, "prep kernel");

@@ -477,8 +477,8 @@ __global__ void __launch_bounds__(kThreads) CombineKernel(Params p) {
   constexpr int CB = SM::CB, MT = SM::MT, MP = SM::MP;
   constexpr int G = kThreads / K;    // column groups
   constexpr int CPT = CB / G;        // columns per thread
-  extern __shared__ __align__(16) unsigned char smem[];
-  float* sS = reinterpret_cast<float*>(smem);  // [K][CB]
+  extern __shared__ __align__(16) unsigned char comb_smem[];  // (RecurKernel's smem is 1024-byte aligned)
+  float* sS = reinterpret_cast<float*>(comb_smem);  // [K][CB]
   float* sP = sS + K * CB;                     // [K][MP]
   const int tid = threadIdx.x;
   const int r = tid % K, cg = tid / K;

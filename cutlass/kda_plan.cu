@@ -48,6 +48,9 @@ __device__ __forceinline__ int BlockScan(int v, int* s_warp, int* total) {
 __global__ void __launch_bounds__(kPlanThreads) PlanScan(Params p) {
   __shared__ int s_warp[32];
   const int b = blockIdx.y, t = blockIdx.x * kPlanThreads + threadIdx.x, T = p.T;
+  // The call's counters (kCounterInts ints: list sizes, work counters) start at zero: the first kernel of every
+  // plan clears them (no kernel of this call reads or writes them before; one launch fewer than a memset).
+  if (blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x < kCounterInts) p.counters[threadIdx.x] = 0;
   const int* slot = p.slot + (size_t)b * T;
   const int s = t < T ? slot[t] : -1;
   const int prev = (t > 0 && t < T) ? slot[t - 1] : -1;
