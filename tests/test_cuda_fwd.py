@@ -321,3 +321,47 @@ def test_bounded_prep_against_general(tmp_path):
             assert np.array_equal(o, general[name]), f"{name}: lower_bound {lb} must take the general prep"
         else:
             assert not np.array_equal(o, general[name]), f"{name}: FLASHKDA_FWD_PREP=general changed nothing"
+
+_STEP1_CHILD = r"""
+import sys
+sys.path.insert(0, sys.argv[1])
+import jax.numpy as jnp
+import numpy as np
+import test_cuda_fwd as t
+
+outs = {}
+for name, (B, T, H, HV, K) in t._STEP1_CASES.items():
+    args, kw = t._inputs(51, B, T, H, HV, K, K, jnp.bfloat16, "bounded")
+    kw.update(initial_state=t.random_state(52, (B, HV, K, K)), return_final_state=True)
+    out = t._run(args, "cuda", **kw)
+    t._check(out, t._ref(args, **kw), t.BF16_TOL, "mma.sync step 1 " + name)
+    outs[name] = np.asarray(out[0], np.float32)
+    outs[name + "_final"] = np.asarray(out[1], np.float32)
+np.savez(sys.argv[2], **outs)
+"""
+
+# The recurrence's configurations with a wgmma step 1 (cutlass/kda_fwd_recur.cu): 128 columns on 16 warps
+# (B x HV >= 64), with a split sequence (phase 1 over the map columns too), 64 columns on 8 warps at K = 128 and 64.
+_STEP1_CASES = {"k128_full": (1, 200, 16, 64, 128), "k128_full_split": (1, 2048, 16, 64, 128),
+                "k128_64cols": (1, 200, 2, 4, 128), "k64": (2, 3000, 1, 2, 64)}
+
+
+def test_recur_step1_mma_env(tmp_path):
+    # Step 1 of the forward recurrence (R = U - W S, O = Qg S) runs on wgmma by default for K in {64, 128}; a fresh
+    # process with FLASHKDA_FWD_RECUR_STEP1=mma runs it on mma.sync. Both must meet the oracle's tolerance, and give
+    # the same bits: the same bf16 products summed over the same k-steps in the same order (an H100 gives identical
+    # outputs and final states), so any slip in the wgmma operands' layouts shows here.
+    import os
+
+    if os.environ.get("FLASHKDA_FWD_RECUR_STEP1") is not None:
+        pytest.skip("FLASHKDA_FWD_RECUR_STEP1 is set in this process")
+    _, saved = run_child(_STEP1_CHILD, tmp_path, "step1_mma.npz", env={"FLASHKDA_FWD_RECUR_STEP1": "mma"},
+                         what="mma.sync step 1 run", timeout=900)
+    other = np.load(saved)
+    for name, (B, T, H, HV, K) in _STEP1_CASES.items():
+        args, kw = _inputs(51, B, T, H, HV, K, K, jnp.bfloat16, "bounded")
+        kw.update(initial_state=random_state(52, (B, HV, K, K)), return_final_state=True)
+        out = _run(args, "cuda", **kw)
+        _check(out, _ref(args, **kw), BF16_TOL, "wgmma step 1 " + name)
+        assert np.array_equal(np.asarray(out[0], np.float32), other[name]), f"{name}: outputs"
+        assert np.array_equal(np.asarray(out[1], np.float32), other[name + "_final"]), f"{name}: final states"
