@@ -18,6 +18,8 @@
 //            (later segments: P from the identity with U = 0, H from zero).
 //   phase 2  composes the maps in order: start state of every segment.
 //   phase 3  per (segment, value head, V block): R = U - W S; O = Qg S + A_qk R; S = gamma * S + Kd^T R.
+//            (Phases 1 and 3 form W S and Qg S on wgmma for K in {64, 128}, the rest on mma.sync:
+//            kda_fwd_recur.cu.)
 #pragma once
 
 #include <cuda_bf16.h>
