@@ -305,9 +305,10 @@ __device__ __forceinline__ void BkkV2(float* sB, const float* sG, const float* s
 // tests/test_grad2_solve_model.py models it):
 // T = (I + A)^{-1}, A = diag(beta) B_kk, once per chunk in fp32 by 16x16 blocks, then
 //   W | U = bf16(T) bf16(diag(beta) [e^G k | v]),   [dKb | dVb] = bf16(T)^T bf16([dW | dU])
-// (fp32 accumulation) instead of the forward and back substitutions. T is formed exactly as the forward prep's
-// InvertDiagBlocks / InvertOffDiagBlocks (kda_fwd_prep.cu: same blocks, same order, same fp32 operations),
-// replicated here for grad2's layout: the forward's sAkk holds A^T in its strict upper and T in its strict lower
+// (fp32 accumulation) instead of the forward and back substitutions. T is formed by the forward prep's blocks and
+// rounds (InvertDiagBlocks / InvertOffDiagBlocks, kda_fwd_prep_common.cuh), in fp32 FMAs where the forward's
+// off-diagonal rounds use 3xTF32 mmas (so the two agree to ~fp32 rounding, not bit for bit), replicated here for
+// grad2's layout: the forward's sAkk holds A^T in its strict upper and T in its strict lower
 // triangle; grad2's sB holds B_kk (without beta) in its strict lower triangle, sB[i * BP + j] = B_ij (i > j), so
 // T goes transposed into the strict upper one, sB[j * BP + i] = T_ij (i > j), A_ij = fp32(beta_i B_ij) as the
 // substitution forms it. sB's diagonal is neither read nor written (T's unit diagonal is implied); stage 5 zeroes
@@ -376,8 +377,8 @@ __device__ __forceinline__ void Grad2InvertOffDiag(float* sB, const float* sBeta
 
 // T from the prep instead (kTPrep): the staged bf16 rows sTs[i * C + j] = T_ij (zero for j >= i) into
 // sB's strict upper triangle as the inversion leaves it, sB[j * BP + i] = T_ij (i > j). The forward's T is the
-// one its W | U came from; from the same A_kk the inversion above forms the same fp32 values, which the solve
-// rounds to bf16 anyway.
+// one its W | U came from; from the same A_kk the inversion above forms the same values to ~fp32 rounding, which
+// the solve rounds to bf16 anyway.
 template <int BP, int NT>
 __device__ __forceinline__ void Grad2TFromStaged(float* sB, const bf16* sTs, int tid) {
   constexpr int C = kChunk;

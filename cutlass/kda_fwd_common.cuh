@@ -306,11 +306,15 @@ using ::flashkda::Softplus;
 // Effective log-decay of a raw gate input x with its dt_bias dt: x itself (gate_mode 0), -a softplus(x + dt)
 // (1), lower_bound sigmoid(a (x + dt)) with use_a_log, else lower_bound sigmoid(x + dt) (2); a = exp(A_log).
 // One definition for the forward's prep and the backward's grad2, so that both see the same bits.
+// The bounded gate (gate_mode 2), lower_bound sigmoid(a (g + dt_bias)), a = exp(A_log) or 1 without A_log (a
+// product with 1 is exact, so one expression serves both); the bounded prep calls it without GateActivation's
+// per-element mode branches.
+__device__ __forceinline__ float BoundedGate(float lb, float x, float dt, float a) { return lb * Sigmoid(a * (x + dt)); }
+
 __device__ __forceinline__ float GateActivation(const Params& p, float x, float dt, float a_coef) {
   if (p.gate_mode == 0) return x;
-  x += dt;
-  if (p.gate_mode == 1) return -a_coef * Softplus(x);
-  return p.lower_bound * Sigmoid(p.use_a_log ? a_coef * x : x);
+  if (p.gate_mode == 1) return -a_coef * Softplus(x + dt);
+  return BoundedGate(p.lower_bound, x, dt, p.use_a_log ? a_coef : 1.f);
 }
 
 __device__ __forceinline__ float WarpSum(float x) {

@@ -65,10 +65,6 @@ __device__ __forceinline__ float ReduceRows8(const float (&x)[8], int lane) {
   return s;
 }
 
-// The bounded gate, lower_bound sigmoid(a (g + dt_bias)) (a = exp(A_log), or 1 without A_log): GateActivation's
-// gate_mode 2 with the same operations (so the same bits), without its per-element mode branches.
-__device__ __forceinline__ float BoundedGate(float lb, float x, float dt, float a) { return lb * Sigmoid(a * (x + dt)); }
-
 // The scalars an item reads from global memory besides its tiles, loaded one item ahead (one per thread, as raw bits
 // into a register, converted and stored to shared memory later, so that neither this load nor the next item's start
 // waits on global memory): threads kThreads - C .. kThreads - 1 the raw beta of the chunk's tokens (0 past L; TIn
@@ -131,7 +127,7 @@ __global__ void __launch_bounds__(kThreads, 2) PrepBoundedKernel(Params p) {
   float* sBeta = reinterpret_cast<float*>(sAqk + C * QP);
   float* sTot = sBeta + C;                // [8][K]: each warp's sum of g over its 8 rows
   float* sFac = sTot + (kThreads / 32) * K;  // [kFactorTables][K]
-  float* sScal = sFac + kFactorTables * K;   // [kThreads]: the next item's scalars (LoadItemScalar)
+  float* sScal = sFac + kFactorTables * K;   // [kThreads]: the next item's scalars (LoadItemScalarBits)
   __shared__ PrepItem s_item;                // the next item
   __shared__ __align__(16) int4 s_next_entry;  // its chunk-list entry (cp.async with the current item's q)
 
@@ -188,7 +184,7 @@ __global__ void __launch_bounds__(kThreads, 2) PrepBoundedKernel(Params p) {
         sq[r] = 0.f;
 #pragma unroll
         for (int i = 0; i < CPL; ++i) {
-          run[i] += row < L ? BoundedGate(lb, gx[i], dtb[i], a_coef) : 0.f;  // rows >= L: no decay
+          run[i] += row < L ? BoundedGate(lb, gx[i], dtb[i], a_coef) : 0.f;  // GateActivation's mode 2; rows >= L: no decay
           G[r][i] = run[i];
           sq[r] += kx[i] * kx[i];
         }

@@ -139,11 +139,6 @@ __device__ __forceinline__ float TAt(const float* sAkk, int i, int j) {
   return i > j ? sAkk[i * AP + j] : (i == j ? 1.f : 0.f);
 }
 
-// Round d of InvertOffDiagBlocks: warp w < 2 (4 - d) forms the 8-column half w & 1 of T_IJ, I = d + w / 2,
-// J = I - d. P = sum_{M=J}^{I-1} A_IM T_MJ (2 d k-steps of 8), then T_IJ = -T_II P, both in 3xTF32; each k-step's
-// three products go to their own accumulators, one set per k-step parity, so the mmas of a round are not one
-// dependent chain (d = 3 was 24 in a row). P goes through T_IJ's place in sAkk (zero until then, and read by no
-// other warp in round d) to become the second product's B operand.
 // Mma3xTF32Parts accumulators, one set of three per k-step parity: cleared, and element e of their sum.
 __device__ __forceinline__ void ClearParts(float (&d)[2][3][4]) {
 #pragma unroll
@@ -157,6 +152,11 @@ __device__ __forceinline__ float SumParts(const float (&d)[2][3][4], int e) {
   return ((d[0][0][e] + d[1][0][e]) + (d[0][1][e] + d[1][1][e])) + (d[0][2][e] + d[1][2][e]);
 }
 
+// Round d of InvertOffDiagBlocks: warp w < 2 (4 - d) forms the 8-column half w & 1 of T_IJ, I = d + w / 2,
+// J = I - d. P = sum_{M=J}^{I-1} A_IM T_MJ (2 d k-steps of 8), then T_IJ = -T_II P, both in 3xTF32; each k-step's
+// three products go to their own accumulators, one set per k-step parity, so the mmas of a round are not one
+// dependent chain (d = 3 was 24 in a row). P goes through T_IJ's place in sAkk (zero until then, and read by no
+// other warp in round d) to become the second product's B operand.
 template <int d>
 __device__ __forceinline__ void InvertOffDiagRound(float* sAkk, bf16* sT, int warp, int lane) {
   constexpr int AP = kChunk + 4, TP = kChunk + 8;

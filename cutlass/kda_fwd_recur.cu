@@ -1,8 +1,8 @@
 // flashkda_fwd, stages "phase 1" / "phase 3": the chunk recurrence over a segment, one CTA per
 // (segment, value head, block of BV state columns), state in registers (fp32, as mma accumulators) with a
 // bf16 copy in shared memory, chunk operands through cp.async (loads of the next chunk issued as each buffer
-// frees, see RecurSmem); tensor cores through CuTe's SM80 mma atom. Also "phase 2", the in-order composition
-// of segment maps.
+// frees, see RecurSmem); tensor cores through CuTe's SM90 wgmma atom (step 1, K in {64, 128}) and SM80 mma atom.
+// Also "phase 2", the in-order composition of segment maps.
 #include "kda_env.h"
 #include "kda_fwd_common.cuh"
 #include "kda_fwd_launch.h"
@@ -72,8 +72,8 @@ __global__ void __launch_bounds__(RecurThreads(BV), RecurCtasPerSm(K, BV)) Recur
   // owns value columns 32 g .. 32 g + 31, warp % 4 the rows, as steps 2 and 3 expect). Warpgroup g forms W S and
   // Qg S for its columns as m64n32k16 wgmmas from shared memory: W and Qg (token x k) in 128-byte swizzled K-major
   // GMMA tiles (cp.async places each 16-byte piece), S (v x k) in 64-byte swizzled v-major ones (one 32-column atom
-  // per warpgroup; the state store writes value pairs), so each warpgroup reads W and Qg
-  // once instead of each warp its rows and all of S's columns. The accumulators come back in the mma.sync C layout
+  // per warpgroup; the state store writes value pairs), so each warpgroup reads W and Qg once instead of each warp
+  // its rows and all of S's columns. The accumulators come back in the mma.sync C layout
   // (value 4 j + 2 h + e at row 16 (warp % 4) + gr + 8 h, column 8 j + 2 t4 + e of the warpgroup's 32), i.e.
   // acc[j][2 h + e], so R's store and steps 2 and 3 keep their fragment code.
   constexpr bool kWg = kWgmma && (K == 64 || K == 128) && NTW == 4;
@@ -189,8 +189,8 @@ __global__ void __launch_bounds__(RecurThreads(BV), RecurCtasPerSm(K, BV)) Recur
       CpAsyncCommit();
     };
 
-    // The state block in bf16 as a [K][ld] matrix: sS (the next chunk's operand) or a chunk state of the backward.
-    auto store_state_bf16 = [&](bf16* dst, size_t ld) {
+    // The state block in bf16, each thread's value pairs (row k, columns v and v + 1) at at(k, v).
+    auto store_state_pairs = [&](auto at) {
 #pragma unroll
       for (int mi = 0; mi < MTW3; ++mi)
 #pragma unroll
@@ -199,23 +199,17 @@ __global__ void __launch_bounds__(RecurThreads(BV), RecurCtasPerSm(K, BV)) Recur
           for (int hh = 0; hh < 2; ++hh) {
             const int row = (wm3 + WM3 * mi) * 16 + gr + 8 * hh;
             const int col = (wn3 * NTW3 + ni) * 8 + 2 * t4;
-            *reinterpret_cast<uint32_t*>(dst + row * ld + col) = PackBF16(st[mi][ni][2 * hh], st[mi][ni][2 * hh + 1]);
+            *reinterpret_cast<uint32_t*>(at(row, col)) = PackBF16(st[mi][ni][2 * hh], st[mi][ni][2 * hh + 1]);
           }
     };
-
+    // ... as a [K][ld] matrix: sS for the mma.sync step 1, or a chunk state of the backward.
+    auto store_state_bf16 = [&](bf16* dst, size_t ld) {
+      store_state_pairs([&](int row, int col) { return dst + row * ld + col; });
+    };
     // The state as step 1's B operand: in the swizzled layout LSt (kWg), else sS as [K][VP].
     auto store_state_smem = [&]() {
       if constexpr (kWg) {
-#pragma unroll
-        for (int mi = 0; mi < MTW3; ++mi)
-#pragma unroll
-          for (int ni = 0; ni < NTW3; ++ni)
-#pragma unroll
-            for (int hh = 0; hh < 2; ++hh) {
-              const int row = (wm3 + WM3 * mi) * 16 + gr + 8 * hh;  // k
-              const int col = (wn3 * NTW3 + ni) * 8 + 2 * t4;       // v (and v + 1, the next element)
-              *reinterpret_cast<uint32_t*>(sS + LStE(col, row)) = PackBF16(st[mi][ni][2 * hh], st[mi][ni][2 * hh + 1]);
-            }
+        store_state_pairs([&](int row, int col) { return sS + LStE(col, row); });
       } else {
         store_state_bf16(sS, VP);
       }
