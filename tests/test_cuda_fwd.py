@@ -322,6 +322,7 @@ def test_bounded_prep_against_general(tmp_path):
         else:
             assert not np.array_equal(o, general[name]), f"{name}: FLASHKDA_FWD_PREP=general changed nothing"
 
+
 _STEP1_CHILD = r"""
 import sys
 sys.path.insert(0, sys.argv[1])
