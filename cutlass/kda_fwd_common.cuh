@@ -20,6 +20,8 @@
 //   phase 3  per (segment, value head, V block): R = U - W S; O = Qg S + A_qk R; S = gamma * S + Kd^T R.
 //            (Phases 1 and 3 form W S and Qg S on wgmma for K in {64, 128}, the rest on mma.sync:
 //            kda_fwd_recur.cu.)
+//   overlap  (kda_fwd_overlap.h) with one segment per sequence and SMs the recurrence leaves idle, phase 3 starts
+//            beside the bounded prep's last items (programmatic dependent launch) and waits per chunk for them.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -58,6 +60,7 @@ inline constexpr int RecurCtasPerSm(int K, int BV) { return K <= 128 && BV <= 64
 constexpr int kCounterInts = 16;    // Params::counters (the workspace keeps 64 bytes: _workspace.py)
 constexpr int kPhase1WorkSlot = 4;  // Params::counters slots: next item of phase 1 / phase 3 (dynamic scheduling)
 constexpr int kPhase3WorkSlot = 5;
+constexpr int kPrepWorkSlot = 6;    // next item of the bounded prep (dynamic scheduling)
 
 struct Params {
   // problem
@@ -103,6 +106,14 @@ struct Params {
   int4* multi_list;    // [B * T]  (b, t, seq_end, slot)
   int* counters;       // [kCounterInts]: the plan's list lengths (0-2), the recurrence's item counters
                        // (kPhase*WorkSlot); cleared by PlanScan, the first kernel of every call
+  // Prep / recurrence overlap (kda_fwd_overlap.h; null ready = off): the recurrence runs beside the prep's last
+  // items and waits, per chunk, until the prep has written every head of it.
+  int* ready;          // [B * T]: at each chunk start, heads of that chunk the prep has finished (plan zeroes it)
+  int* tile_chunks;    // [ceil(T / 1024) * B]: chunk starts per plan tile, tile-major (PlanFix), for the list order
+  int overlap_nsm;     // SMs of the device (the prep checks %nsmid against it)
+  int overlap_occ;     // recurrence CTAs per SM
+  int overlap_ncb;     // recurrence column blocks per head
+  float overlap_tail;  // the prep's tail share, per idle SM per recurrence SM (see kda_fwd_overlap.h)
 };
 
 // Workspace layout; mirrored by flashkda_jax/_workspace.py (keep both in sync).

@@ -3,11 +3,14 @@
 // synchronisation, no host read of device data; every size is a static bound.
 #include <cuda_runtime.h>
 
+#include <cstdlib>
 #include <string>
 
 #include "kda_bindings.h"
+#include "kda_env.h"
 #include "kda_fwd_common.cuh"
 #include "kda_fwd_launch.h"
+#include "kda_fwd_overlap.h"
 #include "kda_fwd_params.h"
 
 namespace ffi = xla::ffi;
@@ -20,10 +23,42 @@ ffi::Error CudaError(cudaError_t err, const char* where) {
   return ffi::Error::Internal(std::string("flashkda_fwd: ") + where + ": " + cudaGetErrorString(err));
 }
 
+}  // namespace
+
+bool OverlapApplies(const Params& p, bool bounded_prep, int nsm) {
+  static const bool off = EnvEquals("FLASHKDA_FWD_OVERLAP", "0");  // read once per process
+  const long long tiles = static_cast<long long>(p.B) * ((p.T + kPlanTile - 1) / kPlanTile);
+  // At least one sequence per batch row: the recurrence's SMs are at least B x HV x (column blocks) / (CTAs per SM).
+  const int bv = BlockV(p.K, p.B, p.HV);
+  const long long min_sms = (static_cast<long long>(p.B) * p.HV * (p.V / bv) + RecurCtasPerSm(p.K, bv) - 1) /
+                            RecurCtasPerSm(p.K, bv);
+  return !off && bounded_prep && !p.split && tiles <= kOverlapMaxTiles && min_sms <= OverlapMaxSms(nsm);
+}
+
+void SetUpOverlap(Params& p, int nsm) {
+  static const float tail = [] {
+    const char* s = std::getenv("FLASHKDA_FWD_OVERLAP_TAIL");
+    const float v = s != nullptr ? static_cast<float>(std::atof(s)) : 0.f;
+    return v > 0.f ? v : 0.55f;
+  }();
+  p.ready = reinterpret_cast<int*>(p.multi_list);  // [B * T], then tile_chunks: within the list's B * T * 16 bytes
+  p.tile_chunks = p.ready + static_cast<size_t>(p.B) * p.T;
+  const int bv = BlockV(p.K, p.B, p.HV);
+  p.overlap_nsm = nsm;
+  p.overlap_occ = RecurCtasPerSm(p.K, bv);
+  p.overlap_ncb = p.V / bv;
+  p.overlap_tail = tail;
+}
+
+namespace {
+
 template <typename TIn>
 ffi::Error Run(cudaStream_t stream, Params& p, const Layout& lay, int64_t init_bytes, int64_t final_bytes) {
   const int nsm = SmCount();
   cudaError_t err;
+  bool bounded = false;
+  if constexpr (sizeof(TIn) == 2) bounded = PrepBoundedApplies(p, PrepSolvesOnTensorCores<TIn>());
+  if (OverlapApplies(p, bounded, nsm)) SetUpOverlap(p, nsm);
   if (p.S_final > 0 && !PlanWritesEmptyFinalStates(p)) {  // else the plan fills the slots without tokens
     err = p.S_init > 0 ? cudaMemcpyAsync(p.final_state, p.init, final_bytes, cudaMemcpyDeviceToDevice, stream)
                        : cudaMemsetAsync(p.final_state, 0, final_bytes, stream);

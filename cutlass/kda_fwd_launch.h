@@ -56,10 +56,11 @@ inline int SmCount() {
 }
 
 // Enqueues a persistent kernel of kBlock threads (default kThreads) and smem bytes of dynamic shared memory on
-// nsm * (its resident CTAs per SM) * waves CTAs, at most items and at least one.
+// nsm * (its resident CTAs per SM) * waves CTAs, at most items and at least one. programmatic: as the previous
+// kernel's programmatic dependent (it may start once every CTA of that kernel has run griddepcontrol.launch_dependents).
 template <int kBlock = kThreads, typename Kern, typename KParams>
 cudaError_t LaunchGrid(Kern kernel, size_t smem, long long items, int waves, const KParams& p, cudaStream_t stream,
-                       int nsm) {
+                       int nsm, bool programmatic = false) {
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   if (err != cudaSuccess) return err;
   int occ = 1;
@@ -68,6 +69,19 @@ cudaError_t LaunchGrid(Kern kernel, size_t smem, long long items, int waves, con
   long long grid = static_cast<long long>(nsm) * occ * waves;
   if (grid > items) grid = items;
   if (grid < 1) grid = 1;
+  if (programmatic) {
+    cudaLaunchConfig_t cfg{};
+    cfg.gridDim = dim3(static_cast<unsigned>(grid));
+    cfg.blockDim = dim3(kBlock);
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = stream;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    return cudaLaunchKernelEx(&cfg, kernel, p);
+  }
   kernel<<<static_cast<int>(grid), kBlock, smem, stream>>>(p);
   return cudaGetLastError();
 }

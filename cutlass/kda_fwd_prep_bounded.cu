@@ -18,6 +18,7 @@
 #include "kda_env.h"
 #include "kda_fwd_common.cuh"
 #include "kda_fwd_launch.h"
+#include "kda_fwd_overlap.h"
 #include "kda_fwd_prep_common.cuh"
 
 namespace flashkda {
@@ -130,6 +131,7 @@ __global__ void __launch_bounds__(kThreads, 2) PrepBoundedKernel(Params p) {
   float* sScal = sFac + kFactorTables * K;   // [kThreads]: the next item's scalars (LoadItemScalarBits)
   __shared__ PrepItem s_item;                // the next item
   __shared__ __align__(16) int4 s_next_entry;  // its chunk-list entry (cp.async with the current item's q)
+  __shared__ int s_next_it;                    // its index
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int t4 = lane & 3;
@@ -139,22 +141,43 @@ __global__ void __launch_bounds__(kThreads, 2) PrepBoundedKernel(Params p) {
   const int row0 = warp * R;     // this warp's first row
   const int blk = warp >> 1;     // its 16-row block
 
+  // Items in list order: each CTA's first is blockIdx.x, the others come from a counter (in the order CTAs ask), so
+  // that the items done form a growing prefix of the list (the overlapped recurrence follows it, kda_fwd_overlap.h).
+  // Thread 0 takes them one item ahead (`ahead`: the atomic's latency hides behind a whole item). A CTA on an SM the
+  // overlapped recurrence will use takes none from `stop` on.
+  if (p.ready != nullptr) LaunchDependents();
+  int* const work = p.counters + kPrepWorkSlot;
+  const int stop = PrepStopAt(p, nitems);
+  int ahead = nitems;
+  int stopping = 0;  // 0: not asked yet, 1: stops, 2: goes on (MayStop said no)
+  auto take = [&](int taken) {
+    if (taken >= nitems) return nitems;
+    if (taken >= stop && stopping == 0) stopping = MayStop(p) ? 1 : 2;
+    return stopping == 1 ? nitems : (int)gridDim.x + atomicAdd(work, 1);
+  };
   if (blockIdx.x < nitems) {
     const PrepItem m0 = DecodePrepItem(p, blockIdx.x);
     IssueRawKG<K, TIn, true>(p, m0, sK, reinterpret_cast<TIn*>(sG), KP, tid);
-    if (tid == 0) s_item = m0;
+    if (tid == 0) {
+      s_item = m0;
+      ahead = take(blockIdx.x);
+    }
     sScal[tid] = ItemScalar<TIn>(LoadItemScalarBits<K, TIn>(p, m0, tid), tid);
   }
   __syncthreads();
 
-  for (int it = blockIdx.x; it < nitems; it += gridDim.x) {
+  int done_key = -1;  // ready index of the previous item (thread 0), signalled one barrier into this one
+  for (int it = blockIdx.x; it < nitems;) {
     const PrepItem m = s_item;  // written one item ahead, behind the previous item's last barrier
     const int b = m.b, cs = m.cs, send = m.send, s = m.s, L = m.L, hv = m.hv;
     const size_t tok0 = (size_t)b * p.T + cs;
 
-    const int next = it + gridDim.x;
-    const bool has_next = next < nitems;
-    if (tid == 0 && has_next) CpAsync16(&s_next_entry, p.chunk_list + next / HV, true);  // joins q's group
+    if (tid == 0) {
+      const int nx = ahead;
+      ahead = take(nx);
+      s_next_it = nx;  // read after the first barrier below
+      if (nx < nitems) CpAsync16(&s_next_entry, p.chunk_list + nx / HV, true);  // joins q's group
+    }
     IssueRawQV<K, TIn, true>(p, m, sQ, sV, tid);  // k and g were issued by the previous item
     const float braw = tid < C ? sScal[kThreads - C + tid] : 0.f;
     static_assert((C * AP) % 4 == 0 && (C * QP) % 8 == 0, "16-byte pieces");
@@ -168,6 +191,9 @@ __global__ void __launch_bounds__(kThreads, 2) PrepBoundedKernel(Params p) {
 
     CpAsyncWait<2>();  // k, g
     __syncthreads();
+    const int next = s_next_it;
+    const bool has_next = next < nitems;
+    if (done_key >= 0) ReleaseAdd(p.ready + done_key, 1);  // the previous item, behind a barrier of this one
     // ---- pass 1: G of this thread's elements (within the row group), k's sums of squares ----
     float G[R][CPL];
     float ks;  // k's norm factor of row row0 + (lane >> 2) & 7
@@ -365,13 +391,16 @@ __global__ void __launch_bounds__(kThreads, 2) PrepBoundedKernel(Params p) {
     if (!p.skip_t) StoreAqkHalf(p, sAqk, b, cs, L, hv, C, tid);
     SolveMma<K>(p, sAqk, sQ, sV, b, cs, L, hv, warp, lane, tid);
     __syncthreads();
+    if (p.ready != nullptr && tid == 0) done_key = static_cast<int>(tok0);
+    it = next;
   }
+  if (done_key >= 0) ReleaseAdd(p.ready + done_key, 1);
 }
 
 template <int K, typename TIn>
 cudaError_t LaunchK(const Params& p, cudaStream_t stream, int nsm) {
   const long long items = static_cast<long long>(p.B) * p.T * p.HV;  // bound on (chunk, head) items
-  return LaunchGrid(PrepBoundedKernel<K, TIn>, BoundedSmem<K>::Bytes(p.V), items, 4, p, stream, nsm);
+  return LaunchGrid(PrepBoundedKernel<K, TIn>, BoundedSmem<K>::Bytes(p.V), items, 1, p, stream, nsm);
 }
 
 }  // namespace

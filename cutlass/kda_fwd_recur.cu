@@ -6,6 +6,7 @@
 #include "kda_env.h"
 #include "kda_fwd_common.cuh"
 #include "kda_fwd_launch.h"
+#include "kda_fwd_overlap.h"
 
 #include <cute/tensor.hpp>
 #include <cute/atom/mma_traits_sm90_gmma.hpp>
@@ -215,6 +216,9 @@ __global__ void __launch_bounds__(RecurThreads(BV), RecurCtasPerSm(K, BV)) Recur
       }
     };
 
+    // Overlapped with the prep (kda_fwd_overlap.h): each chunk's loads wait until the prep has written all its heads.
+    const bool chase = kOut && p.ready != nullptr;
+    if (chase) WaitReady(p.ready, b * p.T + t0, LoadRelaxed(p.ready + b * p.T + t0), HV);
     __syncthreads();  // the previous item is done with shared memory
     load_wu(0);
     load_rest(0);
@@ -230,6 +234,8 @@ __global__ void __launch_bounds__(RecurThreads(BV), RecurCtasPerSm(K, BV)) Recur
       const int L = min(C, send - cs);
       const bool lastc = cs + C >= send;
       const bool update = !kOut || !lastc || write_final;
+      const int next_key = b * p.T + cs + C;  // chunk c + 1's ready index, its counter read a step ahead
+      const int next_seen = chase && c + 1 < nch ? LoadRelaxed(p.ready + next_key) : 0;
 
       // ---- step 1: R = U - W S and, with outputs, O = Qg S (rows: 16 per warp, columns: NTW tiles per warp); the
       // two products share each S fragment (read once from shared memory) ----
@@ -310,7 +316,10 @@ __global__ void __launch_bounds__(RecurThreads(BV), RecurCtasPerSm(K, BV)) Recur
         }
       CpAsyncWait<0>();  // Kd, gamma (and A_qk) of chunk c
       __syncthreads();   // B: R and the rest of chunk c visible; sW, sU and sQ are free
-      if (c + 1 < nch) load_wu(c + 1);
+      if (c + 1 < nch) {
+        if (chase) WaitReady(p.ready, next_key, next_seen, HV);
+        load_wu(c + 1);
+      }
 
       // ---- step 2: O += A_qk R ----
       if constexpr (kOut) {
@@ -425,6 +434,7 @@ __global__ void __launch_bounds__(RecurThreads(BV), RecurCtasPerSm(K, BV)) Recur
           }
     }
   }
+  if (kOut && p.ready != nullptr) WaitPrimaryGrid();  // the call's kernels end with the prep's grid
 }
 
 template <int K, int BV, typename TOut, bool kOut>
@@ -434,8 +444,9 @@ cudaError_t LaunchRecurK(const Params& p, cudaStream_t stream, int nsm) {
   constexpr size_t smem = RecurSmem<K, BV, kOut>::Bytes();
   const int ncb = kOut ? p.V / BV : (p.V + K) / BV;
   const long long items = static_cast<long long>(p.B) * p.T * p.HV * ncb;  // bound on (segment, head, block) items
-  if (mma_step1) return LaunchGrid<RecurThreads(BV)>(RecurKernel<K, BV, TOut, kOut, false>, smem, items, 1, p, stream, nsm);
-  return LaunchGrid<RecurThreads(BV)>(RecurKernel<K, BV, TOut, kOut, true>, smem, items, 1, p, stream, nsm);
+  const bool pdl = kOut && p.ready != nullptr;  // the prep's programmatic dependent (kda_fwd_overlap.h)
+  if (mma_step1) return LaunchGrid<RecurThreads(BV)>(RecurKernel<K, BV, TOut, kOut, false>, smem, items, 1, p, stream, nsm, pdl);
+  return LaunchGrid<RecurThreads(BV)>(RecurKernel<K, BV, TOut, kOut, true>, smem, items, 1, p, stream, nsm, pdl);
 }
 
 template <int K, int BV, typename TOut>

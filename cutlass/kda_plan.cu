@@ -81,6 +81,10 @@ __global__ void __launch_bounds__(kPlanThreads) PlanFix(Params p, int out_token_
   const int ss = max(local, s_carry);
   if (t < T) seq_start[t] = ss;  // also for padding: later tiles read the running max from here
   if (s >= 0 && nxt != s) p.seq_end[(size_t)b * T + ss] = t + 1;
+  if (p.ready != nullptr) {  // the overlap's time-ordered chunk list: this tile's chunk starts (PlanLists)
+    const int n = __syncthreads_count(s >= 0 && (t - ss) % kChunk == 0);
+    if (tid == 0) p.tile_chunks[tile * gridDim.y + b] = n;
+  }
   if constexpr (kZeroPad) {
     s_pad[tid] = (t < T && s < 0) ? 1 : 0;
     __syncthreads();
@@ -111,15 +115,26 @@ __global__ void __launch_bounds__(kPlanThreads) PlanLists(Params p) {
     fm = (off == 0) && (se - ss > p.Lseg);
   }
   const int packed = fc | (fs << 11) | (fm << 22);
+  // With the overlap (p.ready), the chunk list in time order: tile-major, then batch row (the prep takes its items
+  // in list order, the recurrence walks each sequence forward), at the sum of the earlier tiles' counts.
+  int before = 0;
+  if (p.ready != nullptr && tid < 32) {
+    const int mine = blockIdx.x * gridDim.y + b;
+    for (int i = tid; i < mine; i += 32) before += p.tile_chunks[i];
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) before += __shfl_xor_sync(0xffffffffu, before, o);
+  }
   int total;
   const int excl = BlockScan<false>(packed, s_warp, &total) - packed;
   if (tid == 0) {
     s_base[0] = atomicAdd(&p.counters[0], total & 0x7ff);
+    if (p.ready != nullptr) s_base[0] = before;
     s_base[1] = atomicAdd(&p.counters[1], (total >> 11) & 0x7ff);
     s_base[2] = atomicAdd(&p.counters[2], (total >> 22) & 0x3ff);
   }
   __syncthreads();
   if (fc) p.chunk_list[s_base[0] + (excl & 0x7ff)] = make_int4(b, t, se, s);
+  if (fc && p.ready != nullptr) p.ready[(size_t)b * T + t] = 0;
   if (fs) p.seg_list[s_base[1] + ((excl >> 11) & 0x7ff)] = make_int4(b, t, se, s | ((t == ss) ? (1 << 30) : 0));
   if (fm) p.multi_list[s_base[2] + ((excl >> 22) & 0x3ff)] = make_int4(b, t, se, s);
 }

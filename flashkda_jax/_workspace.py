@@ -89,7 +89,7 @@ def _cuda_fwd_regions(B: int, T: int, HV: int, K: int, V: int, S: int, no_split:
         ("seq_end", B * T * 4),                   # sequence end per start (i32) [B, T]
         ("chunks", B * T * 16),                   # chunk list (int4 b, t, seq_end, slot)
         ("segs", B * T * 16),                     # segment list
-        ("multi", B * T * 16),                    # split-sequence list
+        ("multi", B * T * 16),                    # split-sequence list; unsplit: the overlap's ready counters
         ("counters", 64),                         # counters (i32 x 16)
     ]
 

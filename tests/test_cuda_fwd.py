@@ -366,3 +366,58 @@ def test_recur_step1_mma_env(tmp_path):
         _check(out, _ref(args, **kw), BF16_TOL, "wgmma step 1 " + name)
         assert np.array_equal(np.asarray(out[0], np.float32), other[name]), f"{name}: outputs"
         assert np.array_equal(np.asarray(out[1], np.float32), other[name + "_final"]), f"{name}: final states"
+
+
+_OVERLAP_CHILD = r"""
+import sys
+sys.path.insert(0, sys.argv[1])
+import numpy as np
+import test_cuda_fwd as t
+
+outs = {}
+for name in t._OVERLAP_CASES:
+    out, ref = t._overlap_case(name)
+    t._check(out, ref, t.BF16_TOL, "overlap child " + name)
+    outs[name] = np.asarray(out[0], np.float32)
+    outs[name + "_final"] = np.asarray(out[1], np.float32)
+np.savez(sys.argv[2], **outs)
+"""
+
+# Configurations where the prep and the recurrence overlap (cutlass/kda_fwd_overlap.h: gate "bounded" with
+# lower_bound >= -8, bf16, one segment per sequence): 96 heads of 128 columns (96 of the SMs freed early, the chunk
+# list over three plan tiles), two rows over two tiles each (the list's tile-major order), 64-column CTAs two per SM,
+# and a varlen batch at K = 64. (B, T, H, HV, K, cu_seqlens)
+_OVERLAP_CASES = {"h96": (1, 2100, 8, 96, 128, None), "b2_tiles": (2, 1100, 4, 48, 128, None),
+                  "b2_64cols": (2, 500, 4, 16, 128, None), "varlen_k64": (1, 700, 2, 8, 64, (0, 70, 71, 300, 700))}
+
+
+def _overlap_case(name):
+    B, T, H, HV, K, cu = _OVERLAP_CASES[name]
+    args, kw = _inputs(61, B, T, H, HV, K, K, jnp.bfloat16, "bounded")
+    if cu is None:
+        kw.update(initial_state=random_state(62, (B, HV, K, K)), return_final_state=True)
+    else:
+        kw.update(cu_seqlens=jnp.asarray(cu, jnp.int32), return_final_state=True)
+    return _run(args, "cuda", **kw), _ref(args, **kw)
+
+
+@pytest.mark.parametrize("child_env", [{"FLASHKDA_FWD_OVERLAP": "0"}, {"FLASHKDA_FWD_OVERLAP_TAIL": "1000"}],
+                         ids=["sequential", "chase_every_chunk"])
+def test_prep_recurrence_overlap_env(tmp_path, child_env):
+    # By default the recurrence runs beside the bounded prep's last items and waits per chunk for it; a fresh
+    # process runs either the two kernels one after the other (FLASHKDA_FWD_OVERLAP=0), or the overlap with the
+    # prep's CTAs on the recurrence's SMs stopping at once (a tail share of 1000 x (SMs - R) / R >= 1), so that the
+    # recurrence starts with the prep and waits at nearly every chunk. The item order and the overlap change no
+    # arithmetic: outputs and final states must be bit-identical to this process's, and meet the oracle's tolerance.
+    import os
+
+    if any(os.environ.get(n) is not None for n in ("FLASHKDA_FWD_OVERLAP", "FLASHKDA_FWD_OVERLAP_TAIL")):
+        pytest.skip("an overlap switch is set in this process")
+    _, saved = run_child(_OVERLAP_CHILD, tmp_path, "overlap.npz", env=child_env, what=f"overlap run {child_env}",
+                         timeout=900)
+    other = np.load(saved)
+    for name in _OVERLAP_CASES:
+        out, ref = _overlap_case(name)
+        _check(out, ref, BF16_TOL, "overlap " + name)
+        assert np.array_equal(np.asarray(out[0], np.float32), other[name]), f"{name}: outputs"
+        assert np.array_equal(np.asarray(out[1], np.float32), other[name + "_final"]), f"{name}: final states"
