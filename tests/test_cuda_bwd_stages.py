@@ -280,8 +280,13 @@ def stage_failures(stage, name, ws, outs, opts=None):
             F.append(f"counters[0] (chunks) = {cnt[0]}, want {len(st['chunks'])}")
         if cnt[1] != len(st["seqs"]):
             F.append(f"counters[1] (sequences) = {cnt[1]}, want {len(st['seqs'])}")
-        if np.any(cnt[2:4] != 0) or np.any(cnt[6:] != 0):
-            F.append(f"counters[2:4], [6:] = {cnt[2:4].tolist()}, {cnt[6:].tolist()}, want zeros")
+        if np.any(cnt[2:4] != 0) or np.any(cnt[7:] != 0):
+            F.append(f"counters[2:4], [7:] = {cnt[2:4].tolist()}, {cnt[7:].tolist()}, want zeros")
+        # Slot 6: the bounded prep's item counter (cutlass/kda_fwd_prep_bounded.cu; 0 where the general prep ran).
+        # Every CTA takes items until one index past the last, so it ends at the item count, chunks x HV.
+        n_items = len(st["chunks"]) * _dims(name)[2]
+        if int(cnt[6]) not in (0, n_items):
+            F.append(f"counters[6] (bounded prep items taken) = {int(cnt[6])}, want 0 or {n_items}")
         # The reverse pass's column block, picked on the device (slot 5; 0 when FLASHKDA_BWD_RECUR_BV forces one
         # or the first-version pass runs), and its item counter (slot 4): every CTA of the picked launch takes
         # items until one past the last, so it ends above the item count by at most the grid.

@@ -421,3 +421,57 @@ def test_prep_recurrence_overlap_env(tmp_path, child_env):
         _check(out, ref, BF16_TOL, "overlap " + name)
         assert np.array_equal(np.asarray(out[0], np.float32), other[name]), f"{name}: outputs"
         assert np.array_equal(np.asarray(out[1], np.float32), other[name + "_final"]), f"{name}: final states"
+
+
+_GRAPH_CHILD = r"""
+import sys
+sys.path.insert(0, sys.argv[1])
+import numpy as np
+import test_cuda_fwd as t
+
+outs = {}
+for seed in t._GRAPH_SEEDS:
+    out, ref = t._graph_case(seed)
+    t._check(out, ref, t.BF16_TOL, f"command buffers, segments {seed}")
+    outs[f"o{seed}"] = np.asarray(out[0], np.float32)
+    outs[f"f{seed}"] = np.asarray(out[1], np.float32)
+np.savez(sys.argv[2], **outs)
+"""
+
+# XLA flags that put every custom call into a CUDA graph (command buffer), however short the sequence.
+_GRAPH_FLAGS = "--xla_gpu_enable_command_buffer=FUSION,CUSTOM_CALL --xla_gpu_graph_min_graph_size=1"
+_GRAPH_SEEDS = (71, 72)
+_graph_fn = None
+
+
+def _graph_case(seed):
+    # One jitted call (compiled once) replayed with new segment ids of the same shape; B x HV = 64 chains of 128
+    # columns, one segment per sequence: the prep / recurrence overlap applies.
+    global _graph_fn
+    B, T, H, HV, K, S = 2, 600, 4, 32, 128, 8
+    args, kw = _inputs(70, B, T, H, HV, K, K, jnp.bfloat16, "bounded")
+    kw.update(max_segments=S, initial_state=random_state(73, (B, S, HV, K, K)), return_final_state=True)
+    if _graph_fn is None:
+        _graph_fn = jax.jit(lambda seg, *a: F.kda(*a, segment_ids=seg, implementation="cuda", **kw))
+    seg = jnp.asarray(chunk_crossing_segments(B, T, seed))
+    return _graph_fn(seg, *args), _ref(args, segment_ids=seg, **kw)
+
+
+def test_overlap_under_command_buffers(tmp_path):
+    # The handler is declared compatible with XLA's command buffers; its launches (the recurrence as the prep's
+    # programmatic dependent included) must work when captured into a CUDA graph and replayed with new segment ids.
+    # A fresh process forces command buffers for custom calls; its results must meet the oracle's tolerance and equal
+    # this process's (no forced graphs) bit for bit.
+    import os
+
+    if "xla_gpu_enable_command_buffer" in os.environ.get("XLA_FLAGS", ""):
+        pytest.skip("XLA_FLAGS already sets command buffers in this process")
+    flags = (os.environ.get("XLA_FLAGS", "") + " " + _GRAPH_FLAGS).strip()
+    _, saved = run_child(_GRAPH_CHILD, tmp_path, "graph.npz", env={"XLA_FLAGS": flags},
+                         what="command-buffer run", timeout=900)
+    other = np.load(saved)
+    for seed in _GRAPH_SEEDS:
+        out, ref = _graph_case(seed)
+        _check(out, ref, BF16_TOL, f"segments {seed}")
+        assert np.array_equal(np.asarray(out[0], np.float32), other[f"o{seed}"]), f"segments {seed}: outputs"
+        assert np.array_equal(np.asarray(out[1], np.float32), other[f"f{seed}"]), f"segments {seed}: final states"
