@@ -400,6 +400,8 @@ __global__ void __launch_bounds__(kThreads, 2) PrepBoundedKernel(Params p) {
 template <int K, typename TIn>
 cudaError_t LaunchK(const Params& p, cudaStream_t stream, int nsm) {
   const long long items = static_cast<long long>(p.B) * p.T * p.HV;  // bound on (chunk, head) items
+  // One wave: every CTA takes items from the counter until none is left (and all run before the overlapped
+  // recurrence can start, kda_fwd_overlap.h).
   return LaunchGrid(PrepBoundedKernel<K, TIn>, BoundedSmem<K>::Bytes(p.V), items, 1, p, stream, nsm);
 }
 

@@ -4,12 +4,14 @@
 
 #include "kda_fwd_common.cuh"
 #include "kda_fwd_launch.h"
+#include "kda_fwd_overlap.h"
 
 namespace flashkda {
 namespace fwd {
 namespace {
 
 constexpr int kPlanThreads = 1024;
+static_assert(kPlanThreads == kPlanTile, "the overlap's tile count (OverlapApplies) assumes one tile per plan CTA");
 
 // Inclusive block-wide scan (1024 threads) with op max or sum; *total receives the block's reduction.
 template <bool kMax>
@@ -43,7 +45,9 @@ __device__ __forceinline__ int BlockScan(int v, int* s_warp, int* total) {
 //   PlanFix     adds the carry of the previous tiles (max of their last entries), records each sequence's
 //               end at its start position; kZeroPad (forward): zeroes the outputs of padding tokens
 //   PlanLists   work lists (chunk starts, segment starts, split sequences), compacted with one atomic per tile
-//               (forward); PlanSeqLists: chunk starts and sequences (backward)
+//               (forward; with the prep / recurrence overlap the chunk list in time order instead, from PlanFix's
+//               per-tile counts, and the ready counters zeroed: kda_fwd_overlap.h); PlanSeqLists: chunk starts
+//               and sequences (backward)
 // and, for the forward, PlanOrder (one CTA): the segment list sorted longest first; FinalOfEmptySlots.
 __global__ void __launch_bounds__(kPlanThreads) PlanScan(Params p) {
   __shared__ int s_warp[32];
