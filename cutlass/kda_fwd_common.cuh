@@ -20,8 +20,9 @@
 //   phase 3  per (segment, value head, V block): R = U - W S; O = Qg S + A_qk R; S = gamma * S + Kd^T R.
 //            (Phases 1 and 3 form W S and Qg S on wgmma for K in {64, 128}, the rest on mma.sync:
 //            kda_fwd_recur.cu.)
-//   overlap  (kda_fwd_overlap.h) with one segment per sequence and SMs the recurrence leaves idle, phase 3 starts
-//            beside the bounded prep's last items (programmatic dependent launch) and waits per chunk for them.
+//   overlap  (kda_fwd_overlap.h) where the recurrence kernel after the bounded prep (phase 3, or phase 1 when
+//            sequences are split) leaves SMs idle, it starts beside the prep's last items (programmatic dependent
+//            launch) and waits per chunk for them.
 #pragma once
 
 #include <cuda_bf16.h>

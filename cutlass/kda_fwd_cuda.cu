@@ -23,6 +23,13 @@ ffi::Error CudaError(cudaError_t err, const char* where) {
   return ffi::Error::Internal(std::string("flashkda_fwd: ") + where + ": " + cudaGetErrorString(err));
 }
 
+// A positive number from the environment, or `otherwise`.
+float EnvPositive(const char* name, float otherwise) {
+  const char* s = std::getenv(name);
+  const float v = s != nullptr ? static_cast<float>(std::atof(s)) : 0.f;
+  return v > 0.f ? v : otherwise;
+}
+
 }  // namespace
 
 bool OverlapApplies(const Params& p, bool bounded_prep, int nsm) {
@@ -32,22 +39,22 @@ bool OverlapApplies(const Params& p, bool bounded_prep, int nsm) {
   const int bv = BlockV(p.K, p.B, p.HV);
   const long long min_sms = (static_cast<long long>(p.B) * p.HV * (p.V / bv) + RecurCtasPerSm(p.K, bv) - 1) /
                             RecurCtasPerSm(p.K, bv);
-  return !off && bounded_prep && !p.split && tiles <= kOverlapMaxTiles && min_sms <= OverlapMaxSms(nsm);
+  return !off && bounded_prep && tiles <= kOverlapMaxTiles && min_sms <= OverlapMaxSms(nsm);
 }
 
 void SetUpOverlap(Params& p, int nsm) {
-  static const float tail = [] {
-    const char* s = std::getenv("FLASHKDA_FWD_OVERLAP_TAIL");
-    const float v = s != nullptr ? static_cast<float>(std::atof(s)) : 0.f;
-    return v > 0.f ? v : 0.55f;
-  }();
-  p.ready = reinterpret_cast<int*>(p.multi_list);  // [B * T], then tile_chunks: within the list's B * T * 16 bytes
+  static const float tail3 = EnvPositive("FLASHKDA_FWD_OVERLAP_TAIL", 0.55f);
+  static const float tail1 = EnvPositive("FLASHKDA_FWD_OVERLAP_TAIL1", 0.15f);
+  // [B * T] ints, then tile_chunks, in the upper half of the multi-segment list's B * T * 16 bytes: its entries (split
+  // sequences, longer than a segment of >= kSegMinChunks chunks) take at most B * T / 32 bytes of the lower half.
+  static_assert(kSegMinChunks * kChunk >= 64, "multi-segment entries fit below the overlap's counters");
+  p.ready = reinterpret_cast<int*>(p.multi_list) + 2 * static_cast<size_t>(p.B) * p.T;
   p.tile_chunks = p.ready + static_cast<size_t>(p.B) * p.T;
   const int bv = BlockV(p.K, p.B, p.HV);
   p.overlap_nsm = nsm;
   p.overlap_occ = RecurCtasPerSm(p.K, bv);
   p.overlap_ncb = p.V / bv;
-  p.overlap_tail = tail;
+  p.overlap_tail = p.split ? tail1 : tail3;
 }
 
 namespace {

@@ -216,8 +216,9 @@ __global__ void __launch_bounds__(RecurThreads(BV), RecurCtasPerSm(K, BV)) Recur
       }
     };
 
-    // Overlapped with the prep (kda_fwd_overlap.h): each chunk's loads wait until the prep has written all its heads.
-    const bool chase = kOut && p.ready != nullptr;
+    // Overlapped with the prep (kda_fwd_overlap.h; phase 3 of an unsplit call, phase 1 of a split one): each chunk's
+    // loads wait until the prep has written all its heads.
+    const bool chase = FollowsPrep<kOut>(p);
     if (chase) WaitReady(p.ready, b * p.T + t0, LoadRelaxed(p.ready + b * p.T + t0), HV);
     __syncthreads();  // the previous item is done with shared memory
     load_wu(0);
@@ -434,7 +435,7 @@ __global__ void __launch_bounds__(RecurThreads(BV), RecurCtasPerSm(K, BV)) Recur
           }
     }
   }
-  if (kOut && p.ready != nullptr) WaitPrimaryGrid();  // the call's kernels end with the prep's grid
+  if (FollowsPrep<kOut>(p)) WaitPrimaryGrid();  // the call's kernels end with the prep's grid
 }
 
 template <int K, int BV, typename TOut, bool kOut>
@@ -444,7 +445,7 @@ cudaError_t LaunchRecurK(const Params& p, cudaStream_t stream, int nsm) {
   constexpr size_t smem = RecurSmem<K, BV, kOut>::Bytes();
   const int ncb = kOut ? p.V / BV : (p.V + K) / BV;
   const long long items = static_cast<long long>(p.B) * p.T * p.HV * ncb;  // bound on (segment, head, block) items
-  const bool pdl = kOut && p.ready != nullptr;  // the prep's programmatic dependent (kda_fwd_overlap.h)
+  const bool pdl = FollowsPrep<kOut>(p);  // the prep's programmatic dependent (kda_fwd_overlap.h)
   if (mma_step1) return LaunchGrid<RecurThreads(BV)>(RecurKernel<K, BV, TOut, kOut, false>, smem, items, 1, p, stream, nsm, pdl);
   return LaunchGrid<RecurThreads(BV)>(RecurKernel<K, BV, TOut, kOut, true>, smem, items, 1, p, stream, nsm, pdl);
 }

@@ -169,6 +169,22 @@ __global__ void __launch_bounds__(kPlanThreads) PlanOrder(Params p, bool mark_sl
       if (slot < p.S_final) seen[e.x * p.S_final + slot] = 1;
     }
   }
+  if (p.ready != nullptr && p.split) {
+    // The overlap with phase 1 (kda_fwd_overlap.h): phase 1's items that do work (segments but a sequence's last;
+    // a first segment only its value columns), whose SMs the prep's CTAs leave to it.
+    __shared__ int s_items;
+    if (tid == 0) s_items = 0;
+    __syncthreads();
+    const int bv = BlockV(p.K, p.B, p.HV);
+    int mine = 0;
+    for (int i = tid; i < n; i += kPlanThreads) {
+      const int4 e = p.seg_list[i];
+      if (e.y + p.Lseg < e.z) mine += ((e.w >> 30) & 1) ? p.V / bv : (p.V + p.K) / bv;
+    }
+    if (mine) atomicAdd(&s_items, mine);
+    __syncthreads();
+    if (tid == 0) p.counters[kPhase1ItemsSlot] = s_items * p.HV;
+  }
   if (n > kOrderCap || n < 2) return;
   auto bucket = [&](const int4& e) {  // kOrderBuckets - 1 - length in chunks (clamped): longest first
     return kOrderBuckets - 1 - min(SegmentChunks(p, e.y, e.z), kOrderBuckets - 1);

@@ -384,11 +384,13 @@ np.savez(sys.argv[2], **outs)
 """
 
 # Configurations where the prep and the recurrence overlap (cutlass/kda_fwd_overlap.h: gate "bounded" with
-# lower_bound >= -8, bf16, one segment per sequence): 96 heads of 128 columns (96 of the SMs freed early, the chunk
-# list over three plan tiles), two rows over two tiles each (the list's tile-major order), 64-column CTAs two per SM,
-# and a varlen batch at K = 64. (B, T, H, HV, K, cu_seqlens)
+# lower_bound >= -8, bf16). Phase 3 after the prep (one segment per sequence): 96 heads of 128 columns (96 of the SMs
+# freed early, the chunk list over three plan tiles), two rows over two tiles each (the list's tile-major order),
+# 64-column CTAs two per SM, and a varlen batch at K = 64. Phase 1 after the prep (split sequences): 64 chains of 128
+# columns in two segments, and K = 64 rows split into several. (B, T, H, HV, K, cu_seqlens)
 _OVERLAP_CASES = {"h96": (1, 2100, 8, 96, 128, None), "b2_tiles": (2, 1100, 4, 48, 128, None),
-                  "b2_64cols": (2, 500, 4, 16, 128, None), "varlen_k64": (1, 700, 2, 8, 64, (0, 70, 71, 300, 700))}
+                  "b2_64cols": (2, 500, 4, 16, 128, None), "varlen_k64": (1, 700, 2, 8, 64, (0, 70, 71, 300, 700)),
+                  "split_k128": (1, 2048, 16, 64, 128, None), "split_k64": (2, 3000, 1, 2, 64, None)}
 
 
 def _overlap_case(name):
@@ -401,17 +403,19 @@ def _overlap_case(name):
     return _run(args, "cuda", **kw), _ref(args, **kw)
 
 
-@pytest.mark.parametrize("child_env", [{"FLASHKDA_FWD_OVERLAP": "0"}, {"FLASHKDA_FWD_OVERLAP_TAIL": "1000"}],
+@pytest.mark.parametrize("child_env", [{"FLASHKDA_FWD_OVERLAP": "0"},
+                                       {"FLASHKDA_FWD_OVERLAP_TAIL": "1000", "FLASHKDA_FWD_OVERLAP_TAIL1": "1000"}],
                          ids=["sequential", "chase_every_chunk"])
 def test_prep_recurrence_overlap_env(tmp_path, child_env):
-    # By default the recurrence runs beside the bounded prep's last items and waits per chunk for it; a fresh
-    # process runs either the two kernels one after the other (FLASHKDA_FWD_OVERLAP=0), or the overlap with the
+    # By default the recurrence kernel after the bounded prep runs beside its last items and waits per chunk for it;
+    # a fresh process runs either the kernels one after the other (FLASHKDA_FWD_OVERLAP=0), or the overlap with the
     # prep's CTAs on the recurrence's SMs stopping at once (a tail share of 1000 x (SMs - R) / R >= 1), so that the
     # recurrence starts with the prep and waits at nearly every chunk. The item order and the overlap change no
     # arithmetic: outputs and final states must be bit-identical to this process's, and meet the oracle's tolerance.
     import os
 
-    if any(os.environ.get(n) is not None for n in ("FLASHKDA_FWD_OVERLAP", "FLASHKDA_FWD_OVERLAP_TAIL")):
+    if any(os.environ.get(n) is not None
+           for n in ("FLASHKDA_FWD_OVERLAP", "FLASHKDA_FWD_OVERLAP_TAIL", "FLASHKDA_FWD_OVERLAP_TAIL1")):
         pytest.skip("an overlap switch is set in this process")
     _, saved = run_child(_OVERLAP_CHILD, tmp_path, "overlap.npz", env=child_env, what=f"overlap run {child_env}",
                          timeout=900)
