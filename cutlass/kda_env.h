@@ -13,6 +13,13 @@ inline bool EnvEquals(const char* name, const char* value) {
   return s != nullptr && std::strcmp(s, value) == 0;
 }
 
+// A positive number set through `name`, or `otherwise` when unset or anything else.
+inline float EnvPositive(const char* name, float otherwise) {
+  const char* s = std::getenv(name);
+  const float v = s != nullptr ? static_cast<float>(std::atof(s)) : 0.f;
+  return v > 0.f ? v : otherwise;
+}
+
 // A column-block width forced through `name` (16, 32 or 64), or 0 when unset or anything else.
 inline int EnvColumnBlock(const char* name) {
   const char* s = std::getenv(name);

@@ -3,7 +3,6 @@
 // synchronisation, no host read of device data; every size is a static bound.
 #include <cuda_runtime.h>
 
-#include <cstdlib>
 #include <string>
 
 #include "kda_bindings.h"
@@ -23,37 +22,25 @@ ffi::Error CudaError(cudaError_t err, const char* where) {
   return ffi::Error::Internal(std::string("flashkda_fwd: ") + where + ": " + cudaGetErrorString(err));
 }
 
-// A positive number from the environment, or `otherwise`.
-float EnvPositive(const char* name, float otherwise) {
-  const char* s = std::getenv(name);
-  const float v = s != nullptr ? static_cast<float>(std::atof(s)) : 0.f;
-  return v > 0.f ? v : otherwise;
-}
-
 }  // namespace
 
-bool OverlapApplies(const Params& p, bool bounded_prep, int nsm) {
+void SetUpOverlap(Params& p, bool bounded_prep, int nsm) {
   static const bool off = EnvEquals("FLASHKDA_FWD_OVERLAP", "0");  // read once per process
-  const long long tiles = static_cast<long long>(p.B) * ((p.T + kPlanTile - 1) / kPlanTile);
-  // At least one sequence per batch row: the recurrence's SMs are at least B x HV x (column blocks) / (CTAs per SM).
-  const int bv = BlockV(p.K, p.B, p.HV);
-  const long long min_sms = (static_cast<long long>(p.B) * p.HV * (p.V / bv) + RecurCtasPerSm(p.K, bv) - 1) /
-                            RecurCtasPerSm(p.K, bv);
-  return !off && bounded_prep && tiles <= kOverlapMaxTiles && min_sms <= OverlapMaxSms(nsm);
-}
-
-void SetUpOverlap(Params& p, int nsm) {
   static const float tail3 = EnvPositive("FLASHKDA_FWD_OVERLAP_TAIL", 0.55f);
   static const float tail1 = EnvPositive("FLASHKDA_FWD_OVERLAP_TAIL1", 0.15f);
+  const long long tiles = static_cast<long long>(p.B) * ((p.T + kPlanTile - 1) / kPlanTile);
+  const int bv = BlockV(p.K, p.B, p.HV), occ = RecurCtasPerSm(p.K, bv), ncb = p.V / bv;
+  // At least one sequence per batch row: the recurrence's SMs are at least B x HV x (column blocks) / (CTAs per SM).
+  const long long min_sms = (static_cast<long long>(p.B) * p.HV * ncb + occ - 1) / occ;
+  if (off || !bounded_prep || tiles > kOverlapMaxTiles || min_sms > OverlapMaxSms(nsm)) return;
   // [B * T] ints, then tile_chunks, in the upper half of the multi-segment list's B * T * 16 bytes: its entries (split
   // sequences, longer than a segment of >= kSegMinChunks chunks) take at most B * T / 32 bytes of the lower half.
   static_assert(kSegMinChunks * kChunk >= 64, "multi-segment entries fit below the overlap's counters");
   p.ready = reinterpret_cast<int*>(p.multi_list) + 2 * static_cast<size_t>(p.B) * p.T;
   p.tile_chunks = p.ready + static_cast<size_t>(p.B) * p.T;
-  const int bv = BlockV(p.K, p.B, p.HV);
   p.overlap_nsm = nsm;
-  p.overlap_occ = RecurCtasPerSm(p.K, bv);
-  p.overlap_ncb = p.V / bv;
+  p.overlap_occ = occ;
+  p.overlap_ncb = ncb;
   p.overlap_tail = p.split ? tail1 : tail3;
 }
 
@@ -65,7 +52,7 @@ ffi::Error Run(cudaStream_t stream, Params& p, const Layout& lay, int64_t init_b
   cudaError_t err;
   bool bounded = false;
   if constexpr (sizeof(TIn) == 2) bounded = PrepBoundedApplies(p, PrepSolvesOnTensorCores<TIn>());
-  if (OverlapApplies(p, bounded, nsm)) SetUpOverlap(p, nsm);
+  SetUpOverlap(p, bounded, nsm);
   if (p.S_final > 0 && !PlanWritesEmptyFinalStates(p)) {  // else the plan fills the slots without tokens
     err = p.S_init > 0 ? cudaMemcpyAsync(p.final_state, p.init, final_bytes, cudaMemcpyDeviceToDevice, stream)
                        : cudaMemsetAsync(p.final_state, 0, final_bytes, stream);

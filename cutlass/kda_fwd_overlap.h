@@ -6,8 +6,8 @@
 //   - the plan orders the chunk list by time (tile-major, PlanLists) and zeroes a ready counter per chunk start;
 //   - the prep takes its (chunk, head) items in that order from a counter; after each item, one release-add on
 //     the chunk's counter (issued one barrier into the next item, when its stores have long landed);
-//   - on the SMs the recurrence will occupy, the prep's CTAs stop taking items once a share `limit` of them is
-//     taken, and exit; the recurrence, launched as the prep's programmatic dependent, fills those SMs while the
+//   - on the SMs the recurrence will occupy, the prep's CTAs stop taking items once a tail share of them is left
+//     (below), and exit; the recurrence, launched as the prep's programmatic dependent, fills those SMs while the
 //     prep's remaining CTAs finish its last items on the others;
 //   - before loading a chunk, every recurrence thread waits until the chunk's counter reaches HV (its value is
 //     fetched one step ahead, so that a ready chunk costs no round trip).
@@ -109,12 +109,10 @@ __device__ __forceinline__ bool MayStop(const Params& p) {
 
 // ---- host side ----
 
-// Whether the overlap applies: the bounded prep (the one kernel that signals its items), few enough plan tiles, the
-// recurrence not sure to fill more than OverlapMaxSms, and not turned off.
-bool OverlapApplies(const Params& p, bool bounded_prep, int nsm);
-// Points p at the overlap's scratch (the upper half of the multi-segment list's region) and fills its launch
-// parameters. Call only where OverlapApplies.
-void SetUpOverlap(Params& p, int nsm);
+// Where the overlap applies (the bounded prep, the one kernel that signals its items; few enough plan tiles; the
+// recurrence not sure to fill more than OverlapMaxSms; not turned off), points p at its scratch (the upper half of
+// the multi-segment list's region) and fills its launch parameters; elsewhere leaves p.ready null.
+void SetUpOverlap(Params& p, bool bounded_prep, int nsm);
 
 }  // namespace fwd
 }  // namespace flashkda

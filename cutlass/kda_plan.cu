@@ -11,7 +11,7 @@ namespace fwd {
 namespace {
 
 constexpr int kPlanThreads = 1024;
-static_assert(kPlanThreads == kPlanTile, "the overlap's tile count (OverlapApplies) assumes one tile per plan CTA");
+static_assert(kPlanThreads == kPlanTile, "the overlap's tile count (SetUpOverlap) assumes one tile per plan CTA");
 
 // Inclusive block-wide scan (1024 threads) with op max or sum; *total receives the block's reduction.
 template <bool kMax>
