@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -323,28 +325,50 @@ def test_bounded_prep_against_general(tmp_path):
             assert not np.array_equal(o, general[name]), f"{name}: FLASHKDA_FWD_PREP=general changed nothing"
 
 
-_STEP1_CHILD = r"""
+_CASES_CHILD = r"""
 import sys
 sys.path.insert(0, sys.argv[1])
-import jax.numpy as jnp
 import numpy as np
 import test_cuda_fwd as t
 
 outs = {}
-for name, (B, T, H, HV, K) in t._STEP1_CASES.items():
-    args, kw = t._inputs(51, B, T, H, HV, K, K, jnp.bfloat16, "bounded")
-    kw.update(initial_state=t.random_state(52, (B, HV, K, K)), return_final_state=True)
-    out = t._run(args, "cuda", **kw)
-    t._check(out, t._ref(args, **kw), t.BF16_TOL, "mma.sync step 1 " + name)
+for name, case in getattr(t, sys.argv[3])().items():
+    out, ref = case()
+    t._check(out, ref, t.BF16_TOL, "child run " + name)
     outs[name] = np.asarray(out[0], np.float32)
     outs[name + "_final"] = np.asarray(out[1], np.float32)
 np.savez(sys.argv[2], **outs)
 """
 
+
+def _assert_same_bits_as_child(tmp_path, table, env, what):
+    """Runs every case of ``table`` (the name of a function here returning {name: () -> (out, ref)}, out = (o,
+    final state)) in this process and in a fresh one with ``env`` added (the kernel switches are read once per
+    process): both meet the oracle's bf16 tolerance, and their outputs and final states are bit-identical."""
+    _, saved = run_child(_CASES_CHILD, tmp_path, table + ".npz", table, env=env, what=what, timeout=900)
+    other = np.load(saved)
+    for name, case in globals()[table]().items():
+        out, ref = case()
+        _check(out, ref, BF16_TOL, f"{what}, this process: {name}")
+        assert np.array_equal(np.asarray(out[0], np.float32), other[name]), f"{name}: outputs"
+        assert np.array_equal(np.asarray(out[1], np.float32), other[name + "_final"]), f"{name}: final states"
+
+
 # The recurrence's configurations with a wgmma step 1 (cutlass/kda_fwd_recur.cu): 128 columns on 16 warps
 # (B x HV >= 64), with a split sequence (phase 1 over the map columns too), 64 columns on 8 warps at K = 128 and 64.
 _STEP1_CASES = {"k128_full": (1, 200, 16, 64, 128), "k128_full_split": (1, 2048, 16, 64, 128),
                 "k128_64cols": (1, 200, 2, 4, 128), "k64": (2, 3000, 1, 2, 64)}
+
+
+def _step1_case(name):
+    B, T, H, HV, K = _STEP1_CASES[name]
+    args, kw = _inputs(51, B, T, H, HV, K, K, jnp.bfloat16, "bounded")
+    kw.update(initial_state=random_state(52, (B, HV, K, K)), return_final_state=True)
+    return _run(args, "cuda", **kw), _ref(args, **kw)
+
+
+def _step1_cases():
+    return {name: functools.partial(_step1_case, name) for name in _STEP1_CASES}
 
 
 def test_recur_step1_mma_env(tmp_path):
@@ -356,32 +380,8 @@ def test_recur_step1_mma_env(tmp_path):
 
     if os.environ.get("FLASHKDA_FWD_RECUR_STEP1") is not None:
         pytest.skip("FLASHKDA_FWD_RECUR_STEP1 is set in this process")
-    _, saved = run_child(_STEP1_CHILD, tmp_path, "step1_mma.npz", env={"FLASHKDA_FWD_RECUR_STEP1": "mma"},
-                         what="mma.sync step 1 run", timeout=900)
-    other = np.load(saved)
-    for name, (B, T, H, HV, K) in _STEP1_CASES.items():
-        args, kw = _inputs(51, B, T, H, HV, K, K, jnp.bfloat16, "bounded")
-        kw.update(initial_state=random_state(52, (B, HV, K, K)), return_final_state=True)
-        out = _run(args, "cuda", **kw)
-        _check(out, _ref(args, **kw), BF16_TOL, "wgmma step 1 " + name)
-        assert np.array_equal(np.asarray(out[0], np.float32), other[name]), f"{name}: outputs"
-        assert np.array_equal(np.asarray(out[1], np.float32), other[name + "_final"]), f"{name}: final states"
+    _assert_same_bits_as_child(tmp_path, "_step1_cases", {"FLASHKDA_FWD_RECUR_STEP1": "mma"}, "mma.sync step 1 run")
 
-
-_OVERLAP_CHILD = r"""
-import sys
-sys.path.insert(0, sys.argv[1])
-import numpy as np
-import test_cuda_fwd as t
-
-outs = {}
-for name in t._OVERLAP_CASES:
-    out, ref = t._overlap_case(name)
-    t._check(out, ref, t.BF16_TOL, "overlap child " + name)
-    outs[name] = np.asarray(out[0], np.float32)
-    outs[name + "_final"] = np.asarray(out[1], np.float32)
-np.savez(sys.argv[2], **outs)
-"""
 
 # Configurations where the prep and the recurrence overlap (cutlass/kda_fwd_overlap.h: gate "bounded" with
 # lower_bound >= -8, bf16). Phase 3 after the prep (one segment per sequence): 96 heads of 128 columns (96 of the SMs
@@ -403,6 +403,10 @@ def _overlap_case(name):
     return _run(args, "cuda", **kw), _ref(args, **kw)
 
 
+def _overlap_cases():
+    return {name: functools.partial(_overlap_case, name) for name in _OVERLAP_CASES}
+
+
 @pytest.mark.parametrize("child_env", [{"FLASHKDA_FWD_OVERLAP": "0"},
                                        {"FLASHKDA_FWD_OVERLAP_TAIL": "1000", "FLASHKDA_FWD_OVERLAP_TAIL1": "1000"}],
                          ids=["sequential", "chase_every_chunk"])
@@ -417,30 +421,8 @@ def test_prep_recurrence_overlap_env(tmp_path, child_env):
     if any(os.environ.get(n) is not None
            for n in ("FLASHKDA_FWD_OVERLAP", "FLASHKDA_FWD_OVERLAP_TAIL", "FLASHKDA_FWD_OVERLAP_TAIL1")):
         pytest.skip("an overlap switch is set in this process")
-    _, saved = run_child(_OVERLAP_CHILD, tmp_path, "overlap.npz", env=child_env, what=f"overlap run {child_env}",
-                         timeout=900)
-    other = np.load(saved)
-    for name in _OVERLAP_CASES:
-        out, ref = _overlap_case(name)
-        _check(out, ref, BF16_TOL, "overlap " + name)
-        assert np.array_equal(np.asarray(out[0], np.float32), other[name]), f"{name}: outputs"
-        assert np.array_equal(np.asarray(out[1], np.float32), other[name + "_final"]), f"{name}: final states"
+    _assert_same_bits_as_child(tmp_path, "_overlap_cases", child_env, f"overlap run {child_env}")
 
-
-_GRAPH_CHILD = r"""
-import sys
-sys.path.insert(0, sys.argv[1])
-import numpy as np
-import test_cuda_fwd as t
-
-outs = {}
-for seed in t._GRAPH_SEEDS:
-    out, ref = t._graph_case(seed)
-    t._check(out, ref, t.BF16_TOL, f"command buffers, segments {seed}")
-    outs[f"o{seed}"] = np.asarray(out[0], np.float32)
-    outs[f"f{seed}"] = np.asarray(out[1], np.float32)
-np.savez(sys.argv[2], **outs)
-"""
 
 # XLA flags that put every custom call into a CUDA graph (command buffer), however short the sequence.
 _GRAPH_FLAGS = "--xla_gpu_enable_command_buffer=FUSION,CUSTOM_CALL --xla_gpu_graph_min_graph_size=1"
@@ -461,6 +443,10 @@ def _graph_case(seed):
     return _graph_fn(seg, *args), _ref(args, segment_ids=seg, **kw)
 
 
+def _graph_cases():
+    return {f"segments{seed}": functools.partial(_graph_case, seed) for seed in _GRAPH_SEEDS}
+
+
 def test_overlap_under_command_buffers(tmp_path):
     # The handler is declared compatible with XLA's command buffers; its launches (the recurrence as the prep's
     # programmatic dependent included) must work when captured into a CUDA graph and replayed with new segment ids.
@@ -471,11 +457,4 @@ def test_overlap_under_command_buffers(tmp_path):
     if "xla_gpu_enable_command_buffer" in os.environ.get("XLA_FLAGS", ""):
         pytest.skip("XLA_FLAGS already sets command buffers in this process")
     flags = (os.environ.get("XLA_FLAGS", "") + " " + _GRAPH_FLAGS).strip()
-    _, saved = run_child(_GRAPH_CHILD, tmp_path, "graph.npz", env={"XLA_FLAGS": flags},
-                         what="command-buffer run", timeout=900)
-    other = np.load(saved)
-    for seed in _GRAPH_SEEDS:
-        out, ref = _graph_case(seed)
-        _check(out, ref, BF16_TOL, f"segments {seed}")
-        assert np.array_equal(np.asarray(out[0], np.float32), other[f"o{seed}"]), f"segments {seed}: outputs"
-        assert np.array_equal(np.asarray(out[1], np.float32), other[f"f{seed}"]), f"segments {seed}: final states"
+    _assert_same_bits_as_child(tmp_path, "_graph_cases", {"XLA_FLAGS": flags}, "command-buffer run")
