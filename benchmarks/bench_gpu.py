@@ -45,9 +45,9 @@ GRAD_TARGET = 1.3  # fwd+bwd vs fla, every shape (issue 4)
 K = V = 128
 
 
-def make_inputs(B, T, H, lens, seed=0):
+def make_inputs(B, T, H, lens, seed=0, dtype=jnp.bfloat16):
     ks = jax.random.split(jax.random.PRNGKey(seed), 8)
-    bf = jnp.bfloat16
+    bf = dtype
     q = jax.random.normal(ks[0], (B, T, H, K), bf)
     k = jax.random.normal(ks[1], (B, T, H, K), bf)
     v = jax.random.normal(ks[2], (B, T, H, V), bf)
@@ -197,6 +197,9 @@ def main():
     ap.add_argument("--xla", action="store_true", help="also time the pure-JAX chunked program")
     ap.add_argument("--no-fla", action="store_true")
     ap.add_argument("--gate", choices=["bounded", "softplus"], default="bounded")
+    ap.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
+                    help="dtype of this library's inputs (float32: the CUDA forward's float32 recurrence); fla "
+                         "keeps bf16, so its column stays the bf16 reference")
     ap.add_argument("--grad", action="store_true", help="time fwd+bwd (jax.value_and_grad / torch forward + backward)")
     ap.add_argument("--slices", type=int, default=None,
                     help="kda(checkpoint_slices=N): the sequence-sliced, recomputing fwd+bwd (memory for time)")
@@ -208,13 +211,13 @@ def main():
     if a.cuda_bwd:
         _caps.CUDA_BWD_READY = True
     dev = jax.devices()[0]
-    print(f"device: {dev.device_kind}; gate={a.gate}; {'fwd+bwd' if a.grad else 'fwd'}", flush=True)
+    print(f"device: {dev.device_kind}; gate={a.gate}; {'fwd+bwd' if a.grad else 'fwd'}; ours in {a.dtype}", flush=True)
     bw = copy_bandwidth()
     print(f"copy bandwidth: {bw / 1e12:.2f} TB/s", flush=True)
     rows = []
     for name in a.cases.split(","):
         B, T, H, lens = CASES[name]
-        args, extra = make_inputs(B, T, H, lens)
+        args, extra = make_inputs(B, T, H, lens, dtype=jnp.dtype(a.dtype))
         fargs = args + (extra["A_log"], extra["dt_bias"], extra["h0"], extra["cu"])
         fn = jax_fn("cuda", lens is not None, a.gate, a.grad, a.slices)
         ms, out = time_jax(fn, fargs, a.reps)

@@ -4,7 +4,8 @@ Each buffer must be its own allocation for memcheck to see an out-of-bounds acce
 
     XLA_PYTHON_CLIENT_ALLOCATOR=platform compute-sanitizer --tool memcheck python3 benchmarks/sanitize_small.py
 
-Covers: forward (ragged segments with padding, GVA, initial + final state, T not a multiple of 64),
+Covers: forward (ragged segments with padding, GVA, initial + final state, T not a multiple of 64; bf16, and
+float32 inputs with the "vk" state layout),
 decode through a state pool, and the backward (the CUDA one forced on with --bwd).
 """
 
@@ -56,6 +57,10 @@ def main():
 
     o, fin = jax.jit(lambda *x: F.kda(*x, **kw))(q, k, v, g, beta)
     print("forward finite:", bool(jnp.all(jnp.isfinite(o.astype(jnp.float32)))), flush=True)
+    # float32 inputs: the forward's float32 recurrence (cutlass/kda_fwd_f32.cu), state layout "vk" too.
+    f32 = [x.astype(jnp.float32) for x in (q, k, v, g, beta)]
+    o32, fin32 = jax.jit(lambda *x: F.kda(*x, **{**kw, "state_layout": "vk"}))(*f32)
+    print("float32 forward finite:", bool(jnp.all(jnp.isfinite(o32)) & jnp.all(jnp.isfinite(fin32))), flush=True)
 
     pool = jax.random.normal(ks[0], (5, HV, K, K)) * 0.1
     idx = jnp.asarray([3, -1], jnp.int32)

@@ -71,6 +71,18 @@ ffi::Error Run(cudaStream_t stream, Params& p, const Layout& lay, int64_t init_b
   return ffi::Error::Success();
 }
 
+// float32 inputs (kda_fwd_f32.cu): the final states of slots no sequence reaches come from a copy first.
+ffi::Error RunF32(cudaStream_t stream, const Params& p, int64_t final_bytes) {
+  cudaError_t err;
+  if (p.S_final > 0) {
+    err = p.S_init > 0 ? cudaMemcpyAsync(p.final_state, p.init, final_bytes, cudaMemcpyDeviceToDevice, stream)
+                       : cudaMemsetAsync(p.final_state, 0, final_bytes, stream);
+    if (err != cudaSuccess) return CudaError(err, "final state copy");
+  }
+  if ((err = LaunchFwdF32(p, stream)) != cudaSuccess) return CudaError(err, "float32 recurrence kernel");
+  return ffi::Error::Success();
+}
+
 }  // namespace
 }  // namespace fwd
 }  // namespace flashkda
@@ -107,6 +119,19 @@ static ffi::Error KdaCudaFwdImpl(cudaStream_t stream, FLASHKDA_FWD_PARAMS) {
   if (o->element_count() != static_cast<size_t>(s.B * s.T * s.HV * s.V) || o->element_type() != dt) {
     return ffi::Error::InvalidArgument("flashkda_fwd (CUDA): bad output buffer");
   }
+  const int64_t init_bytes = s.has_initial_state ? static_cast<int64_t>(initial_state.size_bytes()) : 0;
+  const int64_t final_bytes = static_cast<int64_t>(final_state->size_bytes());
+  if (dt == ffi::DataType::F32) {
+    if (chunk_states->element_count() > 0 ||
+        TotalElements(*saved_qg, *saved_kd, *saved_w, *saved_u, *saved_aqk, *saved_gamma) != 0) {
+      return ffi::Error::InvalidArgument(
+          "flashkda_fwd (CUDA): float32 inputs run the float32 recurrence, which saves no chunk_states / saved_*; "
+          "pass empty buffers");
+    }
+    Params p = MakeParams(s, opt, Layout{}, nullptr, s_final, q, k, v, g, beta, a_log, dt_bias, slot, initial_state,
+                          o->untyped_data(), s_final > 0 ? static_cast<float*>(final_state->untyped_data()) : nullptr);
+    return RunF32(stream, p, final_bytes);
+  }
   int64_t S = s.S > s_final ? s.S : s_final;
   // Saved prep outputs (for the backward): the prep writes into them instead of the workspace.
   bool prep_ok = true;
@@ -141,13 +166,8 @@ static ffi::Error KdaCudaFwdImpl(cudaStream_t stream, FLASHKDA_FWD_PARAMS) {
                           saved_u->untyped_data(), saved_aqk->untyped_data(), saved_gamma->untyped_data()};
     UseSavedPrep(p, dst);
   }
-  const int64_t init_bytes = s.has_initial_state ? static_cast<int64_t>(initial_state.size_bytes()) : 0;
-  const int64_t final_bytes = static_cast<int64_t>(final_state->size_bytes());
-  switch (dt) {
-    case ffi::DataType::BF16: return Run<__nv_bfloat16>(stream, p, lay, init_bytes, final_bytes);
-    case ffi::DataType::F16: return Run<__half>(stream, p, lay, init_bytes, final_bytes);
-    default: return Run<float>(stream, p, lay, init_bytes, final_bytes);
-  }
+  if (dt == ffi::DataType::BF16) return Run<__nv_bfloat16>(stream, p, lay, init_bytes, final_bytes);
+  return Run<__half>(stream, p, lay, init_bytes, final_bytes);
 }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FlashKdaFwdCuda, KdaCudaFwdImpl,

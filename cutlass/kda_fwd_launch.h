@@ -40,6 +40,11 @@ bool PrepSolvesOnTensorCores();
 template <typename TOut>
 cudaError_t LaunchRecur(const Params& p, bool phase3, cudaStream_t stream, int nsm);
 
+// The forward of float32 inputs (kda_fwd_f32.cu): the token recurrence in float32 on the CUDA cores, writing o and
+// the final states of the slots its sequences reach (the caller fills the others first); no plan, workspace or
+// saved outputs.
+cudaError_t LaunchFwdF32(const Params& p, cudaStream_t stream);
+
 // Composition of segment maps (phase 2).
 cudaError_t LaunchCombine(const Params& p, cudaStream_t stream, int nsm);
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
+
 # Constants of cutlass/kda_fwd_common.cuh.
 _CHUNK = 64
 # Row pitch of the prep's A_qk output: A_qk row | T row (cutlass/kda_fwd_common.cuh: kAqkPitch).
@@ -107,8 +109,16 @@ def cuda_fwd_workspace_bytes(B: int, T: int, HV: int, K: int, V: int, S: int, no
     return _pack(_cuda_fwd_regions(B, T, HV, K, V, S, no_split, prep_external))[1]
 
 
+def cuda_fwd_runs_f32(dtype) -> bool:
+    """Whether the CUDA forward runs its float32 recurrence (cutlass/kda_fwd_f32.cu) for inputs of this dtype: it
+    takes no workspace and saves no residuals for the backward."""
+    return np.dtype(dtype) == np.dtype(np.float32)
+
+
 def fwd_workspace_bytes(platform: str, *, B: int, T: int, H: int, HV: int, K: int, V: int, S: int, opts,
-                        prep_external: bool = False) -> int:
+                        prep_external: bool = False, dtype=None) -> int:
+    if platform == "cuda" and dtype is not None and cuda_fwd_runs_f32(dtype):
+        return 0
     if platform == "cuda":
         return cuda_fwd_workspace_bytes(B, T, HV, K, V, S, prep_external=prep_external)
     return 0

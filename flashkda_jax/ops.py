@@ -102,7 +102,8 @@ def _ffi_forward_saving(args, opts, impl):
     A_qk, gamma), what the CUDA backward would recompute, only with opts.save_residuals."""
     q, k, v, g, beta, a_log, dt_bias, slot, init = args
     sizes = _sizes(q, v, opts)
-    ws = _workspace.fwd_workspace_bytes(impl, opts=opts, prep_external=opts.save_residuals, **sizes)
+    ws = _workspace.fwd_workspace_bytes(impl, opts=opts, prep_external=opts.save_residuals, dtype=q.dtype,
+                                        **sizes)
     out_types = ((jax.ShapeDtypeStruct(v.shape, v.dtype), _state_struct(q, v, opts, opts.return_final_state))
                  + _saved_types(q, v, opts, opts.save_residuals) + (jax.ShapeDtypeStruct((ws,), jnp.uint8),))
     outs = jax.ffi.ffi_call(_ffi.FWD_TARGET, out_types, vmap_method="broadcast_all")(
@@ -208,7 +209,9 @@ def kda(q, k, v, g, beta, *, scale=None, initial_state=None, segment_ids=None, m
       q, k: ``[B, T, H, K]``. v: ``[B, T, HV, V]`` (HV a multiple of H: GVA). g: ``[B, T, HV, K]``, the
         log-decay (``gate="precomputed"``, values <= 0) or the raw gate input of the in-kernel gate.
         beta: ``[B, T, HV]`` (raw logits when ``beta_sigmoid``). bf16, fp16 or fp32 (fp64 on CPU/XLA);
-        g and beta are read in the dtype of q/k/v.
+        g and beta are read in the dtype of q/k/v. On the GPU, bf16 / fp16 take the chunked tensor-core
+        kernels; the forward runs fp32 inputs through a float32 recurrence on the CUDA cores (accurate to fp32
+        rounding, slower: docs/ffi.md), so cast to bf16 for speed.
       scale: query scale, default ``K ** -0.5``.
       initial_state: fp32 ``[B, HV, K, V]``; with ``segment_ids`` ``[B, max_segments, HV, K, V]``; with
         ``cu_seqlens`` ``[N, HV, K, V]``. ``state_layout="vk"`` swaps the last two axes.

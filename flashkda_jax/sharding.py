@@ -147,11 +147,13 @@ def _core_bwd(args, do, dfin, opts, impl, saved=None):
 def _saving_opts(args, opts, impl):
     """opts for the differentiated forward / backward pair: save_residuals where the CUDA forward can hand its
     chunk states and prep outputs to the CUDA backward (both kernels run, the default bf16 chunk states, no
-    context parallelism, whose per-device runs are not the true ones) and FLASHKDA_SAVE_RESIDUALS is not 0."""
+    context parallelism, whose per-device runs are not the true ones, not the float32 forward, which has none) and
+    FLASHKDA_SAVE_RESIDUALS is not 0."""
     q, v = args[0], args[2]
     K, V = q.shape[-1], v.shape[-1]
-    ok = (impl == "cuda" and not opts.cp_record and _caps.CUDA_BWD_READY and (K, V) in _caps.CUDA_BWD_HEAD_DIMS
-          and _workspace.cuda_bwd_states_bf16() and os.environ.get("FLASHKDA_SAVE_RESIDUALS", "1") != "0")
+    ok = (impl == "cuda" and not opts.cp_record and not _workspace.cuda_fwd_runs_f32(q.dtype) and _caps.CUDA_BWD_READY
+          and (K, V) in _caps.CUDA_BWD_HEAD_DIMS and _workspace.cuda_bwd_states_bf16()
+          and os.environ.get("FLASHKDA_SAVE_RESIDUALS", "1") != "0")
     return dataclasses.replace(opts, save_residuals=True) if ok else opts
 
 

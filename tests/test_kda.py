@@ -16,8 +16,8 @@ IMPLS = list(F.available_implementations())
 def fwd_tol(impl, dtype):
     if dtype == jnp.bfloat16 or dtype == jnp.float16:
         return 5e-3
-    # The CUDA kernel feeds its tensor cores bf16 operands whatever the input dtype: bf16-level accuracy.
-    return 5e-3 if impl == "cuda" else 1e-5
+    # DESIGN §5's GPU bar for float32 inputs (the CUDA forward runs them through its float32 recurrence).
+    return 2e-3 if impl == "cuda" else 1e-5
 
 
 def grad_tol(impl, dtype, name=""):
