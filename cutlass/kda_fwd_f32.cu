@@ -4,13 +4,13 @@
 // the inputs to bf16 for speed.
 //
 // The recurrence is column-separable: column c of the state S (K x V) only meets column c of v and o. A CTA owns
-// one (batch row, value head) and Cols<NC>() state columns. A lane holds NC adjacent columns over K / 8 rows;
-// the 8 lanes of a row group (sub 0..7) share those columns, so the two K-long dot products of a token (k.S and
-// q.S) end in three shuffles, and each k, q, a value a lane reads from shared memory serves Nc columns. Per chunk
-// of F32Tokens<K>() tokens the CTA first copies q, k, g, v, beta and the slots into shared memory (cp.async, one
-// chunk ahead), then pre-processes them there (l2norm, scale, gate, exp, beta), then every warp runs its columns
-// through the chunk:
-//   S' = diag(a) S;  r = beta (v - S'^T k);  S = S' + k r^T;  o = S^T q   (as the CPU kernel, kda_fwd_cpu.cc).
+// one (batch row, value head) and Cols<NC>() state columns. A compute-warp lane holds NC adjacent columns over
+// K / 8 rows; the 8 lanes of a row group (sub 0..7) share those columns, so the two K-long dot products of a token
+// (k.S and q.S) end in three shuffles, and each k, q, a value a lane reads from shared memory serves NC columns.
+// Two load warps copy chunk c + 1 into shared memory (cp.async) and pre-process chunk c (l2norm, scale, gate, exp,
+// beta, token flags from the slots) while the two compute warps run chunk c - 1, handing chunks over through named
+// barriers (two buffers each way). Per token, as the CPU kernel (kda_fwd_cpu.cc):
+//   S' = diag(a) S;  r = beta (v - S'^T k);  S = S' + k r^T;  o = S^T q.
 #include <cuda_runtime.h>
 
 #include "kda_fwd_launch.h"
@@ -21,74 +21,99 @@ namespace {
 
 constexpr int kLanesPerCol = 8;                 // lanes sharing a column (K / 8 rows each)
 constexpr int kColGroups = 32 / kLanesPerCol;   // column groups of a warp (4)
-constexpr int kF32Warps = 2;
-constexpr int kF32Threads = 32 * kF32Warps;
+constexpr int kComputeWarps = 2;                // warps running the recurrence
+constexpr int kLoadWarps = 2;                   // warps copying and pre-processing the next chunk
+constexpr int kLoadThreads = 32 * kLoadWarps;
+constexpr int kF32Threads = 32 * (kComputeWarps + kLoadWarps);
+// Named barriers (0 is __syncthreads): among the load warps; chunk buffer i full / empty (all threads).
+constexpr int kBarLoad = 1, kBarFull = 2, kBarEmpty = 4;
 constexpr int kValidTok = 1, kStartTok = 2, kEndTok = 4;
 
 // State columns per CTA for NC columns per lane (V is a multiple of it). LaunchFwdF32 picks NC: 4 (64 state
 // registers at K = 128; 2 at K = 256) where that still gives a CTA per SM, else 1 (4x the CTAs, shorter steps).
 template <int NC>
-constexpr int Cols() { return kF32Warps * kColGroups * NC; }
-// Tokens per chunk: each of q, k, g takes F32Tokens x K floats (8 KB) of shared memory, ~50 KB in all.
-template <int K>
-constexpr int F32Tokens() { return 2048 / K; }
-
-// Shared memory of one CTA (floats unless named): the raw copy of the next chunk and the pre-processed current one.
+constexpr int Cols() { return kComputeWarps * kColGroups * NC; }
+// Tokens per chunk: each of q, k, g takes F32Tokens x K floats of shared memory: 4 KB with several columns per lane
+// (~54 KB for the CTA's four chunk buffers at NC = 4: four CTAs fit an SM, whose compute warps the large grids
+// need), 8 KB with one (small grids, one or two CTAs per SM: fewer chunk hand-overs). H100, session 17.
 template <int K, int NC>
-struct F32Smem {
-  static constexpr int TC = F32Tokens<K>();
-  // 16-byte rows first (cp.async and float4 reads), the per-token scalars after them.
-  alignas(16) float q_raw[TC][K];
-  alignas(16) float k_raw[TC][K];
-  alignas(16) float g_raw[TC][K];
-  alignas(16) float v_raw[TC][Cols<NC>()];
+constexpr int F32Tokens() { return (NC == 1 ? 2048 : 1024) / K; }
+
+// One chunk as copied (F32Raw) and as pre-processed (F32Ready); 16-byte rows first (cp.async and float4 reads),
+// the per-token scalars after them.
+template <int K, int NC>
+struct F32Raw {
+  static constexpr int TC = F32Tokens<K, NC>();
+  alignas(16) float q[TC][K];
+  alignas(16) float k[TC][K];
+  alignas(16) float g[TC][K];
+  alignas(16) float v[TC][Cols<NC>()];
+  float beta[TC];
+  int slot[TC + 2];  // slots of tokens t0 - 1 .. t0 + TC (-1 outside [0, T))
+};
+template <int K, int NC>
+struct F32Ready {
+  static constexpr int TC = F32Tokens<K, NC>();
   alignas(16) float q[TC][K];
   alignas(16) float k[TC][K];
   alignas(16) float a[TC][K];
   alignas(16) float v[TC][Cols<NC>()];
-  float beta_raw[TC], beta[TC];
-  int slot_raw[TC + 2];  // slots of tokens t0 - 1 .. t0 + TC (-1 outside [0, T))
+  float beta[TC];
   int slot[TC], flags[TC];
 };
+// Shared memory of one CTA: two chunks in each form, so that the load warps copy chunk c + 1 and pre-process
+// chunk c while the compute warps run chunk c - 1.
+template <int K, int NC>
+struct F32Smem {
+  F32Raw<K, NC> raw[2];
+  F32Ready<K, NC> ready[2];
+  float dtb[K];
+};
+
+__device__ __forceinline__ void BarSync(int id, int n) { asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(n) : "memory"); }
+__device__ __forceinline__ void BarArrive(int id, int n) {
+  asm volatile("bar.arrive %0, %1;" ::"r"(id), "r"(n) : "memory");
+}
 
 __device__ __forceinline__ void CpAsync4(void* smem, const void* gmem) {
   const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(s), "l"(gmem));
 }
 
-// Issues the copies of tokens [t0, t0 + TC) of row b (zeros past T) into the raw half; one commit group.
+// Load threads (tid = thread index among them) issue the copies of tokens [t0, t0 + TC) of row b (zeros past T);
+// one commit group.
 template <int K, int NC>
-__device__ void LoadChunk(const Params& p, F32Smem<K, NC>& sm, int b, int hv, int c0, int t0) {
-  constexpr int TC = F32Tokens<K>(), K4 = K / 4;
+__device__ void LoadChunk(const Params& p, F32Raw<K, NC>& sm, int tid, int b, int hv, int c0, int t0) {
+  constexpr int TC = F32Tokens<K, NC>(), K4 = K / 4;
   const float* q = static_cast<const float*>(p.q);
   const float* k = static_cast<const float*>(p.k);
   const float* g = static_cast<const float*>(p.g);
   const float* v = static_cast<const float*>(p.v);
   const float* beta = static_cast<const float*>(p.beta);
   const int h = hv / p.group;
-  for (int i = threadIdx.x; i < TC * K4; i += kF32Threads) {
+  for (int i = tid; i < TC * K4; i += kLoadThreads) {
     const int j = i / K4, e = (i % K4) * 4, t = t0 + j;
     const bool in = t < p.T;
     const size_t bt = static_cast<size_t>(b) * p.T + (in ? t : 0);
-    CpAsync16(&sm.q_raw[j][e], q + (bt * p.H + h) * K + e, in);
-    CpAsync16(&sm.k_raw[j][e], k + (bt * p.H + h) * K + e, in);
-    CpAsync16(&sm.g_raw[j][e], g + (bt * p.HV + hv) * K + e, in);
+    CpAsync16(&sm.q[j][e], q + (bt * p.H + h) * K + e, in);
+    CpAsync16(&sm.k[j][e], k + (bt * p.H + h) * K + e, in);
+    CpAsync16(&sm.g[j][e], g + (bt * p.HV + hv) * K + e, in);
   }
   constexpr int C4 = Cols<NC>() / 4;
-  for (int i = threadIdx.x; i < TC * C4; i += kF32Threads) {
+  for (int i = tid; i < TC * C4; i += kLoadThreads) {
     const int j = i / C4, e = (i % C4) * 4, t = t0 + j;
     const bool in = t < p.T;
     const size_t bt = static_cast<size_t>(b) * p.T + (in ? t : 0);
-    CpAsync16(&sm.v_raw[j][e], v + (bt * p.HV + hv) * p.V + c0 + e, in);
+    CpAsync16(&sm.v[j][e], v + (bt * p.HV + hv) * p.V + c0 + e, in);
   }
-  for (int j = threadIdx.x; j < TC + 2; j += kF32Threads) {
+  for (int j = tid; j < TC + 2; j += kLoadThreads) {
     const int t = t0 - 1 + j;
     const size_t bt = static_cast<size_t>(b) * p.T + t;
     if (t >= 0 && t < p.T) {
-      CpAsync4(&sm.slot_raw[j], p.slot + bt);
-      if (j >= 1 && j <= TC) CpAsync4(&sm.beta_raw[j - 1], beta + bt * p.HV + hv);
+      CpAsync4(&sm.slot[j], p.slot + bt);
+      if (j >= 1 && j <= TC) CpAsync4(&sm.beta[j - 1], beta + bt * p.HV + hv);
     } else {
-      sm.slot_raw[j] = -1;
+      sm.slot[j] = -1;
     }
   }
   CpAsyncCommit();
@@ -106,23 +131,22 @@ __device__ __forceinline__ float GateF32(const Params& p, float x, float dt, flo
   return p.lower_bound * SigmoidF32(p.use_a_log ? a_coef * (x + dt) : x + dt);
 }
 
-// Raw half -> pre-processed half, a warp per token.
+// Raw chunk -> pre-processed chunk, a load warp (lw) per token.
 template <int K, int NC>
-__device__ void Preprocess(const Params& p, F32Smem<K, NC>& sm, int b, int hv) {
-  constexpr int TC = F32Tokens<K>();
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const float* dtb = p.dt_bias + (static_cast<size_t>(b) * p.HV + hv) * K;
-  const float a_coef = expf(p.a_log[static_cast<size_t>(b) * p.HV + hv]);
-  for (int j = warp; j < TC; j += kF32Warps) {
-    const int s = sm.slot_raw[j + 1];
+__device__ void Preprocess(const Params& p, const F32Raw<K, NC>& raw, F32Ready<K, NC>& out, const float* dtb,
+                           float a_coef, int lw) {
+  constexpr int TC = F32Tokens<K, NC>();
+  const int lane = threadIdx.x & 31;
+  for (int j = lw; j < TC; j += kLoadWarps) {
+    const int s = raw.slot[j + 1];
     int f = 0;
-    if (s >= 0) f = kValidTok | (sm.slot_raw[j] != s ? kStartTok : 0) | (sm.slot_raw[j + 2] != s ? kEndTok : 0);
+    if (s >= 0) f = kValidTok | (raw.slot[j] != s ? kStartTok : 0) | (raw.slot[j + 2] != s ? kEndTok : 0);
     float qs = p.scale, ks = 1.f;
     if (p.qk_l2norm) {
       float sq = 0.f, sk = 0.f;
       for (int e = lane; e < K; e += 32) {
-        sq = fmaf(sm.q_raw[j][e], sm.q_raw[j][e], sq);
-        sk = fmaf(sm.k_raw[j][e], sm.k_raw[j][e], sk);
+        sq = fmaf(raw.q[j][e], raw.q[j][e], sq);
+        sk = fmaf(raw.k[j][e], raw.k[j][e], sk);
       }
       sq = WarpSum(sq);
       sk = WarpSum(sk);
@@ -130,18 +154,40 @@ __device__ void Preprocess(const Params& p, F32Smem<K, NC>& sm, int b, int hv) {
       ks = 1.f / sqrtf(sk + 1e-6f);
     }
     for (int e = lane; e < K; e += 32) {
-      sm.q[j][e] = sm.q_raw[j][e] * qs;
-      sm.k[j][e] = sm.k_raw[j][e] * ks;
-      sm.a[j][e] = expf(GateF32(p, sm.g_raw[j][e], dtb[e], a_coef));
+      out.q[j][e] = raw.q[j][e] * qs;
+      out.k[j][e] = raw.k[j][e] * ks;
+      out.a[j][e] = expf(GateF32(p, raw.g[j][e], dtb[e], a_coef));
     }
-    if (lane < Cols<NC>()) sm.v[j][lane] = sm.v_raw[j][lane];
+    if (lane < Cols<NC>()) out.v[j][lane] = raw.v[j][lane];
     if (lane == 0) {
-      float be = sm.beta_raw[j];
+      float be = raw.beta[j];
       if (p.beta_sigmoid) be = (p.allow_neg ? 2.f : 1.f) * SigmoidF32(be);
-      sm.beta[j] = be;
-      sm.slot[j] = s;
-      sm.flags[j] = f;
+      out.beta[j] = be;
+      out.slot[j] = s;
+      out.flags[j] = f;
     }
+  }
+}
+
+// The load warps' loop: chunk c is copied into raw[c % 2] one chunk ahead, then pre-processed into ready[c % 2]
+// once the compute warps have left chunk c - 2 there.
+template <int K, int NC>
+__device__ void LoadWarps(const Params& p, F32Smem<K, NC>& sm, int b, int hv, int c0, int nchunks) {
+  constexpr int TC = F32Tokens<K, NC>();
+  const int tid = threadIdx.x - 32 * kComputeWarps, lw = tid >> 5;
+  const float* dtb = p.dt_bias + (static_cast<size_t>(b) * p.HV + hv) * K;
+  for (int e = tid; e < K; e += kLoadThreads) sm.dtb[e] = dtb[e];
+  const float a_coef = expf(p.a_log[static_cast<size_t>(b) * p.HV + hv]);
+  LoadChunk<K, NC>(p, sm.raw[0], tid, b, hv, c0, 0);
+  for (int c = 0; c < nchunks; ++c) {
+    if (c + 1 < nchunks) LoadChunk<K, NC>(p, sm.raw[(c + 1) & 1], tid, b, hv, c0, (c + 1) * TC);
+    else CpAsyncCommit();  // an empty group keeps the count: chunk c's group is then the older one
+    CpAsyncWait<1>();
+    BarSync(kBarLoad, kLoadThreads);  // chunk c (every load thread's copies) and dtb are in
+    if (c >= 2) BarSync(kBarEmpty + (c & 1), kF32Threads);
+    Preprocess<K, NC>(p, sm.raw[c & 1], sm.ready[c & 1], sm.dtb, a_coef, lw);
+    BarArrive(kBarFull + (c & 1), kF32Threads);
+    BarSync(kBarLoad, kLoadThreads);  // raw[c % 2] read by every load warp before chunk c + 2's copies
   }
 }
 
@@ -178,14 +224,17 @@ struct ColVec<2> {
   __device__ static T Make(const float (&y)[2]) { return make_float2(y[0], y[1]); }
 };
 
-// State element (row i, column c) of one [K, V] (state_vk: [V, K]) matrix.
-__device__ __forceinline__ size_t StateIndex(const Params& p, int i, int c) {
-  return p.state_vk ? static_cast<size_t>(c) * p.K + i : static_cast<size_t>(i) * p.V + c;
+// Strides of a state matrix's rows and columns ([K, V], or [V, K] with state_vk), made opaque to the compiler:
+// otherwise it hoists the lane's M x 4 x NC element offsets out of the token loop into registers (and spills).
+__device__ __forceinline__ void StateStrides(const Params& p, int& rs, int& cs) {
+  rs = p.state_vk ? 1 : p.V;
+  cs = p.state_vk ? p.K : 1;
+  asm volatile("" : "+r"(rs), "+r"(cs));
 }
 
 template <int K, int NC>
 __global__ void __launch_bounds__(kF32Threads) FwdF32Kernel(const Params p) {
-  constexpr int TC = F32Tokens<K>(), M = K / 32, CC = Cols<NC>();  // M float4 row groups per lane
+  constexpr int TC = F32Tokens<K, NC>(), M = K / 32, CC = Cols<NC>();  // M float4 row groups per lane
   using Vec = ColVec<NC>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   F32Smem<K, NC>& sm = *reinterpret_cast<F32Smem<K, NC>*>(smem_raw);
@@ -208,16 +257,18 @@ __global__ void __launch_bounds__(kF32Threads) FwdF32Kernel(const Params p) {
 #pragma unroll
       for (int n = 0; n < NC; ++n) S[m][e][n] = 0.f;
 
-  LoadChunk<K, NC>(p, sm, b, hv, c0, 0);
-  for (int t0 = 0; t0 < p.T; t0 += TC) {
-    CpAsyncWait<0>();
-    __syncthreads();  // the raw chunk is in; the previous chunk's pre-processed half is no longer read
-    Preprocess<K, NC>(p, sm, b, hv);
-    __syncthreads();  // pre-processed half written, raw half free
-    if (t0 + TC < p.T) LoadChunk<K, NC>(p, sm, b, hv, c0, t0 + TC);
+  const int nchunks = (p.T + TC - 1) / TC;
+  if (warp >= kComputeWarps) {
+    LoadWarps<K, NC>(p, sm, b, hv, c0, nchunks);
+    return;
+  }
+  for (int c = 0; c < nchunks; ++c) {
+    const int t0 = c * TC;
+    BarSync(kBarFull + (c & 1), kF32Threads);
+    const F32Ready<K, NC>& rd = sm.ready[c & 1];
     const int n_tok = min(TC, p.T - t0);
     for (int j = 0; j < n_tok; ++j) {
-      const int f = sm.flags[j];
+      const int f = rd.flags[j];
       float* orow = o + ((static_cast<size_t>(b) * p.T + t0 + j) * p.HV + hv) * p.V + gc;
       float res[NC];
       if (!(f & kValidTok)) {
@@ -227,24 +278,26 @@ __global__ void __launch_bounds__(kF32Threads) FwdF32Kernel(const Params p) {
         continue;
       }
       if (f & kStartTok) {
-        const int s = sm.slot[j];
+        const int s = rd.slot[j];
         const float* src = p.init != nullptr && s < p.S_init
                                ? p.init + ((static_cast<size_t>(b) * p.S_init + s) * p.HV + hv) * mat : nullptr;
+        int rs, cs;
+        StateStrides(p, rs, cs);
+        if (src != nullptr) src += RowOf(0, sub) * rs + gc * cs;
 #pragma unroll
         for (int m = 0; m < M; ++m)
 #pragma unroll
           for (int e = 0; e < 4; ++e)
 #pragma unroll
-            for (int n = 0; n < NC; ++n)
-              S[m][e][n] = src == nullptr ? 0.f : src[StateIndex(p, RowOf(m, sub) + e, gc + n)];
+            for (int n = 0; n < NC; ++n) S[m][e][n] = src == nullptr ? 0.f : src[(32 * m + e) * rs + n * cs];
       }
       float kr[M][4], acc[NC];
 #pragma unroll
       for (int n = 0; n < NC; ++n) acc[n] = 0.f;
 #pragma unroll
       for (int m = 0; m < M; ++m) {
-        const float4 a4 = *reinterpret_cast<const float4*>(&sm.a[j][RowOf(m, sub)]);
-        const float4 k4 = *reinterpret_cast<const float4*>(&sm.k[j][RowOf(m, sub)]);
+        const float4 a4 = *reinterpret_cast<const float4*>(&rd.a[j][RowOf(m, sub)]);
+        const float4 k4 = *reinterpret_cast<const float4*>(&rd.k[j][RowOf(m, sub)]);
         const float av[4] = {a4.x, a4.y, a4.z, a4.w};
         kr[m][0] = k4.x, kr[m][1] = k4.y, kr[m][2] = k4.z, kr[m][3] = k4.w;
 #pragma unroll
@@ -256,8 +309,8 @@ __global__ void __launch_bounds__(kF32Threads) FwdF32Kernel(const Params p) {
           }
       }
       float vv[NC];
-      Vec::Get(*reinterpret_cast<const typename Vec::T*>(&sm.v[j][col]), vv);
-      const float beta = sm.beta[j];
+      Vec::Get(*reinterpret_cast<const typename Vec::T*>(&rd.v[j][col]), vv);
+      const float beta = rd.beta[j];
 #pragma unroll
       for (int n = 0; n < NC; ++n) {
         res[n] = (vv[n] - ColumnSum(acc[n])) * beta;  // r
@@ -265,7 +318,7 @@ __global__ void __launch_bounds__(kF32Threads) FwdF32Kernel(const Params p) {
       }
 #pragma unroll
       for (int m = 0; m < M; ++m) {
-        const float4 q4 = *reinterpret_cast<const float4*>(&sm.q[j][RowOf(m, sub)]);
+        const float4 q4 = *reinterpret_cast<const float4*>(&rd.q[j][RowOf(m, sub)]);
         const float qv[4] = {q4.x, q4.y, q4.z, q4.w};
 #pragma unroll
         for (int e = 0; e < 4; ++e)
@@ -278,16 +331,20 @@ __global__ void __launch_bounds__(kF32Threads) FwdF32Kernel(const Params p) {
 #pragma unroll
       for (int n = 0; n < NC; ++n) res[n] = ColumnSum(acc[n]);
       if (sub == 0) *reinterpret_cast<typename Vec::T*>(orow) = Vec::Make(res);
-      if ((f & kEndTok) && p.final_state != nullptr && sm.slot[j] < p.S_final) {
-        float* dst = p.final_state + ((static_cast<size_t>(b) * p.S_final + sm.slot[j]) * p.HV + hv) * mat;
+      if ((f & kEndTok) && p.final_state != nullptr && rd.slot[j] < p.S_final) {
+        int rs, cs;
+        StateStrides(p, rs, cs);
+        float* dst = p.final_state + ((static_cast<size_t>(b) * p.S_final + rd.slot[j]) * p.HV + hv) * mat +
+                     RowOf(0, sub) * rs + gc * cs;
 #pragma unroll
         for (int m = 0; m < M; ++m)
 #pragma unroll
           for (int e = 0; e < 4; ++e)
 #pragma unroll
-            for (int n = 0; n < NC; ++n) dst[StateIndex(p, RowOf(m, sub) + e, gc + n)] = S[m][e][n];
+            for (int n = 0; n < NC; ++n) dst[(32 * m + e) * rs + n * cs] = S[m][e][n];
       }
     }
+    if (c + 2 < nchunks) BarArrive(kBarEmpty + (c & 1), kF32Threads);  // the load warps may refill it
   }
 }
 
