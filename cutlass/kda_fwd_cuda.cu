@@ -1,6 +1,7 @@
 // CUDA handler of flashkda_fwd: decodes the operands, lays out the workspace, and enqueues the plan, prep
-// and recurrence kernels (kda_fwd_common.cuh describes the algorithm). Graph safe: no allocation, no host
-// synchronisation, no host read of device data; every size is a static bound.
+// and recurrence kernels (kda_fwd_common.cuh describes the algorithm); float32 inputs take the float32 recurrence
+// instead (kda_fwd_f32.cu: no workspace, nothing saved). Graph safe: no allocation, no host synchronisation, no
+// host read of device data; every size is a static bound.
 #include <cuda_runtime.h>
 
 #include <string>
