@@ -58,6 +58,11 @@ def _ref(args, **kw):
     return jax.jit(lambda *a: R.kda_recurrent(*[x.astype(jnp.float32) for x in a], **kw))(*args)
 
 
+def _tol(out):
+    """The oracle tolerance of a result (o, final state) by o's dtype."""
+    return FP32_TOL if out[0].dtype == jnp.float32 else BF16_TOL
+
+
 def _check(out, ref, tol, what=""):
     o, fin = out
     ro, rfin = ref
@@ -408,7 +413,7 @@ import test_cuda_fwd as t
 outs = {}
 for name, case in getattr(t, sys.argv[3])().items():
     out, ref = case()
-    t._check(out, ref, t.BF16_TOL, "child run " + name)
+    t._check(out, ref, t._tol(out), "child run " + name)
     outs[name] = np.asarray(out[0], np.float32)
     outs[name + "_final"] = np.asarray(out[1], np.float32)
 np.savez(sys.argv[2], **outs)
@@ -418,12 +423,12 @@ np.savez(sys.argv[2], **outs)
 def _assert_same_bits_as_child(tmp_path, table, env, what):
     """Runs every case of ``table`` (the name of a function here returning {name: () -> (out, ref)}, out = (o,
     final state)) in this process and in a fresh one with ``env`` added (the kernel switches are read once per
-    process): both meet the oracle's bf16 tolerance, and their outputs and final states are bit-identical."""
+    process): both meet the oracle's tolerance, and their outputs and final states are bit-identical."""
     _, saved = run_child(_CASES_CHILD, tmp_path, table + ".npz", table, env=env, what=what, timeout=900)
     other = np.load(saved)
     for name, case in globals()[table]().items():
         out, ref = case()
-        _check(out, ref, BF16_TOL, f"{what}, this process: {name}")
+        _check(out, ref, _tol(out), f"{what}, this process: {name}")
         assert np.array_equal(np.asarray(out[0], np.float32), other[name]), f"{name}: outputs"
         assert np.array_equal(np.asarray(out[1], np.float32), other[name + "_final"]), f"{name}: final states"
 
@@ -501,29 +506,32 @@ def test_prep_recurrence_overlap_env(tmp_path, child_env):
 # XLA flags that put every custom call into a CUDA graph (command buffer), however short the sequence.
 _GRAPH_FLAGS = "--xla_gpu_enable_command_buffer=FUSION,CUSTOM_CALL --xla_gpu_graph_min_graph_size=1"
 _GRAPH_SEEDS = (71, 72)
-_graph_fn = None
+_graph_fns = {}
 
 
-def _graph_case(seed):
-    # One jitted call (compiled once) replayed with new segment ids of the same shape; B x HV = 64 chains of 128
-    # columns, one segment per sequence: the prep / recurrence overlap applies.
-    global _graph_fn
+def _graph_case(seed, dtype):
+    # One jitted call (compiled once per dtype) replayed with new segment ids of the same shape; B x HV = 64 chains
+    # of 128 columns, one segment per sequence: with bf16 the prep / recurrence overlap applies; float32 takes its
+    # own recurrence (4 columns per lane at this width).
     B, T, H, HV, K, S = 2, 600, 4, 32, 128, 8
-    args, kw = _inputs(70, B, T, H, HV, K, K, jnp.bfloat16, "bounded")
+    args, kw = _inputs(70, B, T, H, HV, K, K, dtype, "bounded")
     kw.update(max_segments=S, initial_state=random_state(73, (B, S, HV, K, K)), return_final_state=True)
-    if _graph_fn is None:
-        _graph_fn = jax.jit(lambda seg, *a: F.kda(*a, segment_ids=seg, implementation="cuda", **kw))
+    name = jnp.dtype(dtype).name
+    if name not in _graph_fns:
+        _graph_fns[name] = jax.jit(lambda seg, *a: F.kda(*a, segment_ids=seg, implementation="cuda", **kw))
     seg = jnp.asarray(chunk_crossing_segments(B, T, seed))
-    return _graph_fn(seg, *args), _ref(args, segment_ids=seg, **kw)
+    return _graph_fns[name](seg, *args), _ref(args, segment_ids=seg, **kw)
 
 
 def _graph_cases():
-    return {f"segments{seed}": functools.partial(_graph_case, seed) for seed in _GRAPH_SEEDS}
+    return {f"{jnp.dtype(dt).name}_segments{seed}": functools.partial(_graph_case, seed, dt)
+            for dt in (jnp.bfloat16, jnp.float32) for seed in _GRAPH_SEEDS}
 
 
 def test_overlap_under_command_buffers(tmp_path):
     # The handler is declared compatible with XLA's command buffers; its launches (the recurrence as the prep's
-    # programmatic dependent included) must work when captured into a CUDA graph and replayed with new segment ids.
+    # programmatic dependent included, and the float32 path's state copy and kernel) must work when captured into a
+    # CUDA graph and replayed with new segment ids.
     # A fresh process forces command buffers for custom calls; its results must meet the oracle's tolerance and equal
     # this process's (no forced graphs) bit for bit.
     import os
