@@ -363,6 +363,7 @@ cudaError_t LaunchK(const Params& p, cudaStream_t stream) {
 
 cudaError_t LaunchFwdF32(const Params& p, cudaStream_t stream) {
   if (p.B == 0 || p.T == 0 || p.HV == 0 || p.V == 0) return cudaSuccess;
+  if (p.V % Cols<4>() != 0) return cudaErrorInvalidValue;  // the handler's head dims (V in {64, 128, 256}) divide
   const bool wide = static_cast<long long>(p.B) * p.HV * (p.V / Cols<4>()) >= SmCount();
   switch (p.K) {
     case 64: return wide ? LaunchK<64, 4>(p, stream) : LaunchK<64, 1>(p, stream);
