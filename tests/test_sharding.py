@@ -212,7 +212,8 @@ def test_ffi_and_xla_inside_shard_map_one_device(impl):
 
 def test_saving_opts(monkeypatch):
     """The differentiated forward saves its residuals for the backward only where both CUDA kernels run with the
-    default bf16 chunk states, outside context parallelism, and FLASHKDA_SAVE_RESIDUALS is not 0."""
+    default bf16 chunk states, outside context parallelism, not for float32 inputs (their forward saves nothing), and
+    FLASHKDA_SAVE_RESIDUALS is not 0."""
     from flashkda_jax import _capabilities as caps
     from flashkda_jax import _inputs as I
     from flashkda_jax import sharding as sh
@@ -221,9 +222,11 @@ def test_saving_opts(monkeypatch):
     for var in ("FLASHKDA_SAVE_RESIDUALS", "FLASHKDA_BWD_RECUR", "FLASHKDA_BWD_GRAD1"):
         monkeypatch.delenv(var, raising=False)
     opts = I.KdaOptions(scale=0.1)
-    args = lambda K, V: (jnp.zeros((1, 64, 2, K)), None, jnp.zeros((1, 64, 2, V)))
+    args = lambda K, V, dt=jnp.bfloat16: (jnp.zeros((1, 64, 2, K), dt), None, jnp.zeros((1, 64, 2, V), dt))
     saves = lambda a, o, impl: sh._saving_opts(a, o, impl).save_residuals
     assert saves(args(128, 128), opts, "cuda") and saves(args(64, 64), opts, "cuda")
+    assert saves(args(128, 128, jnp.float16), opts, "cuda")
+    assert not saves(args(128, 128, jnp.float32), opts, "cuda")  # the float32 forward (cutlass/kda_fwd_f32.cu)
     assert not saves(args(128, 128), opts, "cpu") and not saves(args(128, 128), opts, "xla")
     assert not saves(args(256, 256), opts, "cuda")              # no CUDA backward for K = 256
     assert not saves(args(128, 128), I.KdaOptions(scale=0.1, cp_record=8), "cuda")  # context parallelism
