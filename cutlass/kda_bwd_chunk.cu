@@ -660,9 +660,7 @@ __global__ void __launch_bounds__(Grad2Threads(kFactored, kMmaSolve), 1) Grad2Ke
           sG[r * GP + c] = ok ? fwd::GateActivation(p, graw[h2][u], dt1[u], a_coef) : 0.f;
         }
         if (lane == 0) {
-          float bb = braw[h2];
-          if (ok && p.beta_sigmoid) bb = Sigmoid(bb) * (p.allow_neg ? 2.f : 1.f);
-          sBeta[r] = bb;
+          sBeta[r] = fwd::ActivateBeta(p, braw[h2], ok);
           sDb[r] = 0.f;
         }
       }

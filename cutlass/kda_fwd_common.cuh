@@ -329,6 +329,13 @@ __device__ __forceinline__ float GateActivation(const Params& p, float x, float 
   return BoundedGate(p.lower_bound, x, dt, p.use_a_log ? a_coef : 1.f);
 }
 
+// beta of a token from its raw input (valid: the token is in the chunk; rows past it keep their zero).
+__device__ __forceinline__ float ActivateBeta(const Params& p, float raw, bool valid) {
+  if (!valid || !p.beta_sigmoid) return raw;
+  const float bb = Sigmoid(raw);
+  return p.allow_neg ? 2.f * bb : bb;
+}
+
 __device__ __forceinline__ float WarpSum(float x) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);

@@ -119,18 +119,6 @@ __device__ void LoadChunk(const Params& p, F32Raw<K, NC>& sm, int tid, int b, in
   CpAsyncCommit();
 }
 
-__device__ __forceinline__ float SigmoidF32(float x) { return 1.f / (1.f + expf(-x)); }
-
-// Effective log-decay (kda_cpu_common.h's GateEff, in float32).
-__device__ __forceinline__ float GateF32(const Params& p, float x, float dt, float a_coef) {
-  if (p.gate_mode == 0) return x;
-  if (p.gate_mode == 1) {
-    const float y = x + dt;
-    return -a_coef * (fmaxf(y, 0.f) + log1pf(expf(-fabsf(y))));
-  }
-  return p.lower_bound * SigmoidF32(p.use_a_log ? a_coef * (x + dt) : x + dt);
-}
-
 // Raw chunk -> pre-processed chunk, a load warp (lw) per token.
 template <int K, int NC>
 __device__ void Preprocess(const Params& p, const F32Raw<K, NC>& raw, F32Ready<K, NC>& out, const float* dtb,
@@ -156,13 +144,11 @@ __device__ void Preprocess(const Params& p, const F32Raw<K, NC>& raw, F32Ready<K
     for (int e = lane; e < K; e += 32) {
       out.q[j][e] = raw.q[j][e] * qs;
       out.k[j][e] = raw.k[j][e] * ks;
-      out.a[j][e] = expf(GateF32(p, raw.g[j][e], dtb[e], a_coef));
+      out.a[j][e] = expf(GateActivation(p, raw.g[j][e], dtb[e], a_coef));  // the prep's gate bits
     }
     if (lane < Cols<NC>()) out.v[j][lane] = raw.v[j][lane];
     if (lane == 0) {
-      float be = raw.beta[j];
-      if (p.beta_sigmoid) be = (p.allow_neg ? 2.f : 1.f) * SigmoidF32(be);
-      out.beta[j] = be;
+      out.beta[j] = ActivateBeta(p, raw.beta[j], true);
       out.slot[j] = s;
       out.flags[j] = f;
     }

@@ -377,13 +377,6 @@ __device__ __forceinline__ void StoreAqkHalf(const Params& p, const bf16* tile, 
   }
 }
 
-// beta of a token from its raw input (valid: the token is in the chunk; rows past it keep their zero).
-__device__ __forceinline__ float ActivateBeta(const Params& p, float raw, bool valid) {
-  if (!valid || !p.beta_sigmoid) return raw;
-  const float bb = Sigmoid(raw);
-  return p.allow_neg ? 2.f * bb : bb;
-}
-
 // One A task's results (16 x 16 block (I, J) of A_kk and A_qk, as m16n8k16 accumulators of its two 8-column halves)
 // into shared memory: A_kk beta-scaled, strictly lower, transposed (sAkk, pitch kChunk + 4; A_kk[i][j] at
 // sAkk[j * AP + i]), A_qk lower with the diagonal (sAqk, bf16, pitch kChunk + 8). diag: I == J (mask above).
