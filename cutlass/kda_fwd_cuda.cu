@@ -47,19 +47,23 @@ void SetUpOverlap(Params& p, bool bounded_prep, int nsm) {
 
 namespace {
 
+// Every final state from its initial state (zeros without one), before the kernels overwrite those of the slots
+// their sequences reach.
+cudaError_t CopyInitialToFinal(const Params& p, int64_t final_bytes, cudaStream_t stream) {
+  return p.S_init > 0 ? cudaMemcpyAsync(p.final_state, p.init, final_bytes, cudaMemcpyDeviceToDevice, stream)
+                      : cudaMemsetAsync(p.final_state, 0, final_bytes, stream);
+}
+
 template <typename TIn>
-ffi::Error Run(cudaStream_t stream, Params& p, const Layout& lay, int64_t init_bytes, int64_t final_bytes) {
+ffi::Error Run(cudaStream_t stream, Params& p, const Layout& lay, int64_t final_bytes) {
   const int nsm = SmCount();
   cudaError_t err;
   bool bounded = false;
   if constexpr (sizeof(TIn) == 2) bounded = PrepBoundedApplies(p, PrepSolvesOnTensorCores<TIn>());
   SetUpOverlap(p, bounded, nsm);
   if (p.S_final > 0 && !PlanWritesEmptyFinalStates(p)) {  // else the plan fills the slots without tokens
-    err = p.S_init > 0 ? cudaMemcpyAsync(p.final_state, p.init, final_bytes, cudaMemcpyDeviceToDevice, stream)
-                       : cudaMemsetAsync(p.final_state, 0, final_bytes, stream);
-    if (err != cudaSuccess) return CudaError(err, "final state copy");
+    if ((err = CopyInitialToFinal(p, final_bytes, stream)) != cudaSuccess) return CudaError(err, "final state copy");
   }
-  (void)init_bytes;
   if (p.B == 0 || p.T == 0 || p.HV == 0) return ffi::Error::Success();
   err = LaunchPlan(p, p.HV * p.V * static_cast<int>(sizeof(TIn)), stream);
   if (err != cudaSuccess) return CudaError(err, "plan kernels");
@@ -76,9 +80,7 @@ ffi::Error Run(cudaStream_t stream, Params& p, const Layout& lay, int64_t init_b
 ffi::Error RunF32(cudaStream_t stream, const Params& p, int64_t final_bytes) {
   cudaError_t err;
   if (p.S_final > 0) {
-    err = p.S_init > 0 ? cudaMemcpyAsync(p.final_state, p.init, final_bytes, cudaMemcpyDeviceToDevice, stream)
-                       : cudaMemsetAsync(p.final_state, 0, final_bytes, stream);
-    if (err != cudaSuccess) return CudaError(err, "final state copy");
+    if ((err = CopyInitialToFinal(p, final_bytes, stream)) != cudaSuccess) return CudaError(err, "final state copy");
   }
   if ((err = LaunchFwdF32(p, stream)) != cudaSuccess) return CudaError(err, "float32 recurrence kernel");
   return ffi::Error::Success();
@@ -120,7 +122,6 @@ static ffi::Error KdaCudaFwdImpl(cudaStream_t stream, FLASHKDA_FWD_PARAMS) {
   if (o->element_count() != static_cast<size_t>(s.B * s.T * s.HV * s.V) || o->element_type() != dt) {
     return ffi::Error::InvalidArgument("flashkda_fwd (CUDA): bad output buffer");
   }
-  const int64_t init_bytes = s.has_initial_state ? static_cast<int64_t>(initial_state.size_bytes()) : 0;
   const int64_t final_bytes = static_cast<int64_t>(final_state->size_bytes());
   if (dt == ffi::DataType::F32) {
     if (chunk_states->element_count() > 0 ||
@@ -167,8 +168,8 @@ static ffi::Error KdaCudaFwdImpl(cudaStream_t stream, FLASHKDA_FWD_PARAMS) {
                           saved_u->untyped_data(), saved_aqk->untyped_data(), saved_gamma->untyped_data()};
     UseSavedPrep(p, dst);
   }
-  if (dt == ffi::DataType::BF16) return Run<__nv_bfloat16>(stream, p, lay, init_bytes, final_bytes);
-  return Run<__half>(stream, p, lay, init_bytes, final_bytes);
+  if (dt == ffi::DataType::BF16) return Run<__nv_bfloat16>(stream, p, lay, final_bytes);
+  return Run<__half>(stream, p, lay, final_bytes);
 }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FlashKdaFwdCuda, KdaCudaFwdImpl,

@@ -117,11 +117,9 @@ def cuda_fwd_runs_f32(dtype) -> bool:
 
 def fwd_workspace_bytes(platform: str, *, B: int, T: int, H: int, HV: int, K: int, V: int, S: int, opts,
                         prep_external: bool = False, dtype=None) -> int:
-    if platform == "cuda" and dtype is not None and cuda_fwd_runs_f32(dtype):
+    if platform != "cuda" or (dtype is not None and cuda_fwd_runs_f32(dtype)):
         return 0
-    if platform == "cuda":
-        return cuda_fwd_workspace_bytes(B, T, HV, K, V, S, prep_external=prep_external)
-    return 0
+    return cuda_fwd_workspace_bytes(B, T, HV, K, V, S, prep_external=prep_external)
 
 
 _REDUCE_TILE = 64  # flashkda::bwd::kReduceTile
